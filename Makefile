@@ -1,0 +1,42 @@
+# A fresh clone needs only `make demo` and `make test`: both install first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.clinfuse-installed
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install demo test test-all lint bench clean
+
+install: $(STAMP)
+
+# Re-runs only when the dependency files change; pip itself is quick when
+# everything is already satisfied. constraints.txt holds the versions measured
+# together on a CPU machine (torch 2.13.0 CPU build, torchvision 0.28.0).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23.2"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -c "import clinfuse, timm, pydicom, polars, ray, torch_geometric, pytorch_forecasting"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/clinfuse demo --out $(DEMO_DIR)
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""The cohort contract, DICOM reader, simulator and data pipeline."""

@@ -1,0 +1,13 @@
+"""Per-modality encoders. Importing this package registers every encoder."""
+
+from __future__ import annotations
+
+import clinfuse  # noqa: F401  (torchvision compat before timm)
+from clinfuse.encoders.base import (
+    ModalityEncoder,
+    create_encoder,
+    list_encoders,
+    register_encoder,
+)
+
+__all__ = ["ModalityEncoder", "create_encoder", "list_encoders", "register_encoder"]
