@@ -1,0 +1,1 @@
+"""Metrics, the confound audit and the evaluation report."""

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clinfuse.training.calibration import apply_temperature, fit_temperature, prior_shift_logit
+
+
+def test_temperature_recovers_known_overconfidence():
+    # Labels drawn from sigmoid(z); the model reports 3 * z: the best temperature is 3.
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, 50_000)
+    y = (rng.uniform(size=z.size) < 1 / (1 + np.exp(-z))).astype(float)
+    t = fit_temperature(3.0 * z, y)
+    assert t == pytest.approx(3.0, rel=0.05)
+    np.testing.assert_allclose(apply_temperature(3.0 * z, t), 1 / (1 + np.exp(-3 * z / t)))
+
+
+def test_temperature_single_class_is_identity():
+    assert fit_temperature(np.array([1.0, 2.0]), np.array([1.0, 1.0])) == 1.0
+
+
+def test_prior_shift_moves_mean_risk_to_target_prevalence():
+    # Class-conditional scores unchanged, base rate 10% -> 30%: Bayes' rule on logits.
+    train_prev, target_prev = 0.1, 0.3
+    logit = np.log(0.1 / 0.9)  # a subject at the training base rate
+    shifted = prior_shift_logit(np.array([logit]), train_prev, target_prev)
+    assert 1 / (1 + np.exp(-shifted[0])) == pytest.approx(target_prev)
+    with pytest.raises(ValueError, match="prevalence"):
+        prior_shift_logit(np.array([0.0]), 0.0, 0.5)

@@ -1,0 +1,1 @@
+"""Training orchestration: run config, LightningModule, run directories."""
