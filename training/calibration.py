@@ -36,7 +36,9 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return _sigmoid(np.asarray(logits, float) / temperature)
 
 
-def prior_shift_logit(logits: np.ndarray, train_prevalence: float, target_prevalence: float) -> np.ndarray:
+def prior_shift_logit(
+    logits: np.ndarray, train_prevalence: float, target_prevalence: float
+) -> np.ndarray:
     """Adjusts logits for a deployment site whose base rate differs (prior shift).
 
     Bayes' rule with class-conditional likelihoods unchanged:

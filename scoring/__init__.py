@@ -1,0 +1,1 @@
+"""Batch risk scoring: model artifacts, OOD detection, chunked Parquet output."""
