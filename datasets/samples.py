@@ -1,0 +1,191 @@
+"""The samples table and the as-of joins that respect the rule of time.
+
+A sample is one (subject, prediction_time) row of ``labels``. Every feature that
+reaches a sample comes through one of the joins here, and each keeps only rows
+with ``time <= prediction_time``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+from clinfuse.datasets.schema import EVENTS, IMAGES, LABELS, SUBJECTS, TIME, has_table, scan
+from clinfuse.datasets.splits import (
+    DEFAULT_FRACTIONS,
+    assign_splits,
+    check_splits,
+    read_splits,
+)
+
+SAMPLE_COLUMNS = ("subject_id", "prediction_time", "label", "site", "ancestry", "split")
+US_PER_HOUR = 3_600_000_000
+
+
+def load_samples(
+    cohort_dir: str | Path,
+    split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    split_seed: int = 0,
+) -> pl.DataFrame:
+    """One row per label: subject_id, prediction_time, label, site, ancestry, split.
+
+    Splits come from ``subject_splits.parquet`` when the cohort has one, otherwise
+    they are drawn per subject, stratified by label and site (see ``splits``).
+
+    Raises:
+        ValueError: naming the file and row for a label whose subject has no
+            ``subjects`` row, or a bad split.
+    """
+    lazy = _labels(cohort_dir).join(_subjects(cohort_dir), on="subject_id", how="left")
+    lazy = lazy.sort("subject_id", "prediction_time")
+    split_scan = read_splits(cohort_dir)
+    if split_scan is None:
+        samples = lazy.collect()
+        _check_subjects(cohort_dir, samples)
+        splits = assign_splits(samples, split_fractions, split_seed)
+    else:
+        samples, splits = pl.collect_all([lazy, split_scan])
+        _check_subjects(cohort_dir, samples)
+        check_splits(splits, str(Path(cohort_dir) / "subject_splits.parquet"))
+    samples = samples.join(splits, on="subject_id", how="left", maintain_order="left")
+    _check_sample_splits(cohort_dir, samples)
+    return samples.select(SAMPLE_COLUMNS)
+
+
+def window_events(
+    events: pl.LazyFrame | pl.DataFrame, samples: pl.DataFrame, window_hours: float
+) -> pl.LazyFrame:
+    """Events joined to the samples they may inform: ``pt - window < time <= pt``.
+
+    Returns:
+        A LazyFrame with ``sample`` (row index into ``samples``), ``time``,
+        ``prediction_time``, ``code``, ``numeric_value``.
+    """
+    window_us = int(round(window_hours * US_PER_HOUR))
+    keys = samples.lazy().select(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("sample"), "subject_id", "prediction_time"
+    )
+    return (
+        events.lazy()
+        .select("subject_id", "time", "code", "numeric_value")
+        .join(keys, on="subject_id", how="inner")
+        .filter(
+            (pl.col("time") <= pl.col("prediction_time"))
+            & (pl.col("time") > pl.col("prediction_time") - pl.duration(microseconds=window_us))
+        )
+        .select("sample", "time", "prediction_time", "code", "numeric_value")
+    )
+
+
+def scan_events(cohort_dir: str | Path, subject_ids: pl.Series | None = None) -> pl.LazyFrame:
+    """A lazy scan of the events, optionally only for ``subject_ids``, with contract dtypes."""
+    lazy = scan(cohort_dir, EVENTS).select(
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("time").cast(TIME),
+        pl.col("code").cast(pl.String),
+        pl.col("numeric_value").cast(pl.Float32),
+    )
+    if subject_ids is not None:
+        lazy = lazy.filter(pl.col("subject_id").is_in(subject_ids.unique().implode()))
+    return lazy
+
+
+def latest_images(cohort_dir: str | Path, samples: pl.DataFrame) -> pl.DataFrame:
+    """The latest image per sample with ``time <= prediction_time``, aligned to ``samples``.
+
+    Returns:
+        One row per sample, in order: ``path`` (absolute, null when none) and
+        ``image_age`` (hours between the image and prediction_time, null when none).
+    """
+    if not has_table(cohort_dir, IMAGES):
+        return pl.DataFrame(
+            {"path": [None] * samples.height, "image_age": [None] * samples.height},
+            schema={"path": pl.String, "image_age": pl.Float32},
+        )
+    root = str(Path(cohort_dir).resolve())
+    images = (
+        scan(cohort_dir, IMAGES)
+        .select(
+            pl.col("subject_id").cast(pl.Int64),
+            pl.col("time").cast(TIME).alias("image_time"),
+            "path",
+        )
+        .filter(pl.col("subject_id").is_in(samples["subject_id"].unique().implode()))
+        .sort("image_time")
+    )
+    keys = samples.lazy().select(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("sample"), "subject_id", "prediction_time"
+    )
+    joined = keys.sort("prediction_time").join_asof(
+        images,
+        left_on="prediction_time",
+        right_on="image_time",
+        by="subject_id",
+        strategy="backward",
+    )
+    return (
+        joined.sort("sample")
+        .select(
+            pl.when(pl.col("path").is_not_null())
+            .then(pl.lit(root + "/") + pl.col("path"))
+            .alias("path"),
+            _hours(pl.col("prediction_time") - pl.col("image_time")).alias("image_age"),
+        )
+        .collect()
+    )
+
+
+def _hours(delta: pl.Expr) -> pl.Expr:
+    return (delta.dt.total_microseconds() / US_PER_HOUR).cast(pl.Float32)
+
+
+def _labels(cohort_dir: str | Path) -> pl.LazyFrame:
+    return (
+        scan(cohort_dir, LABELS)
+        .select(
+            pl.col("subject_id").cast(pl.Int64),
+            pl.col("prediction_time").cast(TIME),
+            pl.col("boolean_value").cast(pl.Float32).alias("label"),
+        )
+        .with_row_index("_label_row")
+    )
+
+
+def _subjects(cohort_dir: str | Path) -> pl.LazyFrame:
+    lazy = scan(cohort_dir, SUBJECTS)
+    names = lazy.collect_schema().names()
+    ancestry = pl.col("ancestry") if "ancestry" in names else pl.lit(None)
+    return lazy.select(
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("site").cast(pl.String),
+        ancestry.cast(pl.String).alias("ancestry"),
+        pl.lit(True).alias("_has_subject"),
+    )
+
+
+def _check_subjects(cohort_dir: str | Path, samples: pl.DataFrame) -> None:
+    missing = samples.filter(pl.col("_has_subject").is_null()).sort("_label_row")
+    if missing.height:
+        row = missing.row(0, named=True)
+        raise ValueError(
+            f"{Path(cohort_dir) / 'labels.parquet'}: row {row['_label_row']} has subject_id "
+            f"{row['subject_id']}, which has no row in subjects.parquet "
+            f"({missing.height} label row(s) affected)"
+        )
+    bad = samples.filter(pl.col("label").is_null()).sort("_label_row")
+    if bad.height:
+        raise ValueError(
+            f"{Path(cohort_dir) / 'labels.parquet'}: column boolean_value is null at row "
+            f"{bad['_label_row'][0]} (subject_id {bad['subject_id'][0]})"
+        )
+
+
+def _check_sample_splits(cohort_dir: str | Path, samples: pl.DataFrame) -> None:
+    missing = samples.filter(pl.col("split").is_null())
+    if missing.height:
+        raise ValueError(
+            f"{Path(cohort_dir) / 'subject_splits.parquet'}: subject_id "
+            f"{missing['subject_id'][0]} has labels but no split"
+        )
