@@ -8,7 +8,9 @@ a mask, never an exception; the output stays finite when every modality of a
 sample is missing.
 
 Builders are registered with ``@register_fusion(name)`` and called as
-``create_fusion(name, in_dims={modality: D_m}, **cfg)``.
+``create_fusion(name, in_dims={modality: D_m}, token_dims={modality: D'_m}, **cfg)``;
+``token_dims`` lists the encoders with their own ``forward_tokens`` (strategies
+that read pooled embeddings only accept and ignore it).
 """
 
 from __future__ import annotations
@@ -36,10 +38,16 @@ class FusionModule(nn.Module):
 
     ``uses_tokens``: when True the model passes ``tokens=`` from each encoder's
     ``forward_tokens``.
+
+    ``produces_logit``: when True the strategy is its own risk head (late fusion:
+    per-modality logits combined over present modalities); it returns the risk
+    logit as ``(B, 1)`` with ``out_dim == 1`` and the model uses ``fused[:, 0]``
+    as the logit instead of stacking a head on top.
     """
 
     out_dim: int = 0
     uses_tokens: bool = False
+    produces_logit: bool = False
 
     def forward(
         self,

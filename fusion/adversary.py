@@ -1,0 +1,247 @@
+"""Confound adversary: gradient reversal (DANN) or a correlation penalty (BR-Net).
+
+Gradient reversal (Ganin et al. 2016, "Domain-Adversarial Training of Neural
+Networks"): heads predict scanner site and genetic ancestry from the fused
+representation; between the representation and the heads sits a layer that is
+the identity forward and multiplies the gradient by ``-lambda`` backward, so one
+loss trains the heads to predict the confound and the encoders to hide it.
+``lambda`` ramps up over training: ``lambda(p) = lambda_max * (2 / (1 + exp(-gamma p)) - 1)``.
+
+Correlation mode (after BR-Net, Adeli et al. 2021, "Representation learning with
+statistical independence to mitigate bias"): a linear projection of the
+representation is trained to maximize its squared Pearson correlation with the
+confound (one-hot columns for a categorical one), and the reversed gradient
+drives the encoders to make that correlation vanish.
+
+In both modes ``loss()`` returns what the heads minimize; the gradient reversal
+makes the encoders maximize it. Labels of -1 (categorical) or NaN (continuous)
+are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODES = ("adversarial", "correlation")
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; ``-lambda * grad`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, lambd: float) -> Tensor:
+        ctx.lambd = float(lambd)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.lambd * grad, None
+
+
+def grad_reverse(x: Tensor, lambd: float = 1.0) -> Tensor:
+    """Applies gradient reversal with strength ``lambd``."""
+    return GradientReversal.apply(x, lambd)
+
+
+def dann_lambda(progress: float, lambda_max: float = 1.0, gamma: float = 10.0) -> float:
+    """The DANN ramp: 0 at progress 0, ``lambda_max * tanh(gamma / 2)`` at progress 1.
+
+    Args:
+        progress: training progress in [0, 1] (clipped).
+        lambda_max: the asymptotic strength.
+        gamma: steepness (Ganin et al. use 10).
+    """
+    p = min(max(float(progress), 0.0), 1.0)
+    return lambda_max * (2.0 / (1.0 + math.exp(-gamma * p)) - 1.0)
+
+
+@dataclass
+class AdversaryConfig:
+    """Confound adversary settings.
+
+    Attributes:
+        enabled: attach the adversary to the model.
+        mode: "adversarial" (classification heads) or "correlation" (BR-Net penalty).
+        confounds: categorical confounds to hide, keys of ``batch["confounds"]``;
+            class counts come from the DataSpec (``sites``, ``ancestries``).
+        continuous: continuous confounds (e.g. ancestry PCs) -> width K, read
+            from ``batch["confounds"][name]`` as (B, K) floats, fitted with MSE.
+        hidden: hidden width of the adversarial heads (0 = linear).
+        on_modalities: also attach heads to each modality embedding.
+        lambda_max: maximal gradient-reversal strength.
+        gamma: steepness of the DANN ramp.
+        weight: weight of the adversary loss in the training loss.
+    """
+
+    enabled: bool = False
+    mode: str = "adversarial"
+    confounds: list[str] = field(default_factory=lambda: ["site", "ancestry"])
+    continuous: dict[str, int] = field(default_factory=dict)
+    hidden: int = 64
+    on_modalities: bool = False
+    lambda_max: float = 1.0
+    gamma: float = 10.0
+    weight: float = 1.0
+
+
+class ConfoundAdversary(nn.Module):
+    """Heads predicting confounds from the fused representation (and each modality).
+
+    Args:
+        in_dim: width of the fused representation.
+        n_classes: categorical confound -> number of classes.
+        continuous: continuous confound -> width K.
+        modality_dims: modality -> embedding width, to attach per-modality heads.
+        hidden: hidden width of each head (0 = linear; correlation mode is always linear).
+        mode: "adversarial" or "correlation".
+
+    Attributes:
+        lambd: current gradient-reversal strength (set by the model's schedule).
+
+    Shapes:
+        fused: (B, in_dim); embeddings[m]: (B, D_m), present (B,)
+        output: "site", "ancestry", "image/site", ... -> (B, K) predictions
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: dict[str, int],
+        continuous: dict[str, int] | None = None,
+        modality_dims: dict[str, int] | None = None,
+        hidden: int = 64,
+        mode: str = "adversarial",
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"adversary mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.lambd = 0.0
+        self.kinds = {
+            **{k: "categorical" for k in n_classes},
+            **dict.fromkeys(continuous or {}, "continuous"),
+        }
+        widths = {**n_classes, **(continuous or {})}
+        hidden = 0 if mode == "correlation" else hidden
+        sources = {"": in_dim, **{f"{m}/": d for m, d in (modality_dims or {}).items()}}
+        self.heads = nn.ModuleDict(
+            {
+                _key(prefix, name): _head(dim, hidden, k)
+                for prefix, dim in sources.items()
+                for name, k in widths.items()
+            }
+        )
+
+    def forward(
+        self, fused: Tensor, embeddings: dict[str, tuple[Tensor, Tensor]] | None = None
+    ) -> dict[str, Tensor]:
+        inputs = {"": fused}
+        for m, (emb, _) in (embeddings or {}).items():
+            inputs[f"{m}/"] = emb
+        out = {}
+        for key, head in self.heads.items():
+            prefix = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+            if prefix in inputs:
+                out[key] = head(grad_reverse(inputs[prefix], self.lambd))
+        return out
+
+    def loss(
+        self,
+        predictions: dict[str, Tensor],
+        confounds: dict[str, Tensor],
+        present: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The adversary loss summed over heads, and each head's term (for logging).
+
+        Args:
+            predictions: the output of ``forward``.
+            confounds: the batch's confounds; categorical (B,) int64 with -1 = unknown,
+                continuous (B, K) float with NaN = unknown.
+            present: modality -> (B,) bool; per-modality heads skip absent samples.
+        """
+        parts = {}
+        for key, pred in predictions.items():
+            name = key.rsplit("/", 1)[-1]
+            if name not in confounds:
+                raise KeyError(f"adversary head {key!r}: batch['confounds'] has no {name!r}")
+            keep = _keep(key, pred, present)
+            parts[key] = self._term(self.kinds[name], pred[keep], confounds[name][keep])
+        total = sum(parts.values(), torch.zeros((), device=_device_of(predictions)))
+        return total, parts
+
+    def _term(self, kind: str, pred: Tensor, target: Tensor) -> Tensor:
+        if kind == "categorical":
+            return _categorical_term(self.mode, pred, target)
+        return _continuous_term(self.mode, pred, target)
+
+
+def _categorical_term(mode: str, pred: Tensor, target: Tensor) -> Tensor:
+    known = target >= 0
+    if not known.any():  # cross_entropy over zero rows would be NaN
+        return pred.sum() * 0.0
+    if mode == "adversarial":
+        return F.cross_entropy(pred[known], target[known])
+    onehot = F.one_hot(target[known], pred.shape[-1]).to(pred.dtype)
+    return -squared_correlation(pred[known], onehot).mean()
+
+
+def _continuous_term(mode: str, pred: Tensor, target: Tensor) -> Tensor:
+    target = target.reshape(pred.shape).to(pred.dtype)
+    known = torch.isfinite(target).all(dim=-1)
+    if not known.any():
+        return pred.sum() * 0.0
+    if mode == "adversarial":
+        return F.mse_loss(pred[known], target[known])
+    return -squared_correlation(pred[known], target[known]).mean()
+
+
+def squared_correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
+    """Column-wise squared Pearson correlation; 0 for a column with no variance.
+
+    Shapes:
+        x, y: (N, K); output: (K,)
+    """
+    xc = x - x.mean(dim=0)
+    yc = y - y.mean(dim=0)
+    cov = (xc * yc).sum(dim=0)
+    var = (xc.pow(2).sum(dim=0) * yc.pow(2).sum(dim=0)).clamp_min(eps)
+    return cov.pow(2) / var
+
+
+def build_adversary(
+    cfg: AdversaryConfig, in_dim: int, n_classes: dict[str, int], modality_dims: dict[str, int]
+) -> ConfoundAdversary | None:
+    """The adversary described by ``cfg`` (None when disabled or nothing to predict)."""
+    classes = {c: n_classes.get(c, 0) for c in cfg.confounds}
+    classes = {c: k for c, k in classes.items() if k >= 2}  # one class: nothing to hide
+    if not cfg.enabled or not (classes or cfg.continuous):
+        return None
+    dims = modality_dims if cfg.on_modalities else None
+    return ConfoundAdversary(in_dim, classes, cfg.continuous, dims, cfg.hidden, cfg.mode)
+
+
+def _keep(key: str, pred: Tensor, present: dict[str, Tensor] | None) -> Tensor:
+    modality = key.split("/", 1)[0] if "/" in key else None
+    if modality is None or present is None or modality not in present:
+        return torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device)
+    return present[modality]
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}{name}"
+
+
+def _head(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+    if hidden <= 0:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+def _device_of(predictions: dict[str, Tensor]) -> torch.device:
+    return next(iter(predictions.values())).device if predictions else torch.device("cpu")

@@ -1,0 +1,170 @@
+"""Cross-modal attention fusion: a learned query attends over modality tokens.
+
+Tokens are each modality's pooled embedding and, when ``use_tokens`` is on, the
+encoders' token sequences (time-series steps, image patches), all projected to
+one width. Every token carries a learned type embedding (modality x pooled/step)
+and an encoding of its age, ``MLP(log1p(hours before prediction_time))``, so a
+three-day-old image is not read as a fresh one. An always-present learned "null"
+token keeps the output finite when a sample has no modality at all.
+
+The attention pooling follows the Perceiver/Set-Transformer PMA pattern (Lee et
+al. 2019, "Set Transformer"); key-padding masks drop missing modalities and
+padded tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from clinfuse.fusion.base import FusionModule, register_fusion
+
+NULL = "null"
+
+
+class AttentionFusion(FusionModule):
+    """Learned-query attention over modality tokens.
+
+    ``x_j = W_{m(j)} t_j + type_{k(j)} + age_mlp(log1p(age_j))``;
+    ``a = softmax(q K^T / sqrt(d))`` over unmasked tokens (+ null);
+    ``z = FFN(LN(q + a V))``.
+
+    Args:
+        in_dims: modality -> pooled embedding width D_m.
+        token_dims: modality -> token width (default: ``in_dims``); only modalities
+            listed here have their token sequences used.
+        dim: common token width and output width.
+        heads: attention heads.
+        use_tokens: also attend over the encoders' token sequences.
+        self_layers: transformer layers over the tokens before pooling (0 = none).
+        dropout: attention and FFN dropout.
+
+    Attributes:
+        last_attention: modality (and "null") -> (B,) attention mass of the last
+            forward, averaged over heads and summed over the modality's tokens.
+
+    Shapes:
+        embeddings[m]: (B, D_m) and present (B,) bool
+        tokens[m]: (B, T_m, D'_m), mask (B, T_m) bool, age (B, T_m) hours
+        output: (B, dim)
+    """
+
+    def __init__(
+        self,
+        in_dims: dict[str, int],
+        token_dims: dict[str, int] | None = None,
+        dim: int = 64,
+        heads: int = 4,
+        use_tokens: bool = True,
+        self_layers: int = 0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not in_dims:
+            raise ValueError("attention fusion needs at least one modality in in_dims")
+        self.modalities = sorted(in_dims)
+        self.uses_tokens = use_tokens
+        self.out_dim = dim
+        token_dims = dict(in_dims if token_dims is None else token_dims)
+        self.pooled_proj = nn.ModuleDict({m: nn.Linear(in_dims[m], dim) for m in self.modalities})
+        self.token_proj = nn.ModuleDict(
+            {m: nn.Linear(d, dim) for m, d in token_dims.items() if m in in_dims and use_tokens}
+        )
+        self.type_emb = nn.Embedding(2 * len(self.modalities), dim)  # pooled, step per modality
+        self.age_mlp = nn.Sequential(nn.Linear(1, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.encoder = _self_attention(dim, heads, self_layers, dropout)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.last_attention: dict[str, Tensor] = {}
+
+    def forward(
+        self,
+        embeddings: dict[str, tuple[Tensor, Tensor]],
+        tokens: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        x, valid, owner = self._tokens(embeddings, tokens or {})  # (B, L, dim), (B, L), [L]
+        if self.encoder is not None:
+            x = self.encoder(x, src_key_padding_mask=~valid)
+        query = self.query.expand(x.shape[0], -1, -1)  # (B, 1, dim)
+        out, weights = self.attn(query, x, x, key_padding_mask=~valid, need_weights=True)
+        self.last_attention = _mass_per_owner(weights[:, 0].detach(), owner)  # weights (B, 1, L)
+        h = self.norm(query + out)  # (B, 1, dim)
+        return (h + self.ffn(h)).squeeze(1)  # (B, dim)
+
+    def _tokens(
+        self,
+        embeddings: dict[str, tuple[Tensor, Tensor]],
+        tokens: dict[str, tuple[Tensor, Tensor, Tensor]],
+    ) -> tuple[Tensor, Tensor, list[str]]:
+        first = embeddings[self.modalities[0]][0]
+        b = first.shape[0]
+        xs = [self.null.expand(b, -1, -1)]
+        valid = [torch.ones(b, 1, dtype=torch.bool, device=first.device)]
+        owner = [NULL]
+        for i, m in enumerate(self.modalities):
+            for x, v in self._modality_tokens(i, m, embeddings[m], tokens.get(m)):
+                xs.append(x)
+                valid.append(v)
+                owner += [m] * x.shape[1]
+        return torch.cat(xs, dim=1), torch.cat(valid, dim=1), owner
+
+    def _modality_tokens(
+        self,
+        index: int,
+        modality: str,
+        pooled: tuple[Tensor, Tensor],
+        seq: tuple[Tensor, Tensor, Tensor] | None,
+    ) -> list[tuple[Tensor, Tensor]]:
+        emb, present = pooled
+        use_seq = seq is not None and modality in self.token_proj
+        # The pooled token's age is that of its freshest token when the encoder gives ages.
+        age = _freshest_age(seq) if seq is not None else torch.zeros_like(emb[:, 0])
+        x = self.pooled_proj[modality](_zero_absent(emb, present)).unsqueeze(1)
+        out = [(self._annotate(x, 2 * index, age.unsqueeze(1)), present.unsqueeze(1))]
+        if use_seq:
+            t, mask, t_age = seq
+            t = self.token_proj[modality](_zero_absent(t, mask))  # (B, T, dim)
+            out.append((self._annotate(t, 2 * index + 1, t_age), mask & present.unsqueeze(1)))
+        return out
+
+    def _annotate(self, x: Tensor, type_id: int, age: Tensor) -> Tensor:
+        """Adds the type embedding and the age encoding. x (B, T, dim), age (B, T)."""
+        age_code = self.age_mlp(torch.log1p(age.clamp_min(0).to(x.dtype)).unsqueeze(-1))
+        return x + self.type_emb.weight[type_id] + age_code
+
+
+def _zero_absent(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x))
+
+
+def _freshest_age(seq: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """Smallest age over valid tokens, 0 when none. Shapes: (B, T) -> (B,)."""
+    _, mask, age = seq
+    age = age.masked_fill(~mask, float("inf")).amin(dim=1)
+    return torch.where(torch.isfinite(age), age, torch.zeros_like(age))
+
+
+def _mass_per_owner(weights: Tensor, owner: list[str]) -> dict[str, Tensor]:
+    """Sums attention weights (B, L) over the tokens of each modality -> {m: (B,)}."""
+    out: dict[str, Tensor] = {}
+    for name in dict.fromkeys(owner):
+        idx = torch.tensor([i for i, o in enumerate(owner) if o == name], device=weights.device)
+        out[name] = weights.index_select(1, idx).sum(dim=1)
+    return out
+
+
+def _self_attention(dim: int, heads: int, layers: int, dropout: float) -> nn.Module | None:
+    if layers <= 0:
+        return None
+    layer = nn.TransformerEncoderLayer(
+        dim, heads, 2 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+    )
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+@register_fusion("attention")
+def attention(in_dims: dict[str, int], **cfg) -> AttentionFusion:
+    return AttentionFusion(in_dims, **cfg)

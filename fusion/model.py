@@ -1,0 +1,320 @@
+"""The full model: per-modality encoders -> fusion -> risk head, plus the confound adversary.
+
+A plain ``nn.Module``; the training loop (losses, optimizers, schedules) lives in
+the LightningModule. Only modalities whose encoder is configured are used, so a
+single-modality model is a model with one encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from clinfuse.datasets.spec import DataSpec
+from clinfuse.encoders import ModalityEncoder, create_encoder
+from clinfuse.fusion.adversary import (
+    AdversaryConfig,
+    ConfoundAdversary,
+    build_adversary,
+    dann_lambda,
+)
+from clinfuse.fusion.base import FusionModule, create_fusion
+
+Embeddings = dict[str, tuple[Tensor, Tensor]]
+Tokens = dict[str, tuple[Tensor, Tensor, Tensor]]
+
+
+@dataclass
+class FusionConfig:
+    """Which fusion strategy and its keyword arguments (see ``fusion/<name>.py``)."""
+
+    name: str = "attention"
+    cfg: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The whole model.
+
+    Attributes:
+        encoders: registered encoder name -> its keyword arguments, e.g.
+            ``{"gru_d": {"hidden": 64}, "sgl_mlp": {}}``; one encoder per modality.
+        fusion: the fusion strategy.
+        adversary: the confound adversary.
+        modality_dropout: probability of dropping each present modality of a
+            training sample (never all of them).
+        head_hidden: hidden width of the risk head (0 = linear).
+        head_dropout: dropout before the risk head's output layer.
+    """
+
+    encoders: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"timm_image": {}, "gru_d": {}, "sgl_mlp": {}}
+    )
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    modality_dropout: float = 0.0
+    head_hidden: int = 0
+    head_dropout: float = 0.1
+
+
+def modality_dropout_mask(
+    present: Tensor, p: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Drops each present modality with probability ``p``, keeping at least one per sample.
+
+    When every present modality of a sample is drawn for dropping, one of them,
+    chosen uniformly, is kept (samples with nothing present stay empty).
+
+    Shapes:
+        present: (B, M) bool; output: (B, M) bool, a subset of ``present``
+    """
+    draw = torch.rand(present.shape, generator=generator, device=present.device)
+    keep = present & (draw >= p)
+    lost = present.any(dim=1) & ~keep.any(dim=1)  # (B,)
+    pick = torch.rand(present.shape, generator=generator, device=present.device)
+    rescue = pick.masked_fill(~present, -1.0).argmax(dim=1)  # (B,) a random present modality
+    rescue_mask = nn.functional.one_hot(rescue, present.shape[1]).bool() & lost.unsqueeze(1)
+    return keep | rescue_mask
+
+
+def risk_head(
+    in_dim: int, hidden: int = 0, dropout: float = 0.1, prior_logit: float = 0.0
+) -> nn.Module:
+    """The risk head, its output bias set to the training prevalence's log-odds."""
+    if hidden > 0:
+        out = nn.Linear(hidden, 1)
+        head: nn.Module = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), out
+        )
+    else:
+        head = out = nn.Linear(in_dim, 1)
+    nn.init.constant_(out.bias, prior_logit)
+    return head
+
+
+class FusionModel(nn.Module):
+    """Encoders, a fusion strategy, a risk head and an optional confound adversary.
+
+    Args:
+        encoders: modality -> encoder (the key must equal ``encoder.modality``).
+        fusion: the fusion strategy; built with the encoders' ``embed_dim``.
+        spec: the DataSpec (class counts for the adversary, prevalence for the head bias).
+        adversary: adversary settings (None or disabled = no adversary).
+        head: the risk head (default: linear, bias at the prior log-odds); unused when
+            ``fusion.produces_logit``.
+        modality_dropout: see ``modality_dropout_mask``; applied in training mode only.
+
+    Shapes:
+        forward(batch) -> logit (B,), fused (B, D), embeddings {m: ((B, D_m), (B,))},
+        adversary_logits {head: (B, K)}
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, ModalityEncoder],
+        fusion: FusionModule,
+        spec: DataSpec,
+        adversary: AdversaryConfig | None = None,
+        head: nn.Module | None = None,
+        modality_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_encoders(encoders)
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        self.encoders = nn.ModuleDict(encoders)
+        self.fusion = fusion
+        self.spec = spec
+        self.modality_dropout = modality_dropout
+        self.adversary_cfg = adversary or AdversaryConfig()
+        self.head = (
+            None
+            if fusion.produces_logit
+            else (head or risk_head(fusion.out_dim, prior_logit=_prior_logit(spec)))
+        )
+        dims = {m: e.embed_dim for m, e in encoders.items()}
+        self.adversary: ConfoundAdversary | None = build_adversary(
+            self.adversary_cfg, fusion.out_dim, _confound_classes(spec), dims
+        )
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    def forward(self, batch: dict[str, Any], absent: Collection[str] = ()) -> dict[str, Any]:
+        """Runs the model.
+
+        Args:
+            batch: the batch dict (``datasets/batch.py``).
+            absent: modalities to treat as missing for every sample (attribution).
+        """
+        unknown = set(absent) - set(self.encoders)
+        if unknown:
+            raise ValueError(
+                f"absent modalities {sorted(unknown)} are not in the model {self.modalities}"
+            )
+        embeddings, tokens = self.encode(batch)
+        keep = self._keep_mask(embeddings, absent)  # (B, M)
+        embeddings, tokens = _apply_keep(embeddings, tokens, keep, self.modalities)
+        fused = self.fusion(embeddings, tokens if self.fusion.uses_tokens else None)  # (B, D)
+        logit = fused[:, 0] if self.head is None else self.head(fused).squeeze(-1)  # (B,)
+        return {
+            "logit": logit,
+            "fused": fused,
+            "embeddings": embeddings,
+            "adversary_logits": self._adversary(fused, embeddings),
+        }
+
+    def encode(self, batch: dict[str, Any]) -> tuple[Embeddings, Tokens]:
+        """Every encoder's embedding, and its tokens when the fusion reads tokens."""
+        embeddings, tokens = {}, {}
+        for m, enc in self.encoders.items():
+            if self.fusion.uses_tokens and has_tokens(enc):
+                embeddings[m], tokens[m] = _encode_with_tokens(enc, batch)
+            else:
+                embeddings[m] = enc(batch)
+        return embeddings, tokens
+
+    def set_progress(self, progress: float) -> float:
+        """Sets the gradient-reversal strength from training progress in [0, 1]; returns it."""
+        cfg = self.adversary_cfg
+        lambd = dann_lambda(progress, cfg.lambda_max, cfg.gamma)
+        if self.adversary is not None:
+            self.adversary.lambd = lambd
+        return lambd
+
+    def adversary_loss(
+        self, outputs: dict[str, Any], batch: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted adversary loss and its per-head terms (zero without an adversary)."""
+        if self.adversary is None or not outputs["adversary_logits"]:
+            return outputs["logit"].new_zeros(()), {}
+        present = {m: p for m, (_, p) in outputs["embeddings"].items()}
+        total, parts = self.adversary.loss(outputs["adversary_logits"], batch["confounds"], present)
+        return self.adversary_cfg.weight * total, parts
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """The encoders' groups (discriminative LRs) plus fusion/head/adversary groups.
+
+        Biases, norms and other 1-D parameters of the fusion side get no weight decay.
+        """
+        groups = [g for enc in self.encoders.values() for g in enc.param_groups(lr, weight_decay)]
+        own = [
+            p
+            for n, p in self.named_parameters()
+            if not n.startswith("encoders.") and p.requires_grad
+        ]
+        decay = [p for p in own if p.ndim >= 2]
+        no_decay = [p for p in own if p.ndim < 2]
+        groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay}] if decay else []
+        groups += [{"params": no_decay, "lr": lr, "weight_decay": 0.0}] if no_decay else []
+        return groups
+
+    def regularization_loss(self) -> Tensor:
+        """Sum of the encoders' extra penalties."""
+        device = next(self.parameters()).device
+        return sum(
+            (e.regularization_loss() for e in self.encoders.values()),
+            torch.zeros((), device=device),
+        )
+
+    def after_optimizer_step(self, lr: float) -> None:
+        for enc in self.encoders.values():
+            enc.after_optimizer_step(lr)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        for enc in self.encoders.values():
+            enc.on_epoch_start(epoch)
+
+    def _keep_mask(self, embeddings: Embeddings, absent: Collection[str]) -> Tensor:
+        present = torch.stack([embeddings[m][1].bool() for m in self.modalities], dim=1)  # (B, M)
+        if self.training and self.modality_dropout > 0:
+            present = modality_dropout_mask(present, self.modality_dropout)
+        gone = torch.tensor([m in absent for m in self.modalities], device=present.device)
+        return present & ~gone
+
+    def _adversary(self, fused: Tensor, embeddings: Embeddings) -> dict[str, Tensor]:
+        if self.adversary is None:
+            return {}
+        return self.adversary(fused, embeddings if self.adversary_cfg.on_modalities else None)
+
+
+def build_model(cfg: ModelConfig, spec: DataSpec) -> FusionModel:
+    """Builds encoders, fusion, head and adversary from a ``ModelConfig``."""
+    if not cfg.encoders:
+        raise ValueError("model config lists no encoders; configure at least one")
+    encoders: dict[str, ModalityEncoder] = {}
+    for name, kwargs in cfg.encoders.items():
+        enc = create_encoder(name, spec=spec, **(kwargs or {}))
+        if enc.modality in encoders:
+            raise ValueError(
+                f"encoders {name!r} and another both encode {enc.modality!r}; keep one"
+            )
+        encoders[enc.modality] = enc
+    fusion = create_fusion(
+        cfg.fusion.name,
+        in_dims={m: e.embed_dim for m, e in encoders.items()},
+        token_dims={m: token_dim(e) for m, e in encoders.items() if has_tokens(e)},
+        **cfg.fusion.cfg,
+    )
+    head = risk_head(fusion.out_dim, cfg.head_hidden, cfg.head_dropout, _prior_logit(spec))
+    return FusionModel(encoders, fusion, spec, cfg.adversary, head, cfg.modality_dropout)
+
+
+def has_tokens(encoder: ModalityEncoder) -> bool:
+    """Whether the encoder has its own token sequence (not the pooled default)."""
+    return type(encoder).forward_tokens is not ModalityEncoder.forward_tokens
+
+
+def token_dim(encoder: ModalityEncoder) -> int:
+    """Token width: ``encoder.token_dim`` when the encoder declares it, else ``embed_dim``."""
+    return int(getattr(encoder, "token_dim", 0) or encoder.embed_dim)
+
+
+def _encode_with_tokens(
+    enc: ModalityEncoder, batch: dict[str, Any]
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    # An encoder may offer both in one pass; otherwise it runs twice.
+    if hasattr(enc, "forward_with_tokens"):
+        emb, present, toks = enc.forward_with_tokens(batch)
+        return (emb, present), toks
+    return enc(batch), enc.forward_tokens(batch)
+
+
+def _apply_keep(
+    embeddings: Embeddings, tokens: Tokens, keep: Tensor, modalities: list[str]
+) -> tuple[Embeddings, Tokens]:
+    """Marks dropped modalities absent and zeroes their embeddings."""
+    out_e, out_t = {}, {}
+    for i, m in enumerate(modalities):
+        emb, _ = embeddings[m]
+        k = keep[:, i]  # (B,)
+        out_e[m] = (torch.where(k.unsqueeze(-1), emb, torch.zeros_like(emb)), k)
+        if m in tokens:
+            t, mask, age = tokens[m]
+            out_t[m] = (t, mask.bool() & k.unsqueeze(-1), age)
+    return out_e, out_t
+
+
+def _check_encoders(encoders: dict[str, ModalityEncoder]) -> None:
+    if not encoders:
+        raise ValueError("FusionModel needs at least one encoder")
+    for key, enc in encoders.items():
+        if enc.modality != key:
+            raise ValueError(
+                f"encoder {type(enc).__name__} encodes {enc.modality!r} but is keyed {key!r}"
+            )
+
+
+def _confound_classes(spec: DataSpec) -> dict[str, int]:
+    return {"site": len(spec.sites), "ancestry": len(spec.ancestries)}
+
+
+def _prior_logit(spec: DataSpec) -> float:
+    # pos_weight = negatives / positives, so the prior log-odds is -log(pos_weight).
+    return -math.log(spec.pos_weight) if spec.pos_weight > 0 else 0.0
