@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import torch
 
 from clinfuse.datasets.schema import EVENTS, IMAGES, LABELS, SUBJECTS, TIME, has_table, scan
 from clinfuse.datasets.splits import (
@@ -189,3 +191,95 @@ def _check_sample_splits(cohort_dir: str | Path, samples: pl.DataFrame) -> None:
             f"{Path(cohort_dir) / 'subject_splits.parquet'}: subject_id "
             f"{missing['subject_id'][0]} has labels but no split"
         )
+
+
+def sample_tensors(samples: pl.DataFrame, sites: list[str], ancestries: list[str]) -> dict:
+    """Labels, confound codes (-1 when not in the vocabulary) and bookkeeping keys.
+
+    Shapes:
+        label (B,) float32; confounds site/ancestry (B,) int64; subject_id (B,) int64;
+        prediction_time (B,) int64 microseconds since the epoch.
+    """
+    return {
+        "label": torch.from_numpy(samples["label"].cast(pl.Float32).to_numpy().copy()),
+        "confounds": {
+            "site": _codes(samples["site"], sites),
+            "ancestry": _codes(samples["ancestry"], ancestries),
+        },
+        "subject_id": torch.from_numpy(samples["subject_id"].to_numpy().astype(np.int64)),
+        "prediction_time": torch.from_numpy(
+            samples["prediction_time"].dt.epoch("us").to_numpy().astype(np.int64)
+        ),
+    }
+
+
+def genotype_tensors(
+    genotypes: pl.LazyFrame | None, samples: pl.DataFrame, markers: list[str]
+) -> dict:
+    """Dosage per marker with a called mask; missing calls, markers or subjects are 0/mask 0.
+
+    Raises:
+        ValueError: naming the subject when genotypes has two rows for it, or the
+            marker and subject when a dosage is outside [0, 2].
+
+    Shapes:
+        genotype, genotype_mask: (B, M) float32; genotype_present: (B,) bool.
+    """
+    n, m = samples.height, len(markers)
+    if genotypes is None or m == 0:
+        return _no_genotypes(n, m)
+    table = _genotype_table(genotypes, samples, markers)
+    dosage = table.select(markers).to_numpy().astype(np.float32).reshape(n, m)
+    mask = ~np.isnan(dosage)
+    _check_dosage(dosage, mask, table, markers)
+    present = table["_has_genotype"].fill_null(False).to_numpy() & mask.any(axis=1)
+    return {
+        "genotype": torch.from_numpy(np.where(mask, dosage, 0.0).astype(np.float32)),
+        "genotype_mask": torch.from_numpy(mask.astype(np.float32)),
+        "genotype_present": torch.from_numpy(present),
+    }
+
+
+def _genotype_table(genotypes: pl.LazyFrame, samples: pl.DataFrame, markers: list[str]):
+    names = set(genotypes.collect_schema().names())
+    columns = [
+        pl.col(m).cast(pl.Float32) if m in names else pl.lit(None, pl.Float32).alias(m)
+        for m in markers
+    ]
+    wanted = samples["subject_id"].unique().implode()
+    calls = (
+        genotypes.filter(pl.col("subject_id").is_in(wanted))
+        .select(pl.col("subject_id").cast(pl.Int64), *columns)
+        .with_columns(_has_genotype=pl.lit(True))
+    ).collect()
+    dup = calls.filter(pl.col("subject_id").is_duplicated())
+    if dup.height:
+        raise ValueError(
+            f"genotypes.parquet: subject_id {dup['subject_id'][0]} has more than one row"
+        )
+    keys = samples.select("subject_id").with_row_index("_sample")
+    return keys.join(calls, on="subject_id", how="left").sort("_sample")
+
+
+def _check_dosage(dosage: np.ndarray, mask: np.ndarray, table: pl.DataFrame, markers) -> None:
+    bad = mask & ((dosage < 0) | (dosage > 2))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(
+            f"genotypes.parquet: column {markers[col]!r} has dosage {dosage[row, col]} for "
+            f"subject_id {table['subject_id'][int(row)]}; expected 0, 1 or 2 (null = missing)"
+        )
+
+
+def _no_genotypes(n: int, m: int) -> dict:
+    return {
+        "genotype": torch.zeros(n, m),
+        "genotype_mask": torch.zeros(n, m),
+        "genotype_present": torch.zeros(n, dtype=torch.bool),
+    }
+
+
+def _codes(values: pl.Series, vocabulary: list[str]) -> torch.Tensor:
+    lookup = {name: i for i, name in enumerate(vocabulary)}
+    codes = values.cast(pl.String).replace_strict(lookup, default=-1, return_dtype=pl.Int64)
+    return torch.from_numpy(codes.fill_null(-1).to_numpy().astype(np.int64))

@@ -83,7 +83,7 @@ def subsample_train(samples: pl.DataFrame, fraction: float, seed: int = 0) -> pl
     train = samples.filter(pl.col("split") == "train")
     keep = assign_splits(train, (fraction, 1.0 - fraction, 0.0), seed)
     kept = keep.filter(pl.col("split") == "train")["subject_id"]
-    return samples.filter((pl.col("split") != "train") | pl.col("subject_id").is_in(kept))
+    return samples.filter((pl.col("split") != "train") | pl.col("subject_id").is_in(kept.implode()))
 
 
 def _subject_strata(samples: pl.DataFrame) -> pl.DataFrame:

@@ -1,0 +1,153 @@
+"""Image tensors: DICOM -> unit grayscale -> square ``image_size``, cached on disk.
+
+Decoding DICOM is the slow part of an epoch, so each image is decoded once per
+(path, file size, mtime, image_size) and stored as ``.npy`` in a cache folder;
+later epochs (and DataLoader workers) memory-map the array. A file that cannot be
+read makes that sample's ``image_present`` False with a warning naming the file;
+it never stops the epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def read_unit(path: str | Path) -> np.ndarray:
+    """Reads one DICOM file as float32 (H, W) in [0, 1] with the project's DICOM reader."""
+    if importlib.util.find_spec("clinfuse.datasets.dicom") is None:
+        return _read_unit_pydicom(path)  # until the shared reader lands
+    from clinfuse.datasets.dicom import DicomReader
+
+    return DicomReader(window="auto").read(path).to_unit()
+
+
+def _read_unit_pydicom(path: str | Path) -> np.ndarray:
+    """Rescale, VOI window when the header has one, MONOCHROME1 inversion, min-max to [0, 1]."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        pixels = apply_voi_lut(pixels, ds).astype(np.float32)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        pixels = pixels.max() - pixels
+    span = float(pixels.max() - pixels.min())
+    return (pixels - pixels.min()) / span if span > 0 else np.zeros_like(pixels)
+
+
+def resize_square(image: Tensor, size: int) -> Tensor:
+    """Pads to a square (centred, zeros) then resizes with antialiasing, keeping aspect.
+
+    Shapes:
+        image: (H, W) -> (1, size, size)
+    """
+    h, w = image.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    padded = F.pad(image[None, None], (left, side - w - left, top, side - h - top))
+    out = F.interpolate(padded, size=(size, size), mode="bilinear", antialias=True)
+    return out[0].clamp_(0.0, 1.0)  # bilinear stays in range; clamp guards rounding
+
+
+class ImageLoader:
+    """Loads square image tensors through a per-file cache.
+
+    Args:
+        image_size: side of the output square.
+        cache_dir: folder for ``.npy`` entries; None keeps them in memory only.
+    """
+
+    def __init__(self, image_size: int, cache_dir: str | Path | None = None) -> None:
+        self.image_size = int(image_size)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._memory: dict[str, np.ndarray] = {}
+        self._failed: set[str] = set()
+
+    def load(self, path: str | Path | None) -> Tensor | None:
+        """The (1, S, S) tensor for ``path``, or None when absent or unreadable."""
+        if path is None:
+            return None
+        key = self._key(path)
+        if key is None or key in self._failed:
+            return None
+        array = self._cached(key)
+        if array is None:
+            array = self._decode(path, key)
+        return None if array is None else torch.from_numpy(np.array(array, dtype=np.float32))
+
+    def load_many(self, paths: Sequence[str | None]) -> tuple[Tensor, Tensor]:
+        """Stacks ``paths``; absent or unreadable ones are zeros with present False.
+
+        Shapes:
+            -> image (B, 1, S, S), image_present (B,)
+        """
+        size = self.image_size
+        images = torch.zeros(len(paths), 1, size, size)
+        present = torch.zeros(len(paths), dtype=torch.bool)
+        for i, path in enumerate(paths):
+            image = self.load(path)
+            if image is not None:
+                images[i], present[i] = image, True
+        return images, present
+
+    def warm(self, paths: Sequence[str | None]) -> int:
+        """Decodes every distinct path into the cache; returns how many are readable."""
+        return sum(self.load(p) is not None for p in dict.fromkeys(p for p in paths if p))
+
+    def _key(self, path: str | Path) -> str | None:
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            self._warn(path, err)
+            return None
+        text = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.image_size}"
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def _cached(self, key: str) -> np.ndarray | None:
+        if self.cache_dir is None:
+            return self._memory.get(key)
+        file = self.cache_dir / f"{key}.npy"
+        return np.load(file, mmap_mode="r") if file.is_file() else None
+
+    def _decode(self, path: str | Path, key: str) -> np.ndarray | None:
+        try:
+            unit = read_unit(path)
+            array = resize_square(torch.from_numpy(np.asarray(unit, np.float32)), self.image_size)
+        except Exception as err:  # any unreadable file: mask the sample, keep the epoch
+            self._failed.add(key)
+            self._warn(path, err)
+            return None
+        array = array.numpy()
+        self._store(key, array)
+        return array
+
+    def _store(self, key: str, array: np.ndarray) -> None:
+        if self.cache_dir is None:
+            self._memory[key] = array
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # Write then rename: DataLoader workers may race on the same entry.
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".npy.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, self.cache_dir / f"{key}.npy")
+
+    @staticmethod
+    def _warn(path: str | Path, err: Exception) -> None:
+        warnings.warn(
+            f"{path}: image unreadable, sample gets image_present=False "
+            f"({type(err).__name__}: {err})",
+            stacklevel=3,
+        )
