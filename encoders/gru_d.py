@@ -1,0 +1,300 @@
+"""GRU-D: a GRU with trainable decays for irregular, partly observed vitals and labs.
+
+Che et al. 2018, "Recurrent Neural Networks for Multivariate Time Series with
+Missing Values" (Scientific Reports 8:6085). Two decays encode how stale the
+information is:
+
+    gamma_x = exp(-max(0, w_x * delta + b_x))           per channel (diagonal)
+    x_hat   = m * x + (1 - m) * (gamma_x * x_last + (1 - gamma_x) * x_mean)
+    gamma_h = exp(-max(0, W_h delta + b_h))             full (C -> H)
+    h       = GRU([x_hat, m], gamma_h * h)
+
+The GRU uses the "reset after" form of ``torch.nn.GRUCell`` (the reset gate
+scales ``W_hn h + b_hn``), so the recurrent part is one (H, 3H) matmul per step.
+Everything that does not depend on ``h`` (``x_last``, ``x_hat``, the input
+projections of all three gates, ``gamma_h``) is computed for all steps at once.
+The loop runs only over valid steps: samples are sorted by length and the active
+batch shrinks as sequences end, so padded steps cost nothing and leave ``h``
+unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clinfuse.datasets.spec import DataSpec
+from clinfuse.encoders.base import ModalityEncoder, register_encoder
+
+
+@dataclass
+class GRUDConfig:
+    """GRU-D hyper-parameters.
+
+    Attributes:
+        hidden: H, the GRU state width.
+        embed_dim: D, the width of the returned embedding and step tokens.
+        dropout: dropout on the hidden states before the output projection.
+        learn_mean: learn ``x_mean`` (the value a long gap decays to) instead of
+            keeping the training mean, which is 0 in normalized space.
+    """
+
+    hidden: int = 64
+    embed_dim: int = 64
+    dropout: float = 0.0
+    learn_mean: bool = False
+
+
+@register_encoder("gru_d")
+def gru_d(
+    spec: DataSpec,
+    hidden: int = 64,
+    embed_dim: int = 64,
+    dropout: float = 0.0,
+    learn_mean: bool = False,
+) -> GRUD:
+    """Builds a GRU-D encoder for ``spec.n_channels`` channels."""
+    cfg = GRUDConfig(hidden=hidden, embed_dim=embed_dim, dropout=dropout, learn_mean=learn_mean)
+    return GRUD(spec.n_channels, **asdict(cfg))
+
+
+class GRUD(ModalityEncoder):
+    """GRU-D encoder over the ``ts_*`` keys of the batch.
+
+    Args:
+        n_channels: C, number of vitals/lab channels.
+        hidden: H, GRU state width.
+        embed_dim: D, output width.
+        dropout: dropout on hidden states before the output projection.
+        learn_mean: make ``x_mean`` a parameter (else a zero buffer).
+
+    Shapes:
+        - ts_values, ts_mask, ts_delta: (B, T, C)
+        - ts_time: (B, T); ts_length, ts_present: (B,)
+        - forward -> embedding (B, D), present (B,) bool
+        - forward_tokens -> tokens (B, T, D), mask (B, T) bool, age (B, T)
+    """
+
+    modality = "timeseries"
+
+    def __init__(
+        self,
+        n_channels: int,
+        hidden: int = 64,
+        embed_dim: int = 64,
+        dropout: float = 0.0,
+        learn_mean: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_channels < 1:
+            raise ValueError(f"GRU-D needs at least one channel, got n_channels={n_channels}")
+        self.n_channels, self.hidden, self.embed_dim = n_channels, hidden, embed_dim
+        self.decay_x_weight = nn.Parameter(torch.empty(n_channels))  # diagonal W_gx
+        self.decay_x_bias = nn.Parameter(torch.zeros(n_channels))
+        self.decay_h = nn.Linear(n_channels, hidden)  # full W_gh, b_gh
+        mean = torch.zeros(n_channels)
+        if learn_mean:
+            self.x_mean = nn.Parameter(mean)
+        else:
+            self.register_buffer("x_mean", mean)
+        # GRU over [x_hat, m]: torch.nn.GRUCell layout, gates ordered (r, z, n).
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden, 2 * n_channels))
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden, hidden))
+        self.bias_ih = nn.Parameter(torch.empty(3 * hidden))
+        self.bias_hh = nn.Parameter(torch.empty(3 * hidden))
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(hidden, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GRU weights as ``nn.GRUCell``; input decay rates between 1/50 h and 1/5 h."""
+        bound = 1.0 / math.sqrt(self.hidden)
+        for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
+            nn.init.uniform_(p, -bound, bound)
+        # Positive rates so every channel decays (and gets gradient) from the start.
+        nn.init.uniform_(self.decay_x_weight, 0.02, 0.2)
+        nn.init.zeros_(self.decay_x_bias)
+
+    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Returns the projected last valid hidden state and ``ts_present``.
+
+        Shapes:
+            - output: embedding (B, D), present (B,) bool
+        """
+        h_last, _ = self._run(batch, keep_states=False)  # (B, H)
+        return self.proj(self.dropout(h_last)), _present(batch)
+
+    def forward_tokens(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """One token per time step: the projected hidden state after that step.
+
+        Tokens at padded steps are the projection of a zero state (masked out).
+
+        Shapes:
+            - output: tokens (B, T, D), mask (B, T) bool, age (B, T) hours
+        """
+        _, states = self._run(batch, keep_states=True)  # (B, T, H)
+        tokens = self.proj(self.dropout(states))  # (B, T, D)
+        return tokens, _step_mask(batch, tokens.shape[1]), batch["ts_time"].to(tokens.dtype)
+
+    # -- the recurrence ------------------------------------------------------------
+
+    def _run(self, batch: dict[str, Any], keep_states: bool) -> tuple[Tensor, Tensor | None]:
+        """Runs GRU-D; returns the last valid state (B, H) and, if asked, every state (B, T, H)."""
+        x, m, delta, lengths = _inputs(batch, self.n_channels)
+        gi = F.linear(torch.cat([self.impute(x, m, delta), m], -1), self.weight_ih, self.bias_ih)
+        gamma_h = self.hidden_decay(delta)  # (B, T, H)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        unsort = torch.argsort(order)
+        # Time-major and contiguous, so each step's rows are one contiguous block.
+        gi_t = gi[order].transpose(0, 1).contiguous()  # (T, B, 3H)
+        gamma_t = gamma_h[order].transpose(0, 1).contiguous()  # (T, B, H)
+        active = _active_counts(lengths[order], x.shape[1])
+        h_last, steps = self._loop(gi_t, gamma_t, active)
+        states = _pad_steps(steps, active, gamma_t)[unsort] if keep_states else None
+        return h_last[unsort], states
+
+    def _loop(self, gi: Tensor, gamma_h: Tensor, active: list[int]) -> tuple[Tensor, list[Tensor]]:
+        """The recurrent part; the batch shrinks as the (sorted) sequences end.
+
+        Args:
+            gi: input-side gate pre-activations, time-major.
+            gamma_h: hidden decays, time-major.
+            active: number of sequences still running at each step (non-increasing).
+
+        Returns:
+            The last valid state of each sequence (sorted order) and the active states
+            of each step.
+
+        Shapes:
+            - gi: (T, B, 3H); gamma_h: (T, B, H)
+            - output: (B, H) and a list of (active[t], H)
+        """
+        h = gi.new_zeros(gi.shape[1], self.hidden)
+        # unbind: one stack in backward instead of a full-size zero gradient per step.
+        gi_steps, gamma_steps = gi.unbind(0), gamma_h.unbind(0)
+        done, steps = [], []  # done: states of sequences that ended, latest-ending last
+        for t, n in enumerate(active):
+            if n < h.shape[0]:
+                done.append(h[n:])
+                h = h[:n]
+            if n == 0:
+                break
+            h = self.cell(gi_steps[t][:n], gamma_steps[t][:n] * h)  # (n, H)
+            steps.append(h)
+        done.append(h)
+        return torch.cat(done[::-1]), steps
+
+    def cell(self, gi: Tensor, h: Tensor) -> Tensor:
+        """One GRU step (``nn.GRUCell`` equations) from precomputed input gates.
+
+        Shapes:
+            - gi: (N, 3H) = W_ih [x_hat, m] + b_ih; h: (N, H) already decayed
+            - output: (N, H)
+        """
+        gh = F.linear(h, self.weight_hh, self.bias_hh)  # (N, 3H)
+        i_r, i_z, i_n = gi.chunk(3, -1)
+        h_r, h_z, h_n = gh.chunk(3, -1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return n + z * (h - n)  # (1 - z) * n + z * h
+
+    # -- the decays (public so tests can check them against the paper) -------------
+
+    def input_decay(self, delta: Tensor) -> Tensor:
+        """gamma_x = exp(-max(0, w_x * delta + b_x)), elementwise per channel. (B, T, C)"""
+        return torch.exp(-F.relu(delta * self.decay_x_weight + self.decay_x_bias))
+
+    def hidden_decay(self, delta: Tensor) -> Tensor:
+        """gamma_h = exp(-max(0, W_h delta + b_h)). (B, T, C) -> (B, T, H)"""
+        return torch.exp(-F.relu(self.decay_h(delta)))
+
+    def impute(self, x: Tensor, m: Tensor, delta: Tensor) -> Tensor:
+        """x_hat: observed values kept, missing ones decay from x_last toward x_mean.
+
+        Shapes:
+            - x, m, delta: (B, T, C)
+            - output: (B, T, C)
+        """
+        x_last, seen = last_observed(x, m)  # (B, T, C)
+        x_last = torch.where(seen, x_last, self.x_mean)  # never seen -> the mean
+        gamma = self.input_decay(delta)
+        return m * x + (1 - m) * (gamma * x_last + (1 - gamma) * self.x_mean)
+
+
+def last_observed(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """The latest observed value of each channel at or before each step.
+
+    Args:
+        x: values (B, T, C).
+        m: observation mask (B, T, C), 1 where observed.
+
+    Returns:
+        ``x_last`` (B, T, C), 0 where nothing was seen yet, and ``seen`` (B, T, C) bool.
+    """
+    steps = torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
+    idx = torch.where(m > 0, steps, -1).cummax(dim=1).values  # (B, T, C)
+    seen = idx >= 0
+    x_last = torch.gather(x, 1, idx.clamp(min=0)) * seen
+    return x_last, seen
+
+
+def _inputs(batch: dict[str, Any], n_channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reads and checks the time-series tensors of the batch."""
+    x, m, delta = (
+        batch["ts_values"],
+        batch["ts_mask"].to(batch["ts_values"].dtype),
+        batch["ts_delta"],
+    )
+    if x.dim() != 3 or x.shape[-1] != n_channels:
+        raise ValueError(
+            f"ts_values must be (B, T, {n_channels}) for this encoder, got {tuple(x.shape)}"
+        )
+    if m.shape != x.shape or delta.shape != x.shape:
+        raise ValueError(
+            f"ts_mask {tuple(m.shape)} and ts_delta {tuple(delta.shape)} must match "
+            f"ts_values {tuple(x.shape)}"
+        )
+    lengths = batch["ts_length"].long().clamp(0, x.shape[1])
+    return x, m, delta, lengths
+
+
+def _active_counts(sorted_lengths: Tensor, t_max: int) -> list[int]:
+    """How many sequences (sorted by decreasing length) are still running at each step."""
+    steps = torch.arange(t_max, device=sorted_lengths.device)
+    return (sorted_lengths.unsqueeze(1) > steps).sum(0).tolist()
+
+
+def _pad_steps(steps: list[Tensor], active: list[int], template: Tensor) -> Tensor:
+    """Scatters the per-step active states into a zero-padded batch-major tensor.
+
+    Shapes:
+        - steps: list of (active[t], H); template: (T, B, H), only its shape/dtype/device
+        - output: (B, T, H)
+    """
+    t_max, b, h = template.shape
+    flat = template.new_zeros(t_max * b, h)
+    if steps:
+        idx = [
+            t * b + torch.arange(n, device=flat.device) for t, n in enumerate(active[: len(steps)])
+        ]
+        flat = flat.index_copy(0, torch.cat(idx), torch.cat(steps))
+    return flat.view(t_max, b, h).transpose(0, 1)
+
+
+def _present(batch: dict[str, Any]) -> Tensor:
+    """ts_present if given, else ts_length > 0. (B,) bool"""
+    if "ts_present" in batch:
+        return batch["ts_present"].bool()
+    return batch["ts_length"] > 0
+
+
+def _step_mask(batch: dict[str, Any], t: int) -> Tensor:
+    """True at valid steps, t < ts_length. (B, T) bool"""
+    steps = torch.arange(t, device=batch["ts_length"].device)
+    return steps.unsqueeze(0) < batch["ts_length"].unsqueeze(1)

@@ -1,0 +1,224 @@
+"""GRU-D against the equations of Che et al. 2018 and the encoder contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clinfuse.datasets.spec import DataSpec
+from clinfuse.encoders import create_encoder, list_encoders
+from clinfuse.encoders.gru_d import GRUD, last_observed
+
+C, H, D = 3, 8, 5
+
+
+def _encoder(**kw) -> GRUD:
+    torch.manual_seed(0)
+    spec = DataSpec(channels=[f"ch{i}" for i in range(C)])
+    return create_encoder("gru_d", spec=spec, hidden=H, embed_dim=D, **kw)
+
+
+def _batch(lengths: list[int], t_max: int, p_obs: float = 0.5, seed: int = 0) -> dict:
+    """A random irregular batch; padded steps hold garbage to catch any leak."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    mask = (torch.rand(b, t_max, C, generator=g) < p_obs).float()
+    values = torch.randn(b, t_max, C, generator=g) * mask
+    delta = torch.rand(b, t_max, C, generator=g) * 6
+    length = torch.tensor(lengths, dtype=torch.int64)
+    pad = torch.arange(t_max).unsqueeze(0) >= length.unsqueeze(1)  # (B, T)
+    values[pad] = 99.0
+    mask[pad] = 1.0
+    time = torch.linspace(48, 0, t_max).expand(b, t_max).clone()
+    return dict(
+        ts_values=values,
+        ts_mask=mask,
+        ts_delta=delta,
+        ts_time=time,
+        ts_length=length,
+        ts_present=length > 0,
+    )
+
+
+def test_registered_and_shapes():
+    assert "gru_d" in list_encoders()
+    enc = _encoder()
+    batch = _batch([4, 0, 2], t_max=5)
+    emb, present = enc(batch)
+    tokens, mask, age = enc.forward_tokens(batch)
+    assert enc.embed_dim == D and enc.modality == "timeseries"
+    assert emb.shape == (3, D) and present.tolist() == [True, False, True]
+    assert tokens.shape == (3, 5, D) and age.shape == (3, 5)
+    assert mask.sum(1).tolist() == [4, 0, 2]
+    assert torch.equal(age, batch["ts_time"])
+
+
+def test_last_observed_hand_example():
+    x = torch.tensor([[[1.0], [0.0], [3.0], [0.0]]])  # (1, 4, 1)
+    m = torch.tensor([[[0.0], [0.0], [1.0], [0.0]]])
+    x[0, 0, 0] = 5.0  # a value at an unobserved step must be ignored
+    x_last, seen = last_observed(x, m)
+    assert seen.flatten().tolist() == [False, False, True, True]
+    assert x_last.flatten().tolist() == [0.0, 0.0, 3.0, 3.0]
+
+
+def _impute_one(enc: GRUD, x_prev: float, gap: float) -> torch.Tensor:
+    """x_hat of channel 0 at step 1: observed x_prev at step 0, missing at step 1."""
+    x = torch.zeros(1, 2, C)
+    m = torch.zeros(1, 2, C)
+    x[0, 0, 0], m[0, 0, 0] = x_prev, 1.0
+    delta = torch.zeros(1, 2, C)
+    delta[0, 1, :] = gap
+    return enc.impute(x, m, delta)[0, 1, 0]
+
+
+def test_input_decay_zero_gap_gives_last_observation():
+    enc = _encoder()
+    assert _impute_one(enc, 1.7, gap=0.0).item() == pytest.approx(1.7, abs=1e-7)
+    # small gap: |x_hat - x_last| = (1 - gamma) |x_last| <= w * gap * |x_last|
+    w = enc.decay_x_weight[0].item()
+    gap = 1e-3
+    assert abs(_impute_one(enc, 1.7, gap).item() - 1.7) <= w * gap * 1.7 + 1e-6
+
+
+def test_input_decay_infinite_gap_gives_mean():
+    enc = _encoder()
+    # rates start >= 0.02/h, so a 10^4 h gap leaves gamma <= exp(-200)
+    assert _impute_one(enc, 1.7, gap=1e4).item() == pytest.approx(0.0, abs=1e-6)
+    learned = _encoder(learn_mean=True)
+    with torch.no_grad():
+        learned.x_mean.fill_(-0.4)
+    assert _impute_one(learned, 1.7, gap=1e4).item() == pytest.approx(-0.4, abs=1e-6)
+
+
+def test_input_decay_matches_paper_formula():
+    enc = _encoder(learn_mean=True)
+    with torch.no_grad():
+        enc.decay_x_weight.fill_(0.5)
+        enc.decay_x_bias.fill_(0.25)
+        enc.x_mean.fill_(0.3)
+    gamma = math.exp(-(0.5 * 2.0 + 0.25))
+    expected = gamma * 1.7 + (1 - gamma) * 0.3
+    assert _impute_one(enc, 1.7, gap=2.0).item() == pytest.approx(expected, abs=1e-6)
+    with torch.no_grad():  # a negative pre-activation is clipped: gamma = exp(-0) = 1
+        enc.decay_x_weight.fill_(-1.0)
+    assert _impute_one(enc, 1.7, gap=2.0).item() == pytest.approx(1.7, abs=1e-6)
+
+
+def test_observed_values_pass_through_and_unseen_channels_take_the_mean():
+    enc = _encoder()
+    batch = _batch([6], t_max=6, seed=3)
+    x, m, delta = batch["ts_values"], batch["ts_mask"], batch["ts_delta"]
+    x_hat = enc.impute(x, m, delta)
+    assert torch.equal(x_hat[m > 0], x[m > 0])
+    m0 = torch.zeros_like(m)
+    assert torch.equal(enc.impute(x, m0, delta), torch.zeros_like(x))
+
+
+def test_hidden_decay_is_one_for_zero_gap_and_vanishes_for_long_gaps():
+    enc = _encoder()
+    with torch.no_grad():
+        enc.decay_h.bias.fill_(-0.5)
+    zero = torch.zeros(2, 4, C)
+    assert torch.equal(enc.hidden_decay(zero), torch.ones(2, 4, H))
+    with torch.no_grad():
+        enc.decay_h.weight.fill_(0.1)
+    gamma = enc.hidden_decay(torch.full((1, 1, C), 2.0))
+    expected = math.exp(-(0.1 * 2.0 * C - 0.5))
+    assert torch.allclose(gamma, torch.full_like(gamma, expected), atol=1e-6)
+
+
+def test_long_gap_forgets_the_past():
+    """With h decayed to 0, the state after a long gap equals a fresh start."""
+    enc = _encoder()
+    with torch.no_grad():
+        enc.decay_h.weight.fill_(0.05)
+        enc.decay_h.bias.zero_()
+    full = _batch([3], t_max=3, p_obs=1.0, seed=5)
+    full["ts_delta"][0, 2] = 1e4
+    fresh = {k: v[:, 2:] if v.dim() >= 2 else v for k, v in full.items()}
+    fresh["ts_length"] = torch.tensor([1])
+    tok_full, _, _ = enc.forward_tokens(full)
+    tok_fresh, _, _ = enc.forward_tokens(fresh)
+    assert torch.allclose(tok_full[0, 2], tok_fresh[0, 0], atol=1e-6)
+
+
+def test_fully_observed_reduces_to_gru_cell():
+    """m = 1 and gamma_h = 1 (delta = 0, bias <= 0): GRU-D is a GRU over [x, m]."""
+    enc = _encoder()
+    with torch.no_grad():
+        enc.decay_h.bias.fill_(-1.0)
+    lengths = [5, 2, 4, 1]
+    batch = _batch(lengths, t_max=5, p_obs=1.0, seed=1)
+    batch["ts_delta"].zero_()
+    cell = torch.nn.GRUCell(2 * C, H)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name).copy_(getattr(enc, name))
+    emb, _ = enc(batch)
+    tokens, _, _ = enc.forward_tokens(batch)
+    for i, n in enumerate(lengths):
+        h = torch.zeros(1, H)
+        for t in range(n):
+            x = batch["ts_values"][i, t : t + 1]
+            h = cell(torch.cat([x, torch.ones_like(x)], -1), h)
+            assert torch.allclose(tokens[i, t], enc.proj(h)[0], atol=1e-6)
+        assert torch.allclose(emb[i], enc.proj(h)[0], atol=1e-6)
+
+
+def test_padding_invariance():
+    enc = _encoder()
+    short = _batch([3, 1, 0], t_max=3, seed=2)
+    long = _batch([3, 1, 0], t_max=7, seed=9)  # different garbage in the padding
+    for key in ("ts_values", "ts_mask", "ts_delta", "ts_time"):
+        long[key][:, :3] = short[key]
+    emb_s, _ = enc(short)
+    emb_l, _ = enc(long)
+    assert torch.allclose(emb_s, emb_l, atol=1e-6)
+    tok_s, _, _ = enc.forward_tokens(short)
+    tok_l, mask_l, _ = enc.forward_tokens(long)
+    assert torch.allclose(tok_s[:, :3][mask_l[:, :3]], tok_l[:, :3][mask_l[:, :3]], atol=1e-6)
+
+
+def test_batch_order_does_not_matter():
+    enc = _encoder()
+    batch = _batch([2, 5, 0, 4, 5], t_max=5, seed=4)
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    permuted = {k: v[perm] for k, v in batch.items()}
+    emb, _ = enc(batch)
+    emb_p, _ = enc(permuted)
+    assert torch.allclose(emb[perm], emb_p, atol=1e-6)
+
+
+def test_gradient_reaches_every_parameter():
+    enc = _encoder(learn_mean=True)
+    batch = _batch([6, 4, 0, 6], t_max=6, p_obs=0.4, seed=6)
+    emb, _ = enc(batch)
+    tokens, mask, _ = enc.forward_tokens(batch)
+    (emb.pow(2).sum() + tokens[mask].sum()).backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_empty_samples_are_finite():
+    enc = _encoder()
+    batch = _batch([0, 0], t_max=4)
+    emb, present = enc(batch)
+    tokens, mask, _ = enc.forward_tokens(batch)
+    assert torch.isfinite(emb).all() and torch.isfinite(tokens).all()
+    assert not present.any() and not mask.any()
+    # an empty sample's embedding is the zero-state projection, whatever its neighbours
+    mixed, _ = enc(_batch([0, 4], t_max=4, seed=8))
+    assert torch.allclose(mixed[0], emb[0]) and torch.allclose(emb[0], enc.proj.bias)
+    no_steps, _ = enc(_batch([0], t_max=0))
+    assert no_steps.shape == (1, D) and torch.isfinite(no_steps).all()
+
+
+def test_wrong_channel_count_names_the_tensor():
+    enc = _encoder()
+    batch = _batch([2], t_max=2)
+    batch["ts_values"] = batch["ts_values"][..., :2]
+    with pytest.raises(ValueError, match="ts_values"):
+        enc(batch)
