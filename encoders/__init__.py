@@ -9,5 +9,6 @@ from clinfuse.encoders.base import (
     list_encoders,
     register_encoder,
 )
+from clinfuse.encoders import gru_d  # noqa: F401
 
 __all__ = ["ModalityEncoder", "create_encoder", "list_encoders", "register_encoder"]
