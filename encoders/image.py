@@ -1,0 +1,482 @@
+"""The image encoder: any timm CNN, pretrained offline, with transfer learning done right.
+
+Grayscale films meet RGB-pretrained backbones in one of two ways:
+
+* ``replicate``: the gray channel is copied to R, G and B (Gu & Lee 2024 found
+  replication a strong default for medical transfer learning);
+* ``fold``: the first convolution's RGB kernels are summed into one channel,
+  ``w' = w_R + w_G + w_B``. With one mean/std for all channels this equals
+  replication exactly; with ImageNet's per-channel statistics we normalize the
+  gray input by the luminance-equivalent mean and std (Rec. 601 weights).
+
+Transfer modes: ``frozen`` (backbone fixed and kept in eval mode, so BatchNorm
+statistics never move; features can be cached on disk), ``bn`` (only BatchNorm
+affine parameters train, running statistics adapt to the new domain),
+``partial`` (the last ``trainable_stages`` depth groups train; optionally one more
+every ``unfreeze_every`` epochs, ULMFiT-style gradual unfreezing) and ``full``.
+``param_groups`` gives layer-wise learning-rate decay: the depth group ``i`` of
+``n`` (stem first, projection head last) gets ``lr * layer_decay ** (n - 1 - i)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from clinfuse.config import from_dict
+from clinfuse.datasets.spec import DataSpec
+from clinfuse.encoders.augment import AugmentConfig, ImageAugment
+from clinfuse.encoders.base import ModalityEncoder, register_encoder
+from clinfuse.encoders.embedding_cache import EmbeddingCache, settings_fingerprint
+from clinfuse.encoders.weights import KeyRemap, create_backbone
+
+TRANSFER_MODES = ("frozen", "bn", "partial", "full")
+GRAYSCALE_MODES = ("replicate", "fold")
+NORMALIZATIONS = ("imagenet", "dataset")
+_LUMA = (0.299, 0.587, 0.114)  # Rec. 601 luminance weights of R, G, B
+
+
+@dataclass
+class ImageEncoderConfig:
+    """Every option of the ``timm_image`` encoder, with its default.
+
+    Attributes:
+        model_name: any timm architecture name.
+        weights: "package" (offline EfficientNet-Lite0), "hub" (timm download),
+            "none", or a ``.pth``/``.safetensors`` path.
+        weights_remap: ordered ``{regex: replacement}`` renaming checkpoint keys.
+        transfer: "frozen", "bn", "partial" or "full".
+        trainable_stages: depth groups (from the top) that train under "partial".
+        unfreeze_every: under "partial", unfreeze one more group every k epochs (0 = never).
+        layer_decay: learning-rate factor per depth group (1 = same lr everywhere).
+        grayscale: "replicate" or "fold".
+        normalization: "imagenet" (the weights' statistics) or "dataset"
+            (``fit_normalization`` on training images).
+        embed_dim: width of the linear projection after pooling (0 = none).
+        drop_rate: dropout on the pooled features before the projection.
+        drop_path_rate: stochastic depth inside the backbone (timm).
+        augment: augment images in training mode.
+        augment_config: augmentation strengths.
+        cache_dir: directory for cached features of a frozen backbone ("" = off).
+        cache_tokens: also cache spatial tokens (for attention fusion).
+    """
+
+    model_name: str = "efficientnet_lite0"
+    weights: str = "package"
+    weights_remap: dict[str, str] | None = None
+    transfer: str = "frozen"
+    trainable_stages: int = 1
+    unfreeze_every: int = 0
+    layer_decay: float = 0.7
+    grayscale: str = "replicate"
+    normalization: str = "imagenet"
+    embed_dim: int = 128
+    drop_rate: float = 0.1
+    drop_path_rate: float = 0.0
+    augment: bool = True
+    augment_config: AugmentConfig = field(default_factory=AugmentConfig)
+    cache_dir: str = ""
+    cache_tokens: bool = False
+
+
+@register_encoder("timm_image")
+def timm_image(
+    spec: DataSpec | None = None, remap: KeyRemap | None = None, **cfg: Any
+) -> TimmImageEncoder:
+    """Builds a ``TimmImageEncoder`` from ``ImageEncoderConfig`` fields.
+
+    Args:
+        spec: the data spec (the image encoder needs nothing from it today).
+        remap: a key-remapping callable for checkpoint files (overrides
+            ``weights_remap``).
+        **cfg: ``ImageEncoderConfig`` fields; unknown names raise ValueError.
+    """
+    config = from_dict(ImageEncoderConfig, cfg, path="timm_image")
+    return TimmImageEncoder(config, spec=spec, remap=remap)
+
+
+class TimmImageEncoder(ModalityEncoder):
+    """A timm CNN over (B, 1, H, W) films -> pooled, projected embeddings.
+
+    ``emb = W · pool(f(norm(aug(x)))) + b``; rows without an image get a zero
+    embedding and ``present=False``, and the backbone runs only on present rows
+    (absent zero images would otherwise skew BatchNorm batch statistics).
+
+    Args:
+        config: encoder options.
+        spec: the data spec (unused; accepted for the registry contract).
+        remap: key-remapping callable for checkpoint files.
+
+    Shapes:
+        batch["image"]: (B, 1, H, W) in [0, 1]; batch["image_present"]: (B,)
+        forward -> emb (B, D), present (B,)
+        forward_tokens -> tokens (B, h*w, D), mask (B, h*w), age (B, h*w)
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        config: ImageEncoderConfig | None = None,
+        spec: DataSpec | None = None,
+        remap: KeyRemap | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = cfg = config or ImageEncoderConfig()
+        _validate(cfg)
+        self.backbone, self.weights_info = create_backbone(
+            cfg.model_name,
+            cfg.weights,
+            remap=remap or cfg.weights_remap,
+            drop_path_rate=cfg.drop_path_rate,
+        )
+        if cfg.grayscale == "fold":
+            fold_first_conv(self.backbone)
+        self._register_norm_buffers()
+        self.num_features = int(self.backbone.num_features)
+        self.embed_dim = cfg.embed_dim or self.num_features
+        self.dropout = nn.Dropout(cfg.drop_rate)
+        self.proj = nn.Linear(self.num_features, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
+        self.augment = ImageAugment(cfg.augment_config) if cfg.augment else None
+        self.depth_groups = _depth_groups(self.backbone)
+        self.trainable_stages = cfg.trainable_stages
+        self._cache: EmbeddingCache | None = None
+        self._warn_augment_with_cache()
+        self._apply_transfer()
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        images, present = self._inputs(batch)
+        pooled, _ = self._present_features(images, present, want_tokens=False)  # (B, F)
+        emb = self.proj(self.dropout(pooled))  # (B, D)
+        return emb * present.unsqueeze(1).to(emb.dtype), present
+
+    def forward_tokens(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Spatial feature-map cells as tokens; every token's age is the image's age.
+
+        Shapes:
+            -> tokens (B, h*w, D), mask (B, h*w) bool, age (B, h*w)
+        """
+        images, present = self._inputs(batch)
+        _, tokens = self._present_features(images, present, want_tokens=True)  # (B, N, F)
+        tokens = self.proj(self.dropout(tokens))  # (B, N, D)
+        mask = present.unsqueeze(1).expand(-1, tokens.shape[1])  # (B, N)
+        tokens = tokens * mask.unsqueeze(2).to(tokens.dtype)
+        age = batch.get("image_age")
+        age = torch.zeros_like(present, dtype=tokens.dtype) if age is None else age.to(tokens)
+        return tokens, mask, age.unsqueeze(1).expand_as(mask)
+
+    def embed_images(self, images: Tensor, use_cache: bool = True) -> Tensor:
+        """Embeddings of images that are all present (no masking, no cache if asked).
+
+        Shapes:
+            images: (B, 1, H, W) -> (B, D)
+        """
+        pooled, _ = self._backbone_features(images, want_tokens=False, use_cache=use_cache)
+        return self.proj(self.dropout(pooled))
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Grayscale handling and normalization (no augmentation).
+
+        Shapes:
+            images: (B, 1, H, W) in [0, 1] -> (B, 3 or 1, H, W) normalized
+        """
+        if not bool(self.norm_fitted):
+            raise RuntimeError(
+                "normalization='dataset' needs fit_normalization(training images) "
+                "before the first forward pass"
+            )
+        if self.config.grayscale == "replicate":
+            images = images.expand(-1, 3, -1, -1)
+        return (images - self.norm_mean.view(1, -1, 1, 1)) / self.norm_std.view(1, -1, 1, 1)
+
+    # ---------------------------------------------------------- normalization
+    @torch.no_grad()
+    def fit_normalization(
+        self, images: Tensor | Iterable[Tensor], present: Tensor | None = None
+    ) -> tuple[float, float]:
+        """Re-estimates the gray mean/std on training images (normalization="dataset").
+
+        Args:
+            images: a (N, 1, H, W) tensor or an iterable of such batches, in [0, 1].
+            present: optional (N,) mask of real images (only with a tensor).
+
+        Returns:
+            The pixel mean and standard deviation now used by ``preprocess``.
+        """
+        if self.config.normalization != "dataset":
+            raise ValueError("fit_normalization needs normalization='dataset'")
+        if isinstance(images, Tensor):
+            images = [images if present is None else images[present.bool()]]
+        mean, std = _pixel_stats(images)
+        self.norm_mean.fill_(mean)
+        self.norm_std.fill_(std)
+        self.norm_fitted.fill_(True)
+        return mean, std
+
+    def _register_norm_buffers(self) -> None:
+        cfg = self.config
+        in_ch = 1 if cfg.grayscale == "fold" else 3
+        pcfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
+        mean = list(pcfg.get("mean", (0.485, 0.456, 0.406)))
+        std = list(pcfg.get("std", (0.229, 0.224, 0.225)))
+        if in_ch == 1:
+            mean, std = [_luma(mean)], [_luma(std)]
+        self.register_buffer("norm_mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("norm_std", torch.tensor(std, dtype=torch.float32))
+        fitted = torch.tensor(cfg.normalization == "imagenet")
+        self.register_buffer("norm_fitted", fitted)
+
+    # --------------------------------------------------------------- features
+    def _inputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        images = batch["image"]
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(
+                f"batch['image'] must be (B, 1, H, W) grayscale, got {tuple(images.shape)}"
+            )
+        present = batch.get("image_present")
+        if present is None:
+            present = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        return images, present.bool()
+
+    def _present_features(
+        self, images: Tensor, present: Tensor, want_tokens: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        b = images.shape[0]
+        idx = present.nonzero().squeeze(1)  # (P,)
+        pooled = images.new_zeros(b, self.num_features)  # (B, F)
+        if idx.numel() == 0:
+            tokens = images.new_zeros(b, 1, self.num_features) if want_tokens else None
+            return pooled, tokens
+        sub_pooled, sub_tokens = self._backbone_features(images[idx], want_tokens)
+        pooled = pooled.index_copy(0, idx, sub_pooled)
+        if not want_tokens:
+            return pooled, None
+        tokens = images.new_zeros(b, *sub_tokens.shape[1:])  # (B, N, F)
+        return pooled, tokens.index_copy(0, idx, sub_tokens)
+
+    def _backbone_features(
+        self, images: Tensor, want_tokens: bool, use_cache: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        if use_cache and self._cache_active():
+            return self._cached_features(images, want_tokens)
+        if self.augment is not None and not self._cache_active():
+            images = self.augment(images)
+        return self._run_backbone(images, want_tokens)
+
+    def _run_backbone(self, images: Tensor, want_tokens: bool) -> tuple[Tensor, Tensor | None]:
+        fmap = self.backbone.forward_features(self.preprocess(images))  # (B, F, h, w)
+        pooled = self.backbone.forward_head(fmap, pre_logits=True)  # (B, F)
+        return pooled, _as_tokens(fmap) if want_tokens else None
+
+    # ------------------------------------------------------------------ cache
+    def _cache_active(self) -> bool:
+        return bool(self.config.cache_dir) and self.config.transfer == "frozen"
+
+    def _cached_features(self, images: Tensor, want_tokens: bool) -> tuple[Tensor, Tensor | None]:
+        cache = self._get_cache()
+        keys = cache.keys(images)
+        need = want_tokens or self.config.cache_tokens
+        found = [cache.get(k) for k in keys]
+        miss = [i for i, v in enumerate(found) if v is None or (need and "tokens" not in v)]
+        if miss:
+            with torch.no_grad():
+                pooled, tokens = self._run_backbone(images[miss], need)
+            for j, i in enumerate(miss):
+                entry = {"pooled": pooled[j]} | ({"tokens": tokens[j]} if need else {})
+                cache.put(keys[i], entry)
+                found[i] = entry
+        pooled = torch.stack([v["pooled"] for v in found]).to(images)
+        tokens = torch.stack([v["tokens"] for v in found]).to(images) if want_tokens else None
+        return pooled, tokens
+
+    def _get_cache(self) -> EmbeddingCache:
+        fingerprint = settings_fingerprint(self._cache_settings())
+        if self._cache is None or self._cache.fingerprint != fingerprint:
+            self._cache = EmbeddingCache(self.config.cache_dir, fingerprint)
+        return self._cache
+
+    def _cache_settings(self) -> dict[str, Any]:
+        import timm
+
+        return {
+            "model_name": self.config.model_name,
+            "weights_sha256": self.weights_info.sha256,
+            "grayscale": self.config.grayscale,
+            "mean": [round(v, 8) for v in self.norm_mean.tolist()],
+            "std": [round(v, 8) for v in self.norm_std.tolist()],
+            "timm": timm.__version__,
+        }
+
+    def _warn_augment_with_cache(self) -> None:
+        if self.augment is not None and self._cache_active():
+            warnings.warn(
+                "timm_image: cache_dir with a frozen backbone caches features of the "
+                "un-augmented images; augmentation is skipped",
+                stacklevel=3,
+            )
+
+    # --------------------------------------------------------------- transfer
+    def train(self, mode: bool = True) -> TimmImageEncoder:
+        super().train(mode)
+        if mode:
+            self._hold_frozen_in_eval()
+        return self
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Gradual unfreezing: one more depth group every ``unfreeze_every`` epochs."""
+        every = self.config.unfreeze_every
+        if self.config.transfer != "partial" or every <= 0:
+            return
+        stages = min(len(self.depth_groups), self.config.trainable_stages + epoch // every)
+        if stages != self.trainable_stages:
+            self.trainable_stages = stages
+            self._apply_transfer()
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer groups with layer-wise lr decay; every parameter is included
+        (frozen ones too, so gradual unfreezing needs no new optimizer). Biases and
+        norm parameters get no weight decay."""
+        named = dict(self.named_parameters())
+        groups = [[f"backbone.{n}" for n in g] for g in self.depth_groups]
+        groups.append([n for n in named if not n.startswith("backbone.")])
+        out: list[dict[str, Any]] = []
+        for depth, names in enumerate(groups):
+            group_lr = lr * self.config.layer_decay ** (len(groups) - 1 - depth)
+            out += _split_decay([named[n] for n in names], group_lr, weight_decay, depth)
+        return out
+
+    def _apply_transfer(self) -> None:
+        trainable = self._trainable_names()
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(name in trainable)
+        self.train(self.training)
+
+    def _trainable_names(self) -> set[str]:
+        mode = self.config.transfer
+        names = [n for g in self.depth_groups for n in g]
+        if mode == "full":
+            return set(names)
+        if mode == "bn":
+            return _batchnorm_param_names(self.backbone)
+        if mode == "partial" and self.trainable_stages > 0:
+            return {n for g in self.depth_groups[-self.trainable_stages :] for n in g}
+        return set()
+
+    def _hold_frozen_in_eval(self) -> None:
+        if self.config.transfer == "frozen":
+            self.backbone.eval()
+            return
+        for module in self.backbone.modules():
+            if isinstance(module, _BatchNorm) and not _trains(module):
+                module.eval()
+
+
+def fold_first_conv(model: nn.Module) -> nn.Conv2d:
+    """Sums the first convolution's RGB kernels into one input channel, in place.
+
+    ``conv(replicate(g)) = sum_c w_c * g = (sum_c w_c) * g``, so the folded model on a
+    gray image equals the RGB model on its 3-channel replicate.
+    """
+    name = (getattr(model, "pretrained_cfg", {}) or {}).get("first_conv") or _first_conv_name(model)
+    conv = model.get_submodule(name)
+    if not isinstance(conv, nn.Conv2d) or conv.in_channels != 3 or conv.groups != 1:
+        raise ValueError(f"cannot fold {name!r}: expected a 3-input-channel Conv2d, got {conv}")
+    conv.weight = nn.Parameter(conv.weight.detach().sum(dim=1, keepdim=True))
+    conv.in_channels = 1
+    return conv
+
+
+def _validate(cfg: ImageEncoderConfig) -> None:
+    for value, allowed, name in (
+        (cfg.transfer, TRANSFER_MODES, "transfer"),
+        (cfg.grayscale, GRAYSCALE_MODES, "grayscale"),
+        (cfg.normalization, NORMALIZATIONS, "normalization"),
+    ):
+        if value not in allowed:
+            raise ValueError(f"timm_image: {name}={value!r}; choose one of {allowed}")
+    if not 0 < cfg.layer_decay <= 1:
+        raise ValueError(f"timm_image: layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    if cfg.unfreeze_every and cfg.transfer != "partial":
+        raise ValueError("timm_image: unfreeze_every needs transfer='partial'")
+    if isinstance(cfg.augment_config, dict):
+        cfg.augment_config = from_dict(AugmentConfig, cfg.augment_config, "augment_config")
+
+
+def _depth_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names by depth (stem first), from timm's coarse group matcher."""
+    from timm.models import group_parameters
+
+    names = [n for n, _ in model.named_parameters()]
+    if not hasattr(model, "group_matcher"):
+        return [names]
+    grouped = group_parameters(model, model.group_matcher(coarse=True))
+    groups = [list(grouped[k]) for k in sorted(grouped)]
+    seen = {n for g in groups for n in g}
+    groups[-1] += [n for n in names if n not in seen]
+    return groups
+
+
+def _batchnorm_param_names(model: nn.Module) -> set[str]:
+    out = set()
+    for mod_name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            prefix = f"{mod_name}." if mod_name else ""
+            out |= {prefix + n for n, _ in module.named_parameters(recurse=False)}
+    return out
+
+
+def _trains(module: _BatchNorm) -> bool:
+    return module.weight is not None and module.weight.requires_grad
+
+
+def _split_decay(
+    params: list[nn.Parameter], lr: float, weight_decay: float, depth: int
+) -> list[dict[str, Any]]:
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [(decay, weight_decay), (no_decay, 0.0)]
+    return [
+        {"params": ps, "lr": lr, "weight_decay": wd, "name": f"image.depth{depth}"}
+        for ps, wd in groups
+        if ps
+    ]
+
+
+def _as_tokens(fmap: Tensor) -> Tensor:
+    if fmap.dim() == 4:  # (B, F, h, w) -> (B, h*w, F)
+        return fmap.flatten(2).transpose(1, 2)
+    return fmap  # already (B, N, F) (transformers)
+
+
+def _pixel_stats(batches: Iterable[Tensor]) -> tuple[float, float]:
+    total = total_sq = count = 0.0
+    for x in batches:
+        x = x.detach().to(torch.float64)
+        total += float(x.sum())
+        total_sq += float((x * x).sum())
+        count += x.numel()
+    if count == 0:
+        raise ValueError("fit_normalization got no pixels")
+    mean = total / count
+    std = max(total_sq / count - mean * mean, 0.0) ** 0.5
+    if std < 1e-6:
+        raise ValueError(f"fit_normalization: pixel std is {std:.2e}; images are constant")
+    return mean, std
+
+
+def _luma(values: list[float]) -> float:
+    return float(sum(w * v for w, v in zip(_LUMA, values, strict=True)))
+
+
+def _first_conv_name(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name
+    raise ValueError(f"{type(model).__name__} has no Conv2d to fold")
