@@ -15,6 +15,7 @@ import sys
 # Modules that define subcommands, in the order --help lists them.
 _COMMAND_MODULES = [
     "clinfuse.datasets.commands",
+    "clinfuse.encoders.commands",
 ]
 
 
