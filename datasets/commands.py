@@ -39,6 +39,12 @@ def _register_validate(subparsers: argparse._SubParsersAction) -> None:
         "alone exit 0.",
     )
     p.add_argument("cohort", help="cohort directory")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    p.add_argument(
+        "--no-pixels",
+        action="store_true",
+        help="header-only DICOM check: do not decode pixel data (faster)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from clinfuse.datasets.validate import main
