@@ -126,6 +126,7 @@ def latest_images(cohort_dir: str | Path, samples: pl.DataFrame) -> pl.DataFrame
         right_on="image_time",
         by="subject_id",
         strategy="backward",
+        check_sortedness=False,  # both sides sorted above
     )
     return (
         joined.sort("sample")

@@ -63,10 +63,13 @@ def assign_splits(
     shares = _normalized(fractions)
     subjects = _subject_strata(samples)
     rng = np.random.default_rng(seed)
+    members = subjects.group_by("stratum", maintain_order=True).agg("row")["row"].to_list()
+    sizes = _allocate(np.array([len(m) for m in members]), shares, rng)  # (S, 3)
     split_idx = np.empty(subjects.height, dtype=np.int64)
-    for rows in subjects.group_by("stratum", maintain_order=True).agg("row")["row"]:
-        rows = rng.permutation(np.asarray(rows, dtype=np.int64))
-        split_idx[rows] = _cut(len(rows), shares)
+    for rows, counts in zip(members, sizes, strict=True):
+        split_idx[rng.permutation(np.asarray(rows, dtype=np.int64))] = np.repeat(
+            np.arange(len(shares)), counts
+        )
     names = np.asarray(SPLITS)[split_idx]
     return subjects.select("subject_id").with_columns(split=pl.Series(names, dtype=pl.String))
 
@@ -97,13 +100,29 @@ def _subject_strata(samples: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _cut(n: int, shares: np.ndarray) -> np.ndarray:
-    """Split indices for ``n`` shuffled subjects, sizes by largest-remainder rounding."""
-    exact = shares * n
+def _allocate(n: np.ndarray, shares: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Subjects per (stratum, split): each within 1 of its exact share, totals as close as can be.
+
+    Every stratum gets the floor of its exact counts; its few left-over subjects go to
+    distinct splits, those furthest below their overall target first, so small
+    strata do not all round towards the same split.
+    """
+    exact = n[:, None] * shares[None, :]  # (S, K)
+    sizes = np.floor(exact).astype(np.int64)
+    deficit = _largest_remainder(n.sum() * shares) - sizes.sum(axis=0)  # (K,)
+    for s in rng.permutation(len(n)):
+        left = n[s] - sizes[s].sum()
+        pick = np.lexsort((-(exact[s] - sizes[s]), -deficit))[:left]
+        sizes[s, pick] += 1
+        deficit[pick] -= 1
+    return sizes
+
+
+def _largest_remainder(exact: np.ndarray) -> np.ndarray:
     sizes = np.floor(exact).astype(np.int64)
     order = np.argsort(-(exact - sizes), kind="stable")
-    sizes[order[: n - sizes.sum()]] += 1
-    return np.repeat(np.arange(len(shares)), sizes)
+    sizes[order[: int(round(exact.sum())) - sizes.sum()]] += 1
+    return sizes
 
 
 def _normalized(fractions: Sequence[float]) -> np.ndarray:
