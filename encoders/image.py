@@ -243,6 +243,11 @@ class TimmImageEncoder(ModalityEncoder):
         present = batch.get("image_present")
         if present is None:
             present = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        if present.shape != images.shape[:1]:
+            raise ValueError(
+                f"batch['image_present'] has shape {tuple(present.shape)}; "
+                f"expected ({images.shape[0]},) to match batch['image']"
+            )
         return images, present.bool()
 
     def _present_features(
