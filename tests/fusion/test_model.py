@@ -1,0 +1,242 @@
+"""The full model: wiring, modality dropout, masking, optimizer groups, hooks, attribution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clinfuse.config import from_dict
+from clinfuse.encoders.base import ENCODERS, ModalityEncoder
+from clinfuse.fusion import create_fusion
+from clinfuse.fusion.adversary import AdversaryConfig, dann_lambda
+from clinfuse.fusion.attribution import modality_attribution
+from clinfuse.fusion.model import (
+    FusionModel,
+    ModelConfig,
+    build_model,
+    has_tokens,
+    modality_dropout_mask,
+    token_dim,
+)
+
+
+def _model(encoders, spec, fusion="attention", adversary=None, dropout=0.0, **cfg) -> FusionModel:
+    torch.manual_seed(0)
+    fus = create_fusion(
+        fusion,
+        in_dims={m: e.embed_dim for m, e in encoders.items()},
+        token_dims={m: token_dim(e) for m, e in encoders.items() if has_tokens(e)},
+        **cfg,
+    )
+    return FusionModel(encoders, fus, spec, adversary, modality_dropout=dropout)
+
+
+def test_forward_outputs(tiny_spec, tiny_batch, toy_encoders) -> None:
+    adv = AdversaryConfig(enabled=True, on_modalities=True)
+    model = _model(toy_encoders, tiny_spec, adversary=adv)
+    out = model(tiny_batch)
+    assert out["logit"].shape == (4,)
+    assert out["fused"].shape == (4, model.fusion.out_dim)
+    assert set(out["embeddings"]) == {"image", "timeseries", "genomics"}
+    assert torch.equal(out["embeddings"]["image"][1], tiny_batch["image_present"])
+    assert out["adversary_logits"]["site"].shape == (4, 3)
+    assert out["adversary_logits"]["genomics/ancestry"].shape == (4, 2)
+
+
+def test_risk_head_starts_at_the_training_prevalence(tiny_spec, toy_encoders) -> None:
+    model = _model(toy_encoders, tiny_spec, fusion="early")
+    # pos_weight = negatives / positives = 3 -> prevalence 1/4 -> log-odds -log 3
+    assert model.head.bias.item() == pytest.approx(-math.log(3.0))
+
+
+def test_modality_dropout_keeps_one_and_matches_its_rate() -> None:
+    g = torch.Generator().manual_seed(0)
+    present = torch.ones(20000, 3, dtype=torch.bool)
+    present[:1000] = False  # nothing present: stays empty
+    present[1000:2000, 1:] = False  # only one present: it is never dropped
+    keep = modality_dropout_mask(present, 0.5, generator=g)
+    assert not (keep & ~present).any()
+    assert not keep[:1000].any()
+    assert keep[1000:2000, 0].all()
+    full = keep[2000:].float()
+    assert full.sum(1).min() >= 1
+    # P(kept) = (1 - p) + p^3 / 3 (all three drawn: one is restored uniformly) = 0.5417;
+    # binomial sd over 54000 draws ~ 0.002, so 0.01 is a 5-sd band.
+    assert full.mean().item() == pytest.approx(0.5 + 0.125 / 3, abs=0.01)
+
+
+def test_modality_dropout_only_in_training(tiny_spec, tiny_batch, toy_encoders) -> None:
+    model = _model(toy_encoders, tiny_spec, fusion="early", dropout=0.9).eval()
+    a, b = model(tiny_batch), model(tiny_batch)
+    torch.testing.assert_close(a["logit"], b["logit"])
+    assert torch.equal(a["embeddings"]["image"][1], tiny_batch["image_present"])
+    model.train()
+    torch.manual_seed(1)
+    dropped = model(tiny_batch)["embeddings"]
+    kept = torch.stack([dropped[m][1] for m in model.modalities], 1)
+    assert kept.sum(1).min() >= 1 and kept.sum() < 9  # 9 present pairs in the tiny batch
+
+
+@pytest.mark.parametrize("fusion", ["early", "late", "gated", "attention"])
+def test_absent_argument_equals_a_missing_modality(
+    fusion, tiny_spec, tiny_batch, toy_encoders, mask_modality
+) -> None:
+    model = _model(toy_encoders, tiny_spec, fusion=fusion).eval()
+    for m in model.modalities:
+        forced = model(tiny_batch, absent=[m])["logit"]
+        missing = model(mask_modality(tiny_batch, m))["logit"]
+        torch.testing.assert_close(forced, missing)
+    with pytest.raises(ValueError, match="xray"):
+        model(tiny_batch, absent=["xray"])
+
+
+def test_single_modality_model(tiny_spec, tiny_batch, toy_encoders, mask_modality) -> None:
+    model = _model({"timeseries": toy_encoders["timeseries"]}, tiny_spec, fusion="gated")
+    out = model(tiny_batch)
+    assert set(out["embeddings"]) == {"timeseries"} and out["logit"].shape == (4,)
+    assert torch.isfinite(model(mask_modality(tiny_batch, "timeseries"))["logit"]).all()
+
+
+def test_encoder_keys_must_match_modalities(tiny_spec, toy_encoders) -> None:
+    fus = create_fusion("early", in_dims={"image": 6})
+    with pytest.raises(ValueError, match="encodes 'image' but is keyed 'xray'"):
+        FusionModel({"xray": toy_encoders["image"]}, fus, tiny_spec)
+
+
+def test_param_groups_hold_every_trainable_parameter_once(tiny_spec, toy_encoders) -> None:
+    toy_encoders["genomics"].lin.bias.requires_grad_(False)
+    model = _model(toy_encoders, tiny_spec, adversary=AdversaryConfig(enabled=True))
+    groups = model.param_groups(lr=1e-3, weight_decay=0.05)
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(ids) == len(set(ids)) and set(ids) == trainable
+    for g in groups:
+        if g["weight_decay"] == 0.0:
+            assert all(p.ndim < 2 for p in g["params"])
+    torch.optim.AdamW(groups)  # the groups are valid optimizer input
+
+
+class _Hooked(ModalityEncoder):
+    """Test-only encoder that records the hooks the model forwards to it."""
+
+    modality = "genomics"
+    embed_dim = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(12, 3)
+        self.calls: list[tuple[str, float]] = []
+
+    def forward(self, batch):
+        return self.lin(batch["genotype"]), batch["genotype_present"]
+
+    def regularization_loss(self):
+        return self.lin.weight.abs().sum()
+
+    def after_optimizer_step(self, lr):
+        self.calls.append(("step", lr))
+
+    def on_epoch_start(self, epoch):
+        self.calls.append(("epoch", epoch))
+
+
+def test_hooks_are_delegated_to_encoders(tiny_spec, toy_encoders) -> None:
+    hooked = _Hooked()
+    model = _model({"genomics": hooked, "image": toy_encoders["image"]}, tiny_spec, fusion="early")
+    assert model.regularization_loss().item() == pytest.approx(hooked.lin.weight.abs().sum().item())
+    model.after_optimizer_step(0.01)
+    model.on_epoch_start(3)
+    assert hooked.calls == [("step", 0.01), ("epoch", 3)]
+
+
+def test_set_progress_drives_the_reversal_strength(tiny_spec, toy_encoders) -> None:
+    model = _model(toy_encoders, tiny_spec, adversary=AdversaryConfig(enabled=True, lambda_max=0.5))
+    assert model.set_progress(0.3) == pytest.approx(dann_lambda(0.3, 0.5))
+    assert model.adversary.lambd == pytest.approx(dann_lambda(0.3, 0.5))
+
+
+def test_adversary_loss_ignores_unknown_confounds(tiny_spec, tiny_batch, toy_encoders) -> None:
+    model = _model(toy_encoders, tiny_spec, adversary=AdversaryConfig(enabled=True, weight=2.0))
+    out = model(tiny_batch)
+    loss, parts = model.adversary_loss(out, tiny_batch)
+    assert set(parts) == {"site", "ancestry"}
+    assert loss.item() == pytest.approx(2.0 * sum(v.item() for v in parts.values()), rel=1e-6)
+    tiny_batch["confounds"]["site"][:] = -1
+    _, parts = model.adversary_loss(model(tiny_batch), tiny_batch)
+    assert parts["site"].item() == 0.0
+
+
+def test_build_model_from_a_config_dict(
+    monkeypatch, tiny_spec, tiny_batch, toy_encoder_factory
+) -> None:
+    toys = toy_encoder_factory(tiny_spec)
+    monkeypatch.setitem(ENCODERS._builders, "toy_ts", lambda spec, **kw: toys["timeseries"])
+    monkeypatch.setitem(ENCODERS._builders, "toy_img", lambda spec, **kw: toys["image"])
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "encoders": {"toy_ts": {}, "toy_img": {}},
+            "fusion": {"name": "attention", "cfg": {"dim": 16, "heads": 2}},
+            "adversary": {"enabled": True, "confounds": ["site"]},
+            "modality_dropout": 0.2,
+            "head_hidden": 8,
+        },
+    )
+    model = build_model(cfg, tiny_spec)
+    assert model.modalities == ["timeseries", "image"]
+    assert model.fusion.out_dim == 16 and model.modality_dropout == 0.2
+    assert model.fusion.token_proj["image"].in_features == toys["image"].token_dim
+    assert set(model.adversary.heads) == {"site"}
+    assert model(tiny_batch)["logit"].shape == (4,)
+
+
+def test_build_model_rejects_two_encoders_for_one_modality(
+    monkeypatch, tiny_spec, toy_encoder_factory
+) -> None:
+    monkeypatch.setitem(
+        ENCODERS._builders, "toy_a", lambda spec: toy_encoder_factory(spec)["image"]
+    )
+    monkeypatch.setitem(
+        ENCODERS._builders, "toy_b", lambda spec: toy_encoder_factory(spec)["image"]
+    )
+    cfg = ModelConfig(encoders={"toy_a": {}, "toy_b": {}})
+    with pytest.raises(ValueError, match="'image'"):
+        build_model(cfg, tiny_spec)
+
+
+def test_attribution_table(tiny_spec, tiny_batch, toy_encoders) -> None:
+    model = _model(toy_encoders, tiny_spec, fusion="attention").train()
+    table = modality_attribution(model, tiny_batch)
+    assert model.training  # mode restored
+    assert table.height == 4
+    assert table["subject_id"].to_list() == tiny_batch["subject_id"].tolist()
+    for m in model.modalities:
+        present = table[f"present_{m}"]
+        assert table[f"delta_{m}"].is_null().to_list() == (~present).to_list()
+        assert (table.filter(~present)[f"attention_{m}"] == 0).all()
+    attn = table.select([f"attention_{m}" for m in [*model.modalities, "null"]]).sum_horizontal()
+    assert attn.to_list() == pytest.approx([1.0] * 4, abs=1e-5)
+    for row in table.iter_rows(named=True):
+        present = [m for m in model.modalities if row[f"present_{m}"]]
+        best = max(present, key=lambda m: abs(row[f"delta_{m}"]))
+        assert row["most_influential"] == best
+
+
+def test_late_fusion_leave_one_out_matches_the_mean_of_modality_logits(
+    tiny_spec, tiny_batch, toy_encoders
+) -> None:
+    # logit = mean of the present modalities' logits s_m; leaving out m among n present
+    # gives the mean of the others, so delta_m = (s_m - logit) / (n - 1).
+    model = _model(toy_encoders, tiny_spec, fusion="late")
+    table = modality_attribution(model, tiny_batch)
+    s = table.select([f"logit_{m}" for m in model.modalities]).to_numpy()
+    present = table.select([f"present_{m}" for m in model.modalities]).to_numpy()
+    logit = table["logit"].to_numpy()
+    for i, m in enumerate(model.modalities):
+        n = present.sum(1)
+        expected = (s[:, i] - logit) / (n - 1)
+        got = table[f"delta_{m}"].to_numpy()
+        rows = present[:, i]
+        assert got[rows] == pytest.approx(expected[rows], abs=1e-5)
