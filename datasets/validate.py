@@ -394,10 +394,6 @@ def _event_checks(t: _Table) -> list[_RowCheck]:
         mask = pl.col("numeric_value") < 0
         msg = "negative numeric_value {value}"
         out.append(_RowCheck("negative_value", "warning", "numeric_value", mask, msg))
-    if t.has("subject_id", "time", "code"):
-        mask = ~pl.struct(t.columns).is_first_distinct()
-        msg = "identical to an earlier event row (repeated event)"
-        out.append(_RowCheck("duplicate_event", "warning", "code", mask, msg))
     return out
 
 
@@ -471,16 +467,25 @@ def _report_hits(report: Report, t: _Table, chk: _RowCheck, total: int, hits: li
     _report_more(report, chk.severity, t.label, chk.column, total, chk.check)
 
 
+def _examples(keep: list[str], mask: str, column: str) -> pl.Expr:
+    """The first offending rows as a list of structs; filtered before the String cast."""
+    first = [pl.col(c).filter(pl.col(mask)).head(MAX_EXAMPLES) for c in keep]
+    value = pl.col(column).filter(pl.col(mask)).head(MAX_EXAMPLES).cast(pl.String)
+    return pl.struct(*first, value.alias(_VALUE)).implode()
+
+
 def _run_row_checks(t: _Table, report: Report) -> None:
     """Evaluate every row check of one table in a single pass over its data."""
     checks = _row_checks(t)
     keep = [_FILE, _ROW, *(["subject_id"] if t.has("subject_id") else [])]
+    masks = [chk.mask.alias(f"m{i}") for i, chk in enumerate(checks)]  # each evaluated once
     exprs = []
     for i, chk in enumerate(checks):
-        hits = pl.struct(*keep, pl.col(chk.column).cast(pl.String).alias(_VALUE)).filter(chk.mask)
-        exprs += [chk.mask.sum().alias(f"n{i}"), hits.head(MAX_EXAMPLES).implode().alias(f"x{i}")]
-    exprs.append(pl.len().alias("rows"))
-    out = t.frame.select(exprs).collect().row(0, named=True)
+        exprs += [
+            pl.col(f"m{i}").sum().alias(f"n{i}"),
+            _examples(keep, f"m{i}", chk.column).alias(f"x{i}"),
+        ]
+    out = t.frame.with_columns(masks).select(exprs).collect().row(0, named=True)
     for i, chk in enumerate(checks):
         _report_hits(report, t, chk, out[f"n{i}"], out[f"x{i}"])
 
@@ -554,6 +559,20 @@ def _report_unknown_subjects(c: _Cohort, t: _Table, subjects: _Table) -> None:
     _report_subject_rows(
         c, t, df, "error", "unknown_subject", lambda r: f"subject_id {where} ({_rows(r['n'])})"
     )
+
+
+def _check_duplicate_events(c: _Cohort) -> None:
+    """Rows identical to an earlier row: a cheap hash finds candidates, exact equality confirms."""
+    events = c.get("events", "subject_id", "time", "code")
+    if events is None:
+        return
+    key = pl.struct(events.columns)
+    candidates = events.frame.filter(key.hash().is_duplicated()).collect()
+    repeats = candidates.filter(~pl.struct(events.columns).is_first_distinct())
+    hits = repeats.head(MAX_EXAMPLES).with_columns(pl.lit(None).alias(_VALUE)).to_dicts()
+    msg = "identical to an earlier event row (repeated event)"
+    chk = _RowCheck("duplicate_event", "warning", "code", pl.lit(True), msg)
+    _report_hits(c.report, events, chk, repeats.height, hits)
 
 
 def _check_split_conflicts(c: _Cohort) -> None:
@@ -651,21 +670,14 @@ def _check_codes_without_values(c: _Cohort) -> None:
     events = c.get("events", "code", "numeric_value")
     if events is None:
         return
-    per_code = (
-        events.frame.drop_nulls("code").sort(_FILE, _ROW).group_by("code", maintain_order=True)
-    )
-    df = (
-        per_code.agg(
-            pl.col("numeric_value").is_not_null().sum().alias("k"),
-            pl.len().alias("n"),
-            pl.col(_FILE).first(),
-            pl.col(_ROW).first(),
-        )
-        .filter(pl.col("k") == 0)
-        .collect()
-    )
-    for rec in df.head(MAX_EXAMPLES).iter_rows(named=True):
-        msg = f"code {rec['code']!r} has no numeric value in any of its {rec['n']} rows (first at this row)"
+    valued = pl.col("numeric_value").is_not_null().sum()
+    per_code = events.frame.drop_nulls("code").group_by("code").agg(valued.alias("k"), pl.len())
+    empty = per_code.filter(pl.col("k") == 0).collect()  # few codes: the sort below is cheap
+    firsts = _first_code_rows(events, empty["code"])
+    for rec in (
+        empty.join(firsts, on="code").sort(_FILE, _ROW).head(MAX_EXAMPLES).iter_rows(named=True)
+    ):
+        msg = f"code {rec['code']!r} has no numeric value in any of its {_rows(rec['len'])} (first at this row)"
         c.report.add(
             "info",
             rec[_FILE],
@@ -674,7 +686,15 @@ def _check_codes_without_values(c: _Cohort) -> None:
             row=rec[_ROW],
             check="code_without_values",
         )
-    _report_more(c.report, "info", events.label, "numeric_value", df.height, "code_without_values")
+    _report_more(
+        c.report, "info", events.label, "numeric_value", empty.height, "code_without_values"
+    )
+
+
+def _first_code_rows(events: _Table, codes: pl.Series) -> pl.DataFrame:
+    """File and row of the first event of each of ``codes``."""
+    rows = events.frame.filter(pl.col("code").is_in(codes.implode())).select("code", _FILE, _ROW)
+    return rows.sort(_FILE, _ROW).group_by("code", maintain_order=True).first().collect()
 
 
 def _check_markers(c: _Cohort) -> None:
@@ -789,6 +809,7 @@ def _check_images(c: _Cohort) -> None:
 
 _COHORT_CHECKS: tuple[Callable[[_Cohort], None], ...] = (
     _check_empty,
+    _check_duplicate_events,
     _check_unknown_subjects,
     _check_split_conflicts,
     _check_unsplit,

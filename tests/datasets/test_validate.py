@@ -373,7 +373,7 @@ def test_million_event_rows_validate_in_seconds(valid_cohort: Path) -> None:
     events = pl.DataFrame(
         {
             "subject_id": rng.integers(1, 7, n),
-            "time": T0 + pl.Series(rng.integers(0, 86_400, n)).cast(pl.Duration("s")),
+            "time": T0 + pl.Series(rng.integers(0, 86_400_000_000, n)).cast(pl.Duration("us")),
             "code": rng.choice(["HR", "SBP", "LACTATE", "SPO2"], n),
             "numeric_value": rng.normal(80, 10, n).astype(np.float32),
         }
