@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -72,7 +73,7 @@ class EmbeddingCache:
         path = self._path(key)
         try:
             value = load_file(str(path))
-        except (FileNotFoundError, OSError, RuntimeError, ValueError):
+        except (OSError, RuntimeError, ValueError, SafetensorError):
             self.misses += 1
             return None
         self.hits += 1

@@ -305,3 +305,16 @@ def test_encoder_augments_only_in_training() -> None:
     enc.train()  # frozen backbone stays in eval; only the input changes
     c, _ = enc(batch)
     assert not torch.allclose(a, c)
+
+
+def test_cache_treats_a_torn_file_as_a_miss(tmp_path) -> None:
+    from clinfuse.encoders.embedding_cache import EmbeddingCache
+
+    cache = EmbeddingCache(tmp_path, fingerprint="f")
+    key = cache.keys(torch.rand(1, 1, 4, 4))[0]
+    cache.put(key, {"pooled": torch.arange(3.0)})
+    assert torch.equal(cache.get(key)["pooled"], torch.arange(3.0))
+    path = cache._path(key)
+    path.write_bytes(path.read_bytes()[:10])  # a reader racing a non-atomic writer
+    assert cache.get(key) is None
+    assert not list(tmp_path.glob("*/*.tmp"))  # atomic writes leave no temporaries
