@@ -114,6 +114,9 @@ def test_no_look_ahead_between_bins(enc):
         after, _, _ = enc.forward_tokens(changed)
     assert torch.allclose(before[:, :-1], after[:, :-1], atol=1e-6)
     assert not torch.allclose(before[:, -1], after[:, -1], atol=1e-4)
+    with torch.no_grad():  # the embedding is the newest bin's output, so it sees the change
+        assert torch.equal(enc(batch)[0], before[:, -1])
+        assert not torch.allclose(enc(changed)[0], enc(batch)[0], atol=1e-4)
 
 
 def test_gradient_reaches_every_parameter(enc):
