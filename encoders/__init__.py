@@ -10,6 +10,7 @@ from clinfuse.encoders.base import (
     register_encoder,
 )
 from clinfuse.encoders import gru_d  # noqa: F401
+from clinfuse.encoders import tft  # noqa: F401
 from clinfuse.encoders import image  # noqa: F401
 
 __all__ = ["ModalityEncoder", "create_encoder", "list_encoders", "register_encoder"]
