@@ -167,4 +167,5 @@ def _self_attention(dim: int, heads: int, layers: int, dropout: float) -> nn.Mod
 
 @register_fusion("attention")
 def attention(in_dims: dict[str, int], **cfg) -> AttentionFusion:
+    """Builds ``AttentionFusion`` (``token_dims``: the encoders that expose token sequences)."""
     return AttentionFusion(in_dims, **cfg)

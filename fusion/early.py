@@ -62,4 +62,5 @@ class EarlyFusion(FusionModule):
 
 @register_fusion("early")
 def early(in_dims: dict[str, int], token_dims: dict[str, int] | None = None, **cfg) -> EarlyFusion:
+    """Builds ``EarlyFusion``; it reads pooled embeddings only, so ``token_dims`` is ignored."""
     return EarlyFusion(in_dims, **cfg)

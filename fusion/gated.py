@@ -102,4 +102,5 @@ class GatedFusion(FusionModule):
 
 @register_fusion("gated")
 def gated(in_dims: dict[str, int], token_dims: dict[str, int] | None = None, **cfg) -> GatedFusion:
+    """Builds ``GatedFusion``; it reads pooled embeddings only, so ``token_dims`` is ignored."""
     return GatedFusion(in_dims, **cfg)

@@ -21,7 +21,7 @@ class LateFusion(FusionModule):
     ``s_m = head_m(e_m)``; ``logit = sum_m w_m s_m`` over present modalities, with
     ``w_m = p_m / sum_k p_k`` ("mean") or ``w = softmax(a)`` renormalized over the
     present modalities ("learned", ``a`` a learned vector). A sample with no
-    modality gets a learned prior logit.
+    modality gets a learned prior logit (FusionModel starts it at the training log-odds).
 
     Args:
         in_dims: modality -> embedding width D_m.
@@ -102,4 +102,5 @@ def _head(in_dim: int, hidden: int, dropout: float) -> nn.Module:
 
 @register_fusion("late")
 def late(in_dims: dict[str, int], token_dims: dict[str, int] | None = None, **cfg) -> LateFusion:
+    """Builds ``LateFusion``; it reads pooled embeddings only, so ``token_dims`` is ignored."""
     return LateFusion(in_dims, **cfg)

@@ -137,6 +137,8 @@ class FusionModel(nn.Module):
             if fusion.produces_logit
             else (head or risk_head(fusion.out_dim, prior_logit=_prior_logit(spec)))
         )
+        if fusion.produces_logit and isinstance(getattr(fusion, "prior", None), nn.Parameter):
+            nn.init.constant_(fusion.prior, _prior_logit(spec))  # the no-modality logit
         dims = {m: e.embed_dim for m, e in encoders.items()}
         self.adversary: ConfoundAdversary | None = build_adversary(
             self.adversary_cfg, fusion.out_dim, _confound_classes(spec), dims

@@ -240,3 +240,14 @@ def test_late_fusion_leave_one_out_matches_the_mean_of_modality_logits(
         got = table[f"delta_{m}"].to_numpy()
         rows = present[:, i]
         assert got[rows] == pytest.approx(expected[rows], abs=1e-5)
+
+
+def test_late_fusion_prior_starts_at_the_training_prevalence(
+    tiny_spec, tiny_batch, toy_encoders, mask_modality
+) -> None:
+    model = _model(toy_encoders, tiny_spec, fusion="late").eval()
+    assert model.head is None
+    nothing = tiny_batch
+    for m in model.modalities:
+        nothing = mask_modality(nothing, m)
+    torch.testing.assert_close(model(nothing)["logit"], torch.full((4,), -math.log(3.0)))
