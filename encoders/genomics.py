@@ -212,7 +212,7 @@ class SGLMLPEncoder(ModalityEncoder):
         Shapes:
             output: (B, P) with P = 2M ("impute") or M ("mask")
         """
-        x, mask = _genotype_tensors(batch, self.marker_mean.numel())
+        x, mask = read_genotype(batch, self.marker_mean.numel())
         z = standardize_genotype(x, mask, self.marker_mean, self.marker_scale)  # (B, M)
         if self.cfg.missing == "impute":
             z = torch.cat([z, 1 - mask], dim=1)  # (B, 2M)
@@ -285,8 +285,12 @@ def _mlp_trunk(widths: tuple[int, ...], dropout: float) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def _genotype_tensors(batch: dict[str, Any], n_markers: int) -> tuple[Tensor, Tensor]:
-    """``genotype`` and ``genotype_mask`` as float tensors, checked against M."""
+def read_genotype(batch: dict[str, Any], n_markers: int) -> tuple[Tensor, Tensor]:
+    """``genotype`` and ``genotype_mask`` as float tensors, checked against M.
+
+    Shapes:
+        output: (B, M), (B, M)
+    """
     for key in ("genotype", "genotype_mask", "genotype_present"):
         if key not in batch:
             raise KeyError(f"genomics encoder: batch has no {key!r}")
