@@ -12,5 +12,7 @@ from clinfuse.encoders.base import (
 from clinfuse.encoders import gru_d  # noqa: F401
 from clinfuse.encoders import tft  # noqa: F401
 from clinfuse.encoders import image  # noqa: F401
+from clinfuse.encoders import genomics  # noqa: F401
+from clinfuse.encoders import pathway_gnn  # noqa: F401
 
 __all__ = ["ModalityEncoder", "create_encoder", "list_encoders", "register_encoder"]
