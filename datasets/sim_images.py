@@ -118,12 +118,12 @@ def _anatomy(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, n
         returns: (N, H, W) density in [0, 1], (N, H, W) soft lung mask.
     """
     x, y = _grid(rng, n, size)
-    body = _ellipse(x, y, (0.0, 0.1, 0.92, 1.05))
+    body = _ellipse(x, y, (0.0, 0.1, 0.86, 1.05), edge=0.04)
     lung = np.maximum(_ellipse(x, y, RIGHT_LUNG), _ellipse(x, y, LEFT_LUNG))
     heart = _ellipse(x, y, (0.17, 0.33, 0.30, 0.24))
     mediastinum = _ellipse(x, y, (0.0, -0.2, 0.14, 0.78), edge=0.15)
     thorax = _ellipse(x, y, (0.0, -0.1, 0.82, 0.78), edge=0.2)
-    density = 0.08 + 0.45 * body - 0.32 * lung + 0.25 * mediastinum + 0.2 * heart
+    density = 0.03 + 0.5 * body - 0.32 * lung + 0.25 * mediastinum + 0.2 * heart
     density += 0.10 * _band(x, 0.05) * body  # spine
     density += 0.10 * _ribs(x, y) * thorax + 0.12 * _clavicles(x, y)
     return density, lung

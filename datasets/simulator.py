@@ -381,7 +381,10 @@ def _write_films(out: Path, c: _Cohort, sites: list, cfg: SimConfig) -> pl.DataF
     rng = _rng(cfg, "films")
     films = _plan_films(rng, c, cfg)
     site_of = c.site[films.subject]
-    paths = [f"images/{c.subject_id[s]}/{k:02d}.dcm" for s, k in zip(films.subject, films.number)]
+    paths = [
+        f"images/{c.subject_id[s]}/{k:02d}.dcm"
+        for s, k in zip(films.subject, films.number, strict=True)
+    ]
     bank = AnatomyBank.draw(rng, cfg.image_size)
     with tqdm(total=len(paths), unit="film", desc="films", disable=not cfg.progress) as bar:
         for k, profile in enumerate(sites):
