@@ -163,14 +163,25 @@ class TimmImageEncoder(ModalityEncoder):
         Shapes:
             -> tokens (B, h*w, D), mask (B, h*w) bool, age (B, h*w)
         """
+        return self.forward_with_tokens(batch)[2]
+
+    def forward_with_tokens(
+        self, batch: dict[str, Any]
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The pooled embedding and the patch tokens from ONE backbone pass.
+
+        Shapes:
+            -> emb (B, D), present (B,), (tokens (B, h*w, D), mask (B, h*w), age (B, h*w))
+        """
         images, present = self._inputs(batch)
-        _, tokens = self._present_features(images, present, want_tokens=True)  # (B, N, F)
+        pooled, tokens = self._present_features(images, present, want_tokens=True)  # (B, N, F)
+        emb = self.proj(self.dropout(pooled)) * present.unsqueeze(1).to(pooled.dtype)  # (B, D)
         tokens = self.proj(self.dropout(tokens))  # (B, N, D)
         mask = present.unsqueeze(1).expand(-1, tokens.shape[1])  # (B, N)
         tokens = tokens * mask.unsqueeze(2).to(tokens.dtype)
         age = batch.get("image_age")
         age = torch.zeros_like(present, dtype=tokens.dtype) if age is None else age.to(tokens)
-        return tokens, mask, age.unsqueeze(1).expand_as(mask)
+        return emb, present, (tokens, mask, age.unsqueeze(1).expand_as(mask))
 
     def embed_images(self, images: Tensor, use_cache: bool = True) -> Tensor:
         """Embeddings of images that are all present (no masking, no cache if asked).

@@ -35,9 +35,13 @@ def modality_attribution(model: FusionModel, batch: dict[str, Any]) -> pl.DataFr
     was_training = model.training
     model.eval()
     try:
-        full = model(batch)
+        embeddings, tokens = model.encode(batch)  # encoders run once
+        full = model.fuse(embeddings, tokens)
         views = _fusion_views(model.fusion)
-        deltas = {m: full["logit"] - model(batch, absent=[m])["logit"] for m in model.modalities}
+        deltas = {
+            m: full["logit"] - model.fuse(embeddings, tokens, absent=[m])["logit"]
+            for m in model.modalities
+        }
     finally:
         model.train(was_training)
     present = {m: p for m, (_, p) in full["embeddings"].items()}
@@ -76,3 +80,26 @@ def _most_influential(deltas: dict[str, Tensor], present: dict[str, Tensor]) -> 
 
 def _id_columns(batch: dict[str, Any]) -> dict[str, Tensor]:
     return {k: batch[k] for k in ("subject_id", "prediction_time") if k in batch}
+
+
+def summarize_attribution(model: FusionModel, batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Cohort-level summary for the report.
+
+    Per modality: the share of samples for which it was the most influential,
+    the mean |delta logit| over samples where it was present, and the mean
+    attention / gate weight when the fusion exposes one.
+    """
+    frame = pl.concat([modality_attribution(model, b) for b in batches], how="diagonal_relaxed")
+    out: dict[str, Any] = {"n": frame.height}
+    for m in model.modalities:
+        out[f"{m}_most_influential_share"] = float((frame["most_influential"] == m).mean() or 0.0)
+        out[f"{m}_mean_abs_delta_logit"] = _mean(frame[f"delta_{m}"].abs())
+        for prefix in ("attention", "gate"):
+            if f"{prefix}_{m}" in frame.columns:
+                out[f"{m}_mean_{prefix}"] = _mean(frame[f"{prefix}_{m}"])
+    return out
+
+
+def _mean(series: pl.Series) -> float:
+    value = series.drop_nulls().drop_nans().mean()
+    return float("nan") if value is None else float(value)

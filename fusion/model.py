@@ -155,12 +155,22 @@ class FusionModel(nn.Module):
             batch: the batch dict (``datasets/batch.py``).
             absent: modalities to treat as missing for every sample (attribution).
         """
+        embeddings, tokens = self.encode(batch)
+        return self.fuse(embeddings, tokens, absent)
+
+    def fuse(
+        self, embeddings: Embeddings, tokens: Tokens, absent: Collection[str] = ()
+    ) -> dict[str, Any]:
+        """Fusion, head and adversary on already-computed encodings.
+
+        Lets attribution and scoring leave modalities out without rerunning the
+        encoders (the image CNN dominates the cost).
+        """
         unknown = set(absent) - set(self.encoders)
         if unknown:
             raise ValueError(
                 f"absent modalities {sorted(unknown)} are not in the model {self.modalities}"
             )
-        embeddings, tokens = self.encode(batch)
         keep = self._keep_mask(embeddings, absent)  # (B, M)
         embeddings, tokens = _apply_keep(embeddings, tokens, keep, self.modalities)
         fused = self.fusion(embeddings, tokens if self.fusion.uses_tokens else None)  # (B, D)
