@@ -137,9 +137,21 @@ class GRUD(ModalityEncoder):
         Shapes:
             - output: tokens (B, T, D), mask (B, T) bool, age (B, T) hours
         """
-        _, states = self._run(batch, keep_states=True)  # (B, T, H)
+        return self.forward_with_tokens(batch)[2]
+
+    def forward_with_tokens(
+        self, batch: dict[str, Any]
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The embedding and the step tokens from ONE pass of the recurrence.
+
+        Shapes:
+            - output: (B, D), (B,), ((B, T, D), (B, T), (B, T))
+        """
+        h_last, states = self._run(batch, keep_states=True)  # (B, H), (B, T, H)
+        emb = self.proj(self.dropout(h_last))  # (B, D)
         tokens = self.proj(self.dropout(states))  # (B, T, D)
-        return tokens, _step_mask(batch, tokens.shape[1]), batch["ts_time"].to(tokens.dtype)
+        mask = _step_mask(batch, tokens.shape[1])
+        return emb, _present(batch), (tokens, mask, batch["ts_time"].to(tokens.dtype))
 
     # -- the recurrence ------------------------------------------------------------
 
