@@ -16,6 +16,7 @@ import sys
 _COMMAND_MODULES = [
     "clinfuse.datasets.commands",
     "clinfuse.encoders.commands",
+    "clinfuse.training.commands",
 ]
 
 

@@ -238,6 +238,25 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def make_loader(
+    cohort_dir: str | Path,
+    samples: pl.DataFrame,
+    spec: DataSpec,
+    cfg: DataConfig,
+    cache_dir: str | Path | None = None,
+) -> DataLoader:
+    """An in-order DataLoader over ``samples`` under an existing spec (evaluation, scoring)."""
+    loader = ImageLoader(spec.image_size, cache_dir if cache_dir is not None else cfg.cache_dir)
+    dataset = make_dataset(cohort_dir, samples, spec, loader)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+    )
+
+
 def make_dataset(
     cohort_dir: str | Path, samples: pl.DataFrame, spec: DataSpec, loader: ImageLoader
 ) -> CohortDataset:
@@ -314,6 +333,10 @@ class CohortDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Every sample, split by split in SPLITS order (see ``split_samples``)."""
         return self._loader(ConcatDataset([self.datasets[s] for s in SPLITS]), shuffle=False)
+
+    def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
+        """The loader of any split, in dataset order unless ``shuffle``."""
+        return self._loader(self.datasets[split], shuffle=shuffle)
 
     def _split(self, split: str) -> pl.DataFrame:
         if self.samples is None:

@@ -1,0 +1,162 @@
+"""``clinfuse evaluate``: metrics.json and report.html for a trained run on a cohort.
+
+The cohort may be the training cohort (default split: held_out) or another one
+(a confound-flip test cohort, a new site: use ``split="all"``). Site and
+ancestry for subgroup tables and the audit come from the evaluated cohort's own
+subjects table, so a site never seen in training is still reported by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from clinfuse.datasets.schema import ORACLE_FILE
+from clinfuse.evaluation.audit import run_audit
+from clinfuse.evaluation.metrics import auroc, binary_report, ece
+from clinfuse.evaluation.report import plot_curves, save_overlays, write_html
+from clinfuse.training.artifact import ModelArtifact, load_artifact
+from clinfuse.training.calibration import apply_temperature
+from clinfuse.training.predict import collect_predictions
+
+
+def evaluate(
+    run_dir: str | Path,
+    cohort_dir: str | Path,
+    out_dir: str | Path | None = None,
+    split: str | None = None,
+    n_bootstrap: int = 1000,
+    gradcam_images: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Scores ``split`` of ``cohort_dir`` with the run's artifact; writes metrics.json and report.html."""
+    art = load_artifact(Path(run_dir) / "model")
+    out = Path(out_dir) if out_dir else Path(run_dir) / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    samples, split = _select_samples(cohort_dir, art, split)
+    batches = _batches(cohort_dir, samples, art, Path(run_dir) / "image_cache")
+    pred = collect_predictions(art.model, batches)
+    p = apply_temperature(pred["logit"], art.temperature)
+    y = pred["label"].astype(int)
+    metrics: dict[str, Any] = {"cohort": str(cohort_dir), "split": split, "model_id": art.model_id}
+    metrics.update(binary_report(y, p, art.threshold, n_bootstrap=n_bootstrap, seed=seed))
+    metrics.update(_oracle(cohort_dir, samples, y))
+    metrics["per_site"] = _subgroups(samples["site"], y, p)
+    metrics["per_ancestry"] = _subgroups(samples["ancestry"], y, p)
+    metrics["audit"] = _audit(pred["fused"], y, samples, seed)
+    metrics["attribution"] = _attribution_summary(art, batches)
+    plots = plot_curves(y, p, out)
+    overlays = _gradcam(art, batches, out, gradcam_images)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    write_html(metrics, plots, overlays, out / "report.html")
+    return metrics
+
+
+def _select_samples(cohort_dir, art: ModelArtifact, split: str | None) -> tuple[pl.DataFrame, str]:
+    from clinfuse.datasets.samples import load_samples
+
+    samples = load_samples(cohort_dir)
+    if split is None:
+        split = "held_out" if (samples["split"] == "held_out").any() else "all"
+    if split != "all":
+        samples = samples.filter(pl.col("split") == split)
+    if samples.height == 0:
+        raise ValueError(f"{cohort_dir}: no labelled samples in split {split!r}")
+    return samples, split
+
+
+def _batches(
+    cohort_dir, samples: pl.DataFrame, art: ModelArtifact, cache_dir
+) -> list[dict[str, Any]]:
+    from clinfuse.datasets.datamodule import config_from_dict, make_loader
+
+    cfg = config_from_dict(art.data_config)
+    return list(make_loader(cohort_dir, samples, art.spec, cfg, cache_dir=cache_dir))
+
+
+def _oracle(cohort_dir, samples: pl.DataFrame, y: np.ndarray) -> dict[str, Any]:
+    path = Path(cohort_dir) / ORACLE_FILE
+    if not path.is_file():
+        return {}
+    oracle = pl.read_parquet(path, columns=["subject_id", "true_risk"])
+    risk = samples.select("subject_id").join(
+        oracle, on="subject_id", how="left", maintain_order="left"
+    )
+    return {"oracle_auroc": auroc(y, risk["true_risk"].fill_null(float("nan")).to_numpy())}
+
+
+def _subgroups(groups: pl.Series, y: np.ndarray, p: np.ndarray) -> dict[str, dict[str, Any]]:
+    names = groups.fill_null("unknown").to_numpy()
+    out = {}
+    for name in sorted(set(names)):
+        m = names == name
+        out[str(name)] = {
+            "n": int(m.sum()),
+            "prevalence": float(y[m].mean()),
+            "auroc": auroc(y[m], p[m]),
+            "ece": ece(y[m], p[m]),
+            "mean_risk": float(p[m].mean()),
+        }
+    return out
+
+
+def _audit(fused: np.ndarray, y: np.ndarray, samples: pl.DataFrame, seed: int) -> dict[str, Any]:
+    confounds, vocab = {}, {}
+    for name in ("site", "ancestry"):
+        values = samples[name]
+        if values.null_count() == len(values):
+            continue
+        vocab[name] = sorted(values.drop_nulls().unique().to_list())
+        index = {v: i for i, v in enumerate(vocab[name])}
+        confounds[name] = np.array([index.get(v, -1) for v in values.to_list()])
+    return run_audit(fused, y, confounds, vocab, seed=seed)
+
+
+def _attribution_summary(art: ModelArtifact, batches: list[dict[str, Any]]) -> dict[str, Any]:
+    from clinfuse.fusion.attribution import summarize_attribution
+
+    return summarize_attribution(art.model, batches)
+
+
+def _gradcam(art: ModelArtifact, batches: list[dict[str, Any]], out: Path, n: int) -> list[str]:
+    """Grad-CAM of the risk logit for a few films, the other modalities held fixed.
+
+    The gradient flows through the pooled image embedding; image patch tokens (for
+    attention fusion) enter as constants.
+    """
+    model = art.model
+    if n <= 0 or "image" not in model.encoders:
+        return []
+    from clinfuse.encoders.gradcam import encoder_grad_cam
+
+    batch = next((b for b in batches if bool(b["image_present"].any())), None)
+    if batch is None:
+        return []
+    keep = batch["image_present"].nonzero().flatten()[:n]
+    sub = _take(batch, keep)
+    with torch.no_grad():
+        embeddings, tokens = model.encode(sub)
+        risk = torch.sigmoid(model.fuse(embeddings, tokens)["logit"] / art.temperature).tolist()
+
+    def score(image_embedding: torch.Tensor) -> torch.Tensor:
+        emb = {**embeddings, "image": (image_embedding, embeddings["image"][1])}
+        return model.fuse(emb, tokens)["logit"]
+
+    cams = encoder_grad_cam(model.encoders["image"], sub["image"], score)
+    captions = [f"risk {r:.2f}, outcome {int(y)}" for r, y in zip(risk, sub["label"], strict=True)]
+    return save_overlays(sub["image"][:, 0].numpy(), cams.numpy(), captions, out)
+
+
+def _take(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    return {k: _take(v, index) if isinstance(v, dict) else v[index] for k, v in batch.items()}
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

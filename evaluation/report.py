@@ -1,0 +1,200 @@
+"""The evaluation report: PNG plots and one self-contained HTML page beside metrics.json."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+
+from clinfuse.evaluation.metrics import calibration_bins  # noqa: E402
+
+
+def plot_curves(y: np.ndarray, p: np.ndarray, out_dir: Path) -> dict[str, str]:
+    """ROC, precision-recall and calibration plots; returns name -> file name."""
+    files = {}
+    if len(np.unique(y)) == 2:
+        files["roc"] = _plot(out_dir / "roc.png", lambda ax: _roc(ax, y, p))
+        files["pr"] = _plot(out_dir / "pr.png", lambda ax: _pr(ax, y, p))
+    files["calibration"] = _plot(out_dir / "calibration.png", lambda ax: _calibration(ax, y, p))
+    return files
+
+
+def save_overlays(
+    images: np.ndarray, heatmaps: np.ndarray, captions: list[str], out_dir: Path
+) -> list[str]:
+    """Grad-CAM heat maps over their images, one PNG each."""
+    names = []
+    for i, (img, cam, caption) in enumerate(zip(images, heatmaps, captions, strict=True)):
+
+        def draw(ax, img=img, cam=cam, caption=caption):
+            ax.imshow(img, cmap="gray")
+            ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+            ax.set_title(caption, fontsize=8)
+            ax.axis("off")
+
+        names.append(_plot(out_dir / f"gradcam_{i}.png", draw, size=(3, 3)))
+    return names
+
+
+def write_html(
+    metrics: dict[str, Any], plots: dict[str, str], overlays: list[str], path: Path
+) -> None:
+    """One HTML page: headline metrics, plots, subgroup tables, audit, attribution, Grad-CAM."""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>clinfuse evaluation</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "img{max-width:340px;margin:4px}.warn{color:#a00}</style></head><body>",
+        "<h1>clinfuse evaluation</h1>",
+        f"<p>Cohort: {html.escape(str(metrics.get('cohort', '')))} &middot; split: "
+        f"{html.escape(str(metrics.get('split', '')))} &middot; model: "
+        f"{html.escape(str(metrics.get('model_id', ''))[:16])}</p>",
+        "<h2>Discrimination and calibration</h2>",
+        _table_rows(_headline(metrics)),
+        "".join(f"<img src='{html.escape(f)}' alt='{k}'>" for k, f in plots.items()),
+        "<h2>Per site</h2>",
+        _subgroup_table(metrics.get("per_site", {})),
+        "<h2>Per ancestry</h2>",
+        _subgroup_table(metrics.get("per_ancestry", {})),
+        "<h2>Confound audit</h2>",
+        _audit(metrics.get("audit", {})),
+        "<h2>Modality attribution</h2>",
+        _attribution(metrics.get("attribution", {})),
+    ]
+    if overlays:
+        parts.append("<h2>Grad-CAM</h2>")
+        parts.append("".join(f"<img src='{html.escape(f)}'>" for f in overlays))
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+
+
+def _headline(m: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    for key in (
+        "n",
+        "prevalence",
+        "auroc",
+        "auprc",
+        "oracle_auroc",
+        "brier",
+        "ece",
+        "accuracy",
+        "precision",
+        "recall",
+        "specificity",
+        "f1",
+        "g_mean",
+        "threshold",
+    ):
+        if key in m:
+            value = _fmt(m[key])
+            if f"{key}_ci" in m:
+                lo, hi = m[f"{key}_ci"]
+                value += f" (95% CI {_fmt(lo)}-{_fmt(hi)})"
+            rows.append((key, value))
+    return rows
+
+
+def _subgroup_table(groups: dict[str, dict[str, Any]]) -> str:
+    if not groups:
+        return "<p>none</p>"
+    head = "<tr><th>group</th><th>n</th><th>prevalence</th><th>AUROC</th><th>ECE</th><th>mean risk</th></tr>"
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{g.get('n')}</td><td>{_fmt(g.get('prevalence'))}</td>"
+        f"<td>{_fmt(g.get('auroc'))}</td><td>{_fmt(g.get('ece'))}</td><td>{_fmt(g.get('mean_risk'))}</td></tr>"
+        for name, g in groups.items()
+    )
+    return f"<table>{head}{rows}</table>"
+
+
+def _audit(audit: dict[str, Any]) -> str:
+    if not audit:
+        return "<p>not run</p>"
+    head = (
+        "<tr><th>confound</th><th>probe accuracy</th><th>majority rate</th>"
+        "<th>probe balanced acc.</th><th>chance</th><th>n</th></tr>"
+    )
+    rows = ""
+    for name, a in audit.items():
+        if not isinstance(a, dict) or "probe_accuracy" not in a:
+            continue
+        leak = a["probe_accuracy"] - a["majority_rate"] > 0.05
+        cls = " class='warn'" if leak else ""
+        rows += (
+            f"<tr{cls}><td>{html.escape(name)}</td><td>{_fmt(a['probe_accuracy'])}</td>"
+            f"<td>{_fmt(a['majority_rate'])}</td><td>{_fmt(a['probe_balanced_accuracy'])}</td>"
+            f"<td>{_fmt(a['chance_balanced'])}</td><td>{a['n']}</td></tr>"
+        )
+    note = (
+        "<p>A fresh cross-validated probe on the frozen embeddings of these patients. "
+        "Probe accuracy well above the majority rate (red) means the representation still "
+        "encodes the confound, whatever the adversary's training loss said.</p>"
+    )
+    loso = audit.get("leave_one_site_out_auroc") or {}
+    loso_html = _table_rows(
+        [(k, _fmt(v)) for k, v in loso.items()], "left-out site", "outcome AUROC"
+    )
+    return f"{note}<table>{head}{rows}</table><h3>Leave-one-site-out outcome probe</h3>{loso_html}"
+
+
+def _attribution(attr: dict[str, Any]) -> str:
+    if not attr:
+        return "<p>none</p>"
+    return _table_rows([(k, _fmt(v)) for k, v in attr.items()], "measure", "value")
+
+
+def _table_rows(rows: list[tuple[str, str]], h1: str = "metric", h2: str = "value") -> str:
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table><tr><th>{h1}</th><th>{h2}</th></tr>{body}</table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.3f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _plot(path: Path, draw, size: tuple[float, float] = (4, 4)) -> str:
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
+def _roc(ax, y, p) -> None:
+    fpr, tpr, _ = roc_curve(y, p)
+    ax.plot(fpr, tpr)
+    ax.plot([0, 1], [0, 1], "--", color="gray")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+
+
+def _pr(ax, y, p) -> None:
+    precision, recall, _ = precision_recall_curve(y, p)
+    ax.plot(recall, precision)
+    ax.axhline(np.mean(y), ls="--", color="gray")
+    ax.set(xlabel="recall", ylabel="precision", title="Precision-recall")
+
+
+def _calibration(ax, y, p) -> None:
+    bins = calibration_bins(y, p)
+    used = bins["count"] > 0
+    ax.plot([0, 1], [0, 1], "--", color="gray")
+    ax.plot(bins["mean_predicted"][used], bins["observed_rate"][used], "o-")
+    ax.set(
+        xlabel="predicted risk",
+        ylabel="observed rate",
+        title="Calibration",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )

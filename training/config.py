@@ -1,0 +1,65 @@
+"""The run config: every default of a training run in one place.
+
+``RunConfig`` nests the data, model and optimisation configs. ``configs/*.yaml``
+presets fill it; ``clinfuse train --config X.yaml key=value`` overrides fields;
+the resolved config is saved as ``config.yaml`` in the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clinfuse.config import apply_overrides, from_dict, load_yaml
+from clinfuse.datasets.datamodule import DataConfig
+from clinfuse.fusion.model import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    """Loss, optimiser and Trainer settings.
+
+    Attributes:
+        loss: "bce" (class-weighted by the train split's negatives/positives when
+            ``class_weight``) or "focal" (Lin et al. 2017, ``focal_gamma``).
+        lr: base learning rate; encoders scale it per layer group.
+        monitor: metric for early stopping and the best checkpoint.
+        precision: Lightning precision flag ("32-true"; "16-mixed"/"bf16-mixed" on GPUs).
+        accelerator: "auto", "cpu" or "gpu".
+    """
+
+    loss: str = "bce"
+    class_weight: bool = True
+    focal_gamma: float = 2.0
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    max_epochs: int = 20
+    patience: int = 5
+    monitor: str = "val_auroc"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: Any = 1
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    cohort: str = ""
+    seed: int = 0
+    deterministic: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Builds a RunConfig from a YAML preset (optional) and ``key=value`` overrides."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)

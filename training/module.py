@@ -1,0 +1,128 @@
+"""The LightningModule: steps, losses, optimiser, schedules. The model is a plain nn.Module.
+
+Loss per step::
+
+    L = risk_loss(logit, label) + adversary_loss(site, ancestry) + model.regularization_loss()
+
+where the adversary's gradient reaches the representation through gradient
+reversal scaled by the DANN schedule lambda(p), p = training progress in [0, 1].
+Sparse-group-lasso proximal updates run after every optimiser step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clinfuse.config import from_dict, to_dict
+from clinfuse.datasets.spec import DataSpec
+from clinfuse.evaluation.metrics import auroc
+from clinfuse.fusion.model import ModelConfig, build_model
+from clinfuse.training.config import OptimConfig
+
+
+class RiskModule(L.LightningModule):
+    """Trains a ``FusionModel`` for binary risk with an optional confound adversary.
+
+    Args:
+        model_cfg: the model config as a plain dict (so checkpoints hold no pickled objects).
+        spec: the DataSpec fitted on the train split, as a plain dict.
+        optim_cfg: the optimisation config as a plain dict.
+    """
+
+    def __init__(self, model_cfg: dict, spec: dict, optim_cfg: dict) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = from_dict(DataSpec, spec)
+        self.optim = from_dict(OptimConfig, optim_cfg)
+        self.model = build_model(from_dict(ModelConfig, model_cfg), self.spec)
+        self.register_buffer("pos_weight", torch.tensor(float(self.spec.pos_weight)))
+        self._val_logits: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
+
+    @classmethod
+    def create(cls, model_cfg: ModelConfig, spec: DataSpec, optim_cfg: OptimConfig) -> RiskModule:
+        return cls(to_dict(model_cfg), to_dict(spec), to_dict(optim_cfg))
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.model(batch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        lambd = self.model.set_progress(self._progress())
+        out = self.model(batch)
+        risk = self._risk_loss(out["logit"], batch["label"])
+        adversary, parts = self.model.adversary_loss(out, batch)
+        reg = self.model.regularization_loss()
+        loss = risk + adversary + reg
+        logs = {
+            "train_loss": loss,
+            "train_risk_loss": risk,
+            "train_adversary_loss": adversary,
+            "adversary_lambda": lambd,
+        }
+        logs.update({f"train_adv_{k.replace('/', '_')}": v for k, v in parts.items()})
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch["label"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.model(batch)
+        self._val_logits.append(out["logit"].detach().float().cpu())
+        self._val_labels.append(batch["label"].detach().float().cpu())
+        loss = self._risk_loss(out["logit"], batch["label"])
+        self.log("val_loss", loss, on_epoch=True, batch_size=batch["label"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_logits:
+            return
+        logits = torch.cat(self._val_logits).numpy()
+        labels = torch.cat(self._val_labels).numpy()
+        self._val_logits.clear()
+        self._val_labels.clear()
+        value = auroc(labels, logits)
+        # An undefined AUROC (one class in the tuning split) must not win early stopping.
+        self.log("val_auroc", 0.0 if np.isnan(value) else value, prog_bar=True)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Proximal updates (sparse group lasso) after each real optimiser step.
+        self.model.after_optimizer_step(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def configure_optimizers(self) -> Any:
+        groups = self.model.param_groups(self.optim.lr, self.optim.weight_decay)
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.optim.lr, weight_decay=self.optim.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(self.optim.max_epochs, 1)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _risk_loss(self, logit: Tensor, label: Tensor) -> Tensor:
+        label = label.float()
+        pos_weight = self.pos_weight if self.optim.class_weight else None
+        if self.optim.loss == "bce":
+            return F.binary_cross_entropy_with_logits(logit, label, pos_weight=pos_weight)
+        if self.optim.loss == "focal":
+            return _focal_loss(logit, label, self.optim.focal_gamma, pos_weight)
+        raise ValueError(f"optim.loss must be 'bce' or 'focal', got {self.optim.loss!r}")
+
+    def _progress(self) -> float:
+        total = self.trainer.estimated_stepping_batches if self.trainer else 0
+        if not total or total == float("inf"):
+            return 1.0
+        return min(1.0, self.global_step / float(total))
+
+
+def _focal_loss(logit: Tensor, label: Tensor, gamma: float, pos_weight: Tensor | None) -> Tensor:
+    """Focal loss (Lin et al. 2017): BCE scaled by (1 - p_t)^gamma."""
+    bce = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
+    p_t = torch.exp(-bce)
+    weight = (1 - p_t) ** gamma
+    if pos_weight is not None:
+        weight = weight * torch.where(label > 0.5, pos_weight, torch.ones_like(pos_weight))
+    return (weight * bce).mean()

@@ -1,0 +1,156 @@
+"""One training run: a run directory with everything needed to trace and reuse it.
+
+``run_dir/``
+    config.yaml          the fully resolved RunConfig
+    provenance.json      code version, package versions, sha256 of every cohort file
+    data_spec.yaml       the DataSpec fitted on the train split
+    checkpoints/         best.ckpt and last.ckpt (Lightning; load with weights_only=True)
+    logs/                metrics.csv and TensorBoard events
+    model/               the exported artifact (model.safetensors + artifact.json)
+    summary.json         best validation AUROC, epochs, temperature, threshold
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from clinfuse.config import save_yaml, to_dict
+from clinfuse.datasets.datamodule import CohortDataModule
+from clinfuse.evaluation.metrics import choose_threshold
+from clinfuse.scoring.ood import MahalanobisOOD
+from clinfuse.training.artifact import save_artifact
+from clinfuse.training.calibration import apply_temperature, fit_temperature
+from clinfuse.training.config import RunConfig
+from clinfuse.training.module import RiskModule
+from clinfuse.training.predict import collect_predictions
+from clinfuse.training.provenance import code_version, cohort_hashes, package_versions
+
+
+class GradualUnfreezing(Callback):
+    """Tells the encoders each epoch so they can unfreeze stages on their schedule."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.model.on_epoch_start(trainer.current_epoch)
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Trains, calibrates and exports a model. Returns the run summary.
+
+    Args:
+        cfg: the resolved run config (``cfg.cohort`` is the cohort directory).
+        run_dir: where everything is written.
+        resume: continue from ``checkpoints/last.ckpt`` when it exists.
+    """
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    if not cfg.cohort:
+        raise ValueError("cohort is not set: pass --cohort DIR or cohort=DIR")
+    save_yaml(cfg, run / "config.yaml")
+    _write_json(run / "provenance.json", _provenance(cfg))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+
+    dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
+    dm.setup("fit")
+    module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
+    trainer, checkpoint = _trainer(cfg, run)
+    last = run / "checkpoints" / "last.ckpt"
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
+
+    best = checkpoint.best_model_path or str(last)
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    summary = _export(module, dm, cfg, run)
+    summary.update(
+        best_checkpoint=best, best_val_auroc=_score(checkpoint), epochs=trainer.current_epoch
+    )
+    _write_json(run / "summary.json", summary)
+    return summary
+
+
+def _trainer(cfg: RunConfig, run: Path) -> tuple[L.Trainer, ModelCheckpoint]:
+    o = cfg.optim
+    checkpoint = ModelCheckpoint(
+        dirpath=run / "checkpoints", filename="best", monitor=o.monitor, mode="max",
+        save_last=True, save_top_k=1,
+    )  # fmt: skip
+    callbacks = [
+        checkpoint,
+        EarlyStopping(o.monitor, mode="max", patience=o.patience),
+        GradualUnfreezing(),
+    ]
+    loggers = [
+        CSVLogger(run, name="logs", version=""),
+        TensorBoardLogger(run, name="logs", version="tensorboard"),
+    ]
+    trainer = L.Trainer(
+        max_epochs=o.max_epochs,
+        accelerator=o.accelerator,
+        devices=o.devices,
+        precision=o.precision,
+        accumulate_grad_batches=o.accumulate_grad_batches,
+        gradient_clip_val=o.gradient_clip_val or None,
+        deterministic=cfg.deterministic,
+        callbacks=callbacks,
+        logger=loggers,
+        log_every_n_steps=o.log_every_n_steps,
+        enable_progress_bar=o.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=run,
+    )
+    return trainer, checkpoint
+
+
+def _export(module: RiskModule, dm: CohortDataModule, cfg: RunConfig, run: Path) -> dict[str, Any]:
+    """Fits temperature and threshold on the tuning split, OOD stats on train; saves the artifact."""
+    model = module.model
+    tuning = collect_predictions(model, dm.val_dataloader())
+    temperature = fit_temperature(tuning["logit"], tuning["label"])
+    threshold = choose_threshold(tuning["label"], apply_temperature(tuning["logit"], temperature))
+    train_pred = collect_predictions(model, dm.dataloader("train"))
+    ood = MahalanobisOOD.fit(train_pred["fused"], train_pred["label"])
+    prevalence = float(np.mean(train_pred["label"]))
+    model_id = save_artifact(
+        run / "model",
+        model,
+        dm.spec,
+        model_config=to_dict(cfg.model),
+        data_config=to_dict(cfg.data),
+        temperature=temperature,
+        threshold=threshold,
+        train_prevalence=prevalence,
+        ood=to_dict(ood),
+        provenance=json.loads((run / "provenance.json").read_text()),
+    )
+    return {
+        "model_id": model_id,
+        "temperature": temperature,
+        "threshold": threshold,
+        "train_prevalence": prevalence,
+    }
+
+
+def _provenance(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "code": code_version(),
+        "packages": package_versions(),
+        "cohort": str(cfg.cohort),
+        "cohort_files_sha256": cohort_hashes(cfg.cohort),
+    }
+
+
+def _score(checkpoint: ModelCheckpoint) -> float | None:
+    score = checkpoint.best_model_score
+    return None if score is None else float(score)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str))
