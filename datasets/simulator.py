@@ -190,7 +190,8 @@ def _draw_cohort(cfg: SimConfig, world: World) -> _Cohort:
     carrier = modifier > CARRIER_Z
     offsets = np.array([s.logit_offset for s in sites])
     site_term = SITE_EFFECTS[cfg.site_effect] * offsets[site]
-    logit = _logit(site_term, lung, physio, genetic, carrier)
+    boost = float(world.panel.effect[np.array(world.panel.role) == MODIFIER][0])
+    logit = _logit(site_term, lung, physio, genetic, carrier * boost)
     risk = 1.0 / (1.0 + np.exp(-logit))
     outcome = _rng(cfg, "outcome").random(cfg.n_subjects) < risk
     admission, prediction, deterioration = _draw_times(_rng(cfg, "times"), outcome, cfg)
@@ -229,9 +230,10 @@ def _logit(
     lung: np.ndarray,
     physio: np.ndarray,
     genetic: np.ndarray,
-    carrier: np.ndarray,
+    carrier_boost: np.ndarray,
 ) -> np.ndarray:
-    physio_term = PHYSIO_EFFECT * physio * (1.0 + 1.5 * carrier)
+    """Risk logit; ``carrier_boost`` is the modifier effect for carriers, 0 otherwise."""
+    physio_term = PHYSIO_EFFECT * physio * (1.0 + carrier_boost)
     return INTERCEPT + site_term + LUNG_EFFECT * lung + physio_term + GENETIC_EFFECT * genetic
 
 
