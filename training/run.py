@@ -61,14 +61,14 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
     dm.setup("fit")
     module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
-    trainer, checkpoint = _trainer(cfg, run)
+    trainer, checkpoint = build_trainer(cfg, run)
     last = run / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
 
     best = checkpoint.best_model_path or str(last)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    summary = _export(module, dm, cfg, run)
+    summary = export_artifact(module, dm, cfg, run)
     summary.update(
         best_checkpoint=best, best_val_auroc=_score(checkpoint), epochs=trainer.current_epoch
     )
@@ -76,7 +76,14 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     return summary
 
 
-def _trainer(cfg: RunConfig, run: Path) -> tuple[L.Trainer, ModelCheckpoint]:
+def build_trainer(
+    cfg: RunConfig, run: Path, extra_callbacks: list[Callback] | None = None, **overrides: Any
+) -> tuple[L.Trainer, ModelCheckpoint]:
+    """The Lightning Trainer of a run: checkpoints, early stopping, CSV + TensorBoard logs.
+
+    ``extra_callbacks`` (e.g. Ray Tune's reporting callback) are appended;
+    ``overrides`` replace Trainer arguments.
+    """
     o = cfg.optim
     checkpoint = ModelCheckpoint(
         dirpath=run / "checkpoints", filename="best", monitor=o.monitor, mode="max",
@@ -91,7 +98,7 @@ def _trainer(cfg: RunConfig, run: Path) -> tuple[L.Trainer, ModelCheckpoint]:
         CSVLogger(run, name="logs", version=""),
         TensorBoardLogger(run, name="logs", version="tensorboard"),
     ]
-    trainer = L.Trainer(
+    kwargs = dict(
         max_epochs=o.max_epochs,
         accelerator=o.accelerator,
         devices=o.devices,
@@ -106,11 +113,17 @@ def _trainer(cfg: RunConfig, run: Path) -> tuple[L.Trainer, ModelCheckpoint]:
         enable_model_summary=False,
         default_root_dir=run,
     )
-    return trainer, checkpoint
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs), checkpoint
 
 
-def _export(module: RiskModule, dm: CohortDataModule, cfg: RunConfig, run: Path) -> dict[str, Any]:
-    """Fits temperature and threshold on the tuning split, OOD stats on train; saves the artifact."""
+def export_artifact(
+    module: RiskModule, dm: CohortDataModule, cfg: RunConfig, run: Path
+) -> dict[str, Any]:
+    """Fits temperature and threshold on the tuning split, OOD stats on train; saves the artifact.
+
+    Writes ``run/model`` (see ``training.artifact``) and returns its summary.
+    """
     model = module.model
     tuning = collect_predictions(model, dm.val_dataloader())
     temperature = fit_temperature(tuning["logit"], tuning["label"])
@@ -128,7 +141,7 @@ def _export(module: RiskModule, dm: CohortDataModule, cfg: RunConfig, run: Path)
         threshold=threshold,
         train_prevalence=prevalence,
         ood=to_dict(ood),
-        provenance=json.loads((run / "provenance.json").read_text()),
+        provenance=_read_or_make_provenance(cfg, run),
     )
     return {
         "model_id": model_id,
@@ -136,6 +149,11 @@ def _export(module: RiskModule, dm: CohortDataModule, cfg: RunConfig, run: Path)
         "threshold": threshold,
         "train_prevalence": prevalence,
     }
+
+
+def _read_or_make_provenance(cfg: RunConfig, run: Path) -> dict[str, Any]:
+    path = run / "provenance.json"
+    return json.loads(path.read_text()) if path.is_file() else _provenance(cfg)
 
 
 def _provenance(cfg: RunConfig) -> dict[str, Any]:
