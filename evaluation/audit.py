@@ -45,6 +45,9 @@ def probe_confound(
     keep = np.asarray(codes) >= 0
     z, c = np.asarray(embeddings)[keep], np.asarray(codes)[keep]
     classes, counts = np.unique(c, return_counts=True)
+    # A class seen once cannot be both fitted and scored in cross-validation: the
+    # probe runs on the classes with at least two samples; the rates below use all.
+    rare = classes[counts < 2]
     out: dict[str, Any] = {
         "n": int(len(c)),
         "n_classes": int(len(classes)),
@@ -52,7 +55,11 @@ def probe_confound(
         "majority_rate": float(counts.max() / counts.sum()) if len(c) else float("nan"),
         "chance_balanced": 1.0 / len(classes) if len(classes) else float("nan"),
     }
-    k = int(min(folds, counts.min())) if len(classes) > 1 else 0
+    out["excluded_rare_classes"] = int(len(rare))
+    usable = ~np.isin(c, rare)
+    z, c = z[usable], c[usable]
+    counts = counts[counts >= 2]
+    k = int(min(folds, counts.min())) if len(counts) > 1 else 0
     if k < 2:
         out.update(probe_accuracy=float("nan"), probe_balanced_accuracy=float("nan"), folds=k)
         return out

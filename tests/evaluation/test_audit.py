@@ -43,3 +43,14 @@ def test_leave_one_site_out_transfers_shared_signal():
     res = run_audit(z, y, {"site": site}, {"site": ["s0", "s1", "s2"]})
     assert set(res["leave_one_site_out_auroc"]) == {"s0", "s1", "s2"}
     assert min(res["leave_one_site_out_auroc"].values()) > 0.85
+
+
+def test_singleton_class_is_left_out_of_the_probe_not_the_rates():
+    rng = np.random.default_rng(3)
+    site = np.array([0] * 50 + [1] * 49 + [2])
+    z = rng.normal(size=(100, 3))
+    z[:, 0] += 4.0 * (site == 1)
+    res = probe_confound(z, site)
+    assert res["excluded_rare_classes"] == 1
+    assert res["majority_rate"] == 0.5
+    assert res["probe_accuracy"] > 0.9

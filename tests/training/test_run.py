@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from clinfuse.cli import main as cli_main
+from clinfuse.datasets.datamodule import config_from_dict, make_loader
+from clinfuse.datasets.samples import load_samples
+from clinfuse.training.artifact import load_artifact
+from clinfuse.training.predict import collect_predictions
+from clinfuse.training.provenance import file_sha256
+
+
+def test_run_directory_records_config_provenance_logs_and_checkpoints(tiny_run, tiny_cohort):
+    run_dir, summary = tiny_run
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["fusion"]["name"] == "attention"
+    assert config["data"]["image_size"] == 32
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    hashes = prov["cohort_files_sha256"]
+    assert hashes["events.parquet"] == file_sha256(tiny_cohort / "events.parquet")
+    assert "oracle.parquet" in hashes and prov["packages"]["torch"].startswith("2.")
+    metrics = pl.read_csv(run_dir / "logs" / "metrics.csv")
+    assert metrics["val_auroc"].drop_nulls().len() == summary["epochs"]
+    assert list((run_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    for name in ("best.ckpt", "last.ckpt"):
+        ckpt = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert "state_dict" in ckpt
+
+
+def test_artifact_reloads_and_reproduces_predictions(tiny_run, tiny_cohort):
+    run_dir, summary = tiny_run
+    art = load_artifact(run_dir / "model")
+    assert art.model_id == file_sha256(run_dir / "model" / "model.safetensors")
+    assert art.temperature > 0 and 0 < art.train_prevalence < 1
+    samples = load_samples(tiny_cohort).filter(pl.col("split") == "held_out")
+    cfg = config_from_dict(art.data_config)
+    first = collect_predictions(art.model, make_loader(tiny_cohort, samples, art.spec, cfg))
+    again = load_artifact(run_dir / "model")
+    second = collect_predictions(again.model, make_loader(tiny_cohort, samples, again.spec, cfg))
+    np.testing.assert_array_equal(first["logit"], second["logit"])
+    assert len(first["logit"]) == samples.height
+    assert np.isfinite(first["logit"]).all()
+
+
+def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
+    run_dir, _ = tiny_run
+    out = tmp_path / "eval"
+    code = cli_main(["evaluate", str(run_dir), "--cohort", str(tiny_cohort), "--out", str(out),
+                     "--bootstrap", "50", "--split", "all"])  # fmt: skip
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("auroc", "auprc", "accuracy", "precision", "recall", "specificity", "f1",
+                "g_mean", "brier", "ece", "oracle_auroc", "per_site"):  # fmt: skip
+        assert key in m, key
+    lo, hi = m["auroc_ci"]
+    assert lo <= m["auroc"] <= hi
+    for confound in ("site", "ancestry"):
+        audit = m["audit"][confound]
+        assert 0.0 <= audit["probe_accuracy"] <= 1.0
+        assert 0.0 < audit["majority_rate"] <= 1.0
+    assert m["oracle_auroc"] > 0.7  # the simulator's true risk is informative
+    html = (out / "report.html").read_text()
+    for png in ("roc.png", "pr.png", "calibration.png", "gradcam_0.png"):
+        assert (out / png).is_file() and png in html
+
+
+def test_cli_train_applies_overrides_and_resolves_config(tiny_cohort, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", "configs/demo.yaml", "--cohort", str(tiny_cohort),
+            "--run-dir", str(run_dir), "model.fusion.name=gated", "model.fusion.cfg={}",
+            "optim.max_epochs=1", "optim.progress_bar=false", "data.image_size=32",
+            "model.encoders={gru_d: {hidden: 8, embed_dim: 8}, sgl_mlp: {embed_dim: 8}}"]  # fmt: skip
+    assert cli_main(args) == 0
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["fusion"]["name"] == "gated"
+    assert set(config["model"]["encoders"]) == {"gru_d", "sgl_mlp"}
+    art = load_artifact(run_dir / "model")
+    assert set(art.model.encoders) == {"timeseries", "genomics"}
+
+
+def test_unknown_config_key_is_named(tiny_cohort, tmp_path):
+    with pytest.raises(ValueError, match="optim"):
+        cli_main(["train", "--cohort", str(tiny_cohort), "--run-dir", str(tmp_path / "r"),
+                  "optim.learning_rate=1"])  # fmt: skip
+
+
+def test_same_seed_same_metrics(tiny_cohort, tiny_config, tmp_path):
+    from clinfuse.training.run import train
+
+    cfg = tiny_config(tiny_cohort, "optim.max_epochs=1")
+    a = train(cfg, tmp_path / "a")
+    b = train(cfg, tmp_path / "b")
+    assert a["best_val_auroc"] == b["best_val_auroc"]
+    assert a["model_id"] == b["model_id"]  # bit-identical weights
