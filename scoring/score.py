@@ -1,0 +1,752 @@
+"""Batch risk scoring of a cohort, streamed in chunks of subjects to a Parquet dataset.
+
+A hospital runs this every night over its ICU census. The samples table (one row
+per ``labels`` row, or one per subject at ``--at``) is small and read whole; the
+events, genotypes and images are read per chunk with a subject filter, so memory
+stays bounded by the chunk size whatever the cohort size.
+
+``OUT_DIR/``
+    _manifest.json       written first: model_id, chunk_size, n_samples, n_chunks,
+                         samples_sha256, at, target_prevalence (``--resume`` checks them)
+    part-00000.parquet   one file per chunk of subjects, each written to a temporary
+    part-00001.parquet   name in OUT_DIR and moved into place with ``os.replace``
+    ...
+
+Output columns (``OUTPUT_SCHEMA``), one row per input sample, always:
+
+    subject_id            Int64
+    prediction_time       Datetime(us)
+    risk                  Float64  sigmoid(logit / T [+ prior shift]); null on error
+    risk_raw              Float64  sigmoid(logit), uncalibrated; null on error
+    image_present         Boolean  modalities the model actually used (encoder
+    timeseries_present    Boolean  configured and input present and readable)
+    genomics_present      Boolean
+    ood_score             Float64  Mahalanobis score of the fused embedding
+    ood_flag              Boolean  ood_score > the artifact's threshold
+    top_modality          String   present modality with the largest |delta|
+    top_modality_delta    Float64  logit(all) - logit(without it)
+    model_id              String   sha256 of the model weights
+    events_sha256         String   sha256 of the sample's window events (see
+                                   ``events_digests``)
+    image_sop_instance_uid String  SOPInstanceUID of the image used
+    image_sha256          String   sha256 of the DICOM file used
+    flags                 List(String)  e.g. image_unreadable, no_events_in_window,
+                                   unknown_codes, nan_values, unknown_subject, no_modalities
+    error                 String   null, or why the sample could not be scored
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from clinfuse.datasets.batch import MODALITIES
+from clinfuse.datasets.events import channel_observations, pad_observations
+from clinfuse.datasets.images import ImageLoader
+from clinfuse.datasets.samples import (
+    genotype_tensors,
+    latest_images,
+    sample_tensors,
+    scan_events,
+    window_events,
+)
+from clinfuse.datasets.schema import GENOTYPES, LABELS, SUBJECTS, TIME, has_table, scan
+from clinfuse.scoring.ood import MahalanobisOOD
+from clinfuse.training.artifact import META, ModelArtifact, load_artifact
+from clinfuse.training.calibration import prior_shift_logit
+from clinfuse.training.provenance import file_sha256
+
+MANIFEST = "_manifest.json"
+MANIFEST_VERSION = 1
+PART = "part-{:05d}.parquet"
+_MATCH_KEYS = (
+    "model_id", "chunk_size", "n_samples", "n_chunks", "samples_sha256", "at",
+    "target_prevalence",
+)  # fmt: skip
+
+OUTPUT_SCHEMA: dict[str, pl.DataType] = {
+    "subject_id": pl.Int64(),
+    "prediction_time": TIME,
+    "risk": pl.Float64(),
+    "risk_raw": pl.Float64(),
+    "image_present": pl.Boolean(),
+    "timeseries_present": pl.Boolean(),
+    "genomics_present": pl.Boolean(),
+    "ood_score": pl.Float64(),
+    "ood_flag": pl.Boolean(),
+    "top_modality": pl.String(),
+    "top_modality_delta": pl.Float64(),
+    "model_id": pl.String(),
+    "events_sha256": pl.String(),
+    "image_sop_instance_uid": pl.String(),
+    "image_sha256": pl.String(),
+    "flags": pl.List(pl.String()),
+    "error": pl.String(),
+}
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def resolve_artifact_dir(path: str | Path) -> Path:
+    """The artifact directory: ``path`` itself or ``path/model`` (a run directory).
+
+    Raises:
+        FileNotFoundError: when neither holds ``artifact.json``.
+    """
+    root = Path(path)
+    for candidate in (root, root / "model"):
+        if (candidate / META).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{root}: not a model artifact nor a run directory (no {META} in it or in model/)"
+    )
+
+
+def scoring_samples(cohort_dir: str | Path, at: datetime | None = None) -> pl.DataFrame:
+    """The samples to score, sorted by subject_id then prediction_time.
+
+    Without ``at``: one sample per row of ``labels.parquet``. With ``at``: one per
+    subject of ``subjects.parquet``, all at that time. Columns: subject_id,
+    prediction_time, label (null: scoring needs none), site, ancestry, known_subject.
+
+    Raises:
+        ValueError: naming the file and row of a null subject_id or prediction_time.
+    """
+    keys = _sample_keys(cohort_dir, at)
+    _check_keys(cohort_dir, keys, at)
+    subjects = _subject_info(cohort_dir)
+    samples = keys.join(subjects, on="subject_id", how="left", maintain_order="left")
+    return samples.with_columns(
+        pl.col("known_subject").fill_null(False), label=pl.lit(None, pl.Float32)
+    ).sort("subject_id", "prediction_time", maintain_order=True)
+
+
+def _sample_keys(cohort_dir: str | Path, at: datetime | None) -> pl.DataFrame:
+    if at is None:
+        lazy = scan(cohort_dir, LABELS).select("subject_id", "prediction_time")
+    else:
+        lazy = scan(cohort_dir, SUBJECTS).select("subject_id").unique(maintain_order=True)
+        lazy = lazy.with_columns(prediction_time=pl.lit(_naive_utc(at)))
+    return lazy.select(
+        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(TIME)
+    ).collect()
+
+
+def _naive_utc(at: datetime) -> datetime:
+    return at if at.tzinfo is None else at.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def _check_keys(cohort_dir: str | Path, keys: pl.DataFrame, at: datetime | None) -> None:
+    name = "subjects.parquet" if at is not None else "labels.parquet"
+    for column in ("subject_id", "prediction_time"):
+        nulls = keys[column].is_null()
+        if nulls.any():
+            row = int(nulls.arg_max())
+            raise ValueError(f"{Path(cohort_dir) / name}: column {column} is null at row {row}")
+
+
+def _subject_info(cohort_dir: str | Path) -> pl.DataFrame:
+    lazy = scan(cohort_dir, SUBJECTS)
+    names = lazy.collect_schema().names()
+    ancestry = pl.col("ancestry") if "ancestry" in names else pl.lit(None)
+    return (
+        lazy.select(
+            pl.col("subject_id").cast(pl.Int64),
+            pl.col("site").cast(pl.String),
+            ancestry.cast(pl.String).alias("ancestry"),
+            known_subject=pl.lit(True),
+        )
+        .unique("subject_id", keep="first", maintain_order=True)
+        .collect()
+    )
+
+
+def samples_fingerprint(samples: pl.DataFrame) -> str:
+    """sha256 over the (subject_id, prediction_time in us) pairs, in order, as int64 LE."""
+    ids = samples["subject_id"].to_numpy().astype("<i8")
+    times = samples["prediction_time"].dt.epoch("us").to_numpy().astype("<i8")
+    return hashlib.sha256(np.stack([ids, times], axis=1).tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class ScoringPlan:
+    """Samples cut into chunks of whole subjects.
+
+    Attributes:
+        samples: the samples table (see ``scoring_samples``).
+        bounds: (n_chunks + 1,) row offsets; chunk i is rows bounds[i]:bounds[i+1].
+        manifest: what ``_manifest.json`` holds for this run.
+    """
+
+    samples: pl.DataFrame
+    bounds: list[int]
+    manifest: dict[str, Any]
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.bounds) - 1
+
+    def chunk(self, index: int) -> pl.DataFrame:
+        start, stop = self.bounds[index], self.bounds[index + 1]
+        return self.samples.slice(start, stop - start)
+
+
+def chunk_bounds(subject_ids: np.ndarray, chunk_size: int) -> list[int]:
+    """Row offsets cutting sorted ``subject_ids`` into chunks of ``chunk_size`` subjects."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if len(subject_ids) == 0:
+        return [0]
+    starts = np.flatnonzero(np.r_[True, subject_ids[1:] != subject_ids[:-1]])  # per subject
+    return [int(s) for s in starts[::chunk_size]] + [len(subject_ids)]
+
+
+def plan_scoring(
+    samples: pl.DataFrame,
+    model_id: str,
+    chunk_size: int,
+    at: datetime | None = None,
+    target_prevalence: float | None = None,
+) -> ScoringPlan:
+    """Chunks and the manifest of a scoring run."""
+    bounds = chunk_bounds(samples["subject_id"].to_numpy(), chunk_size)
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "model_id": model_id,
+        "chunk_size": int(chunk_size),
+        "n_samples": samples.height,
+        "n_chunks": len(bounds) - 1,
+        "samples_sha256": samples_fingerprint(samples),
+        "at": None if at is None else _naive_utc(at).isoformat(),
+        "target_prevalence": target_prevalence,
+        "output_schema": {k: str(v) for k, v in OUTPUT_SCHEMA.items()},
+    }
+    return ScoringPlan(samples, bounds, manifest)
+
+
+def prepare_output(out_dir: str | Path, plan: ScoringPlan, resume: bool) -> list[int]:
+    """Writes (or checks, on resume) the manifest; returns the chunks still to score.
+
+    Raises:
+        FileExistsError: OUT_DIR already holds a run and ``resume`` is False.
+        ValueError: on resume, naming the manifest fields that differ, or a part
+            file whose row count is not its chunk's.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST
+    existing = manifest_path.is_file() or any(out.glob("part-*.parquet"))
+    if existing and not resume:
+        raise FileExistsError(
+            f"{out}: already holds a scoring run; pass --resume to finish it or use a new OUT_DIR"
+        )
+    if resume and manifest_path.is_file():
+        _check_manifest(manifest_path, plan.manifest)
+    else:
+        _write_json_atomic(manifest_path, plan.manifest)
+    _remove_temporaries(out)
+    return [i for i in range(plan.n_chunks) if not _part_done(out, i, plan)]
+
+
+def _check_manifest(path: Path, expected: dict[str, Any]) -> None:
+    found = json.loads(path.read_text())
+    diff = [k for k in _MATCH_KEYS if found.get(k) != expected.get(k)]
+    if diff:
+        details = "; ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in diff)
+        raise ValueError(f"{path}: cannot resume, the run differs ({details})")
+
+
+def _part_done(out: Path, index: int, plan: ScoringPlan) -> bool:
+    path = out / PART.format(index)
+    if not path.is_file():
+        return False
+    rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+    expected = plan.bounds[index + 1] - plan.bounds[index]
+    if rows != expected:
+        raise ValueError(f"{path}: has {rows} rows, its chunk has {expected} samples")
+    return True
+
+
+def _remove_temporaries(out: Path) -> None:
+    for tmp in out.glob(".part-*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_part(out_dir: str | Path, index: int, frame: pl.DataFrame) -> Path:
+    """Writes one chunk's rows atomically (temporary file in OUT_DIR, then os.replace)."""
+    out = Path(out_dir)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".part-{index:05d}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        frame.write_parquet(tmp)
+        os.replace(tmp, out / PART.format(index))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out / PART.format(index)
+
+
+# ------------------------------------------------------------------------ fingerprints
+
+
+def events_digests(windowed: pl.DataFrame, n_samples: int) -> list[str]:
+    """sha256 per sample of its window events, stable across runs and machines.
+
+    Canonical bytes: rows sorted by (time, code, value), one line per row
+    ``"<time us> <float32 bits or n> <len(code) in bytes> <code>\\n"`` (NaN has one
+    bit pattern; null is ``n``). A sample with no window event gets sha256(b"").
+
+    Args:
+        windowed: ``sample`` (row index), ``time``, ``code``, ``numeric_value``.
+    """
+    lines = (
+        _canonical_rows(windowed)
+        .sort("sample", "t", "code", "bits", nulls_last=True)
+        .group_by("sample", maintain_order=True)
+        .agg(pl.col("line").str.join(""))
+    )
+    digests = [hashlib.sha256(b"").hexdigest()] * n_samples
+    for sample, text in lines.iter_rows():
+        digests[sample] = hashlib.sha256(text.encode()).hexdigest()
+    return digests
+
+
+def _canonical_rows(windowed: pl.DataFrame) -> pl.DataFrame:
+    values = windowed["numeric_value"].cast(pl.Float32)
+    raw = values.fill_null(0.0).fill_nan(float("nan")).to_numpy().astype(np.float32)
+    bits = np.where(np.isnan(raw), np.uint32(0x7FC00000), raw.view(np.uint32))
+    code = windowed["code"].fill_null("")
+    return pl.DataFrame(
+        {
+            "sample": windowed["sample"],
+            "t": windowed["time"].dt.epoch("us"),
+            "code": code,
+            "bits": pl.Series(bits, dtype=pl.UInt32).set(values.is_null(), None),
+        }
+    ).with_columns(
+        line=pl.format(
+            "{} {} {} {}\n",
+            "t",
+            pl.col("bits").cast(pl.String).fill_null("n"),
+            pl.col("code").str.len_bytes(),
+            "code",
+        )
+    )
+
+
+def _event_flags(windowed: pl.DataFrame, channels: list[str], n_samples: int) -> dict:
+    """Per sample: no window event; a measured code that is no channel; a NaN value."""
+    counts = np.bincount(windowed["sample"].to_numpy(), minlength=n_samples)
+    measured = pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_not_nan()
+    # Measurements the model ignores; valueless codes (admissions, orders) are not channels.
+    unknown = windowed.filter(measured & ~pl.col("code").fill_null("").is_in(channels))
+    nan = windowed.filter(pl.col("numeric_value").is_nan())
+    return {
+        "no_events_in_window": counts == 0,
+        "unknown_codes": _any_per_sample(unknown, n_samples),
+        "nan_values": _any_per_sample(nan, n_samples),
+    }
+
+
+def _any_per_sample(rows: pl.DataFrame, n_samples: int) -> np.ndarray:
+    return np.bincount(rows["sample"].to_numpy(), minlength=n_samples) > 0
+
+
+def image_header(path: str) -> tuple[str | None, str | None]:
+    """(SOPInstanceUID, file sha256) of a DICOM file; (None, None) when unreadable.
+
+    Only SOPInstanceUID is parsed (``specific_tags``, ``stop_before_pixels``): no
+    patient identifier is ever read.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        uid = ds.get("SOPInstanceUID")
+        return (None if uid is None else str(uid)), file_sha256(path)
+    except Exception:  # noqa: BLE001 - unreadable header: the image row is flagged
+        return None, None
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class _ChunkInputs:
+    """What one chunk read from the cohort, besides its tensors."""
+
+    windowed: pl.DataFrame
+    images: pl.DataFrame
+    headers: dict[str, tuple[str | None, str | None]]
+
+
+class ChunkScorer:
+    """Scores chunks of samples with one loaded artifact; never raises on bad subjects.
+
+    Args:
+        artifact: the loaded model artifact (its model is in eval mode).
+        cohort_dir: the cohort to read.
+        target_prevalence: deployment base rate for prior-shift recalibration (None = off).
+        batch_size: samples per forward pass (bounds activation memory).
+        image_cache: decoded-pixel cache folder of ``ImageLoader`` (None = memory, per chunk).
+        embedding_cache: frozen-backbone feature cache folder for the timm image encoder.
+        device: torch device for the forward passes.
+    """
+
+    def __init__(
+        self,
+        artifact: ModelArtifact,
+        cohort_dir: str | Path,
+        target_prevalence: float | None = None,
+        batch_size: int = 256,
+        image_cache: str | Path | None = None,
+        embedding_cache: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.artifact = artifact
+        self.cohort_dir = Path(cohort_dir)
+        self.spec = artifact.spec
+        self.target_prevalence = target_prevalence
+        self.batch_size = int(batch_size)
+        self.image_cache = image_cache
+        self.device = torch.device(device)
+        self.model = artifact.model.to(self.device).eval()
+        self.ood = MahalanobisOOD(**artifact.ood) if artifact.ood else None
+        self.has_genotypes = has_table(self.cohort_dir, GENOTYPES)
+        if embedding_cache is not None:
+            _enable_embedding_cache(self.model, embedding_cache)
+
+    def score(self, samples: pl.DataFrame) -> pl.DataFrame:
+        """One output row per row of ``samples``, in order (see ``OUTPUT_SCHEMA``).
+
+        A failing chunk is retried subject by subject; a subject that still fails
+        gets error rows (risk null) carrying the reason.
+        """
+        try:
+            return self.score_strict(samples)
+        except Exception as err:  # noqa: BLE001 - isolate the bad subject(s), keep going
+            if samples["subject_id"].n_unique() <= 1:
+                return error_rows(samples, err, self.artifact.model_id)
+            groups = samples.partition_by("subject_id", maintain_order=True)
+            return pl.concat([self.score(group) for group in groups])
+
+    def score_strict(self, samples: pl.DataFrame) -> pl.DataFrame:
+        """Scores ``samples``; raises on the first subject whose inputs cannot be built."""
+        inputs = self._read_inputs(samples)
+        batch = self._batch(samples, inputs)
+        outputs = predict(self.model, batch, self.batch_size, self.device)
+        return self._rows(samples, inputs, batch, outputs)
+
+    def _read_inputs(self, samples: pl.DataFrame) -> _ChunkInputs:
+        events = scan_events(self.cohort_dir, samples["subject_id"]).collect()
+        windowed = window_events(events, samples, self.spec.window_hours).collect()
+        images = latest_images(self.cohort_dir, samples)
+        paths = images["path"].drop_nulls().unique(maintain_order=True).to_list()
+        return _ChunkInputs(windowed, images, {p: image_header(p) for p in paths})
+
+    def _batch(self, samples: pl.DataFrame, inputs: _ChunkInputs) -> dict[str, Any]:
+        obs = channel_observations(inputs.windowed.lazy(), self.spec)
+        batch: dict[str, Any] = pad_observations(obs, samples.height, self.spec)
+        genotypes = scan(self.cohort_dir, GENOTYPES) if self.has_genotypes else None
+        batch.update(genotype_tensors(genotypes, samples, self.spec.markers))
+        batch.update(sample_tensors(samples, self.spec.sites, self.spec.ancestries))
+        loader = ImageLoader(self.spec.image_size, self.image_cache)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unreadable images become flags
+            batch["image"], batch["image_present"] = loader.load_many(
+                inputs.images["path"].to_list()
+            )
+        batch["image_age"] = _image_age(inputs.images, batch["image_present"])
+        return batch
+
+    def _rows(
+        self,
+        samples: pl.DataFrame,
+        inputs: _ChunkInputs,
+        batch: dict[str, Any],
+        outputs: dict[str, np.ndarray],
+    ) -> pl.DataFrame:
+        logit = outputs["logit"].astype(np.float64)
+        top, top_delta = _top_modality(outputs)
+        columns = {
+            "subject_id": samples["subject_id"],
+            "prediction_time": samples["prediction_time"],
+            "risk": self._calibrated(logit),
+            "risk_raw": _sigmoid(logit),
+            **{f"{m}_present": outputs[f"present_{m}"] for m in MODALITIES},
+            **self._ood_columns(outputs["fused"]),
+            "top_modality": top,
+            "top_modality_delta": top_delta,
+            "model_id": [self.artifact.model_id] * samples.height,
+            "events_sha256": events_digests(inputs.windowed, samples.height),
+            **_image_columns(inputs),
+            "flags": self._flags(samples, inputs, batch, outputs),
+            "error": [None] * samples.height,
+        }
+        return pl.DataFrame(columns, schema=OUTPUT_SCHEMA)
+
+    def _calibrated(self, logit: np.ndarray) -> np.ndarray:
+        z = logit / self.artifact.temperature
+        if self.target_prevalence is not None:
+            z = prior_shift_logit(z, self.artifact.train_prevalence, self.target_prevalence)
+        return _sigmoid(z)
+
+    def _ood_columns(self, fused: np.ndarray) -> dict[str, Any]:
+        if self.ood is None:
+            return {"ood_score": [None] * len(fused), "ood_flag": [None] * len(fused)}
+        score = self.ood.score(fused)
+        return {"ood_score": score, "ood_flag": score > self.ood.threshold}
+
+    def _flags(
+        self,
+        samples: pl.DataFrame,
+        inputs: _ChunkInputs,
+        batch: dict[str, Any],
+        outputs: dict[str, np.ndarray],
+    ) -> list[list[str]]:
+        has_path = inputs.images["path"].is_not_null().to_numpy()
+        marks = _event_flags(inputs.windowed, self.spec.channels, samples.height)
+        marks["image_unreadable"] = has_path & ~batch["image_present"].numpy()
+        marks["unknown_subject"] = ~samples["known_subject"].to_numpy()
+        used = np.stack([outputs[f"present_{m}"] for m in MODALITIES], axis=1)
+        marks["no_modalities"] = ~used.any(axis=1)
+        names = list(marks)
+        table = np.stack([marks[n] for n in names], axis=1)  # (B, K)
+        return [[n for n, hit in zip(names, row, strict=True) if hit] for row in table]
+
+
+def _enable_embedding_cache(model: torch.nn.Module, cache_dir: str | Path) -> None:
+    encoder = getattr(model, "encoders", {}).get("image") if hasattr(model, "encoders") else None
+    config = getattr(encoder, "config", None)
+    if config is None or not hasattr(config, "cache_dir"):
+        raise ValueError("embedding_cache needs a model with the timm_image encoder")
+    if config.transfer != "frozen":
+        raise ValueError(
+            f"embedding_cache needs a frozen image backbone; this model's transfer is "
+            f"{config.transfer!r} (its backbone weights were fine-tuned)"
+        )
+    config.cache_dir = str(cache_dir)
+
+
+def _image_age(images: pl.DataFrame, present: Tensor) -> Tensor:
+    age = torch.from_numpy(images["image_age"].fill_null(0.0).to_numpy().astype(np.float32))
+    return torch.where(present, age, torch.zeros_like(age))
+
+
+def _image_columns(inputs: _ChunkInputs) -> dict[str, list[str | None]]:
+    paths = inputs.images["path"].to_list()
+    headers = [inputs.headers[p] if p else (None, None) for p in paths]
+    return {
+        "image_sop_instance_uid": [h[0] for h in headers],
+        "image_sha256": [h[1] for h in headers],
+    }
+
+
+def _top_modality(outputs: dict[str, np.ndarray]) -> tuple[list[str | None], np.ndarray]:
+    deltas = np.stack([outputs[f"delta_{m}"] for m in MODALITIES], axis=1)  # (B, 3)
+    used = np.stack([outputs[f"present_{m}"] for m in MODALITIES], axis=1)  # (B, 3)
+    best = np.where(used, np.abs(deltas), -1.0).argmax(axis=1)  # (B,)
+    any_used = used.any(axis=1)
+    names = [MODALITIES[i] if ok else None for i, ok in zip(best, any_used, strict=True)]
+    value = np.where(any_used, deltas[np.arange(len(best)), best], np.nan)
+    return names, value
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))  # overflow-free logistic
+
+
+def error_rows(samples: pl.DataFrame, err: BaseException, model_id: str) -> pl.DataFrame:
+    """Rows with risk null and ``error`` naming the subject and the reason."""
+    n = samples.height
+    subject = samples["subject_id"][0] if n else None
+    reason = f"subject_id {subject}: {type(err).__name__}: {err}"
+    filled = {"model_id": model_id, "flags": [], "error": reason}
+    columns = {
+        name: samples[name] if name in samples.columns else [filled.get(name)] * n
+        for name in OUTPUT_SCHEMA
+    }
+    return pl.DataFrame(columns, schema=OUTPUT_SCHEMA)
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, batch: dict[str, Any], batch_size: int, device: torch.device
+) -> dict[str, np.ndarray]:
+    """Logit, fused embedding, used modalities and leave-one-out deltas per sample.
+
+    The encoders run once per mini-batch; each modality is then left out by
+    re-fusing (``FusionModel.fuse(..., absent=[m])``).
+
+    Returns:
+        ``logit (B,)``, ``fused (B, D)``, and per modality in ``MODALITIES``:
+        ``present_m (B,)`` bool (False when the model has no encoder for it) and
+        ``delta_m (B,)`` = logit(all) - logit(without m), NaN where not used.
+    """
+    n = int(batch["label"].shape[0])
+    parts = [
+        _predict_one(model, _to(_slice(batch, lo, min(lo + batch_size, n)), device))
+        for lo in range(0, n, max(1, batch_size))
+    ]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _predict_one(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    embeddings, tokens = model.encode(batch)
+    full = model.fuse(embeddings, tokens)
+    b = full["logit"].shape[0]
+    out = {"logit": full["logit"], "fused": full["fused"]}
+    for m in MODALITIES:
+        present = full["embeddings"][m][1].bool() if m in full["embeddings"] else None
+        if present is None:
+            out[f"present_{m}"] = torch.zeros(b, dtype=torch.bool)
+            out[f"delta_{m}"] = torch.full((b,), float("nan"))
+            continue
+        left_out = model.fuse(embeddings, tokens, absent=[m])["logit"]
+        out[f"present_{m}"] = present
+        out[f"delta_{m}"] = (full["logit"] - left_out).masked_fill(~present, float("nan"))
+    return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+            for k, v in out.items()}  # fmt: skip
+
+
+def _slice(batch: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
+    out = {k: v[lo:hi] for k, v in batch.items() if k != "confounds"}
+    out["confounds"] = {k: v[lo:hi] for k, v in batch["confounds"].items()}
+    return out
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    if device.type == "cpu":
+        return batch
+    out = {k: v.to(device) for k, v in batch.items() if k != "confounds"}
+    out["confounds"] = {k: v.to(device) for k, v in batch["confounds"].items()}
+    return out
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def open_run(
+    model: str | Path,
+    cohort_dir: str | Path,
+    out_dir: str | Path,
+    chunk_size: int = 1000,
+    at: datetime | None = None,
+    resume: bool = False,
+    target_prevalence: float | None = None,
+) -> tuple[ModelArtifact, ScoringPlan, list[int]]:
+    """Loads the artifact, plans the chunks, writes or checks the manifest.
+
+    Returns:
+        The artifact, the plan, and the indices of chunks still to score.
+    """
+    if target_prevalence is not None and not 0.0 < target_prevalence < 1.0:
+        raise ValueError(f"target_prevalence must be in (0, 1), got {target_prevalence}")
+    artifact = load_artifact(resolve_artifact_dir(model))
+    samples = scoring_samples(cohort_dir, at)
+    plan = plan_scoring(samples, artifact.model_id, chunk_size, at, target_prevalence)
+    return artifact, plan, prepare_output(out_dir, plan, resume)
+
+
+def score_cohort(
+    model: str | Path,
+    cohort_dir: str | Path,
+    out_dir: str | Path,
+    at: datetime | None = None,
+    chunk_size: int = 1000,
+    resume: bool = False,
+    target_prevalence: float | None = None,
+    batch_size: int = 256,
+    image_cache: str | Path | None = None,
+    embedding_cache: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Scores a cohort in-process, chunk by chunk; returns a run summary.
+
+    Args:
+        model: an artifact directory or a run directory holding ``model/``.
+        cohort_dir: the cohort (labels.parquet gives the samples unless ``at``).
+        out_dir: the output Parquet dataset (see the module docstring).
+        at: score every subject of subjects.parquet at this time instead.
+        chunk_size: subjects per chunk (and per part file).
+        resume: skip finished chunks of an interrupted run with the same manifest.
+        target_prevalence: deployment base rate for prior-shift recalibration.
+        batch_size: samples per forward pass.
+        image_cache: decoded-pixel cache folder.
+        embedding_cache: frozen-backbone feature cache folder.
+        progress: show a progress bar over chunks.
+    """
+    start = time.perf_counter()
+    artifact, plan, pending = open_run(
+        model, cohort_dir, out_dir, chunk_size, at, resume, target_prevalence
+    )
+    scorer = ChunkScorer(
+        artifact, cohort_dir, target_prevalence, batch_size, image_cache, embedding_cache
+    )
+    errors = 0
+    for index in _progress(pending, plan.n_chunks, progress):
+        frame = scorer.score(plan.chunk(index))
+        errors += int(frame["error"].is_not_null().sum())
+        write_part(out_dir, index, frame)
+    return run_summary(plan, pending, errors, time.perf_counter() - start, out_dir)
+
+
+def _progress(pending: list[int], total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        pending, total=len(pending), initial=0, disable=not enabled, unit="chunk",
+        desc=f"scoring ({total - len(pending)}/{total} chunks done before)",
+    )  # fmt: skip
+
+
+def run_summary(
+    plan: ScoringPlan, pending: list[int], errors: int, seconds: float, out_dir: str | Path
+) -> dict[str, Any]:
+    """What a scoring run reports when it ends."""
+    scored = sum(plan.bounds[i + 1] - plan.bounds[i] for i in pending)
+    return {
+        "out_dir": str(out_dir),
+        "n_samples": plan.samples.height,
+        "n_chunks": plan.n_chunks,
+        "chunks_scored": len(pending),
+        "chunks_skipped": plan.n_chunks - len(pending),
+        "samples_scored": scored,
+        "error_rows": errors,
+        "seconds": seconds,
+    }
+
+
+def read_scores(out_dir: str | Path) -> pl.DataFrame:
+    """Every part file of a scoring run, in chunk order."""
+    parts = sorted(Path(out_dir).glob("part-*.parquet"))
+    if not parts:
+        return pl.DataFrame(schema=OUTPUT_SCHEMA)
+    return pl.read_parquet([str(p) for p in parts])
