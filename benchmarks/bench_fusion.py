@@ -1,0 +1,395 @@
+"""Model quality on simulator cohorts: fusion strategies, confound flip, transfer learning.
+
+Three experiments, each a table of real training runs (``training.run.train``)
+scored by ``evaluation.evaluate``:
+
+* ``strategies``: held-out AUROC (bootstrap 95% CI) of attention, early, late and
+  gated fusion and of every single-modality model, against the oracle AUROC of
+  the simulator's true risk on the same subjects.
+* ``confound``: attention fusion trained with and without the confound
+  adversary; AUROC on the training cohort's held-out split vs on a confound-flip
+  cohort of the same world (site effect reversed, plus a new site), and a
+  post-hoc linear probe of site and ancestry on the fused representation.
+* ``transfer``: image-only models, ImageNet-pretrained (package weights) vs
+  scratch, fine-tuned end to end, plus the frozen pretrained backbone (linear
+  probe baseline), at several shares of the training labels.
+
+Frozen backbones share one feature cache (``timm_image.cache_dir``) and all runs
+share one decoded-image cache, so repeated runs skip the CNN and the DICOM
+decoding. A run whose directory already holds a result for the same config is
+reused, so an interrupted benchmark resumes where it stopped.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
+        --experiment all --subjects 600 --epochs 3 --out runs/bench_fusion
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import clinfuse  # noqa: F401  (installs the compat shim before timm/torch imports)
+from clinfuse.config import from_dict, load_yaml, to_dict
+from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+from clinfuse.evaluation.evaluate import evaluate
+from clinfuse.training.config import RunConfig
+from clinfuse.training.run import train
+
+BASE_PRESET = Path(__file__).resolve().parent.parent / "configs" / "bench_fusion.yaml"
+EXPERIMENTS = ("strategies", "confound", "transfer")
+MODALITY_ENCODER = {"image": "timm_image", "vitals/labs": "gru_d", "genotypes": "sgl_mlp"}
+ALL_MODALITIES = tuple(MODALITY_ENCODER)
+RESULT_FILE = "bench_result.json"
+TARGET_RATIO = 0.97
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a table: a name and the edits applied to the base preset."""
+
+    name: str
+    modalities: tuple[str, ...] = ALL_MODALITIES
+    fusion: str = "attention"
+    adversary: bool = True
+    transfer: str = "frozen"
+    weights: str = "package"
+    label_fraction: float = 1.0
+
+
+# ------------------------------------------------------------------ cohorts
+
+
+def make_cohorts(root: Path, subjects: int, flip_subjects: int, image_size: int) -> dict[str, Path]:
+    """The training cohort and a confound-flip cohort of the same world (simulated once).
+
+    Returns:
+        ``{"train": dir, "flip": dir}``.
+    """
+    train_cfg = SimConfig(n_subjects=subjects, image_size=image_size, seed=0, progress=False)
+    flip_cfg = SimConfig(
+        n_subjects=flip_subjects,
+        image_size=image_size,
+        seed=1,
+        site_effect="reversed",
+        new_site=True,
+        progress=False,
+    )
+    return {
+        "train": _simulate_once(root / f"cohort_n{subjects}_s{image_size}", train_cfg),
+        "flip": _simulate_once(root / f"flip_n{flip_subjects}_s{image_size}", flip_cfg),
+    }
+
+
+def _simulate_once(path: Path, cfg: SimConfig) -> Path:
+    if (path / "simulation.yaml").is_file():
+        return path
+    start = time.perf_counter()
+    simulate_cohort(path, cfg)
+    print(f"simulated {cfg.n_subjects} subjects -> {path} in {time.perf_counter() - start:.0f} s")
+    return path
+
+
+# ------------------------------------------------------------------ configs
+
+
+def build_config(variant: Variant, base: dict[str, Any], cohort: Path, caches: Path) -> RunConfig:
+    """The RunConfig of ``variant``: the base preset with the variant's edits."""
+    data = copy.deepcopy(base)
+    data["cohort"] = str(cohort)
+    data["data"]["label_fraction"] = variant.label_fraction
+    data["data"]["cache_dir"] = str(caches / "images")
+    model = data["model"]
+    model["encoders"] = _encoders(variant, model["encoders"], caches)
+    if variant.fusion != model["fusion"]["name"]:
+        model["fusion"] = {"name": variant.fusion, "cfg": {}}
+    if len(variant.modalities) == 1:
+        model["modality_dropout"] = 0.0
+    model["adversary"]["enabled"] = variant.adversary
+    return from_dict(RunConfig, data)
+
+
+def _encoders(variant: Variant, encoders: dict[str, Any], caches: Path) -> dict[str, Any]:
+    keep = {MODALITY_ENCODER[m] for m in variant.modalities}
+    out = {name: dict(kwargs) for name, kwargs in encoders.items() if name in keep}
+    image = out.get("timm_image")
+    if image is not None:
+        image.update(transfer=variant.transfer, weights=variant.weights)
+        frozen = variant.transfer == "frozen"
+        image["cache_dir"] = str(caches / "features") if frozen else ""
+        image["augment"] = not frozen  # a cached backbone never sees augmented films
+    return out
+
+
+# ------------------------------------------------------------------ runs
+
+
+def run_variant(
+    variant: Variant, cfg: RunConfig, cohort: Path, runs: Path, n_bootstrap: int
+) -> dict[str, Any]:
+    """Trains (or reuses) one variant and evaluates it on the cohort's held-out split.
+
+    Returns:
+        ``{"train_s", "epochs", "best_val_auroc", "metrics"}`` with the evaluation metrics.
+    """
+    run_dir = runs / variant.name
+    cached = _cached_result(run_dir, cfg)
+    if cached is not None:
+        return cached
+    start = time.perf_counter()
+    summary = train(cfg, run_dir)
+    seconds = time.perf_counter() - start
+    metrics = evaluate(
+        run_dir, cohort, run_dir / "evaluation", "held_out", n_bootstrap, gradcam_images=0
+    )
+    result = {
+        "config": to_dict(cfg),
+        "train_s": seconds,
+        "epochs": summary["epochs"],
+        "best_val_auroc": summary["best_val_auroc"],
+        "metrics": metrics,
+    }
+    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
+    print(f"  {variant.name}: AUROC {metrics['auroc']:.3f}, trained in {seconds:.0f} s")
+    return result
+
+
+def _cached_result(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    same = json.dumps(result["config"], default=str) == json.dumps(to_dict(cfg), default=str)
+    return result if same else None
+
+
+@dataclass
+class Context:
+    """What every experiment needs: base preset, cohorts, output folders, settings."""
+
+    base: dict[str, Any]
+    cohorts: dict[str, Path]
+    out: Path
+    n_bootstrap: int
+
+    def run(self, variant: Variant, cohort: str = "train") -> dict[str, Any]:
+        """Trains and evaluates ``variant`` on one of the cohorts."""
+        cfg = build_config(variant, self.base, self.cohorts[cohort], self.out / "cache")
+        return run_variant(variant, cfg, self.cohorts[cohort], self.out / "runs", self.n_bootstrap)
+
+
+# ------------------------------------------------------------------ experiments
+
+
+def strategies(ctx: Context) -> list[dict[str, Any]]:
+    """Every fusion strategy and every single-modality model on one cohort."""
+    variants = [
+        Variant(f"fusion_{name}", fusion=name) for name in ("attention", "early", "late", "gated")
+    ]
+    variants += [
+        Variant(f"only_{m.split('/')[0]}", modalities=(m,), fusion="early") for m in ALL_MODALITIES
+    ]
+    return [_strategy_row(v, ctx.run(v)) for v in variants]
+
+
+def _strategy_row(variant: Variant, result: dict[str, Any]) -> dict[str, Any]:
+    m = result["metrics"]
+    low, high = m.get("auroc_ci", [float("nan")] * 2)
+    oracle = m.get("oracle_auroc", float("nan"))
+    return {
+        "model": variant.name,
+        "modalities": "+".join(variant.modalities),
+        "fusion": variant.fusion,
+        "n_held_out": m["n"],
+        "auroc": m["auroc"],
+        "ci_low": low,
+        "ci_high": high,
+        "oracle_auroc": oracle,
+        "ratio": m["auroc"] / oracle,
+        "epochs": result["epochs"],
+        "train_s": result["train_s"],
+    }
+
+
+def confound(ctx: Context) -> list[dict[str, Any]]:
+    """Attention fusion with and without the adversary: held-out vs confound-flip AUROC."""
+    rows = []
+    for adversary in (True, False):
+        variant = Variant(
+            "fusion_attention" if adversary else "fusion_attention_no_adv", adversary=adversary
+        )
+        result = ctx.run(variant)
+        flip = _evaluate_flip(ctx, variant.name)
+        rows.append(_confound_row(adversary, result, flip))
+    return rows
+
+
+def _evaluate_flip(ctx: Context, name: str) -> dict[str, Any]:
+    run_dir = ctx.out / "runs" / name
+    out = run_dir / "evaluation_flip"
+    path = out / "metrics.json"
+    if path.is_file() and path.stat().st_mtime >= (run_dir / RESULT_FILE).stat().st_mtime:
+        return json.loads(path.read_text())
+    return evaluate(run_dir, ctx.cohorts["flip"], out, "all", ctx.n_bootstrap, gradcam_images=0)
+
+
+def _confound_row(adversary: bool, result: dict[str, Any], flip: dict[str, Any]) -> dict[str, Any]:
+    held = result["metrics"]
+    audit = held["audit"]
+    return {
+        "adversary": adversary,
+        "auroc_held_out": held["auroc"],
+        "oracle_held_out": held.get("oracle_auroc", float("nan")),
+        "auroc_flip": flip["auroc"],
+        "flip_ci": flip.get("auroc_ci"),
+        "oracle_flip": flip.get("oracle_auroc", float("nan")),
+        "drop": held["auroc"] - flip["auroc"],
+        "site_probe": audit["site"]["probe_accuracy"],
+        "site_majority": audit["site"]["majority_rate"],
+        "ancestry_probe": audit["ancestry"]["probe_accuracy"],
+        "ancestry_majority": audit["ancestry"]["majority_rate"],
+        "flip_per_site_auroc": {k: v["auroc"] for k, v in flip["per_site"].items()},
+    }
+
+
+def transfer(ctx: Context, fractions: list[float]) -> list[dict[str, Any]]:
+    """Image-only: pretrained vs scratch fine-tuning, frozen pretrained as the baseline."""
+    modes = [("pretrained_full", "full", "package"), ("scratch_full", "full", "none")]
+    modes.append(("pretrained_frozen", "frozen", "package"))
+    rows = []
+    for fraction in fractions:
+        for label, mode, weights in modes:
+            name = f"image_{label}_f{int(round(fraction * 100))}"
+            v = Variant(name, ("image",), "early", True, mode, weights, fraction)
+            rows.append(_transfer_row(label, fraction, ctx.run(v)))
+    return rows
+
+
+def _transfer_row(label: str, fraction: float, result: dict[str, Any]) -> dict[str, Any]:
+    m = result["metrics"]
+    low, high = m.get("auroc_ci", [float("nan")] * 2)
+    return {
+        "model": label,
+        "label_fraction": fraction,
+        "auroc": m["auroc"],
+        "ci_low": low,
+        "ci_high": high,
+        "oracle_auroc": m.get("oracle_auroc", float("nan")),
+        "epochs": result["epochs"],
+        "train_s": result["train_s"],
+    }
+
+
+# ------------------------------------------------------------------ output
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of ``rows`` (floats to 3 decimals, seconds to 0)."""
+    if not rows:
+        return "(no rows)\n"
+    cols = [c for c in rows[0] if not isinstance(rows[0][c], dict)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(c, r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(column: str, value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.0f}" if column.endswith("_s") else f"{value:.3f}"
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{v:.3f}" for v in value) + "]"
+    return str(value)
+
+
+def write_outputs(out: Path, name: str, rows: list[dict[str, Any]], notes: str) -> str:
+    """Writes ``<name>.json`` and ``<name>.md``; returns the markdown."""
+    text = f"## {name}\n\n{notes}\n\n{markdown_table(rows)}"
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
+    (out / f"{name}.md").write_text(text)
+    return text
+
+
+def _strategy_notes(rows: list[dict[str, Any]]) -> str:
+    attention = next(r for r in rows if r["model"] == "fusion_attention")
+    verdict = "meets" if attention["ratio"] >= TARGET_RATIO else "misses"
+    return (
+        f"Attention fusion reaches {attention['ratio']:.3f} x oracle AUROC "
+        f"({verdict} the {TARGET_RATIO} target by {attention['ratio'] - TARGET_RATIO:+.3f})."
+    )
+
+
+def _confound_notes(rows: list[dict[str, Any]]) -> str:
+    parts = [f"adversary={r['adversary']}: drop {r['drop']:+.3f}" for r in rows]
+    return "AUROC drop from held-out to the confound-flip cohort: " + "; ".join(parts) + "."
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--experiment", choices=[*EXPERIMENTS, "all"], default="all")
+    ap.add_argument("--subjects", type=int, default=5000, help="training cohort size")
+    ap.add_argument(
+        "--flip-subjects", type=int, default=0, help="flip cohort size (0 = subjects / 2)"
+    )
+    ap.add_argument("--transfer-subjects", type=int, default=0, help="0 = --subjects")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--patience", type=int, default=4)
+    ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for CIs")
+    ap.add_argument("--config", default=str(BASE_PRESET), help="base preset")
+    ap.add_argument("--out", default="runs/bench_fusion")
+    return ap.parse_args(argv)
+
+
+def _base_preset(args: argparse.Namespace) -> dict[str, Any]:
+    base = load_yaml(args.config)
+    base.setdefault("data", {})["image_size"] = args.image_size
+    base.setdefault("optim", {}).update(max_epochs=args.epochs, patience=args.patience)
+    return base
+
+
+def _context(args: argparse.Namespace, subjects: int, out: Path) -> Context:
+    flip = args.flip_subjects or max(subjects // 2, 200)
+    cohorts = make_cohorts(out / "cohorts", subjects, flip, args.image_size)
+    return Context(_base_preset(args), cohorts, out, args.bootstrap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+    contexts: dict[int, Context] = {}
+    for name in wanted:
+        subjects = (
+            (args.transfer_subjects or args.subjects) if name == "transfer" else args.subjects
+        )
+        if subjects not in contexts:
+            contexts[subjects] = _context(args, subjects, out)
+        print(f"== {name} ({subjects} subjects)", flush=True)
+        rows, notes = _run_experiment(name, contexts[subjects], args)
+        print(write_outputs(out, name, rows, notes), flush=True)
+    return 0
+
+
+def _run_experiment(
+    name: str, ctx: Context, args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], str]:
+    if name == "strategies":
+        rows = strategies(ctx)
+        return rows, _strategy_notes(rows)
+    if name == "confound":
+        rows = confound(ctx)
+        return rows, _confound_notes(rows)
+    return transfer(ctx, args.fractions), "Image-only models, held-out AUROC."
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
