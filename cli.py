@@ -17,6 +17,7 @@ _COMMAND_MODULES = [
     "clinfuse.datasets.commands",
     "clinfuse.encoders.commands",
     "clinfuse.training.commands",
+    "clinfuse.tune.commands",
     "clinfuse.scoring.commands",
 ]
 

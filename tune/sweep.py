@@ -1,0 +1,390 @@
+"""A sweep: shared data and image features, the Tuner, resume, results and the best model.
+
+``SWEEP_DIR/``
+    base_config.yaml        the resolved RunConfig every trial starts from
+    sweep.json              the sweep options (read back by ``--resume``)
+    data_spec.yaml          the DataSpec fitted once on the train split
+    cache/images/           decoded films, shared by all trials
+    cache/embeddings/       frozen-backbone features, computed once before the Tuner starts
+    ray/<name>/             Tune's experiment (default storage; ``storage_path`` moves it)
+    results.parquet         one row per trial
+    auroc_by_strategy.png   best validation AUROC of each trial by fusion strategy
+    best/model              the best trial's exported artifact (``load_artifact``)
+
+Scheduling: ASHA stops weak trials at epochs ``grace_period * reduction_factor**k``;
+Optuna (TPE, define-by-run over the conditional space) proposes trials, at most
+``max_concurrent`` at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from clinfuse.config import load_yaml, save_yaml, to_dict
+from clinfuse.datasets.datamodule import CohortDataModule, save_spec
+from clinfuse.datasets.schema import SPLITS
+from clinfuse.encoders import create_encoder
+from clinfuse.training.config import RunConfig
+from clinfuse.training.module import RiskModule
+from clinfuse.training.run import export_artifact
+from clinfuse.tune.space import define_by_run, get_space, plain_paths
+from clinfuse.tune.trainable import METRIC, first_conv, train_fn, trial_config
+
+OPTIONS_FILE = "sweep.json"
+BASE_FILE = "base_config.yaml"
+RESULTS_FILE = "results.parquet"
+PLOT_FILE = "auroc_by_strategy.png"
+STRATEGY_KEY = "model.fusion.name"
+
+
+@dataclass
+class SweepOptions:
+    """How a sweep runs.
+
+    Attributes:
+        space: search space name (``tune.space.SPACES``).
+        num_samples: trials to run.
+        max_concurrent: trials running at once (Optuna proposes no more).
+        cpus_per_trial, gpus_per_trial: resources of one trial (fractional GPUs share one).
+        address: None starts Ray in this process; "auto" or "ray://host:port" joins a cluster.
+        num_cpus: CPUs of the in-process Ray (None = all of the machine).
+        storage_path: local directory or object-store URI; None = ``SWEEP_DIR/ray``.
+        name: experiment name under the storage path.
+        grace_period: epochs every trial gets before ASHA may stop it.
+        reduction_factor: ASHA keeps the top 1/reduction_factor at each rung.
+        max_failures: retries of a failed trial (from its last checkpoint).
+        seed: Optuna sampler seed.
+    """
+
+    space: str = "default"
+    num_samples: int = 20
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    address: str | None = None
+    num_cpus: int | None = None
+    storage_path: str | None = None
+    name: str = "sweep"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_failures: int = 2
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------ prepare
+
+
+def sweep_base_config(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """The base config as a dict, with the decoded-image and embedding caches in the sweep.
+
+    Every trial's ``timm_image`` points at one ``cache/embeddings`` and caches spatial
+    tokens too, so attention trials with image tokens hit the same entries.
+    """
+    base = to_dict(cfg)
+    if not base["data"].get("cache_dir"):
+        base["data"]["cache_dir"] = str(out / "cache" / "images")
+    image = base["model"]["encoders"].get("timm_image")
+    if image is not None:
+        image.setdefault("cache_dir", "")
+        image["cache_dir"] = image["cache_dir"] or str(out / "cache" / "embeddings")
+        image["cache_tokens"] = True
+    return base
+
+
+def prepare_data(base: dict[str, Any], out: Path) -> CohortDataModule:
+    """Reads the cohort once, fits the DataSpec on train and builds every split's tensors."""
+    cfg = trial_config(base, {})
+    dm = CohortDataModule(cfg.cohort, cfg.data)
+    dm.setup("fit")
+    save_spec(dm.spec, out / "data_spec.yaml")
+    return dm
+
+
+def warm_embedding_cache(base: dict[str, Any], dm: CohortDataModule) -> int:
+    """One pass of the frozen backbone over every image of every split.
+
+    Returns the number of images that went through the CNN (0 when the cache was
+    already warm or the config has no cached image encoder).
+    """
+    image_cfg = base["model"]["encoders"].get("timm_image")
+    if not image_cfg or not image_cfg.get("cache_dir"):
+        return 0
+    encoder = create_encoder("timm_image", spec=dm.spec, **{**image_cfg, "transfer": "frozen"})
+    encoder.eval()
+    seen = [0]
+    hook = first_conv(encoder).register_forward_hook(
+        lambda _m, inputs, _o: seen.__setitem__(0, seen[0] + inputs[0].shape[0])
+    )
+    with torch.no_grad():
+        for split in SPLITS:
+            for batch in dm.dataloader(split):
+                encoder(batch)
+    hook.remove()
+    return seen[0]
+
+
+# -------------------------------------------------------------------------- tuner
+
+
+def start_ray(opts: SweepOptions) -> None:
+    """Joins ``opts.address`` or starts a local Ray in this process (no dashboard)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if opts.address:
+        ray.init(address=opts.address)
+    else:
+        ray.init(num_cpus=opts.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def experiment_path(opts: SweepOptions) -> str:
+    """Where Tune keeps the experiment (local path or URI)."""
+    return f"{str(opts.storage_path).rstrip('/')}/{opts.name}"
+
+
+def make_trainable(base: dict[str, Any], dm: CohortDataModule, opts: SweepOptions) -> Any:
+    """``train_fn`` with the shared data in the object store and per-trial resources."""
+    from ray import tune
+
+    trainable = tune.with_parameters(train_fn, base_cfg=base, data=dm)
+    return tune.with_resources(trainable, {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
+
+
+def make_tuner(trainable: Any, max_epochs: int, opts: SweepOptions) -> Any:
+    """A fresh Tuner: OptunaSearch behind a ConcurrencyLimiter, ASHA, retries, checkpoints."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    # metric and mode go to the searcher and scheduler themselves: OptunaSearch with a
+    # define-by-run space does not receive them through TuneConfig.
+    searcher = OptunaSearch(
+        space=define_by_run(get_space(opts.space)), metric=METRIC, mode="max", seed=opts.seed
+    )
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        metric=METRIC,
+        mode="max",
+        max_t=max(max_epochs, 1),
+        grace_period=min(opts.grace_period, max(max_epochs, 1)),
+        reduction_factor=opts.reduction_factor,
+    )
+    tune_config = tune.TuneConfig(
+        search_alg=ConcurrencyLimiter(searcher, max_concurrent=opts.max_concurrent),
+        scheduler=scheduler,
+        num_samples=opts.num_samples,
+    )
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=_run_config(opts))
+
+
+def _run_config(opts: SweepOptions) -> Any:
+    from ray import tune
+
+    return tune.RunConfig(
+        name=opts.name,
+        storage_path=opts.storage_path,
+        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"
+        ),
+        verbose=1,
+    )
+
+
+def restore_tuner(path: str, trainable: Any) -> Any:
+    """The interrupted experiment at ``path``: errored trials resume from their checkpoints."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(path):
+        raise FileNotFoundError(f"{path}: no Tune experiment to resume (run without --resume)")
+    return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
+
+
+# ------------------------------------------------------------------------ results
+
+
+def results_table(results: Any, max_epochs: int) -> pl.DataFrame:
+    """One row per trial: id, strategy, sampled parameters, best val_auroc, epochs, status."""
+    rows = [_result_row(r, max_epochs) for r in results]
+    table = pl.DataFrame(rows, infer_schema_length=None)
+    return table.sort(["best_val_auroc", "trial_id"], descending=[True, False], nulls_last=True)
+
+
+def _result_row(result: Any, max_epochs: int) -> dict[str, Any]:
+    history = result.metrics_dataframe
+    scores = history[METRIC].dropna() if history is not None and METRIC in history else []
+    epochs = int(result.metrics.get("training_iteration", 0) or 0)
+    row = {
+        "trial_id": result.metrics.get("trial_id") or Path(result.path).name,
+        "strategy": result.config.get(STRATEGY_KEY),
+        "best_val_auroc": float(np.max(scores)) if len(scores) else None,
+        "epochs": epochs,
+        "status": _status(result, epochs, max_epochs),
+    }
+    row.update({k: _cell(v) for k, v in sorted(plain_paths(result.config).items())})
+    return row
+
+
+def _status(result: Any, epochs: int, max_epochs: int) -> str:
+    if result.error is not None:
+        return "error"
+    return "completed" if epochs >= max_epochs else "stopped"
+
+
+def _cell(value: Any) -> Any:
+    """Parquet needs one type per column: bools and numbers stay, anything else is text."""
+    return value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+
+def plot_by_strategy(table: pl.DataFrame, path: Path) -> None:
+    """Best validation AUROC of every trial, one column of points per fusion strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = table.filter(pl.col("best_val_auroc").is_not_null())
+    strategies = sorted(done["strategy"].unique().to_list())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, name in enumerate(strategies):
+        y = done.filter(pl.col("strategy") == name)["best_val_auroc"].to_numpy()
+        x = i + np.linspace(-0.12, 0.12, len(y)) if len(y) > 1 else np.full(len(y), i)
+        ax.scatter(x, y, alpha=0.8)
+        ax.hlines(y.max(), i - 0.25, i + 0.25, color="k", linewidth=1)
+    ax.set_xticks(range(len(strategies)), strategies)
+    ax.set_xlabel("fusion strategy")
+    ax.set_ylabel("best validation AUROC")
+    ax.set_title(f"{done.height} trials (line: best per strategy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------- export
+
+
+def export_best(results: Any, base: dict[str, Any], dm: CohortDataModule, out: Path) -> dict:
+    """Reloads the best trial's best checkpoint into a RiskModule and exports its artifact.
+
+    Writes ``out/model`` (the artifact), ``out/config.yaml`` and ``out/summary.json``.
+    The artifact's config drops the sweep's embedding cache path so it stays portable.
+    """
+    best = results.get_best_result(metric=METRIC, mode="max", scope="all")
+    checkpoint = best.get_best_checkpoint(METRIC, "max")
+    if checkpoint is None:
+        raise RuntimeError(f"trial {best.path}: no checkpoint was reported; nothing to export")
+    cfg = trial_config(base, best.config)
+    module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
+    with checkpoint.as_directory() as folder:
+        from clinfuse.tune.trainable import CHECKPOINT_FILE
+
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    portable = trial_config(_without_embedding_cache(base), best.config)
+    save_yaml(portable, out / "config.yaml")
+    summary = export_artifact(module, dm, portable, out)
+    summary.update(trial=best.metrics.get("trial_id"), config=best.config, **_best_score(best))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _best_score(best: Any) -> dict[str, Any]:
+    history = best.metrics_dataframe
+    return {"best_val_auroc": float(history[METRIC].max()), "epochs": int(len(history))}
+
+
+def _without_embedding_cache(base: dict[str, Any]) -> dict[str, Any]:
+    data = json.loads(json.dumps(base))
+    image = data["model"]["encoders"].get("timm_image")
+    if image is not None:
+        image["cache_dir"] = ""
+    data["data"]["cache_dir"] = None
+    return data
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def run_sweep(
+    cfg: RunConfig | None, out: str | Path, opts: SweepOptions, resume: bool = False
+) -> pl.DataFrame:
+    """Runs (or resumes) a sweep and writes results, plot and the best artifact to ``out``.
+
+    Args:
+        cfg: the base run config (ignored on resume: the sweep's saved one is used).
+        out: the sweep directory.
+        opts: sweep options (on resume only ``address``/``num_cpus`` are taken).
+        resume: continue the interrupted sweep in ``out``.
+
+    Returns the results table (one row per trial).
+    """
+    out = Path(out).resolve()
+    base = _resume_dir(out) if resume else _prepare_dir(cfg, out, opts)
+    opts = _read_options(out, opts) if resume else opts
+    dm = prepare_data(base, out)
+    warmed = warm_embedding_cache(base, dm)
+    print(f"embedding cache: {warmed} images through the CNN before the sweep")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    start_ray(opts)
+    trainable = make_trainable(base, dm, opts)
+    max_epochs = int(base["optim"]["max_epochs"])
+    if resume:
+        tuner = restore_tuner(experiment_path(opts), trainable)
+    else:
+        tuner = make_tuner(trainable, max_epochs, opts)
+    return _finish(tuner.fit(), base, dm, out, max_epochs)
+
+
+def _finish(
+    results: Any, base: dict, dm: CohortDataModule, out: Path, max_epochs: int
+) -> pl.DataFrame:
+    table = results_table(results, max_epochs)
+    table.write_parquet(out / RESULTS_FILE)
+    with pl.Config(tbl_rows=-1, tbl_cols=8, fmt_str_lengths=24):
+        print(table.select("trial_id", "strategy", "best_val_auroc", "epochs", "status"))
+    plot_by_strategy(table, out / PLOT_FILE)
+    summary = export_best(results, base, dm, out / "best")
+    print(
+        f"best trial {summary['trial']}: val AUROC {summary['best_val_auroc']:.3f}; "
+        f"artifact in {out / 'best' / 'model'}"
+    )
+    return table
+
+
+def _prepare_dir(cfg: RunConfig | None, out: Path, opts: SweepOptions) -> dict[str, Any]:
+    if cfg is None or not cfg.cohort:
+        raise ValueError("cohort is not set: pass --cohort DIR or cohort=DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    opts.storage_path = opts.storage_path or str(out / "ray")
+    base = sweep_base_config(cfg, out)
+    save_yaml(base, out / BASE_FILE)
+    (out / OPTIONS_FILE).write_text(json.dumps(asdict(opts), indent=2))
+    return base
+
+
+def _resume_dir(out: Path) -> dict[str, Any]:
+    """The interrupted sweep's base config (the one its trials were sampled against)."""
+    path = out / BASE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no sweep to resume in {out}")
+    return load_yaml(path)
+
+
+def _read_options(out: Path, given: SweepOptions) -> SweepOptions:
+    """The interrupted sweep's options; only where it runs (address, local CPUs) may change."""
+    saved = SweepOptions(**json.loads((out / OPTIONS_FILE).read_text()))
+    saved.address = given.address or saved.address
+    saved.num_cpus = given.num_cpus or saved.num_cpus
+    return saved

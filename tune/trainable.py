@@ -1,0 +1,151 @@
+"""The Ray Tune trainable: one ``train_fn(config, ...)`` that builds everything from the config.
+
+Each trial writes its sampled ``{dotted.path: value}`` config onto the sweep's
+base config, trains with the run's Lightning Trainer (``training.run.build_trainer``)
+and reports every validation epoch to Tune with a Lightning checkpoint through
+Ray's ``TuneReportCheckpointCallback``. A trial that is restarted (a retried
+failure, a resumed sweep) continues from its last reported checkpoint.
+
+The prepared data (samples, DataSpec, tabular tensors) arrive through
+``tune.with_parameters`` as one ``CohortDataModule`` that the driver set up once;
+trials never re-read the cohort.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from ray import tune
+from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
+from torch import nn
+
+from clinfuse.config import from_dict
+from clinfuse.datasets.datamodule import CohortDataModule, DataConfig
+from clinfuse.training.config import RunConfig
+from clinfuse.training.module import RiskModule
+from clinfuse.training.run import build_trainer
+from clinfuse.tune.space import apply_sampled
+
+CHECKPOINT_FILE = "lightning.ckpt"
+METRIC = "val_auroc"
+BACKBONE_METRIC = "image_backbone_images"
+# DataConfig fields a trial may change on the shared, already prepared data.
+_LOADER_FIELDS = ("batch_size", "num_workers")
+
+
+def trial_config(base_cfg: dict[str, Any], sampled: dict[str, Any]) -> RunConfig:
+    """The resolved RunConfig of a trial: ``sampled`` dotted paths over ``base_cfg``."""
+    return from_dict(RunConfig, apply_sampled(base_cfg, sampled))
+
+
+def train_fn(config: dict[str, Any], base_cfg: dict[str, Any], data: CohortDataModule) -> None:
+    """Trains one trial and reports ``val_auroc`` (plus every logged metric) each epoch.
+
+    Args:
+        config: the sampled ``{dotted.path: value}`` overrides of this trial.
+        base_cfg: the sweep's resolved RunConfig as a plain dict.
+        data: the set-up DataModule shared by all trials (``tune.with_parameters``).
+    """
+    cfg = trial_config(base_cfg, config)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = datamodule_for(data, cfg.data)
+    module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
+    callbacks = [BackboneCounter(), TuneReportCheckpointCallback(filename=CHECKPOINT_FILE)]
+    trainer, _ = build_trainer(cfg, _trial_dir(), callbacks)
+    _ensure_callbacks(trainer, callbacks)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        trainer.fit(module, datamodule=dm)
+        return
+    with checkpoint.as_directory() as folder:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(Path(folder) / CHECKPOINT_FILE))
+
+
+def datamodule_for(shared: CohortDataModule, cfg: DataConfig) -> CohortDataModule:
+    """The shared DataModule with this trial's loader settings (batch size, workers).
+
+    Raises:
+        ValueError: when the trial changes a field the prepared tensors depend on
+            (image size, window, splits, ...): those cannot vary inside one sweep.
+    """
+    ours, theirs = _tensor_fields(cfg), _tensor_fields(shared.cfg)
+    changed = [name for name in ours if ours[name] != theirs[name]]
+    if changed:
+        raise ValueError(
+            f"a trial changed data.{', data.'.join(changed)}; the sweep prepares the data once, "
+            f"so only data.{' and data.'.join(_LOADER_FIELDS)} may be tuned"
+        )
+    dm = copy.copy(shared)
+    dm.cfg = dataclasses.replace(
+        shared.cfg, **{name: getattr(cfg, name) for name in _LOADER_FIELDS}
+    )
+    return dm
+
+
+def _tensor_fields(cfg: DataConfig) -> dict[str, Any]:
+    fields = dataclasses.asdict(cfg)
+    fields["split_fractions"] = tuple(fields["split_fractions"])  # YAML gives a list
+    return {k: v for k, v in fields.items() if k not in _LOADER_FIELDS}
+
+
+class BackboneCounter(Callback):
+    """Counts images that really pass through the image CNN and logs the running total.
+
+    A forward hook on the backbone's first convolution sees every CNN pass and
+    nothing else, so cache hits of a frozen backbone leave the count at zero.
+    Logged as ``image_backbone_images`` at each validation epoch end.
+    """
+
+    def __init__(self) -> None:
+        self.images = 0
+        self._handle: Any = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        conv = first_conv(pl_module.model.encoders["image"]) if _has_image(pl_module) else None
+        if conv is not None and self._handle is None:
+            self._handle = conv.register_forward_hook(self._count)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            pl_module.log(BACKBONE_METRIC, float(self.images))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _count(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        self.images += int(inputs[0].shape[0])
+
+
+def first_conv(encoder: nn.Module) -> nn.Conv2d | None:
+    """The first convolution of an image encoder's ``backbone`` (None without a backbone)."""
+    backbone = getattr(encoder, "backbone", None)
+    if backbone is None:
+        return None
+    return next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _ensure_callbacks(trainer: L.Trainer, callbacks: list[Callback]) -> None:
+    """Appends the trial's callbacks unless ``build_trainer`` already installed them.
+
+    ``training.run.build_trainer`` (c5ce731) accepts ``extra_callbacks`` but does not
+    pass them to the Trainer; without this no epoch would ever reach Tune.
+    """
+    for callback in callbacks:
+        if not any(c is callback for c in trainer.callbacks):
+            trainer.callbacks.append(callback)
+
+
+def _has_image(pl_module: L.LightningModule) -> bool:
+    return "image" in pl_module.model.encoders
+
+
+def _trial_dir() -> Path:
+    """Where the trial's Lightning logs go (Tune's per-trial directory)."""
+    return Path(tune.get_context().get_trial_dir())
