@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+
+from clinfuse.scoring.score import MANIFEST, read_scores, score_cohort
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def local_ray():
+    """A 2-CPU local Ray without dashboard or usage reporting, shut down afterwards."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_actor_pool_matches_the_local_path(scoring_run, tmp_path, local_ray):
+    from clinfuse.scoring.ray_scoring import score_with_ray
+
+    cohort = scoring_run.cohort
+    local_out, ray_out = tmp_path / "local", tmp_path / "ray"
+    score_cohort(scoring_run.run_dir, cohort, local_out, chunk_size=30, progress=False)
+    # A local run of the same plan stopped after chunk 0, then Ray finishes it: the resume
+    # semantics are shared, so the first chunk must be skipped, not rescored.
+    shutil.copytree(local_out, ray_out)
+    for part in sorted(ray_out.glob("part-*.parquet"))[1:]:
+        part.unlink()
+    summary = score_with_ray(
+        scoring_run.run_dir, cohort, ray_out, num_actors=2, chunk_size=30, resume=True,
+        progress=False,
+    )  # fmt: skip
+    assert summary["chunks_skipped"] == 1 and summary["chunks_scored"] == 3
+    assert (ray_out / MANIFEST).read_text() == (local_out / MANIFEST).read_text()
+    local, remote = read_scores(local_out), read_scores(ray_out)
+    assert remote.schema == local.schema and remote.height == local.height
+    assert remote["subject_id"].to_list() == local["subject_id"].to_list()
+    np.testing.assert_allclose(remote["risk"].to_numpy(), local["risk"].to_numpy(), atol=1e-6)
+    same = pl.all().exclude("risk", "risk_raw", "ood_score", "top_modality_delta")
+    assert remote.select(same).equals(local.select(same))
+    assert not list(ray_out.glob(".part-*"))
