@@ -138,18 +138,31 @@ def plain_paths(sampled: dict[str, Any]) -> dict[str, Any]:
 def apply_sampled(base: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
     """A copy of the config dict ``base`` with the sampled dotted paths written in.
 
-    A sampled component name (a path ending in ``.name``, e.g. ``model.fusion.name``)
+    Paths into encoders the base does not configure are ignored. A sampled
+    component name (a path ending in ``.name``, e.g. ``model.fusion.name``)
     clears its sibling ``cfg`` first, so a sampled strategy never inherits another
     strategy's arguments from the preset; sampled ``cfg`` fields are then written in.
     """
     out = copy.deepcopy(base)
-    sampled = plain_paths(sampled)
+    sampled = {p: v for p, v in plain_paths(sampled).items() if _configured(out, p)}
     for path in sampled:
         if path.endswith(".name"):
             _set(out, path[: -len(".name")] + ".cfg", {})
     for path, value in sorted(sampled.items()):
         _set(out, path, value)
     return out
+
+
+def _configured(base: dict[str, Any], path: str) -> bool:
+    """False for a path into an encoder the base config does not use.
+
+    Writing ``model.encoders.timm_image.transfer`` into an image-free base would
+    add an image encoder; the space's knobs of absent encoders are dropped instead.
+    """
+    parts = path.split(".")
+    if parts[:2] != ["model", "encoders"] or len(parts) < 4:
+        return True
+    return parts[2] in base.get("model", {}).get("encoders", {})
 
 
 def _walk_space(space: Space, trial: Any) -> dict[str, Any]:

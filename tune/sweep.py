@@ -36,7 +36,7 @@ from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import export_artifact
 from clinfuse.tune.space import define_by_run, get_space, plain_paths
-from clinfuse.tune.trainable import METRIC, first_conv, train_fn, trial_config
+from clinfuse.tune.trainable import BACKBONE_METRIC, METRIC, first_conv, train_fn, trial_config
 
 OPTIONS_FILE = "sweep.json"
 BASE_FILE = "base_config.yaml"
@@ -214,7 +214,7 @@ def restore_tuner(path: str, trainable: Any) -> Any:
 
 
 def results_table(results: Any, max_epochs: int) -> pl.DataFrame:
-    """One row per trial: id, strategy, sampled parameters, best val_auroc, epochs, status."""
+    """One row per trial: id, strategy, best val_auroc, epochs, status, CNN images, parameters."""
     rows = [_result_row(r, max_epochs) for r in results]
     table = pl.DataFrame(rows, infer_schema_length=None)
     return table.sort(["best_val_auroc", "trial_id"], descending=[True, False], nulls_last=True)
@@ -230,6 +230,8 @@ def _result_row(result: Any, max_epochs: int) -> dict[str, Any]:
         "best_val_auroc": float(np.max(scores)) if len(scores) else None,
         "epochs": epochs,
         "status": _status(result, epochs, max_epochs),
+        # Images the trial ran through the CNN itself (0 = all from the shared cache).
+        "cnn_images": result.metrics.get(BACKBONE_METRIC),
     }
     row.update({k: _cell(v) for k, v in sorted(plain_paths(result.config).items())})
     return row
