@@ -194,15 +194,17 @@ def test_tiny_sweep_shares_features_and_exports_a_scoring_artifact(
         logit = artifact.model(batch)["logit"].numpy()
     assert logit.shape == (tuning.height,) and np.isfinite(logit).all()
     best = saved["best_val_auroc"].max()
-    # AUROC moves in steps of 1/(positives * negatives); equal ranks give equal values.
-    assert auroc(tuning["label"].to_numpy(), logit) == pytest.approx(best, abs=1e-9)
+    # AUROC moves in steps of 1/(positives * negatives) >= 1/50**2 here, so any other
+    # checkpoint or a rank flip shows; Lightning logged it as float32 (error < 6e-8).
+    assert auroc(tuning["label"].to_numpy(), logit) == pytest.approx(best, abs=1e-6)
 
     from clinfuse.cli import main
 
     assert main(["score", str(out / "best" / "model"), "--cohort", str(cohort),
                  "--out", str(tmp_path / "scores"), "--no-progress"]) == 0  # fmt: skip
-    scores = pl.read_parquet(tmp_path / "scores")
-    assert scores.height == 100
+    scores = pl.read_parquet(tmp_path / "scores" / "*.parquet")
+    assert scores.height == 100 and scores["error"].is_null().all()
+    assert (scores["model_id"] == artifact.model_id).all()
 
 
 def _first_result(experiment: Path) -> bool:
