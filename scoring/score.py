@@ -540,7 +540,8 @@ class ChunkScorer:
 
 
 def _enable_embedding_cache(model: torch.nn.Module, cache_dir: str | Path) -> None:
-    encoder = getattr(model, "encoders", {}).get("image") if hasattr(model, "encoders") else None
+    encoders = getattr(model, "encoders", None)
+    encoder = encoders["image"] if encoders is not None and "image" in encoders else None
     config = getattr(encoder, "config", None)
     if config is None or not hasattr(config, "cache_dir"):
         raise ValueError("embedding_cache needs a model with the timm_image encoder")

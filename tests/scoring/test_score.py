@@ -311,3 +311,18 @@ def test_sigkill_mid_run_then_resume_scores_every_sample_once(scoring_run, tmp_p
     key = ["subject_id", "prediction_time"]
     assert scores.select(key).sort(key).equals(labels.select(key).sort(key))
     assert not list(out.glob(".part-*"))  # no temporaries left behind
+
+
+def test_embedding_cache_gives_the_same_scores(scoring_run, artifact, tmp_path):
+    from clinfuse.training.artifact import load_artifact
+
+    samples = scoring_samples(scoring_run.cohort).head(24)
+    plain = ChunkScorer(artifact, scoring_run.cohort).score(samples)
+    cached_art = load_artifact(scoring_run.model_dir)  # the cache setting is per model
+    scorer = ChunkScorer(cached_art, scoring_run.cohort, embedding_cache=tmp_path / "features")
+    first, second = scorer.score(samples), scorer.score(samples)
+    cache = cached_art.model.encoders["image"]._cache
+    n_images = int(plain["image_present"].sum())
+    assert n_images > 0 and cache.hits >= n_images  # the second pass read every film's features
+    for run in (first, second):
+        np.testing.assert_allclose(run["risk"].to_numpy(), plain["risk"].to_numpy(), atol=1e-6)
