@@ -289,7 +289,7 @@ def _remove_temporaries(out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+def _write_json_atomic(path: Path, payload: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
@@ -392,6 +392,30 @@ def image_header(path: str) -> tuple[str | None, str | None]:
         return None, None
 
 
+def cached_image_header(path: str, cache_dir: Path | None) -> tuple[str | None, str | None]:
+    """``image_header`` through a per-file cache keyed like the decoded-pixel cache.
+
+    The key is (resolved path, size, mtime), the key under which ``ImageLoader``
+    caches the pixels, so the fingerprint always describes the file whose pixels
+    were used. Unreadable files are not cached (they are retried next run).
+    """
+    if cache_dir is None:
+        return image_header(path)
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None, None
+    text = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    entry = cache_dir / f"{hashlib.sha1(text.encode()).hexdigest()}.json"
+    if entry.is_file():
+        return tuple(json.loads(entry.read_text()))  # type: ignore[return-value]
+    uid, sha = image_header(path)
+    if sha is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(entry, [uid, sha])
+    return uid, sha
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -466,7 +490,8 @@ class ChunkScorer:
         windowed = window_events(events, samples, self.spec.window_hours).collect()
         images = latest_images(self.cohort_dir, samples)
         paths = images["path"].drop_nulls().unique(maintain_order=True).to_list()
-        return _ChunkInputs(windowed, images, {p: image_header(p) for p in paths})
+        cache = None if self.image_cache is None else Path(self.image_cache) / "headers"
+        return _ChunkInputs(windowed, images, {p: cached_image_header(p, cache) for p in paths})
 
     def _batch(self, samples: pl.DataFrame, inputs: _ChunkInputs) -> dict[str, Any]:
         obs = channel_observations(inputs.windowed.lazy(), self.spec)
