@@ -42,7 +42,7 @@ class OptimConfig:
     precision: str = "32-true"
     accelerator: str = "auto"
     devices: Any = 1
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = 1
     progress_bar: bool = True
 
 

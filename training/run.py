@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.predict import collect_predictions
 from clinfuse.training.provenance import code_version, cohort_hashes, package_versions
+
+# A frozen image backbone is kept in eval mode on purpose (its BatchNorm statistics
+# must not move); Lightning warns about every such module at the start of fit.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 class GradualUnfreezing(Callback):
@@ -58,6 +63,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
 
+    _default_embedding_cache(cfg, run)
     dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
     dm.setup("fit")
     module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
@@ -74,6 +80,22 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     )
     _write_json(run / "summary.json", summary)
     return summary
+
+
+def _default_embedding_cache(cfg: RunConfig, run: Path) -> None:
+    """A frozen image backbone gets an embedding cache in the run dir by default.
+
+    The CNN then runs once per image instead of once per epoch. Augmentation would
+    change the CNN input every epoch, so the cache is only switched on when the user
+    did not ask for augmentation or a cache of their own in the config.
+    """
+    image = cfg.model.encoders.get("timm_image")
+    if image is None or image.get("transfer", "frozen") != "frozen":
+        return
+    if "cache_dir" in image or image.get("augment") is True:
+        return
+    image["cache_dir"] = str(run / "embedding_cache")
+    image["augment"] = False
 
 
 def build_trainer(
