@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from ray import tune
 from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
@@ -55,7 +56,11 @@ def train_fn(config: dict[str, Any], base_cfg: dict[str, Any], data: CohortDataM
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = datamodule_for(data, cfg.data)
     module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
-    callbacks = [BackboneCounter(), TuneReportCheckpointCallback(filename=CHECKPOINT_FILE)]
+    callbacks = [
+        BackboneCounter(),
+        EpochMetricsCarry(),  # before the Tune callback: its state rides in the checkpoint
+        TuneReportCheckpointCallback(filename=CHECKPOINT_FILE),
+    ]
     trainer, _ = build_trainer(cfg, _trial_dir(), callbacks)
     _ensure_callbacks(trainer, callbacks)
     checkpoint = tune.get_checkpoint()
@@ -121,6 +126,33 @@ class BackboneCounter(Callback):
 
     def _count(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         self.images += int(inputs[0].shape[0])
+
+
+class EpochMetricsCarry(Callback):
+    """Stores the last validation metrics in the checkpoint and restores them on resume.
+
+    Tune checkpoints at ``on_validation_end``, before the epoch's
+    ``on_train_epoch_end``; a trial resumed from such a checkpoint starts by
+    finishing that epoch, where EarlyStopping reads ``val_auroc`` from metrics
+    Lightning does not save. Putting them back lets the epoch end as it would have.
+    """
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name, value in self.metrics.items():
+            trainer.callback_metrics.setdefault(name, torch.tensor(value))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metrics": dict(self.metrics)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.metrics = dict(state_dict.get("metrics", {}))
 
 
 def first_conv(encoder: nn.Module) -> nn.Conv2d | None:
