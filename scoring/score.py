@@ -461,8 +461,7 @@ class ChunkScorer:
         self.model = artifact.model.to(self.device).eval()
         self.ood = MahalanobisOOD(**artifact.ood) if artifact.ood else None
         self.has_genotypes = has_table(self.cohort_dir, GENOTYPES)
-        if embedding_cache is not None:
-            _enable_embedding_cache(self.model, embedding_cache)
+        _set_embedding_cache(self.model, embedding_cache)
 
     def score(self, samples: pl.DataFrame) -> pl.DataFrame:
         """One output row per row of ``samples``, in order (see ``OUTPUT_SCHEMA``).
@@ -564,18 +563,25 @@ class ChunkScorer:
         return [[n for n, hit in zip(names, row, strict=True) if hit] for row in table]
 
 
-def _enable_embedding_cache(model: torch.nn.Module, cache_dir: str | Path) -> None:
+def _set_embedding_cache(model: torch.nn.Module, cache_dir: str | Path | None) -> None:
+    """Uses ``cache_dir`` for frozen image features, or no cache at all when None.
+
+    Artifacts may carry the training run's cache folder in their config; scoring
+    never writes there unless asked, so a model directory can stay read-only.
+    """
     encoders = getattr(model, "encoders", None)
     encoder = encoders["image"] if encoders is not None and "image" in encoders else None
     config = getattr(encoder, "config", None)
     if config is None or not hasattr(config, "cache_dir"):
-        raise ValueError("embedding_cache needs a model with the timm_image encoder")
-    if config.transfer != "frozen":
+        if cache_dir is not None:
+            raise ValueError("embedding_cache needs a model with the timm_image encoder")
+        return
+    if cache_dir is not None and config.transfer != "frozen":
         raise ValueError(
             f"embedding_cache needs a frozen image backbone; this model's transfer is "
             f"{config.transfer!r} (its backbone weights were fine-tuned)"
         )
-    config.cache_dir = str(cache_dir)
+    config.cache_dir = "" if cache_dir is None else str(cache_dir)
 
 
 def _image_age(images: pl.DataFrame, present: Tensor) -> Tensor:
