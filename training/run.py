@@ -66,7 +66,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     _default_embedding_cache(cfg, run)
     dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
     dm.setup("fit")
-    module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
+    module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
     trainer, checkpoint = build_trainer(cfg, run)
     last = run / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
@@ -115,6 +115,7 @@ def build_trainer(
         checkpoint,
         EarlyStopping(o.monitor, mode="max", patience=o.patience),
         GradualUnfreezing(),
+        *(extra_callbacks or []),
     ]
     loggers = [
         CSVLogger(run, name="logs", version=""),
