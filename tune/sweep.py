@@ -207,7 +207,29 @@ def restore_tuner(path: str, trainable: Any) -> Any:
 
     if not tune.Tuner.can_restore(path):
         raise FileNotFoundError(f"{path}: no Tune experiment to resume (run without --resume)")
+    _check_snapshot(path)
     return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
+
+
+def _check_snapshot(path: str) -> None:
+    """Refuses a torn experiment snapshot (local storage only).
+
+    Tune copies its experiment state into the storage path without an atomic
+    rename; a driver killed during that copy leaves a truncated file, and
+    restoring from it would silently start a smaller sweep.
+    """
+    if "://" in path:
+        return
+    states = sorted(Path(path).glob("experiment_state-*.json"))
+    if not states:
+        return
+    try:
+        json.loads(states[-1].read_text())
+    except ValueError as err:
+        raise RuntimeError(
+            f"{states[-1]}: the experiment snapshot is torn (the sweep was killed while "
+            "Tune wrote it); it cannot be resumed, start the sweep again"
+        ) from err
 
 
 # ------------------------------------------------------------------------ results

@@ -62,7 +62,7 @@ def train_fn(config: dict[str, Any], base_cfg: dict[str, Any], data: CohortDataM
         TuneReportCheckpointCallback(filename=CHECKPOINT_FILE),
     ]
     trainer, _ = build_trainer(cfg, _trial_dir(), callbacks)
-    _ensure_callbacks(trainer, callbacks)
+    attach_callbacks(trainer, callbacks)
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         trainer.fit(module, datamodule=dm)
@@ -163,7 +163,7 @@ def first_conv(encoder: nn.Module) -> nn.Conv2d | None:
     return next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
 
 
-def _ensure_callbacks(trainer: L.Trainer, callbacks: list[Callback]) -> None:
+def attach_callbacks(trainer: L.Trainer, callbacks: list[Callback]) -> None:
     """Appends the trial's callbacks unless ``build_trainer`` already installed them.
 
     ``training.run.build_trainer`` (c5ce731) accepts ``extra_callbacks`` but does not

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from clinfuse.config import from_dict
 from clinfuse.datasets.datamodule import DataConfig, build_batch_tensors
@@ -23,6 +25,8 @@ from clinfuse.evaluation.metrics import auroc
 from clinfuse.fusion.model import build_model
 from clinfuse.training.artifact import load_artifact
 from clinfuse.training.config import RunConfig
+from clinfuse.training.module import RiskModule
+from clinfuse.training.run import build_trainer
 from clinfuse.tune.space import apply_sampled, define_by_run, get_space, sample_config
 from clinfuse.tune.sweep import (
     PLOT_FILE,
@@ -32,7 +36,12 @@ from clinfuse.tune.sweep import (
     run_sweep,
     sweep_base_config,
 )
-from clinfuse.tune.trainable import datamodule_for, trial_config
+from clinfuse.tune.trainable import (
+    EpochMetricsCarry,
+    attach_callbacks,
+    datamodule_for,
+    trial_config,
+)
 
 STRATEGIES = {"early", "late", "gated", "attention"}
 
@@ -134,6 +143,44 @@ def test_trial_may_not_change_prepared_data(cohort: Path, tmp_path: Path) -> Non
         datamodule_for(dm, DataConfig(**{**base["data"], "image_size": 64}))
 
 
+class _Killed(Exception):
+    pass
+
+
+class _SaveThenDie(Callback):
+    """Checkpoints where Tune does (``on_validation_end``) and dies after epoch 1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+            raise _Killed
+
+
+def _fit(cfg: RunConfig, dm, run: Path, callbacks: list, ckpt: Path | None = None):
+    module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
+    trainer, _ = build_trainer(cfg, run, callbacks)
+    attach_callbacks(trainer, callbacks)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    return trainer
+
+
+def test_trial_resumes_from_a_validation_end_checkpoint(cohort: Path, tmp_path: Path) -> None:
+    base = sweep_base_config(_base_config(cohort), tmp_path)
+    base["optim"]["max_epochs"] = 3
+    cfg = trial_config(base, {"model.fusion.name": "late"})
+    dm = prepare_data(base, tmp_path)
+    ckpt = tmp_path / "epoch0.ckpt"
+    with pytest.raises(_Killed):
+        _fit(cfg, dm, tmp_path / "a", [EpochMetricsCarry(), _SaveThenDie(ckpt)])
+    # EarlyStopping finishes the interrupted epoch from the carried val_auroc.
+    trainer = _fit(cfg, dm, tmp_path / "b", [EpochMetricsCarry()], ckpt)
+    assert trainer.current_epoch == 3
+    assert "val_auroc" in trainer.callback_metrics
+
+
 # ---------------------------------------------------------------------------- Ray
 
 
@@ -207,8 +254,17 @@ def test_tiny_sweep_shares_features_and_exports_a_scoring_artifact(
     assert (scores["model_id"] == artifact.model_id).all()
 
 
-def _first_result(experiment: Path) -> bool:
-    return any(p.stat().st_size > 0 for p in experiment.glob("*/result.json"))
+def _first_result_saved(experiment: Path) -> bool:
+    """A trial reported and Tune's experiment snapshot already records it.
+
+    Tune writes the snapshot right after each checkpointed result, without an atomic
+    rename; killing inside that write tears the file (``restore_tuner`` refuses it).
+    """
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    try:
+        return bool(states) and "val_auroc" in json.dumps(json.loads(states[-1].read_text()))
+    except ValueError:
+        return False
 
 
 def _cli(args: list[str]) -> list[str]:
@@ -231,7 +287,9 @@ def test_killed_sweep_resumes_with_every_trial_once(cohort: Path, tmp_path: Path
     )  # fmt: skip
     experiment = out / "ray" / "sweep"
     deadline = time.monotonic() + 300
-    while not _first_result(experiment) and proc.poll() is None and time.monotonic() < deadline:
+    while (
+        not _first_result_saved(experiment) and proc.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.5)
     assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
