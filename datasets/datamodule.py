@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from clinfuse.config import save_yaml
 from clinfuse.datasets.events import events_to_tensors
@@ -349,16 +349,36 @@ class CohortDataModule(L.LightningDataModule):
         return self.run_dir / "image_cache" if self.run_dir is not None else None
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.cfg.split_seed)
+        sampler = EpochShuffleSampler(len(dataset), self.cfg.split_seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.cfg.num_workers,
             collate_fn=collate,
-            generator=generator if shuffle else None,
             persistent_workers=self.cfg.num_workers > 0,
         )
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle whose order is a function of (seed, epoch) only.
+
+    Lightning calls ``set_epoch`` before every epoch, so a run resumed from a
+    checkpoint sees exactly the batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def config_from_dict(data: dict[str, Any]) -> DataConfig:

@@ -33,10 +33,12 @@ class RiskModule(L.LightningModule):
         model_cfg: the model config as a plain dict (so checkpoints hold no pickled objects).
         spec: the DataSpec fitted on the train split, as a plain dict.
         optim_cfg: the optimisation config as a plain dict.
+        seed: the run seed; each epoch reseeds the global RNG from (seed, epoch).
     """
 
-    def __init__(self, model_cfg: dict, spec: dict, optim_cfg: dict) -> None:
+    def __init__(self, model_cfg: dict, spec: dict, optim_cfg: dict, seed: int = 0) -> None:
         super().__init__()
+        self.seed = seed
         self.save_hyperparameters()
         self.spec = from_dict(DataSpec, spec)
         self.optim = from_dict(OptimConfig, optim_cfg)
@@ -46,8 +48,10 @@ class RiskModule(L.LightningModule):
         self._val_labels: list[Tensor] = []
 
     @classmethod
-    def create(cls, model_cfg: ModelConfig, spec: DataSpec, optim_cfg: OptimConfig) -> RiskModule:
-        return cls(to_dict(model_cfg), to_dict(spec), to_dict(optim_cfg))
+    def create(
+        cls, model_cfg: ModelConfig, spec: DataSpec, optim_cfg: OptimConfig, seed: int = 0
+    ) -> RiskModule:
+        return cls(to_dict(model_cfg), to_dict(spec), to_dict(optim_cfg), seed)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.model(batch)
@@ -86,6 +90,14 @@ class RiskModule(L.LightningModule):
         value = auroc(labels, logits)
         # An undefined AUROC (one class in the tuning split) must not win early stopping.
         self.log("val_auroc", 0.0 if np.isnan(value) else value, prog_bar=True)
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # Dropout, modality dropout and augmentation draw from the global RNG. Seeding
+        # it from (seed, epoch, batch) makes every step's randomness independent of what
+        # ran before (Lightning draws from it when it builds a DataLoader iterator, which
+        # happens at different moments in a fresh and in a resumed fit), so a run resumed
+        # from a checkpoint ends where the uninterrupted one would.
+        torch.manual_seed((self.seed * 100_003 + self.current_epoch) * 100_003 + batch_idx)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -69,7 +69,10 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
     trainer, checkpoint = build_trainer(cfg, run)
     last = run / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
+    resuming = resume and last.is_file()
+    if resuming:
+        _keep_earlier_metrics(run)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resuming else None)
 
     best = checkpoint.best_model_path or str(last)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
@@ -80,6 +83,14 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     )
     _write_json(run / "summary.json", summary)
     return summary
+
+
+def _keep_earlier_metrics(run: Path) -> None:
+    """Lightning's CSV logger rewrites metrics.csv on resume; keep the interrupted part."""
+    csv = run / "logs" / "metrics.csv"
+    if csv.is_file():
+        k = len(list(csv.parent.glob("metrics-before-resume-*.csv"))) + 1
+        csv.rename(csv.with_name(f"metrics-before-resume-{k}.csv"))
 
 
 def _default_embedding_cache(cfg: RunConfig, run: Path) -> None:
