@@ -104,6 +104,7 @@ def prepare_data(base: dict[str, Any], out: Path) -> CohortDataModule:
     cfg = trial_config(base, {})
     dm = CohortDataModule(cfg.cohort, cfg.data)
     dm.setup("fit")
+    out.mkdir(parents=True, exist_ok=True)
     save_spec(dm.spec, out / "data_spec.yaml")
     return dm
 
@@ -119,16 +120,24 @@ def warm_embedding_cache(base: dict[str, Any], dm: CohortDataModule) -> int:
         return 0
     encoder = create_encoder("timm_image", spec=dm.spec, **{**image_cfg, "transfer": "frozen"})
     encoder.eval()
-    seen = [0]
-    hook = first_conv(encoder).register_forward_hook(
-        lambda _m, inputs, _o: seen.__setitem__(0, seen[0] + inputs[0].shape[0])
-    )
+    counter = _ImageCounter()
+    hook = first_conv(encoder).register_forward_hook(counter)
     with torch.no_grad():
         for split in SPLITS:
             for batch in dm.dataloader(split):
                 encoder(batch)
     hook.remove()
-    return seen[0]
+    return counter.images
+
+
+class _ImageCounter:
+    """A forward hook counting the images that pass through a module."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def __call__(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+        self.images += int(inputs[0].shape[0])
 
 
 # -------------------------------------------------------------------------- tuner
