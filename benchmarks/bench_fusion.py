@@ -44,6 +44,8 @@ BASE_PRESET = Path(__file__).resolve().parent.parent / "configs" / "bench_fusion
 EXPERIMENTS = ("strategies", "confound", "transfer")
 MODALITY_ENCODER = {"image": "timm_image", "vitals/labs": "gru_d", "genotypes": "sgl_mlp"}
 ALL_MODALITIES = tuple(MODALITY_ENCODER)
+# ``sim_oracle.FEATURE_SETS`` entry of the latent factors a modality (set) can see.
+CEILING_SET = {"image": "image", "vitals/labs": "timeseries", "genotypes": "genomics"}
 RESULT_FILE = "bench_result.json"
 TARGET_RATIO = 0.97
 
@@ -185,19 +187,45 @@ class Context:
 # ------------------------------------------------------------------ experiments
 
 
-def strategies(ctx: Context) -> list[dict[str, Any]]:
-    """Every fusion strategy and every single-modality model on one cohort."""
-    variants = [
-        Variant(f"fusion_{name}", fusion=name) for name in ("attention", "early", "late", "gated")
-    ]
+def strategies(
+    ctx: Context, adversary: bool = True, only: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Every fusion strategy and every single-modality model on one cohort.
+
+    Args:
+        ctx: the benchmark context.
+        adversary: train every row with the confound adversary (names get
+            ``_no_adv`` without it).
+        only: keep only these row names (None = all).
+    """
+    suffix = "" if adversary else "_no_adv"
+    fusions = ("attention", "early", "late", "gated")
+    variants = [Variant(f"fusion_{f}{suffix}", fusion=f, adversary=adversary) for f in fusions]
     variants += [
-        Variant(f"only_{m.split('/')[0]}", modalities=(m,), fusion="early") for m in ALL_MODALITIES
+        Variant(f"only_{m.split('/')[0]}{suffix}", (m,), "early", adversary) for m in ALL_MODALITIES
     ]
-    return [_strategy_row(v, ctx.run(v)) for v in variants]
+    variants = [v for v in variants if only is None or v.name in only]
+    ceilings = _ceilings(ctx.cohorts["train"])
+    return [_strategy_row(v, ctx.run(v), ceilings) for v in variants]
 
 
-def _strategy_row(variant: Variant, result: dict[str, Any]) -> dict[str, Any]:
+def _ceilings(cohort: Path) -> dict[str, float]:
+    """Latent-factor ceilings (cross-validated, whole cohort) per modality set."""
+    import polars as pl
+
+    from clinfuse.datasets.schema import ORACLE_FILE
+    from clinfuse.datasets.sim_oracle import modality_ceilings
+
+    return modality_ceilings(pl.read_parquet(cohort / ORACLE_FILE))
+
+
+def _strategy_row(
+    variant: Variant, result: dict[str, Any], ceilings: dict[str, float]
+) -> dict[str, Any]:
     m = result["metrics"]
+    ceiling = (
+        CEILING_SET[variant.modalities[0]] if len(variant.modalities) == 1 else "fused_interaction"
+    )
     low, high = m.get("auroc_ci", [float("nan")] * 2)
     oracle = m.get("oracle_auroc", float("nan"))
     return {
@@ -210,6 +238,7 @@ def _strategy_row(variant: Variant, result: dict[str, Any]) -> dict[str, Any]:
         "ci_high": high,
         "oracle_auroc": oracle,
         "ratio": m["auroc"] / oracle,
+        "ceiling_auroc": ceilings[ceiling],
         "epochs": result["epochs"],
         "train_s": result["train_s"],
     }
@@ -314,7 +343,9 @@ def write_outputs(out: Path, name: str, rows: list[dict[str, Any]], notes: str) 
 
 
 def _strategy_notes(rows: list[dict[str, Any]]) -> str:
-    attention = next(r for r in rows if r["model"] == "fusion_attention")
+    attention = next((r for r in rows if r["model"].startswith("fusion_attention")), None)
+    if attention is None:
+        return "No attention row."
     verdict = "meets" if attention["ratio"] >= TARGET_RATIO else "misses"
     return (
         f"Attention fusion reaches {attention['ratio']:.3f} x oracle AUROC "
@@ -345,6 +376,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for CIs")
     ap.add_argument("--config", default=str(BASE_PRESET), help="base preset")
     ap.add_argument("--out", default="runs/bench_fusion")
+    ap.add_argument(
+        "--strategies-adversary",
+        choices=["on", "off"],
+        default="on",
+        help="strategies table with or without the confound adversary",
+    )
+    ap.add_argument("--only", nargs="+", default=None, help="strategies rows to run (names)")
     return ap.parse_args(argv)
 
 
@@ -375,7 +413,12 @@ def main(argv: list[str] | None = None) -> int:
             contexts[subjects] = _context(args, subjects, out)
         print(f"== {name} ({subjects} subjects)", flush=True)
         rows, notes = _run_experiment(name, contexts[subjects], args)
-        print(write_outputs(out, name, rows, notes), flush=True)
+        label = (
+            f"{name}_no_adv"
+            if name == "strategies" and args.strategies_adversary == "off"
+            else name
+        )
+        print(write_outputs(out, label, rows, notes), flush=True)
     return 0
 
 
@@ -383,7 +426,7 @@ def _run_experiment(
     name: str, ctx: Context, args: argparse.Namespace
 ) -> tuple[list[dict[str, Any]], str]:
     if name == "strategies":
-        rows = strategies(ctx)
+        rows = strategies(ctx, args.strategies_adversary == "on", args.only)
         return rows, _strategy_notes(rows)
     if name == "confound":
         rows = confound(ctx)
