@@ -285,15 +285,16 @@ def _confound_row(adversary: bool, result: dict[str, Any], flip: dict[str, Any])
     }
 
 
-def transfer(ctx: Context, fractions: list[float]) -> list[dict[str, Any]]:
+def transfer(ctx: Context, fractions: list[float], adversary: bool = True) -> list[dict[str, Any]]:
     """Image-only: pretrained vs scratch fine-tuning, frozen pretrained as the baseline."""
+    suffix = "" if adversary else "_no_adv"
     modes = [("pretrained_full", "full", "package"), ("scratch_full", "full", "none")]
     modes.append(("pretrained_frozen", "frozen", "package"))
     rows = []
     for fraction in fractions:
         for label, mode, weights in modes:
-            name = f"image_{label}_f{int(round(fraction * 100))}"
-            v = Variant(name, ("image",), "early", True, mode, weights, fraction)
+            name = f"image_{label}_f{int(round(fraction * 100))}{suffix}"
+            v = Variant(name, ("image",), "early", adversary, mode, weights, fraction)
             rows.append(_transfer_row(label, fraction, ctx.run(v)))
     return rows
 
@@ -377,10 +378,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--config", default=str(BASE_PRESET), help="base preset")
     ap.add_argument("--out", default="runs/bench_fusion")
     ap.add_argument(
-        "--strategies-adversary",
+        "--adversary",
         choices=["on", "off"],
         default="on",
-        help="strategies table with or without the confound adversary",
+        help="strategies and transfer rows with or without the confound adversary",
     )
     ap.add_argument("--only", nargs="+", default=None, help="strategies rows to run (names)")
     return ap.parse_args(argv)
@@ -413,11 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             contexts[subjects] = _context(args, subjects, out)
         print(f"== {name} ({subjects} subjects)", flush=True)
         rows, notes = _run_experiment(name, contexts[subjects], args)
-        label = (
-            f"{name}_no_adv"
-            if name == "strategies" and args.strategies_adversary == "off"
-            else name
-        )
+        off = name != "confound" and args.adversary == "off"
+        label = f"{name}_no_adv" if off else name
         print(write_outputs(out, label, rows, notes), flush=True)
     return 0
 
@@ -426,12 +424,13 @@ def _run_experiment(
     name: str, ctx: Context, args: argparse.Namespace
 ) -> tuple[list[dict[str, Any]], str]:
     if name == "strategies":
-        rows = strategies(ctx, args.strategies_adversary == "on", args.only)
+        rows = strategies(ctx, args.adversary == "on", args.only)
         return rows, _strategy_notes(rows)
     if name == "confound":
         rows = confound(ctx)
         return rows, _confound_notes(rows)
-    return transfer(ctx, args.fractions), "Image-only models, held-out AUROC."
+    rows = transfer(ctx, args.fractions, args.adversary == "on")
+    return rows, "Image-only models, held-out AUROC."
 
 
 if __name__ == "__main__":
