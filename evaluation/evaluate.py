@@ -19,6 +19,7 @@ import torch
 from clinfuse.datasets.schema import ORACLE_FILE
 from clinfuse.evaluation.audit import run_audit
 from clinfuse.evaluation.metrics import auroc, binary_report, ece
+from clinfuse.evaluation.model_card import write_model_card
 from clinfuse.evaluation.report import plot_curves, save_overlays, write_html
 from clinfuse.training.artifact import ModelArtifact, load_artifact
 from clinfuse.training.calibration import apply_temperature
@@ -50,9 +51,11 @@ def evaluate(
     metrics["per_ancestry"] = _subgroups(samples["ancestry"], y, p)
     metrics["audit"] = _audit(pred["fused"], y, samples, seed)
     metrics["attribution"] = _attribution_summary(art, batches)
+    metrics.update(_group_selection(art, cohort_dir))
     plots = plot_curves(y, p, out)
     overlays = _gradcam(art, batches, out, gradcam_images)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    write_model_card(out, metrics, art.meta, run_dir)
     write_html(metrics, plots, overlays, out / "report.html")
     return metrics
 
@@ -115,6 +118,23 @@ def _audit(fused: np.ndarray, y: np.ndarray, samples: pl.DataFrame, seed: int) -
         index = {v: i for i, v in enumerate(vocab[name])}
         confounds[name] = np.array([index.get(v, -1) for v in values.to_list()])
     return run_audit(fused, y, confounds, vocab, seed=seed)
+
+
+def _group_selection(art: ModelArtifact, cohort_dir) -> dict[str, Any]:
+    """Marker groups kept by the sparse-group-lasso encoder, scored against the truth when known."""
+    encoder = art.model.encoders["genomics"] if "genomics" in art.model.encoders else None  # noqa: SIM401 (ModuleDict has no .get)
+    if encoder is None or not hasattr(encoder, "selected_groups"):
+        return {}
+    selected = encoder.selected_groups()
+    out: dict[str, Any] = {"selected_groups": selected, "n_groups": len(art.spec.groups)}
+    truth = Path(cohort_dir) / "oracle_groups.parquet"
+    if truth.is_file():
+        from clinfuse.encoders.genomics import group_selection_metrics
+
+        causal = pl.read_parquet(truth).filter(pl.col("causal"))["group"].to_list()
+        out["causal_groups"] = causal
+        out.update({f"group_{k}": v for k, v in group_selection_metrics(selected, causal).items()})
+    return {"genomics": out}
 
 
 def _attribution_summary(art: ModelArtifact, batches: list[dict[str, Any]]) -> dict[str, Any]:

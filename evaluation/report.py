@@ -67,6 +67,8 @@ def write_html(
         _audit(metrics.get("audit", {})),
         "<h2>Modality attribution</h2>",
         _attribution(metrics.get("attribution", {})),
+        "<h2>Genotype groups</h2>",
+        _genomics(metrics.get("genomics", {})),
     ]
     if overlays:
         parts.append("<h2>Grad-CAM</h2>")
@@ -148,6 +150,20 @@ def _attribution(attr: dict[str, Any]) -> str:
     if not attr:
         return "<p>none</p>"
     return _table_rows([(k, _fmt(v)) for k, v in attr.items()], "measure", "value")
+
+
+def _genomics(g: dict[str, Any]) -> str:
+    if not g:
+        return "<p>no sparse-group-lasso genotype encoder</p>"
+    selected = f"{len(g['selected_groups'])} of {g['n_groups']}: " + ", ".join(g["selected_groups"])
+    rows = [("selected groups", selected)]
+    if "causal_groups" in g:
+        rows += [
+            ("causal groups (simulator truth)", ", ".join(g["causal_groups"])),
+            ("precision", _fmt(g["group_precision"])),
+            ("recall", _fmt(g["group_recall"])),
+        ]
+    return _table_rows(rows, "measure", "value")
 
 
 def _table_rows(rows: list[tuple[str, str]], h1: str = "metric", h2: str = "value") -> str:

@@ -65,6 +65,13 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
         assert 0.0 <= audit["probe_accuracy"] <= 1.0
         assert 0.0 < audit["majority_rate"] <= 1.0
     assert m["oracle_auroc"] > 0.7  # the simulator's true risk is informative
+    # Selected groups are those whose first-layer weights the proximal step left non-zero.
+    genomics = m["genomics"]
+    sgl = load_artifact(run_dir / "model").model.encoders["genomics"]
+    nonzero = [g for g, n in zip(sgl.group_names, sgl.group_norms().tolist(), strict=True) if n > 0]
+    assert genomics["selected_groups"] == nonzero
+    truth = pl.read_parquet(tiny_cohort / "oracle_groups.parquet").filter(pl.col("causal"))
+    assert genomics["causal_groups"] == truth["group"].to_list()
     html = (out / "report.html").read_text()
     for png in ("roc.png", "pr.png", "calibration.png", "gradcam_0.png"):
         assert (out / png).is_file() and png in html
