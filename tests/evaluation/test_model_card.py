@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from clinfuse.evaluation.model_card import CARD_FILE, TEMPLATE, render_model_card
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_OVERRIDES = [
+    "data.batch_size=32",
+    "data.image_size=32",
+    "data.max_steps=48",
+    "model.encoders.timm_image.embed_dim=16",
+    "model.encoders.gru_d.hidden=16",
+    "model.encoders.gru_d.embed_dim=16",
+    "model.encoders.sgl_mlp.embed_dim=16",
+    "model.encoders.sgl_mlp.hidden=[16]",
+    "model.fusion.cfg.dim=16",
+    "model.fusion.cfg.heads=2",
+    "optim.max_epochs=2",
+    "optim.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny real run (simulate -> train -> evaluate); returns the evaluation dir and metrics."""
+    from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+    from clinfuse.evaluation.evaluate import evaluate
+    from clinfuse.training.config import load_run_config
+    from clinfuse.training.run import train
+
+    root = tmp_path_factory.mktemp("card")
+    cohort = root / "cohort"
+    simulate_cohort(cohort, SimConfig(n_subjects=120, image_size=32, seed=5, progress=False))
+    cfg = load_run_config(REPO / "configs" / "demo.yaml", [*TINY_OVERRIDES, f"cohort={cohort}"])
+    train(cfg, root / "run")
+    evaluate(root / "run", cohort, n_bootstrap=50, gradcam_images=0)
+    out = root / "run" / "evaluation"
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_evaluate_writes_a_filled_card(evaluated_run) -> None:
+    out, metrics = evaluated_run
+    card = (out / CARD_FILE).read_text()
+    assert f"| AUROC | {metrics['auroc']:.3f} |" in card
+    lo, hi = metrics["auroc_ci"]
+    assert f"{lo:.3f} to {hi:.3f}" in card
+    assert metrics["model_id"] in card
+    for site in metrics["per_site"]:
+        assert re.search(
+            rf"^\| {re.escape(site)} \| {metrics['per_site'][site]['n']} \|", card, re.M
+        )
+    spec_sites = json.loads((out.parent / "model" / "artifact.json").read_text())["spec"]["sites"]
+    assert spec_sites and f"**Sites seen in training:** {', '.join(spec_sites)}" in card
+    assert "{{" not in card and "}}" not in card
+    assert "<!--" not in card
+
+
+@pytest.mark.slow
+def test_card_tables_are_well_formed(evaluated_run) -> None:
+    # Every Markdown table row has as many cells as its header, or renderers drop it.
+    card = (evaluated_run[0] / CARD_FILE).read_text()
+    for block in re.findall(r"(?:^\|.*\|\n)+", card, re.M):
+        widths = {line.count(" | ") for line in block.strip().splitlines() if "---" not in line}
+        assert len(widths) == 1, block
+
+
+@pytest.mark.slow
+def test_card_names_the_training_cohort_hashes(evaluated_run) -> None:
+    out, _ = evaluated_run
+    meta = json.loads((out.parent / "model" / "artifact.json").read_text())
+    card = (out / CARD_FILE).read_text()
+    hashes = meta["provenance"]["cohort_files_sha256"]
+    assert hashes and all(f"| {f} | `{h}` |" in card for f, h in hashes.items())
+    assert meta["provenance"]["code"]["git_commit"] in card
+
+
+# ------------------------------------------------- hand-made inputs, no training
+
+
+def _metrics(**extra) -> dict:
+    base = {
+        "model_id": "ab" * 32,
+        "cohort": "/data/icu",
+        "split": "held_out",
+        "n": 100,
+        "prevalence": 0.2,
+        "auroc": 0.81234,
+        "auroc_ci": [0.7, 0.9],
+        "per_site": {"North": {"n": 80, "prevalence": 0.2, "auroc": 0.8, "ece": 0.05}},
+        "audit": {},
+    }
+    return {**base, **extra}
+
+
+def _probe(acc: float, majority: float, n: int) -> dict:
+    return {"n": n, "classes": ["A", "B"], "probe_accuracy": acc, "majority_rate": majority}
+
+
+def test_missing_values_render_as_na_not_nan() -> None:
+    card = render_model_card(_metrics(auroc=math.nan, auroc_ci=[math.nan, math.nan]), {}, {})
+    assert "| AUROC | n/a | n/a |" in card
+    assert not re.search(r"\bnan\b", card, re.I)
+
+
+def test_probe_verdict_uses_two_binomial_standard_errors() -> None:
+    # n = 100, majority 0.5: one standard error is sqrt(0.25 / 100) = 0.05, the margin 0.10.
+    above = _metrics(audit={"site": _probe(0.62, 0.5, 100)})
+    within = _metrics(audit={"site": _probe(0.58, 0.5, 100)})
+    assert "- site: recoverable" in render_model_card(above, {}, {})
+    assert "- site: not recovered" in render_model_card(within, {}, {})
+    assert "still encodes site" in render_model_card(above, {}, {})
+
+
+def test_site_unseen_in_training_is_flagged() -> None:
+    metrics = _metrics(
+        per_site={"North": {"n": 50, "auroc": 0.8}, "Harbor": {"n": 50, "auroc": 0.7}}
+    )
+    card = render_model_card(metrics, {"spec": {"sites": ["North"]}}, {})
+    assert "Harbor: site never seen in training." in card
+    assert "North: site never seen" not in card
+
+
+def test_pipe_in_a_site_name_does_not_break_the_table() -> None:
+    card = render_model_card(_metrics(per_site={"A|B": {"n": 40, "auroc": 0.7}}), {}, {})
+    assert "| A\\|B | 40 |" in card
+
+
+def test_unknown_placeholder_is_refused(tmp_path: Path) -> None:
+    template = tmp_path / "card.md"
+    template.write_text(TEMPLATE.read_text() + "\n{{not_a_field}}\n")
+    with pytest.raises(ValueError, match=r"card\.md.*not_a_field"):
+        render_model_card(_metrics(), {}, {}, template=template)
+
+
+def test_missing_template_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere.md"):
+        render_model_card(_metrics(), {}, {}, template=tmp_path / "nowhere.md")
