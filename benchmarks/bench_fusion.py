@@ -206,7 +206,84 @@ def strategies(
     ]
     variants = [v for v in variants if only is None or v.name in only]
     ceilings = _ceilings(ctx.cohorts["train"])
-    return [_strategy_row(v, ctx.run(v), ceilings) for v in variants]
+    rows = [_strategy_row(v, ctx.run(v), ceilings) for v in variants]
+    singles = [v.name for v in variants if len(v.modalities) == 1]
+    if len(singles) == len(ALL_MODALITIES):
+        rows.append(stacked_singles(ctx, singles, ceilings["fused_additive"]))
+    return rows
+
+
+def stacked_singles(ctx: Context, names: list[str], ceiling: float) -> dict[str, Any]:
+    """A logistic regression on the single-modality models' logits (fit on tuning).
+
+    The additive late-fusion baseline built from separately trained encoders:
+    ``logit = b + sum_m w_m logit_m``, weights fit on the tuning split, scored on
+    held_out.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from clinfuse.evaluation.metrics import auroc, bootstrap_ci
+
+    x_tune, y_tune = _logit_matrix(ctx, names, "tuning")
+    x_held, y_held = _logit_matrix(ctx, names, "held_out")
+    p = LogisticRegression().fit(x_tune, y_tune).decision_function(x_held)  # (N,)
+    low, high = bootstrap_ci(auroc, y_held, p, ctx.n_bootstrap)
+    oracle = _oracle_auroc(ctx.out / "runs" / names[0])
+    return {
+        "model": "stacked_singles",
+        "modalities": "+".join(ALL_MODALITIES),
+        "fusion": "logistic stack",
+        "n_held_out": int(y_held.size),
+        "auroc": auroc(y_held, p),
+        "ci_low": low,
+        "ci_high": high,
+        "oracle_auroc": oracle,
+        "ratio": auroc(y_held, p) / oracle,
+        "ceiling_auroc": ceiling,
+        "epochs": 0,
+        "train_s": 0.0,
+    }
+
+
+def _logit_matrix(ctx: Context, names: list[str], split: str) -> tuple[Any, Any]:
+    """Stacked logits of the runs ``names`` on one split of the training cohort.
+
+    Shapes:
+        returns: x (N, len(names)), y (N,)
+    """
+    import numpy as np
+    import torch
+
+    from clinfuse.datasets.datamodule import config_from_dict, make_loader
+    from clinfuse.datasets.samples import load_samples
+    from clinfuse.training.artifact import load_artifact
+    from clinfuse.training.predict import collect_predictions
+
+    cohort = ctx.cohorts["train"]
+    samples = load_samples(cohort).filter(_split_filter(split))
+    columns, label = [], None
+    for name in names:
+        art = load_artifact(ctx.out / "runs" / name / "model")
+        loader = make_loader(cohort, samples, art.spec, config_from_dict(art.data_config))
+        with torch.no_grad():
+            pred = collect_predictions(art.model, loader)
+        if label is not None and not np.array_equal(label, pred["label"]):
+            raise RuntimeError(f"{name}: {split} samples differ in order from {names[0]}")
+        columns.append(pred["logit"])
+        label = pred["label"]
+    return np.column_stack(columns), np.asarray(label).astype(int)
+
+
+def _split_filter(split: str) -> Any:
+    """The polars filter of one split."""
+    import polars as pl
+
+    return pl.col("split") == split
+
+
+def _oracle_auroc(run_dir: Path) -> float:
+    metrics = json.loads((run_dir / RESULT_FILE).read_text())["metrics"]
+    return float(metrics.get("oracle_auroc", float("nan")))
 
 
 def _ceilings(cohort: Path) -> dict[str, float]:
