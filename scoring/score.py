@@ -43,6 +43,8 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,7 +65,17 @@ from clinfuse.datasets.samples import (
     scan_events,
     window_events,
 )
-from clinfuse.datasets.schema import GENOTYPES, LABELS, SUBJECTS, TIME, has_table, scan
+from clinfuse.datasets.schema import (
+    EVENTS,
+    GENOTYPES,
+    IMAGES,
+    LABELS,
+    SUBJECTS,
+    TIME,
+    TableSpec,
+    has_table,
+    scan,
+)
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import META, ModelArtifact, load_artifact
 from clinfuse.training.calibration import prior_shift_logit
@@ -126,13 +138,30 @@ def scoring_samples(cohort_dir: str | Path, at: datetime | None = None) -> pl.Da
     Raises:
         ValueError: naming the file and row of a null subject_id or prediction_time.
     """
-    keys = _sample_keys(cohort_dir, at)
+    with naming_file(cohort_dir, SUBJECTS if at is not None else LABELS):
+        keys = _sample_keys(cohort_dir, at)
     _check_keys(cohort_dir, keys, at)
-    subjects = _subject_info(cohort_dir)
+    with naming_file(cohort_dir, SUBJECTS):
+        subjects = _subject_info(cohort_dir)
     samples = keys.join(subjects, on="subject_id", how="left", maintain_order="left")
     return samples.with_columns(
         pl.col("known_subject").fill_null(False), label=pl.lit(None, pl.Float32)
     ).sort("subject_id", "prediction_time", maintain_order=True)
+
+
+@contextmanager
+def naming_file(cohort_dir: str | Path, spec: TableSpec) -> Iterator[None]:
+    """Re-raises a read or cast failure of one table as a ValueError naming its file.
+
+    Polars messages name the column and the expression, never the file; a nightly
+    run's error rows must say which file to fix.
+    """
+    try:
+        yield
+    except (pl.exceptions.PolarsError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        where = Path(cohort_dir) / f"{spec.name}.parquet"
+        raise ValueError(f"{where}: cannot be read ({type(err).__name__}: {first})") from err
 
 
 def _sample_keys(cohort_dir: str | Path, at: datetime | None) -> pl.DataFrame:
@@ -485,9 +514,11 @@ class ChunkScorer:
         return self._rows(samples, inputs, batch, outputs)
 
     def _read_inputs(self, samples: pl.DataFrame) -> _ChunkInputs:
-        events = scan_events(self.cohort_dir, samples["subject_id"]).collect()
+        with naming_file(self.cohort_dir, EVENTS):
+            events = scan_events(self.cohort_dir, samples["subject_id"]).collect()
         windowed = window_events(events, samples, self.spec.window_hours).collect()
-        images = latest_images(self.cohort_dir, samples)
+        with naming_file(self.cohort_dir, IMAGES):
+            images = latest_images(self.cohort_dir, samples)
         paths = images["path"].drop_nulls().unique(maintain_order=True).to_list()
         cache = None if self.image_cache is None else Path(self.image_cache) / "headers"
         return _ChunkInputs(windowed, images, {p: cached_image_header(p, cache) for p in paths})
@@ -496,7 +527,8 @@ class ChunkScorer:
         obs = channel_observations(inputs.windowed.lazy(), self.spec)
         batch: dict[str, Any] = pad_observations(obs, samples.height, self.spec)
         genotypes = scan(self.cohort_dir, GENOTYPES) if self.has_genotypes else None
-        batch.update(genotype_tensors(genotypes, samples, self.spec.markers))
+        with naming_file(self.cohort_dir, GENOTYPES):
+            batch.update(genotype_tensors(genotypes, samples, self.spec.markers))
         batch.update(sample_tensors(samples, self.spec.sites, self.spec.ancestries))
         loader = ImageLoader(self.spec.image_size, self.image_cache)
         with warnings.catch_warnings():
@@ -635,7 +667,7 @@ def predict(
     """Logit, fused embedding, used modalities and leave-one-out deltas per sample.
 
     The encoders run once per mini-batch; each modality is then left out by
-    re-fusing (``FusionModel.fuse(..., absent=[m])``).
+    re-fusing (``FusionModel.fuse_variants``: one token build for all variants).
 
     Returns:
         ``logit (B,)``, ``fused (B, D)``, and per modality in ``MODALITIES``:
@@ -652,18 +684,20 @@ def predict(
 
 def _predict_one(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, np.ndarray]:
     embeddings, tokens = model.encode(batch)
-    full = model.fuse(embeddings, tokens)
-    b = full["logit"].shape[0]
-    out = {"logit": full["logit"], "fused": full["fused"]}
+    used = [m for m in MODALITIES if m in embeddings]
+    runs = model.fuse_variants(embeddings, tokens, [(), *[[m] for m in used]])
+    logit = runs["logit"][:, 0]  # (B,) all modalities; column 1 + i leaves used[i] out
+    b = logit.shape[0]
+    out = {"logit": logit, "fused": runs["fused"][:, 0]}
     for m in MODALITIES:
-        present = full["embeddings"][m][1].bool() if m in full["embeddings"] else None
-        if present is None:
+        if m not in used:
             out[f"present_{m}"] = torch.zeros(b, dtype=torch.bool)
             out[f"delta_{m}"] = torch.full((b,), float("nan"))
             continue
-        left_out = model.fuse(embeddings, tokens, absent=[m])["logit"]
+        present = runs["embeddings"][m][1].bool()
+        left_out = runs["logit"][:, 1 + used.index(m)]
         out[f"present_{m}"] = present
-        out[f"delta_{m}"] = (full["logit"] - left_out).masked_fill(~present, float("nan"))
+        out[f"delta_{m}"] = (logit - left_out).masked_fill(~present, float("nan"))
     return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
             for k, v in out.items()}  # fmt: skip
 
