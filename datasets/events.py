@@ -88,7 +88,7 @@ def channel_observations(windowed: pl.LazyFrame, spec: DataSpec) -> _Observation
         .filter(
             pl.col("channel").is_not_null()
             & pl.col("numeric_value").is_not_null()
-            & pl.col("numeric_value").is_not_nan()
+            & pl.col("numeric_value").is_finite()  # NaN and +-inf are not measurements
         )
         .select("sample", "rel", "channel", "numeric_value")
         .collect()
