@@ -388,12 +388,12 @@ def _canonical_rows(windowed: pl.DataFrame) -> pl.DataFrame:
 
 
 def _event_flags(windowed: pl.DataFrame, channels: list[str], n_samples: int) -> dict:
-    """Per sample: no window event; a measured code that is no channel; a NaN value."""
+    """Per sample: no window event; a measured code that is no channel; a NaN or inf value."""
     counts = np.bincount(windowed["sample"].to_numpy(), minlength=n_samples)
-    measured = pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_not_nan()
+    measured = pl.col("numeric_value").is_finite()
     # Measurements the model ignores; valueless codes (admissions, orders) are not channels.
     unknown = windowed.filter(measured & ~pl.col("code").fill_null("").is_in(channels))
-    nan = windowed.filter(pl.col("numeric_value").is_nan())
+    nan = windowed.filter(pl.col("numeric_value").is_nan() | pl.col("numeric_value").is_infinite())
     return {
         "no_events_in_window": counts == 0,
         "unknown_codes": _any_per_sample(unknown, n_samples),
