@@ -144,8 +144,15 @@ def _training(run_config: dict, data: dict) -> str:
 
 
 def _kv(cfg: dict) -> str:
-    items = [f"{k}={v}" for k, v in cfg.items() if v is not None and k != "cache_dir"]
+    items = [f"{k}={_short(v)}" for k, v in cfg.items() if v is not None and k != "cache_dir"]
     return ", ".join(items) if items else "defaults"
+
+
+def _short(value: Any) -> str:
+    # Sampled hyperparameters carry 16 digits; four significant ones identify them.
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:.4g}"
+    return str(value)
 
 
 # ------------------------------------------------------------------------- data
@@ -179,7 +186,21 @@ def _metric_fields(metrics: dict) -> dict[str, str]:
         "oracle": _oracle(metrics),
         "per_site_table": _subgroup_table(metrics.get("per_site") or {}, "site"),
         "per_ancestry_table": _subgroup_table(metrics.get("per_ancestry") or {}, "ancestry"),
+        "genomic_groups": _genomic_groups(metrics.get("genomics") or {}),
     }
+
+
+def _genomic_groups(g: dict) -> str:
+    if "selected_groups" not in g:
+        return "No sparse-group-lasso genotype encoder: no group selection to report."
+    kept = ", ".join(_cell(x) for x in g["selected_groups"]) or "none"
+    line = f"Genotype groups kept by the sparse-group-lasso encoder ({len(g['selected_groups'])} of {g.get('n_groups', '?')}): {kept}."
+    if "causal_groups" in g:
+        line += (
+            f" Against the simulator's causal groups ({', '.join(g['causal_groups'])}): "
+            f"precision {_num(g.get('group_precision'))}, recall {_num(g.get('group_recall'))}."
+        )
+    return line
 
 
 def _metrics_table(m: dict) -> str:

@@ -142,3 +142,16 @@ def test_unknown_placeholder_is_refused(tmp_path: Path) -> None:
 def test_missing_template_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.md"):
         render_model_card(_metrics(), {}, {}, template=tmp_path / "nowhere.md")
+
+
+def test_genotype_group_selection_is_reported_against_the_truth() -> None:
+    genomics = {
+        "selected_groups": ["G1", "G2"],
+        "n_groups": 5,
+        "causal_groups": ["G1"],
+        "group_precision": 0.5,
+        "group_recall": 1.0,
+    }
+    card = render_model_card(_metrics(genomics=genomics), {}, {})
+    assert "(2 of 5): G1, G2." in card
+    assert "precision 0.500, recall 1.000" in card
