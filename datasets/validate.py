@@ -756,7 +756,30 @@ def dicom_problem(path: Path, pixels: bool = True) -> str | None:
         return f"not a DICOM file (no 'DICM' marker after the 128-byte preamble): {path}"
     except Exception as exc:  # pydicom raises many types on corrupt headers
         return f"unreadable DICOM ({_first_line(exc)}): {path}"
-    return _pixel_problem(ds, path) if pixels else None
+    problem = _photometric_problem(ds, path)
+    if problem or not pixels:
+        return problem
+    return _pixel_problem(ds, path)
+
+
+# Samples per pixel each photometric interpretation implies (DICOM PS3.3 C.7.6.3.1.2).
+_PHOTOMETRIC_SAMPLES = {
+    "MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "YBR_FULL": 3,
+    "YBR_FULL_422": 3, "YBR_PARTIAL_420": 3, "YBR_ICT": 3, "YBR_RCT": 3,
+}  # fmt: skip
+
+
+def _photometric_problem(ds: pydicom.Dataset, path: Path) -> str | None:
+    """A photometric interpretation that is unknown or contradicts SamplesPerPixel."""
+    if "PixelData" not in ds and "PhotometricInterpretation" not in ds:
+        return None  # the pixel check names the missing pixel data
+    name, samples = ds.get("PhotometricInterpretation"), ds.get("SamplesPerPixel")
+    want = _PHOTOMETRIC_SAMPLES.get(str(name))
+    if want is None:
+        return f"unknown PhotometricInterpretation {name!r}: {path}"
+    if samples != want:
+        return f"PhotometricInterpretation {name} needs SamplesPerPixel {want}, found {samples}: {path}"
+    return None
 
 
 def _pixel_problem(ds: pydicom.Dataset, path: Path) -> str | None:
