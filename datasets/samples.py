@@ -38,7 +38,7 @@ def load_samples(
 
     Raises:
         ValueError: naming the file and row for a label whose subject has no
-            ``subjects`` row, or a bad split.
+            ``subjects`` row, or a bad split; naming labels.parquet when it has no row.
     """
     lazy = _labels(cohort_dir).join(_subjects(cohort_dir), on="subject_id", how="left")
     lazy = lazy.sort("subject_id", "prediction_time")
@@ -169,6 +169,8 @@ def _subjects(cohort_dir: str | Path) -> pl.LazyFrame:
 
 
 def _check_subjects(cohort_dir: str | Path, samples: pl.DataFrame) -> None:
+    if samples.height == 0:
+        raise ValueError(f"{Path(cohort_dir) / 'labels.parquet'}: no label rows (empty cohort)")
     missing = samples.filter(pl.col("_has_subject").is_null()).sort("_label_row")
     if missing.height:
         row = missing.row(0, named=True)
