@@ -104,7 +104,7 @@ def _fit_channels(spec: DataSpec, cohort_dir: str | Path, train: pl.DataFrame) -
     events = scan_events(cohort_dir, train["subject_id"])
     stats = (
         window_events(events, train, spec.window_hours)
-        .filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_not_nan())
+        .filter(pl.col("numeric_value").is_finite())  # null, NaN and inf never enter the statistics
         .group_by("code")
         .agg(
             pl.col("numeric_value").cast(pl.Float64).mean().alias("mean"),

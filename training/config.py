@@ -52,6 +52,7 @@ class RunConfig:
 
     cohort: str = ""
     seed: int = 0
+    validate: bool = True  # check the cohort against the contract before training
     deterministic: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -58,6 +58,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     run.mkdir(parents=True, exist_ok=True)
     if not cfg.cohort:
         raise ValueError("cohort is not set: pass --cohort DIR or cohort=DIR")
+    if cfg.validate:
+        _check_cohort(cfg.cohort)
     save_yaml(cfg, run / "config.yaml")
     _write_json(run / "provenance.json", _provenance(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -83,6 +85,22 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     )
     _write_json(run / "summary.json", summary)
     return summary
+
+
+def _check_cohort(cohort: str | Path) -> None:
+    """Refuses a cohort that breaks the contract, naming every file, column and row.
+
+    Headers only for DICOM (``pixels=False``): a film whose pixels turn out to be
+    unreadable is masked as a missing image during training, with a warning.
+    """
+    from clinfuse.datasets.validate import validate_cohort
+
+    report = validate_cohort(cohort, pixels=False)
+    if not report.ok:
+        lines = "\n".join(str(p) for p in report.errors[:20])
+        more = len(report.errors) - 20
+        tail = f"\n... and {more} more (run `clinfuse validate {cohort}`)" if more > 0 else ""
+        raise ValueError(f"cohort {cohort} breaks the contract:\n{lines}{tail}")
 
 
 def _keep_earlier_metrics(run: Path) -> None:

@@ -105,3 +105,40 @@ def test_same_seed_same_metrics(tiny_cohort, tiny_config, tmp_path):
     b = train(cfg, tmp_path / "b")
     assert a["best_val_auroc"] == b["best_val_auroc"]
     assert a["model_id"] == b["model_id"]  # bit-identical weights
+
+
+def test_training_refuses_a_broken_cohort_naming_file_and_column(
+    tiny_cohort, tiny_config, tmp_path
+):
+    import shutil
+
+    from clinfuse.training.run import train
+
+    broken = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, broken)
+    labels = pl.read_parquet(broken / "labels.parquet")
+    labels.with_columns(pl.col("prediction_time").cast(pl.String)).write_parquet(
+        broken / "labels.parquet"
+    )
+    with pytest.raises(ValueError, match=r"labels\.parquet.*prediction_time"):
+        train(tiny_config(broken), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_infinite_values_do_not_reach_normalization(tiny_cohort, tiny_config, tmp_path):
+    import shutil
+
+    from clinfuse.datasets.datamodule import CohortDataModule
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, cohort)
+    events = pl.read_parquet(cohort / "events.parquet")
+    events = events.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(float("inf")).otherwise(pl.col("numeric_value"))
+        .cast(pl.Float32).alias("numeric_value")
+    )  # fmt: skip
+    events.write_parquet(cohort / "events.parquet")
+    cfg = tiny_config(cohort)
+    dm = CohortDataModule(cohort, cfg.data)
+    dm.setup("fit")
+    assert np.isfinite(dm.spec.channel_mean).all() and np.isfinite(dm.spec.channel_std).all()
