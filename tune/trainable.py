@@ -62,7 +62,6 @@ def train_fn(config: dict[str, Any], base_cfg: dict[str, Any], data: CohortDataM
         TuneReportCheckpointCallback(filename=CHECKPOINT_FILE),
     ]
     trainer, _ = build_trainer(cfg, _trial_dir(), callbacks)
-    attach_callbacks(trainer, callbacks)
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         trainer.fit(module, datamodule=dm)
@@ -161,17 +160,6 @@ def first_conv(encoder: nn.Module) -> nn.Conv2d | None:
     if backbone is None:
         return None
     return next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
-
-
-def attach_callbacks(trainer: L.Trainer, callbacks: list[Callback]) -> None:
-    """Appends the trial's callbacks unless ``build_trainer`` already installed them.
-
-    ``training.run.build_trainer`` (c5ce731) accepts ``extra_callbacks`` but does not
-    pass them to the Trainer; without this no epoch would ever reach Tune.
-    """
-    for callback in callbacks:
-        if not any(c is callback for c in trainer.callbacks):
-            trainer.callbacks.append(callback)
 
 
 def _has_image(pl_module: L.LightningModule) -> bool:

@@ -38,7 +38,6 @@ from clinfuse.tune.sweep import (
 )
 from clinfuse.tune.trainable import (
     EpochMetricsCarry,
-    attach_callbacks,
     datamodule_for,
     trial_config,
 )
@@ -162,7 +161,6 @@ class _SaveThenDie(Callback):
 def _fit(cfg: RunConfig, dm, run: Path, callbacks: list, ckpt: Path | None = None):
     module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
     trainer, _ = build_trainer(cfg, run, callbacks)
-    attach_callbacks(trainer, callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     return trainer
 
