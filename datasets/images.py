@@ -2,13 +2,14 @@
 
 Decoding DICOM is the slow part of an epoch, so each image is decoded once per
 (path, file size, mtime, image_size) and stored as ``.npy`` in a cache folder;
-later epochs (and DataLoader workers) memory-map the array. A file that cannot be
+later epochs (and DataLoader workers) read the array back. A file that cannot be
 read makes that sample's ``image_present`` False with a warning naming the file;
 it never stops the epoch.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -61,6 +62,30 @@ def resize_square(image: Tensor, size: int) -> Tensor:
     return out[0].clamp_(0.0, 1.0)  # bilinear stays in range; clamp guards rounding
 
 
+def file_identity(path: str | Path) -> str:
+    """``"<resolved path>|<size>|<mtime ns>"``: what names one version of a file.
+
+    Raises:
+        OSError: the file cannot be stat-ed.
+    """
+    stat = os.stat(path)
+    return f"{_realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _realpath(path: str | Path) -> str:
+    """``os.path.realpath`` with the folder part resolved once per folder: a file
+    that is not itself a symlink lies in its folder's real path."""
+    if os.path.islink(path):
+        return os.path.realpath(path)
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(_real_folder(head), tail)
+
+
+@functools.lru_cache(maxsize=1024)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
 class ImageLoader:
     """Loads square image tensors through a per-file cache.
 
@@ -75,11 +100,14 @@ class ImageLoader:
         self._memory: dict[str, np.ndarray] = {}
         self._failed: set[str] = set()
 
-    def load(self, path: str | Path | None) -> Tensor | None:
-        """The (1, S, S) tensor for ``path``, or None when absent or unreadable."""
+    def load(self, path: str | Path | None, key: str | None = None) -> Tensor | None:
+        """The (1, S, S) tensor for ``path``, or None when absent or unreadable.
+
+        ``key``: ``self.key(path)`` when the caller already has it.
+        """
         if path is None:
             return None
-        key = self._key(path)
+        key = key or self.key(path)
         if key is None or key in self._failed:
             return None
         array = self._cached(key)
@@ -87,8 +115,12 @@ class ImageLoader:
             array = self._decode(path, key)
         return None if array is None else torch.from_numpy(np.array(array, dtype=np.float32))
 
-    def load_many(self, paths: Sequence[str | None]) -> tuple[Tensor, Tensor]:
+    def load_many(
+        self, paths: Sequence[str | None], keys: Sequence[str | None] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Stacks ``paths``; absent or unreadable ones are zeros with present False.
+
+        ``keys``: ``self.key(p)`` per path when the caller already has them.
 
         Shapes:
             -> image (B, 1, S, S), image_present (B,)
@@ -96,8 +128,9 @@ class ImageLoader:
         size = self.image_size
         images = torch.zeros(len(paths), 1, size, size)
         present = torch.zeros(len(paths), dtype=torch.bool)
-        for i, path in enumerate(paths):
-            image = self.load(path)
+        keys = [None] * len(paths) if keys is None else keys
+        for i, (path, key) in enumerate(zip(paths, keys, strict=True)):
+            image = self.load(path, key)
             if image is not None:
                 images[i], present[i] = image, True
         return images, present
@@ -106,20 +139,27 @@ class ImageLoader:
         """Decodes every distinct path into the cache; returns how many are readable."""
         return sum(self.load(p) is not None for p in dict.fromkeys(p for p in paths if p))
 
-    def _key(self, path: str | Path) -> str | None:
-        try:
-            stat = os.stat(path)
-        except OSError as err:
-            self._warn(path, err)
-            return None
-        text = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.image_size}"
-        return hashlib.sha1(text.encode()).hexdigest()
+    def key(self, path: str | Path, identity: str | None = None) -> str | None:
+        """The cache key of ``path`` (``file_identity`` and image size); None (with a
+        warning naming the file) when it cannot be stat-ed.
+
+        ``identity``: ``file_identity(path)`` when the caller already has it.
+        """
+        if identity is None:
+            try:
+                identity = file_identity(path)
+            except OSError as err:
+                self._warn(path, err)
+                return None
+        return hashlib.sha1(f"{identity}|{self.image_size}".encode()).hexdigest()
 
     def _cached(self, key: str) -> np.ndarray | None:
         if self.cache_dir is None:
             return self._memory.get(key)
-        file = self.cache_dir / f"{key}.npy"
-        return np.load(file, mmap_mode="r") if file.is_file() else None
+        try:  # one small read; a memory map costs more than it saves at these sizes
+            return np.load(self.cache_dir / f"{key}.npy")
+        except FileNotFoundError:
+            return None
 
     def _decode(self, path: str | Path, key: str) -> np.ndarray | None:
         try:

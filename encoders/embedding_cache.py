@@ -18,9 +18,11 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -98,3 +100,110 @@ class EmbeddingCache:
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
+
+
+class FileFeatureStore:
+    """Frozen-backbone features keyed by image FILE, in shards read as memory maps.
+
+    The content-hash ``EmbeddingCache`` needs the decoded pixels to find an entry;
+    this store is keyed by the file itself (the ``ImageLoader`` key: resolved path,
+    size, mtime and image size) under a folder per settings fingerprint, so a
+    scoring chunk whose films are all stored skips decoding entirely. Each ``put``
+    writes one shard ``<id>.pooled.npy`` (n, F), optionally ``<id>.tokens.npy``
+    (n, N, F), then ``<id>.keys.npy`` (n,) last: a shard exists once its keys file
+    does (each file is moved into place with ``os.replace``), so concurrent writers
+    and readers need no locks. A lookup reads rows from memory maps, one per shard.
+
+    Args:
+        root: the embedding-cache directory (the store lives in ``root/files/``).
+        fingerprint: ``settings_fingerprint`` of the model and preprocessing.
+    """
+
+    def __init__(self, root: str | Path, fingerprint: str) -> None:
+        self.dir = Path(root) / "files" / fingerprint[:32]
+        self.fingerprint = fingerprint
+        self._index: dict[str, tuple[int, int]] = {}  # key -> (shard, row)
+        self._shards: list[tuple[np.ndarray, np.ndarray | None]] = []  # (pooled, tokens)
+        self._loaded: set[str] = set()
+
+    def contains(self, keys: list[str | None], tokens: bool) -> np.ndarray:
+        """(n,) bool: which keys are stored (with tokens, when ``tokens``); None is not."""
+        return np.array([w is not None for w in self._where(keys, tokens)], dtype=bool)
+
+    def gather(
+        self, keys: list[str | None], tokens: bool
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The stored rows in ``keys`` order, zeros where a key is None or not stored.
+
+        Returns:
+            pooled (n, F) and tokens (n, N, F) (None when not asked for); both None
+            when no key is stored.
+        """
+        where = self._where(keys, tokens)
+        if all(w is None for w in where):
+            return None, None
+        return self._gather(where, 0), self._gather(where, 1) if tokens else None
+
+    def _where(self, keys: list[str | None], tokens: bool) -> list[tuple[int, int] | None]:
+        if any(k is not None and k not in self._index for k in keys):
+            self._refresh()
+        where = [None if k is None else self._index.get(k) for k in keys]
+        if tokens:  # a shard written without tokens cannot serve a token lookup
+            where = [w if w is None or self._shards[w[0]][1] is not None else None for w in where]
+        return where
+
+    def put(self, keys: list[str], pooled: np.ndarray, tokens: np.ndarray | None) -> None:
+        """Stores one shard: ``pooled (n, F)`` and optionally ``tokens (n, N, F)``."""
+        if not keys:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        _save_npy(self.dir / f"{name}.pooled.npy", np.ascontiguousarray(pooled, np.float32))
+        if tokens is not None:
+            _save_npy(self.dir / f"{name}.tokens.npy", np.ascontiguousarray(tokens, np.float32))
+        _save_npy(self.dir / f"{name}.keys.npy", np.array(keys, dtype="S64"))
+
+    def _refresh(self) -> None:
+        if not self.dir.is_dir():
+            return
+        for keys_file in sorted(self.dir.glob("*.keys.npy")):
+            name = keys_file.name[: -len(".keys.npy")]
+            if name not in self._loaded:
+                self._load_shard(name, keys_file)
+
+    def _load_shard(self, name: str, keys_file: Path) -> None:
+        keys = np.load(keys_file)
+        pooled = np.load(self.dir / f"{name}.pooled.npy", mmap_mode="r")
+        tokens_file = self.dir / f"{name}.tokens.npy"
+        tokens = np.load(tokens_file, mmap_mode="r") if tokens_file.is_file() else None
+        shard = len(self._shards)
+        self._shards.append((pooled, tokens))
+        self._loaded.add(name)
+        for row, key in enumerate(keys.tolist()):
+            self._index[key.decode()] = (shard, row)
+
+    def _gather(self, where: list[tuple[int, int] | None], part: int) -> np.ndarray:
+        """Rows of ``part`` (0 pooled, 1 tokens) in ``where`` order; zeros for None."""
+        first = next(w for w in where if w is not None)
+        template = self._shards[first[0]][part]
+        out = np.zeros((len(where), *template.shape[1:]), dtype=np.float32)
+        by_shard: dict[int, tuple[list[int], list[int]]] = {}
+        for i, w in enumerate(where):
+            if w is not None:
+                dst, src = by_shard.setdefault(w[0], ([], []))
+                dst.append(i)
+                src.append(w[1])
+        for shard, (dst, src) in by_shard.items():
+            out[dst] = self._shards[shard][part][src]  # one gather per shard
+        return out
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".shard-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -152,8 +152,7 @@ class TimmImageEncoder(ModalityEncoder):
 
     # ----------------------------------------------------------------- forward
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        images, present = self._inputs(batch)
-        pooled, _ = self._present_features(images, present, want_tokens=False)  # (B, F)
+        present, pooled, _ = self._batch_features(batch, want_tokens=False)  # (B,), (B, F)
         emb = self.proj(self.dropout(pooled))  # (B, D)
         return emb * present.unsqueeze(1).to(emb.dtype), present
 
@@ -173,8 +172,7 @@ class TimmImageEncoder(ModalityEncoder):
         Shapes:
             -> emb (B, D), present (B,), (tokens (B, h*w, D), mask (B, h*w), age (B, h*w))
         """
-        images, present = self._inputs(batch)
-        pooled, tokens = self._present_features(images, present, want_tokens=True)  # (B, N, F)
+        present, pooled, tokens = self._batch_features(batch, want_tokens=True)  # (B, N, F)
         emb = self.proj(self.dropout(pooled)) * present.unsqueeze(1).to(pooled.dtype)  # (B, D)
         tokens = self.proj(self.dropout(tokens))  # (B, N, D)
         mask = present.unsqueeze(1).expand(-1, tokens.shape[1])  # (B, N)
@@ -244,7 +242,35 @@ class TimmImageEncoder(ModalityEncoder):
         fitted = torch.tensor(cfg.normalization == "imagenet")
         self.register_buffer("norm_fitted", fitted)
 
+    @torch.no_grad()
+    def frozen_features(self, images: Tensor, want_tokens: bool) -> tuple[Tensor, Tensor | None]:
+        """Backbone features of present images, through the embedding cache when active.
+
+        What ``batch["image_pooled"]`` and ``batch["image_tokens"]`` carry.
+
+        Shapes:
+            images: (B, 1, H, W) -> pooled (B, F), tokens (B, N, F) or None
+        """
+        return self._backbone_features(images, want_tokens)
+
     # --------------------------------------------------------------- features
+    def _batch_features(
+        self, batch: dict[str, Any], want_tokens: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """present (B,), pooled (B, F), tokens (B, N, F): from the backbone, or given.
+
+        A batch may carry the frozen backbone's output computed ahead (zeros where
+        absent): ``image_pooled`` (B, F) and optionally ``image_tokens`` (B, N, F);
+        then no ``image`` is needed.
+        """
+        if "image_pooled" not in batch:
+            images, present = self._inputs(batch)
+            return present, *self._present_features(images, present, want_tokens)
+        tokens = batch.get("image_tokens")
+        if want_tokens and tokens is None:
+            raise ValueError("batch has image_pooled but no image_tokens; this fusion reads them")
+        return batch["image_present"].bool(), batch["image_pooled"], tokens
+
     def _inputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         images = batch["image"]
         if images.dim() != 4 or images.shape[1] != 1:
@@ -311,6 +337,10 @@ class TimmImageEncoder(ModalityEncoder):
         pooled = torch.stack([v["pooled"] for v in found]).to(images)
         tokens = torch.stack([v["tokens"] for v in found]).to(images) if want_tokens else None
         return pooled, tokens
+
+    def cache_fingerprint(self) -> str:
+        """``settings_fingerprint`` of everything the frozen features depend on."""
+        return settings_fingerprint(self._cache_settings())
 
     def _get_cache(self) -> EmbeddingCache:
         fingerprint = settings_fingerprint(self._cache_settings())

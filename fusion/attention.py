@@ -14,6 +14,8 @@ padded tokens.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import Tensor, nn
 
@@ -86,6 +88,35 @@ class AttentionFusion(FusionModule):
         tokens: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
     ) -> Tensor:
         x, valid, owner = self._tokens(embeddings, tokens or {})  # (B, L, dim), (B, L), [L]
+        return self._pool(x, valid, owner)
+
+    def forward_variants(
+        self,
+        embeddings: dict[str, tuple[Tensor, Tensor]],
+        tokens: dict[str, tuple[Tensor, Tensor, Tensor]] | None,
+        variants: list[Collection[str]],
+    ) -> Tensor:
+        """The output with each variant's modalities left out, tokens built ONCE.
+
+        Leaving a modality out only masks its tokens (their values never reach the
+        output), so every variant shares the projected, annotated tokens. Without
+        self-attention layers one attention call serves all variants after the first:
+        one query per variant, each with its own key mask. The first variant runs
+        exactly as ``forward`` (same numbers bit for bit) and gives ``last_attention``.
+
+        Shapes:
+            -> (B, V, dim), V = len(variants)
+        """
+        x, valid, owner = self._tokens(embeddings, tokens or {})  # (B, L, dim), (B, L), [L]
+        masks = torch.stack([valid & ~_owned_by(owner, gone, x.device) for gone in variants], 1)
+        if self.encoder is not None or len(variants) == 1:  # self-attention sees the mask
+            pooled = [self._pool(x, masks[:, v], owner) for v in reversed(range(len(variants)))]
+            return torch.stack(pooled[::-1], dim=1)
+        rest = self._pool_variants(x, masks[:, 1:])  # (B, V-1, dim)
+        return torch.cat([self._pool(x, masks[:, 0], owner).unsqueeze(1), rest], dim=1)
+
+    def _pool(self, x: Tensor, valid: Tensor, owner: list[str]) -> Tensor:
+        """Self-attention (optional), learned-query pooling, FFN. x (B, L, dim) -> (B, dim)."""
         if self.encoder is not None:
             x = self.encoder(x, src_key_padding_mask=~valid)
         query = self.query.expand(x.shape[0], -1, -1)  # (B, 1, dim)
@@ -93,6 +124,15 @@ class AttentionFusion(FusionModule):
         self.last_attention = _mass_per_owner(weights[:, 0].detach(), owner)  # weights (B, 1, L)
         h = self.norm(query + out)  # (B, 1, dim)
         return (h + self.ffn(h)).squeeze(1)  # (B, dim)
+
+    def _pool_variants(self, x: Tensor, masks: Tensor) -> Tensor:
+        """One query per variant over shared keys. x (B, L, dim), masks (B, V, L) -> (B, V, dim)."""
+        b, v, _ = masks.shape
+        query = self.query.expand(b, v, -1)  # (B, V, dim)
+        blocked = (~masks).repeat_interleave(self.attn.num_heads, dim=0)  # (B*heads, V, L)
+        out, _ = self.attn(query, x, x, attn_mask=blocked, need_weights=False)
+        h = self.norm(query + out)  # (B, V, dim)
+        return h + self.ffn(h)
 
     def _tokens(
         self,
@@ -145,6 +185,11 @@ def _freshest_age(seq: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     _, mask, age = seq
     age = age.masked_fill(~mask, float("inf")).amin(dim=1)
     return torch.where(torch.isfinite(age), age, torch.zeros_like(age))
+
+
+def _owned_by(owner: list[str], modalities: Collection[str], device: torch.device) -> Tensor:
+    """(L,) bool: which tokens belong to ``modalities``."""
+    return torch.tensor([o in modalities for o in owner], dtype=torch.bool, device=device)
 
 
 def _mass_per_owner(weights: Tensor, owner: list[str]) -> dict[str, Tensor]:

@@ -36,11 +36,12 @@ def modality_attribution(model: FusionModel, batch: dict[str, Any]) -> pl.DataFr
     model.eval()
     try:
         embeddings, tokens = model.encode(batch)  # encoders run once
-        full = model.fuse(embeddings, tokens)
-        views = _fusion_views(model.fusion)
+        variants = [(), *[[m] for m in model.modalities]]
+        runs = model.fuse_variants(embeddings, tokens, variants)  # tokens built once
+        views = _fusion_views(model.fusion)  # the first variant's: nothing left out
+        full = {"logit": runs["logit"][:, 0], "embeddings": runs["embeddings"]}
         deltas = {
-            m: full["logit"] - model.fuse(embeddings, tokens, absent=[m])["logit"]
-            for m in model.modalities
+            m: full["logit"] - runs["logit"][:, 1 + i] for i, m in enumerate(model.modalities)
         }
     finally:
         model.train(was_training)

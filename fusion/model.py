@@ -166,11 +166,7 @@ class FusionModel(nn.Module):
         Lets attribution and scoring leave modalities out without rerunning the
         encoders (the image CNN dominates the cost).
         """
-        unknown = set(absent) - set(self.encoders)
-        if unknown:
-            raise ValueError(
-                f"absent modalities {sorted(unknown)} are not in the model {self.modalities}"
-            )
+        self._check_absent(absent)
         keep = self._keep_mask(embeddings, absent)  # (B, M)
         embeddings, tokens = _apply_keep(embeddings, tokens, keep, self.modalities)
         fused = self.fusion(embeddings, tokens if self.fusion.uses_tokens else None)  # (B, D)
@@ -181,6 +177,45 @@ class FusionModel(nn.Module):
             "embeddings": embeddings,
             "adversary_logits": self._adversary(fused, embeddings),
         }
+
+    def fuse_variants(
+        self, embeddings: Embeddings, tokens: Tokens, variants: list[Collection[str]]
+    ) -> dict[str, Any]:
+        """``fuse`` once per variant (modalities to leave out), sharing the work it can.
+
+        Equals ``[self.fuse(embeddings, tokens, absent=v) for v in variants]`` (within
+        float rounding); a fusion with ``forward_variants`` builds its tokens once.
+        The fusion's per-forward views (``last_attention``, ``last_gates``, ...) are
+        the first variant's. No adversary logits (an inference helper).
+
+        Returns:
+            ``logit (B, V)``, ``fused (B, V, D)``, and ``embeddings`` as ``fuse`` with
+            nothing left out.
+
+        Shapes:
+            -> logit (B, V), fused (B, V, D)
+        """
+        for gone in variants:
+            self._check_absent(gone)
+        keep = self._keep_mask(embeddings, ())  # (B, M)
+        kept, kept_tokens = _apply_keep(embeddings, tokens, keep, self.modalities)
+        if self.training or not hasattr(self.fusion, "forward_variants"):
+            # Last run = first variant, so views such as ``last_gates`` describe it.
+            outs = [self.fuse(embeddings, tokens, absent=gone) for gone in variants[::-1]][::-1]
+            logit = torch.stack([o["logit"] for o in outs], dim=1)  # (B, V)
+            fused = torch.stack([o["fused"] for o in outs], dim=1)  # (B, V, D)
+            return {"logit": logit, "fused": fused, "embeddings": kept}
+        toks = kept_tokens if self.fusion.uses_tokens else None
+        fused = self.fusion.forward_variants(kept, toks, variants)  # (B, V, D)
+        logit = fused[..., 0] if self.head is None else self.head(fused).squeeze(-1)  # (B, V)
+        return {"logit": logit, "fused": fused, "embeddings": kept}
+
+    def _check_absent(self, absent: Collection[str]) -> None:
+        unknown = set(absent) - set(self.encoders)
+        if unknown:
+            raise ValueError(
+                f"absent modalities {sorted(unknown)} are not in the model {self.modalities}"
+            )
 
     def encode(self, batch: dict[str, Any]) -> tuple[Embeddings, Tokens]:
         """Every encoder's embedding, and its tokens when the fusion reads tokens."""

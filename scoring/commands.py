@@ -31,6 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--embedding-cache", help="folder caching frozen image-backbone features between runs"
     )
+    p.add_argument(
+        "--threads", type=_positive, default=1,
+        help="torch threads per process or Ray actor (1; scale out with --num-actors)",
+    )  # fmt: skip
     p.add_argument("--ray-address", help="score with Ray Data: auto, ray://host:port or local")
     p.add_argument("--num-actors", type=int, default=2, help="Ray scoring actors (2)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per Ray actor (0)")
@@ -48,6 +52,7 @@ def _run(args: argparse.Namespace) -> int:
         image_cache=args.image_cache,
         embedding_cache=args.embedding_cache,
         progress=args.progress,
+        threads=args.threads,
     )
     if args.ray_address:
         from clinfuse.scoring.ray_scoring import score_with_ray
@@ -73,3 +78,10 @@ def _timestamp(text: str) -> datetime:
         return datetime.fromisoformat(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--at {text!r} is not an ISO 8601 timestamp") from err
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be >= 1, got {value}")
+    return value

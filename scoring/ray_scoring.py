@@ -86,6 +86,7 @@ def score_with_ray(
     image_cache: str | Path | None = None,
     embedding_cache: str | Path | None = None,
     progress: bool = True,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
     """Scores a cohort on a Ray cluster (or an already initialized Ray); returns the summary.
 
@@ -94,6 +95,7 @@ def score_with_ray(
             a local Ray). Ignored when Ray is already initialized in this process.
         num_actors: size of the actor pool (``concurrency``).
         gpus_per_actor: ``num_gpus`` per actor; 0 scores on CPU.
+        threads: torch threads per actor (1: scale out with actors, not threads).
         Other arguments: as ``score.score_cohort``.
     """
     import ray
@@ -118,6 +120,7 @@ def score_with_ray(
                     batch_size=batch_size,
                     image_cache=None if image_cache is None else str(image_cache),
                     embedding_cache=None if embedding_cache is None else str(embedding_cache),
+                    threads=threads,
                 ),
             ),
             batch_size=1,

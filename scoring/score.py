@@ -57,7 +57,7 @@ from torch import Tensor
 
 from clinfuse.datasets.batch import MODALITIES
 from clinfuse.datasets.events import channel_observations, pad_observations
-from clinfuse.datasets.images import ImageLoader
+from clinfuse.datasets.images import ImageLoader, file_identity
 from clinfuse.datasets.samples import (
     genotype_tensors,
     latest_images,
@@ -76,6 +76,7 @@ from clinfuse.datasets.schema import (
     has_table,
     scan,
 )
+from clinfuse.encoders.embedding_cache import FileFeatureStore
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import META, ModelArtifact, load_artifact
 from clinfuse.training.calibration import prior_shift_logit
@@ -421,23 +422,28 @@ def image_header(path: str) -> tuple[str | None, str | None]:
         return None, None
 
 
-def cached_image_header(path: str, cache_dir: Path | None) -> tuple[str | None, str | None]:
+def cached_image_header(
+    path: str, cache_dir: Path | None, identity: str | None = None
+) -> tuple[str | None, str | None]:
     """``image_header`` through a per-file cache keyed like the decoded-pixel cache.
 
-    The key is (resolved path, size, mtime), the key under which ``ImageLoader``
-    caches the pixels, so the fingerprint always describes the file whose pixels
-    were used. Unreadable files are not cached (they are retried next run).
+    The key is ``file_identity`` (resolved path, size, mtime), the one under which
+    ``ImageLoader`` caches the pixels, so the fingerprint always describes the file
+    whose pixels were used. Unreadable files are not cached (they are retried next
+    run). ``identity``: ``file_identity(path)`` when the caller already has it.
     """
     if cache_dir is None:
         return image_header(path)
+    if identity is None:
+        try:
+            identity = file_identity(path)
+        except OSError:
+            return None, None
+    entry = cache_dir / f"{hashlib.sha1(identity.encode()).hexdigest()}.json"
     try:
-        stat = os.stat(path)
-    except OSError:
-        return None, None
-    text = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    entry = cache_dir / f"{hashlib.sha1(text.encode()).hexdigest()}.json"
-    if entry.is_file():
         return tuple(json.loads(entry.read_text()))  # type: ignore[return-value]
+    except FileNotFoundError:
+        pass
     uid, sha = image_header(path)
     if sha is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -455,6 +461,7 @@ class _ChunkInputs:
     windowed: pl.DataFrame
     images: pl.DataFrame
     headers: dict[str, tuple[str | None, str | None]]
+    keys: dict[str, str | None]  # path -> ImageLoader key (None: cannot be stat-ed)
 
 
 class ChunkScorer:
@@ -468,6 +475,9 @@ class ChunkScorer:
         image_cache: decoded-pixel cache folder of ``ImageLoader`` (None = memory, per chunk).
         embedding_cache: frozen-backbone feature cache folder for the timm image encoder.
         device: torch device for the forward passes.
+        threads: torch intra-op threads for this process (None = leave as is). One is
+            fastest for these small matrices on a shared machine; scale out with
+            processes or Ray actors instead.
     """
 
     def __init__(
@@ -479,7 +489,12 @@ class ChunkScorer:
         image_cache: str | Path | None = None,
         embedding_cache: str | Path | None = None,
         device: str | torch.device = "cpu",
+        threads: int | None = 1,
     ) -> None:
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(int(threads))
         self.artifact = artifact
         self.cohort_dir = Path(cohort_dir)
         self.spec = artifact.spec
@@ -491,6 +506,7 @@ class ChunkScorer:
         self.ood = MahalanobisOOD(**artifact.ood) if artifact.ood else None
         self.has_genotypes = has_table(self.cohort_dir, GENOTYPES)
         _set_embedding_cache(self.model, embedding_cache)
+        self.features = _file_feature_store(self.model, embedding_cache)
 
     def score(self, samples: pl.DataFrame) -> pl.DataFrame:
         """One output row per row of ``samples``, in order (see ``OUTPUT_SCHEMA``).
@@ -520,8 +536,14 @@ class ChunkScorer:
         with naming_file(self.cohort_dir, IMAGES):
             images = latest_images(self.cohort_dir, samples)
         paths = images["path"].drop_nulls().unique(maintain_order=True).to_list()
+        ids = {p: _identity(p) for p in paths}  # one stat and resolve per file
         cache = None if self.image_cache is None else Path(self.image_cache) / "headers"
-        return _ChunkInputs(windowed, images, {p: cached_image_header(p, cache) for p in paths})
+        headers = {
+            p: cached_image_header(p, cache, i) if i else (None, None) for p, i in ids.items()
+        }
+        loader = ImageLoader(self.spec.image_size)
+        keys = {p: loader.key(p, i) if i else None for p, i in ids.items()}
+        return _ChunkInputs(windowed, images, headers, keys)
 
     def _batch(self, samples: pl.DataFrame, inputs: _ChunkInputs) -> dict[str, Any]:
         obs = channel_observations(inputs.windowed.lazy(), self.spec)
@@ -530,14 +552,63 @@ class ChunkScorer:
         with naming_file(self.cohort_dir, GENOTYPES):
             batch.update(genotype_tensors(genotypes, samples, self.spec.markers))
         batch.update(sample_tensors(samples, self.spec.sites, self.spec.ancestries))
-        loader = ImageLoader(self.spec.image_size, self.image_cache)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unreadable images become flags
-            batch["image"], batch["image_present"] = loader.load_many(
-                inputs.images["path"].to_list()
-            )
+            batch.update(self._images(inputs))
         batch["image_age"] = _image_age(inputs.images, batch["image_present"])
         return batch
+
+    def _images(self, inputs: _ChunkInputs) -> dict[str, Tensor]:
+        """Pixels, or the frozen backbone's stored features when the store is on.
+
+        Shapes:
+            -> image (B, 1, S, S) | image_pooled (B, F) and image_tokens (B, N, F);
+            image_present (B,)
+        """
+        paths = inputs.images["path"].to_list()
+        keys = [inputs.keys[p] if p else None for p in paths]
+        loader = ImageLoader(self.spec.image_size, self.image_cache)
+        if self.features is None:
+            image, present = loader.load_many(paths, keys)
+            return {"image": image, "image_present": present}
+        return self._stored_features(loader, inputs.keys, keys)
+
+    def _stored_features(
+        self, loader: ImageLoader, by_path: dict[str, str | None], keys: list[str | None]
+    ) -> dict[str, Tensor]:
+        """Per-sample features from the file-keyed store; missing files are decoded,
+        encoded (through the content-hash cache) and stored first."""
+        tokens = bool(self.model.fusion.uses_tokens)
+        unique = list(dict.fromkeys(k for k in keys if k is not None))
+        found = self.features.contains(unique, tokens)
+        missing = [k for k, hit in zip(unique, found, strict=True) if not hit]
+        if missing:
+            paths = {k: p for p, k in by_path.items() if k is not None}
+            self._store_features(loader, [paths[k] for k in missing], missing, tokens)
+        present = torch.from_numpy(self.features.contains(keys, tokens))  # (B,)
+        pooled, toks = self.features.gather(keys, tokens)  # one row per sample
+        features = self._image_encoder().num_features
+        return _sample_features(features, present, pooled, toks, tokens)
+
+    def _store_features(
+        self, loader: ImageLoader, paths: list[str], keys: list[str], tokens: bool
+    ) -> None:
+        encoder = self._image_encoder()
+        for lo in range(0, len(paths), self.batch_size):
+            part = slice(lo, lo + self.batch_size)
+            images, present = loader.load_many(paths[part], keys[part])  # (b, 1, S, S)
+            ok = present.nonzero().squeeze(1).tolist()  # unreadable files are not stored
+            if not ok:
+                continue
+            pooled, toks = encoder.frozen_features(images[ok].to(self.device), tokens)
+            self.features.put(
+                [keys[part][i] for i in ok],
+                pooled.cpu().numpy(),
+                None if toks is None else toks.cpu().numpy(),
+            )
+
+    def _image_encoder(self) -> Any:
+        return self.model.encoders["image"]
 
     def _rows(
         self,
@@ -614,6 +685,46 @@ def _set_embedding_cache(model: torch.nn.Module, cache_dir: str | Path | None) -
             f"{config.transfer!r} (its backbone weights were fine-tuned)"
         )
     config.cache_dir = "" if cache_dir is None else str(cache_dir)
+
+
+def _identity(path: str) -> str | None:
+    try:
+        return file_identity(path)
+    except OSError:
+        return None
+
+
+def _file_feature_store(
+    model: torch.nn.Module, cache_dir: str | Path | None
+) -> FileFeatureStore | None:
+    """The file-keyed feature store beside the content-hash cache (frozen timm only)."""
+    if cache_dir is None:
+        return None  # _set_embedding_cache has checked the encoder when it is not None
+    encoder = model.encoders["image"]
+    return FileFeatureStore(cache_dir, encoder.cache_fingerprint())
+
+
+def _sample_features(
+    features: int,
+    present: Tensor,
+    pooled: np.ndarray | None,
+    tokens: np.ndarray | None,
+    want_tokens: bool,
+) -> dict[str, Tensor]:
+    """The batch entries of gathered per-sample features (zero rows: no stored file).
+
+    Shapes:
+        pooled: (B, F), tokens: (B, N, F) -> image_pooled (B, F), image_tokens (B, N, F),
+        image_present (B,) (N = 1 when no file was found, as the encoder does for an
+        image-less batch)
+    """
+    b = len(present)
+    out = {"image_present": present}
+    if pooled is None:  # no stored file at all
+        out["image_pooled"] = torch.zeros(b, features)
+        return out | ({"image_tokens": torch.zeros(b, 1, features)} if want_tokens else {})
+    out["image_pooled"] = torch.from_numpy(pooled)
+    return out | ({"image_tokens": torch.from_numpy(tokens)} if want_tokens else {})
 
 
 def _image_age(images: pl.DataFrame, present: Tensor) -> Tensor:
@@ -753,6 +864,7 @@ def score_cohort(
     image_cache: str | Path | None = None,
     embedding_cache: str | Path | None = None,
     progress: bool = True,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
     """Scores a cohort in-process, chunk by chunk; returns a run summary.
 
@@ -768,14 +880,16 @@ def score_cohort(
         image_cache: decoded-pixel cache folder.
         embedding_cache: frozen-backbone feature cache folder.
         progress: show a progress bar over chunks.
+        threads: torch intra-op threads (see ``ChunkScorer``).
     """
     start = time.perf_counter()
     artifact, plan, pending = open_run(
         model, cohort_dir, out_dir, chunk_size, at, resume, target_prevalence
     )
     scorer = ChunkScorer(
-        artifact, cohort_dir, target_prevalence, batch_size, image_cache, embedding_cache
-    )
+        artifact, cohort_dir, target_prevalence, batch_size, image_cache, embedding_cache,
+        threads=threads,
+    )  # fmt: skip
     errors = 0
     for index in _progress(pending, plan.n_chunks, progress):
         frame = scorer.score(plan.chunk(index))
