@@ -61,19 +61,24 @@ def _timed_score(model: Path, cohort: Path, out: Path, chunk_size: int, **kwargs
     """Samples/s of the chunk loop (read, tensors, forward, fingerprints, write).
 
     Loading the artifact and planning the run happen once per night and are left out.
+    Also prints samples per CPU-second of this process (robust to a loaded machine).
     """
     from clinfuse.scoring.score import ChunkScorer, open_run, write_part
 
     shutil.rmtree(out, ignore_errors=True)
     artifact, plan, pending = open_run(model, cohort, out, chunk_size)
     scorer = ChunkScorer(artifact, cohort, **kwargs)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for index in pending:
         write_part(out, index, scorer.score(plan.chunk(index)))
-    return plan.samples.height / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    n = plan.samples.height
+    print(f"  {cohort.name} {sorted(kwargs)}: {n / wall:.0f}/s wall, {n / cpu:.0f}/CPU-s",
+          file=sys.stderr)  # fmt: skip
+    return n / wall
 
 
-def _raw_backbone(model: Path, cohort: Path, batch_size: int) -> float:
+def _raw_backbone(model: Path, cohort: Path, batch_size: int, threads: int = 1) -> float:
     """Images/s of the image encoder's timm backbone alone on pre-decoded films."""
     import polars as pl
     import torch
@@ -87,6 +92,7 @@ def _raw_backbone(model: Path, cohort: Path, batch_size: int) -> float:
     encoder = art.model.encoders["image"]
     paths = latest_images(cohort, scoring_samples(cohort))["path"].drop_nulls()
     images, _ = ImageLoader(art.spec.image_size).load_many(pl.Series(paths).to_list())
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     with torch.no_grad():
         for lo in range(0, len(images), batch_size):
@@ -144,6 +150,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--chunk-size", type=int, default=2000)
     parser.add_argument("--workdir", default=None, help="keep cohorts here (default: temp)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -160,11 +167,12 @@ def _run(root: Path, args: argparse.Namespace) -> list[tuple[str, str, float, st
     model = _train(train_cohort, root / "run", args.image_size)
     cohort = _simulate(root / "score", args.image_subjects, args.image_size, seed=1)
     chunk = args.chunk_size
-    decoded = _timed_score(model, cohort, root / "out", chunk_size=chunk)
+    decoded = _timed_score(model, cohort, root / "out", chunk_size=chunk, threads=args.threads)
     caches = {"image_cache": root / "pixels", "embedding_cache": root / "features"}
-    _timed_score(model, cohort, root / "out", chunk_size=chunk, **caches)  # warm
-    cached = _timed_score(model, cohort, root / "out", chunk_size=chunk, **caches)
-    raw = _raw_backbone(model, cohort, batch_size=256)
+    _timed_score(model, cohort, root / "out", chunk_size=chunk, threads=args.threads, **caches)
+    cached = _timed_score(model, cohort, root / "out", chunk_size=chunk, threads=args.threads,
+                          **caches)  # fmt: skip
+    raw = _raw_backbone(model, cohort, batch_size=256, threads=args.threads)
     n = args.image_subjects
     rows = [
         ("images decoded from DICOM", f"{n}", decoded, f"{decoded / raw:.0%} of raw backbone"),
