@@ -22,7 +22,6 @@ from clinfuse.evaluation.metrics import auroc, binary_report, ece
 from clinfuse.evaluation.model_card import write_model_card
 from clinfuse.evaluation.report import plot_curves, save_overlays, write_html
 from clinfuse.training.artifact import ModelArtifact, load_artifact
-from clinfuse.training.calibration import apply_temperature
 from clinfuse.training.predict import collect_predictions
 
 
@@ -42,7 +41,7 @@ def evaluate(
     samples, split = _select_samples(cohort_dir, art, split)
     batches = _batches(cohort_dir, samples, art, Path(run_dir) / "image_cache")
     pred = collect_predictions(art.model, batches)
-    p = apply_temperature(pred["logit"], art.temperature)
+    p = art.risk(pred["logit"])
     y = pred["label"].astype(int)
     metrics: dict[str, Any] = {"cohort": str(cohort_dir), "split": split, "model_id": art.model_id}
     metrics.update(binary_report(y, p, art.threshold, n_bootstrap=n_bootstrap, seed=seed))
@@ -161,7 +160,7 @@ def _gradcam(art: ModelArtifact, batches: list[dict[str, Any]], out: Path, n: in
     sub = _take(batch, keep)
     with torch.no_grad():
         embeddings, tokens = model.encode(sub)
-        risk = torch.sigmoid(model.fuse(embeddings, tokens)["logit"] / art.temperature).tolist()
+        risk = art.risk(model.fuse(embeddings, tokens)["logit"].numpy()).tolist()
 
     def score(image_embedding: torch.Tensor) -> torch.Tensor:
         emb = {**embeddings, "image": (image_embedding, embeddings["image"][1])}

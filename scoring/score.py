@@ -637,7 +637,7 @@ class ChunkScorer:
         return pl.DataFrame(columns, schema=OUTPUT_SCHEMA)
 
     def _calibrated(self, logit: np.ndarray) -> np.ndarray:
-        z = logit / self.artifact.temperature
+        z = self.artifact.calibrated_logit(logit)
         if self.target_prevalence is not None:
             z = prior_shift_logit(z, self.artifact.train_prevalence, self.target_prevalence)
         return _sigmoid(z)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -37,11 +38,21 @@ class ModelArtifact:
     model_config: dict[str, Any]
     data_config: dict[str, Any]
     temperature: float = 1.0
+    logit_offset: float = 0.0
     threshold: float = 0.5
     train_prevalence: float = 0.5
     ood: dict[str, Any] | None = None
     model_id: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def calibrated_logit(self, logit: np.ndarray) -> np.ndarray:
+        """``(logit + logit_offset) / temperature``: the offset undoes the class weighting
+        of the training loss, the temperature is fitted on the tuning split."""
+        return (np.asarray(logit, dtype=np.float64) + self.logit_offset) / self.temperature
+
+    def risk(self, logit: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities."""
+        return 1.0 / (1.0 + np.exp(-self.calibrated_logit(logit)))
 
 
 def save_artifact(out_dir: str | Path, model: nn.Module, spec: DataSpec, **meta: Any) -> str:
@@ -89,6 +100,7 @@ def load_artifact(path: str | Path) -> ModelArtifact:
         model_config=meta["model_config"],
         data_config=meta["data_config"],
         temperature=float(meta.get("temperature", 1.0)),
+        logit_offset=float(meta.get("logit_offset", 0.0)),
         threshold=float(meta.get("threshold", 0.5)),
         train_prevalence=float(meta.get("train_prevalence", 0.5)),
         ood=meta.get("ood"),

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from clinfuse.config import save_yaml, to_dict
 from clinfuse.datasets.datamodule import CohortDataModule
+from clinfuse.datasets.spec import DataSpec
 from clinfuse.evaluation.metrics import choose_threshold
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import save_artifact
 from clinfuse.training.calibration import apply_temperature, fit_temperature
-from clinfuse.training.config import RunConfig
+from clinfuse.training.config import OptimConfig, RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.predict import collect_predictions
 from clinfuse.training.provenance import code_version, cohort_hashes, package_versions
@@ -178,8 +180,11 @@ def export_artifact(
     """
     model = module.model
     tuning = collect_predictions(model, dm.val_dataloader())
-    temperature = fit_temperature(tuning["logit"], tuning["label"])
-    threshold = choose_threshold(tuning["label"], apply_temperature(tuning["logit"], temperature))
+    offset = class_weight_offset(cfg.optim, dm.spec)
+    temperature = fit_temperature(tuning["logit"] + offset, tuning["label"])
+    threshold = choose_threshold(
+        tuning["label"], apply_temperature(tuning["logit"] + offset, temperature)
+    )
     train_pred = collect_predictions(model, dm.dataloader("train"))
     ood = MahalanobisOOD.fit(train_pred["fused"], train_pred["label"])
     prevalence = float(np.mean(train_pred["label"]))
@@ -190,6 +195,7 @@ def export_artifact(
         model_config=to_dict(cfg.model),
         data_config=to_dict(cfg.data),
         temperature=temperature,
+        logit_offset=offset,
         threshold=threshold,
         train_prevalence=prevalence,
         ood=to_dict(ood),
@@ -201,6 +207,18 @@ def export_artifact(
         "threshold": threshold,
         "train_prevalence": prevalence,
     }
+
+
+def class_weight_offset(optim: OptimConfig, spec: DataSpec) -> float:
+    """The logit shift that undoes class-weighted BCE.
+
+    Weighting positives by w moves the loss minimiser from logit(p) to logit(p) + log w,
+    a bias that temperature scaling (a pure rescaling) cannot remove; subtracting log w
+    first restores the unweighted log-odds. Focal loss has no such closed form: 0.
+    """
+    if optim.loss == "bce" and optim.class_weight and spec.pos_weight > 0:
+        return -math.log(spec.pos_weight)
+    return 0.0
 
 
 def _read_or_make_provenance(cfg: RunConfig, run: Path) -> dict[str, Any]:

@@ -86,7 +86,9 @@ def test_scores_match_the_training_data_path_and_calibration(scoring_run, artifa
     logit = ref["out"]["logit"].double().numpy()
     # float32 forward passes over differently padded batches: agree to ~1e-5 in logit.
     np.testing.assert_allclose(_logit(scores["risk_raw"].to_numpy()), logit, atol=1e-4)
-    expected = 1 / (1 + np.exp(-logit / artifact.temperature))
+    # Calibration: undo the class weighting of the loss, then the tuning-split temperature.
+    assert artifact.logit_offset == pytest.approx(-np.log(artifact.spec.pos_weight))
+    expected = 1 / (1 + np.exp(-(logit + artifact.logit_offset) / artifact.temperature))
     np.testing.assert_allclose(scores["risk"].to_numpy(), expected, atol=1e-4)
     ood = MahalanobisOOD(**artifact.ood)
     ref_ood = ood.score(ref["out"]["fused"].numpy())

@@ -28,3 +28,32 @@ def test_prior_shift_moves_mean_risk_to_target_prevalence():
     assert 1 / (1 + np.exp(-shifted[0])) == pytest.approx(target_prev)
     with pytest.raises(ValueError, match="prevalence"):
         prior_shift_logit(np.array([0.0]), 0.0, 0.5)
+
+
+def test_class_weight_offset_undoes_weighted_bce():
+    # Minimising BCE with positives weighted by w on a constant predictor gives
+    # logit = logit(prevalence) + log(w); the offset must bring it back.
+    import torch
+
+    from clinfuse.datasets.spec import DataSpec
+    from clinfuse.training.config import OptimConfig
+    from clinfuse.training.run import class_weight_offset
+
+    y = torch.tensor([1.0] * 20 + [0.0] * 80)
+    w = 80 / 20
+    z = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([z], max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            z.expand(100), y, pos_weight=torch.tensor(w)
+        )
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    offset = class_weight_offset(OptimConfig(), DataSpec(pos_weight=w))
+    assert float(z) + offset == pytest.approx(np.log(0.2 / 0.8), abs=1e-4)
+    assert class_weight_offset(OptimConfig(class_weight=False), DataSpec(pos_weight=w)) == 0.0
+    assert class_weight_offset(OptimConfig(loss="focal"), DataSpec(pos_weight=w)) == 0.0
