@@ -17,10 +17,20 @@ scored by ``evaluation.evaluate``:
 Frozen backbones share one feature cache (``timm_image.cache_dir``) and all runs
 share one decoded-image cache, so repeated runs skip the CNN and the DICOM
 decoding. A run whose directory already holds a result for the same config is
-reused, so an interrupted benchmark resumes where it stopped.
+reused, so an interrupted benchmark resumes where it stopped. The strategies
+table also lists each row's latent-factor ceiling (``datasets.sim_oracle``) and a
+logistic stack of the three single-modality models.
 
+    # end to end at a small size (a few minutes on 2 cores)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
-        --experiment all --subjects 600 --epochs 3 --out runs/bench_fusion
+        --experiment all --subjects 600 --epochs 2 --out runs/bench_fusion_small
+    # the reported sizes
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
+        --experiment strategies --subjects 5000 --epochs 15 --patience 4
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
+        --experiment confound --subjects 5000 --epochs 15 --patience 4
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
+        --experiment transfer --subjects 1500 --epochs 6 --patience 3 --adversary off
 """
 
 from __future__ import annotations
