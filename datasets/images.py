@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import os
 import tempfile
 import warnings
@@ -23,29 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clinfuse.datasets.dicom import DicomReader
+
 
 def read_unit(path: str | Path) -> np.ndarray:
-    """Reads one DICOM file as float32 (H, W) in [0, 1] with the project's DICOM reader."""
-    if importlib.util.find_spec("clinfuse.datasets.dicom") is None:
-        return _read_unit_pydicom(path)  # until the shared reader lands
-    from clinfuse.datasets.dicom import DicomReader
+    """Reads one DICOM file as float32 (H, W) in [0, 1] with the project's DICOM reader.
 
+    Raises:
+        DicomReadError: naming the file, when it cannot be read or decoded.
+    """
     return DicomReader(window="auto").read(path).to_unit()
-
-
-def _read_unit_pydicom(path: str | Path) -> np.ndarray:
-    """Rescale, VOI window when the header has one, MONOCHROME1 inversion, min-max to [0, 1]."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(path)
-    pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        pixels = apply_voi_lut(pixels, ds).astype(np.float32)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        pixels = pixels.max() - pixels
-    span = float(pixels.max() - pixels.min())
-    return (pixels - pixels.min()) / span if span > 0 else np.zeros_like(pixels)
 
 
 def resize_square(image: Tensor, size: int) -> Tensor:
