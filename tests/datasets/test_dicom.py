@@ -44,7 +44,7 @@ def _region(image: np.ndarray, rows: tuple[float, float], cols: tuple[float, flo
 # (looked at as a PNG): (row, col) slices of the 128 x 128 image.
 _CT_LUNG = (slice(0, 40), slice(0, 30))
 _CT_SOFT = (slice(80, 112), slice(0, 128))  # paraspinal muscle and fat
-_CT_BONE = (slice(60, 70), slice(54, 70))  # vertebral body
+_CT_BONE = (slice(60, 70), slice(54, 70))  # posterior arch of the vertebra
 
 
 # ------------------------------------------------------------------ MONOCHROME1
@@ -191,6 +191,32 @@ def test_ybr_luminance_equals_the_stored_luma_channel():
     pixels = DicomReader(window=None).read(path).pixels
     # Each RGB channel is rounded to uint8 (<= 0.5) and the weights sum to 1.
     np.testing.assert_allclose(pixels[in_gamut], luma[in_gamut], atol=0.5 + 1e-3)
+
+
+def test_palette_color_becomes_luminance_of_the_looked_up_rgb():
+    """examples_palette.dcm: 8-bit indices into three 256-entry 16-bit OW tables."""
+    ds = pydicom.dcmread(_file("examples_palette.dcm"))
+    index = ds.pixel_array.astype(np.int64)  # first mapped value is 0 in all descriptors
+    rgb = np.stack(
+        [
+            np.frombuffer(ds[f"{c}PaletteColorLookupTableData"].value, dtype="<u2")[index]
+            for c in ("Red", "Green", "Blue")
+        ],
+        axis=-1,
+    ).astype(np.float64)
+    pixels = DicomReader(window=None).read(_file("examples_palette.dcm")).pixels
+    assert pixels.shape == index.shape
+    # float32 products of values below 2**16: relative error ~1e-7.
+    np.testing.assert_allclose(pixels, rgb @ [0.299, 0.587, 0.114], rtol=1e-6, atol=1e-2)
+
+
+def test_modality_lut_sequence_is_applied():
+    """mlut_18.dcm: signed 12-bit pixels, a 4096-entry modality LUT starting at -2048."""
+    ds = pydicom.dcmread(_file("mlut_18.dcm"))
+    table = np.asarray(ds.ModalityLUTSequence[0].LUTData, dtype=np.float64)
+    expected = table[ds.pixel_array.astype(np.int64) + 2048]
+    pixels = DicomReader(window=None).read(_file("mlut_18.dcm")).pixels
+    np.testing.assert_array_equal(pixels, expected)
 
 
 # ------------------------------------------------------------------ compressed syntaxes
