@@ -56,7 +56,7 @@ def top_classes(
 
 
 def read_image(path: str | None) -> np.ndarray:
-    """An image as an array; DICOM goes through its modality and VOI LUTs."""
+    """An image as an array; DICOM goes through ``clinfuse.datasets.dicom.DicomReader``."""
     if path is None:
         from skimage import data
 
@@ -104,15 +104,7 @@ def _to_float_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _read_dicom(path: str) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    """(H, W) float32 in [0, 1]: the header's window (or percentiles), bright = dense."""
+    from clinfuse.datasets.dicom import DicomReader
 
-    ds = pydicom.dcmread(path)
-    arr = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float32)
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi <= lo:
-        raise ValueError(f"{path}: constant pixel data")
-    arr = (arr - lo) / (hi - lo)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        arr = 1.0 - arr
-    return arr
+    return DicomReader(window="auto").read(path).to_unit()
