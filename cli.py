@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules that define subcommands, in the order --help lists them.
@@ -35,12 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a subcommand. Bad input (a ValueError, a missing file) prints one clear line
+    naming the file, column or row and returns 1; ``CLINFUSE_TRACEBACK=1`` re-raises."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    code = args.func(args)
+    try:
+        code = args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        if os.environ.get("CLINFUSE_TRACEBACK"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"clinfuse {args.command}: error: {message}", file=sys.stderr)
+        return 1
     return int(code or 0)
 
 
