@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+
+from clinfuse.hashing import file_sha256  # noqa: F401  (part of the reader API)
 
 META_FIELDS: tuple[str, ...] = (
     "Manufacturer",
@@ -184,15 +185,6 @@ def percentile_scale(values: np.ndarray, low: float = 0.5, high: float = 99.5) -
     if hi <= lo:
         return np.zeros_like(x)
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class DicomReader:

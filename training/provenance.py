@@ -6,25 +6,18 @@ and sha256 of every cohort file the run read.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from clinfuse.hashing import file_sha256  # noqa: F401  (re-exported)
+
 _PACKAGES = (
     "torch", "timm", "lightning", "torchmetrics", "polars", "pyarrow", "pydicom",
     "torch-geometric", "ray", "numpy", "pytorch-forecasting", "scikit-learn",
 )  # fmt: skip
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cohort_hashes(cohort_dir: str | Path) -> dict[str, str]:
