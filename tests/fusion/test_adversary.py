@@ -170,3 +170,37 @@ def test_build_adversary_from_config() -> None:
     assert set(adv.heads) == {"site", "ancestry", "image/site", "image/ancestry"}
     with pytest.raises(ValueError, match="mode"):
         ConfoundAdversary(4, {"site": 2}, mode="bogus")
+
+
+def test_confusion_mode_head_learns_the_site_encoder_learns_to_confuse() -> None:
+    # The head's parameters get gradient only from predicting the site (from a detached
+    # representation); the representation gets gradient only from the uniform target.
+    torch.manual_seed(0)
+    z = torch.randn(8, 4, requires_grad=True)
+    site = torch.tensor([0, 1, 2, 0, 1, 2, 0, -1])
+    adv = ConfoundAdversary(in_dim=4, n_classes={"site": 3}, hidden=0, mode="confusion")
+    adv.lambd = 0.5
+    preds = adv(z)
+    assert set(preds) == {"site", "site|confusion"}
+    total, parts = adv.loss(preds, {"site": site})
+    head = adv.heads["site"]
+    # Head gradient equals that of plain cross-entropy on the known rows.
+    total.backward()
+    expected_head = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(head(z.detach())[:7], site[:7]), head.weight
+    )[0]
+    torch.testing.assert_close(head.weight.grad, expected_head)
+    # Representation gradient equals lambda * d/dz CE(uniform, softmax(W z + b)).
+    z2 = z.detach().clone().requires_grad_(True)
+    confusion = -torch.log_softmax(head(z2), dim=-1).mean()
+    (0.5 * confusion).backward()
+    torch.testing.assert_close(z.grad, z2.grad)
+
+
+def test_confusion_term_is_minimal_at_uniform_posteriors() -> None:
+    from clinfuse.fusion.adversary import _uniform_cross_entropy
+
+    uniform = torch.zeros(5, 3)  # equal logits -> uniform posterior
+    peaked = torch.tensor([[4.0, 0.0, 0.0]]).repeat(5, 1)
+    assert _uniform_cross_entropy(uniform).item() == pytest.approx(np.log(3))
+    assert _uniform_cross_entropy(peaked).item() > np.log(3) + 0.5
