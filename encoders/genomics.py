@@ -38,6 +38,13 @@ class SGLMLPConfig:
         dropout: dropout after each hidden activation.
         missing: "impute" (train-mean imputation plus a missing-call indicator per
             marker, in the marker's group) or "mask" (train-mean imputation only).
+        prox_lr: when > 0, the penalized layer is updated by proximal gradient
+            descent with this step size (an SGD step on its gradient, then the
+            proximal operator with threshold ``prox_lr * lambda_``) instead of by the
+            model's optimizer. An adaptive optimizer (Adam) rescales each weight's
+            step, so ``lr * lambda_`` no longer matches the penalty it applies and
+            selection becomes all-or-nothing in lambda; plain proximal gradient
+            descent keeps the sparse-group-lasso optimality conditions exact.
     """
 
     hidden: tuple[int, ...] = (64,)
@@ -46,6 +53,7 @@ class SGLMLPConfig:
     alpha: float = 0.5
     dropout: float = 0.1
     missing: str = "impute"
+    prox_lr: float = 0.0
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -245,11 +253,18 @@ class SGLMLPEncoder(ModalityEncoder):
 
         Exact proximal gradient for SGD; with adaptive optimizers (Adam) the step
         size differs per weight, so ``lr * lambda`` is then a heuristic threshold.
+        With ``prox_lr`` set, the optimizer leaves W alone (learning rate 0) and this
+        step is the whole update: W <- prox(W - prox_lr * grad W).
         """
+        w = self.first.weight
+        if self.cfg.prox_lr > 0:
+            if w.grad is None:
+                return
+            w.sub_(self.cfg.prox_lr * w.grad)
+            lr = self.cfg.prox_lr
         step = lr * self.lambda_
         if step <= 0:
             return
-        w = self.first.weight
         w.copy_(
             sparse_group_prox(
                 w,
@@ -273,7 +288,9 @@ class SGLMLPEncoder(ModalityEncoder):
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """The penalized weight gets no weight decay: its penalty is the SGL alone."""
         rest = [p for n, p in self.named_parameters() if n != "first.weight" and p.requires_grad]
-        groups = [{"params": [self.first.weight], "lr": lr, "weight_decay": 0.0}]
+        # With prox_lr the penalized layer is updated by after_optimizer_step alone.
+        first_lr = 0.0 if self.cfg.prox_lr > 0 else lr
+        groups = [{"params": [self.first.weight], "lr": first_lr, "weight_decay": 0.0}]
         return groups + [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
 
 
@@ -313,9 +330,10 @@ def sgl_mlp(
     alpha: float = 0.5,
     dropout: float = 0.1,
     missing: str = "impute",
+    prox_lr: float = 0.0,
 ) -> SGLMLPEncoder:
     """Builds the sparse-group-lasso MLP genotype encoder (see ``SGLMLPConfig``)."""
-    cfg = SGLMLPConfig(tuple(hidden), embed_dim, lambda_, alpha, dropout, missing)
+    cfg = SGLMLPConfig(tuple(hidden), embed_dim, lambda_, alpha, dropout, missing, prox_lr)
     return SGLMLPEncoder(spec, cfg)
 
 

@@ -235,3 +235,27 @@ def test_regularization_path_is_monotone_in_selection() -> None:
     # lambda = 0 never zeroes a group; a huge lambda zeroes all of them
     assert path["n_selected"].to_list() == [N_GROUPS, 0]
     assert path["selected"][1].to_list() == []
+
+
+def test_prox_lr_makes_the_step_exact_proximal_gradient_descent():
+    # With prox_lr the optimizer leaves the penalized layer alone (lr 0) and
+    # after_optimizer_step applies W <- prox(W - eta * grad) with threshold eta * lambda.
+    from clinfuse.datasets.spec import DataSpec
+    from clinfuse.encoders import create_encoder
+    from clinfuse.encoders.genomics import sparse_group_prox
+
+    spec = DataSpec(markers=[f"m{i}" for i in range(6)], marker_groups=[0, 0, 0, 1, 1, 1],
+                    groups=["g0", "g1"], marker_mean=[1.0] * 6)  # fmt: skip
+    enc = create_encoder("sgl_mlp", spec=spec, hidden=(4,), embed_dim=4, lambda_=0.2, prox_lr=0.5)
+    groups = enc.param_groups(lr=1e-3, weight_decay=0.0)
+    first = next(g for g in groups if g["params"][0] is enc.first.weight)
+    assert first["lr"] == 0.0
+    torch.manual_seed(0)
+    enc.first.weight.grad = torch.randn_like(enc.first.weight)
+    before = enc.first.weight.detach().clone()
+    expected = sparse_group_prox(
+        before - 0.5 * enc.first.weight.grad, enc.column_group, enc.group_size,
+        0.5 * 0.2 * enc.cfg.alpha, 0.5 * 0.2 * (1 - enc.cfg.alpha),
+    )  # fmt: skip
+    enc.after_optimizer_step(lr=1e-3)  # the optimizer's lr is ignored for this layer
+    torch.testing.assert_close(enc.first.weight.detach(), expected)
