@@ -73,7 +73,15 @@ SUBJECT_SPLITS = TableSpec(
     "subject_splits", {"subject_id": pl.Int64, "split": pl.String}, mandatory=False
 )
 
-TABLES: tuple[TableSpec, ...] = (EVENTS, LABELS, SUBJECTS, IMAGES, GENOTYPES, MARKERS, SUBJECT_SPLITS)
+TABLES: tuple[TableSpec, ...] = (
+    EVENTS,
+    LABELS,
+    SUBJECTS,
+    IMAGES,
+    GENOTYPES,
+    MARKERS,
+    SUBJECT_SPLITS,
+)
 ORACLE_FILE = "oracle.parquet"  # simulator ground truth; never read by training
 
 

@@ -1,18 +1,17 @@
-"""Per-modality encoders. Importing this package registers every encoder."""
+"""Per-modality encoders. Importing this package registers every encoder.
+
+Importing ``clinfuse.encoders`` imports the parent package first, which installs the
+torchvision compatibility shim before timm is imported.
+"""
 
 from __future__ import annotations
 
-import clinfuse  # noqa: F401  (torchvision compat before timm)
+from clinfuse.encoders import genomics, gru_d, image, pathway_gnn, tft  # noqa: F401  (registration)
 from clinfuse.encoders.base import (
     ModalityEncoder,
     create_encoder,
     list_encoders,
     register_encoder,
 )
-from clinfuse.encoders import gru_d  # noqa: F401
-from clinfuse.encoders import tft  # noqa: F401
-from clinfuse.encoders import image  # noqa: F401
-from clinfuse.encoders import genomics  # noqa: F401
-from clinfuse.encoders import pathway_gnn  # noqa: F401
 
 __all__ = ["ModalityEncoder", "create_encoder", "list_encoders", "register_encoder"]
