@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads", type=_positive, default=1,
         help="torch threads per process or Ray actor (1; scale out with --num-actors)",
     )  # fmt: skip
+    p.add_argument(
+        "--workers", type=_positive, default=1,
+        help="local processes scoring chunks in parallel (1 = in this process)",
+    )  # fmt: skip
     p.add_argument("--ray-address", help="score with Ray Data: auto, ray://host:port or local")
     p.add_argument("--num-actors", type=int, default=2, help="Ray scoring actors (2)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per Ray actor (0)")
@@ -64,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from clinfuse.scoring.score import score_cohort
 
-        summary = score_cohort(args.model, args.cohort, args.out, **options)
+        summary = score_cohort(args.model, args.cohort, args.out, workers=args.workers, **options)
     print(
         f"scored {summary['samples_scored']} samples in {summary['chunks_scored']} chunks "
         f"({summary['chunks_skipped']} already done), {summary['error_rows']} error rows, "

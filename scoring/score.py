@@ -865,8 +865,10 @@ def score_cohort(
     embedding_cache: str | Path | None = None,
     progress: bool = True,
     threads: int | None = 1,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Scores a cohort in-process, chunk by chunk; returns a run summary.
+    """Scores a cohort chunk by chunk, in-process or in local worker processes; returns a
+    run summary.
 
     Args:
         model: an artifact directory or a run directory holding ``model/``.
@@ -881,11 +883,19 @@ def score_cohort(
         embedding_cache: frozen-backbone feature cache folder.
         progress: show a progress bar over chunks.
         threads: torch intra-op threads (see ``ChunkScorer``).
+        workers: local processes scoring chunks in parallel (1 = in this process). Each
+            loads the model once and writes its own part files atomically, so resume
+            and the output are the same as with one process.
     """
     start = time.perf_counter()
     artifact, plan, pending = open_run(
         model, cohort_dir, out_dir, chunk_size, at, resume, target_prevalence
     )
+    if workers > 1 and len(pending) > 1:
+        options = (str(resolve_artifact_dir(model)), str(cohort_dir), str(out_dir),
+                   target_prevalence, batch_size, image_cache, embedding_cache, threads)  # fmt: skip
+        errors = _score_in_processes(plan, pending, workers, options, progress)
+        return run_summary(plan, pending, errors, time.perf_counter() - start, out_dir)
     scorer = ChunkScorer(
         artifact, cohort_dir, target_prevalence, batch_size, image_cache, embedding_cache,
         threads=threads,
@@ -898,12 +908,49 @@ def score_cohort(
     return run_summary(plan, pending, errors, time.perf_counter() - start, out_dir)
 
 
-def _progress(pending: list[int], total: int, enabled: bool):
+_WORKER: dict[str, Any] = {}  # the ChunkScorer of a worker process
+
+
+def _score_in_processes(
+    plan: ScoringPlan, pending: list[int], workers: int, options: tuple, progress: bool
+) -> int:
+    """Scores ``pending`` chunks in ``workers`` spawned processes; returns the error rows."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch
+    errors = 0
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=options) as pool:  # fmt: skip
+        futures = [pool.submit(_worker_score, i, plan.chunk(i)) for i in pending]
+        for future in _progress(as_completed(futures), plan.n_chunks, progress, len(pending)):
+            errors += future.result()
+    return errors
+
+
+def _init_worker(model_dir, cohort_dir, out_dir, target_prevalence, batch_size,
+                 image_cache, embedding_cache, threads) -> None:  # fmt: skip
+    artifact = load_artifact(model_dir)
+    _WORKER["out_dir"] = out_dir
+    _WORKER["scorer"] = ChunkScorer(
+        artifact, cohort_dir, target_prevalence, batch_size, image_cache, embedding_cache,
+        threads=threads,
+    )  # fmt: skip
+
+
+def _worker_score(index: int, samples: pl.DataFrame) -> int:
+    frame = _WORKER["scorer"].score(samples)
+    write_part(_WORKER["out_dir"], index, frame)
+    return int(frame["error"].is_not_null().sum())
+
+
+def _progress(pending, total: int, enabled: bool, n: int | None = None):
     from tqdm.auto import tqdm
 
+    n = len(pending) if n is None else n
     return tqdm(
-        pending, total=len(pending), initial=0, disable=not enabled, unit="chunk",
-        desc=f"scoring ({total - len(pending)}/{total} chunks done before)",
+        pending, total=n, initial=0, disable=not enabled, unit="chunk",
+        desc=f"scoring ({total - n}/{total} chunks done before)",
     )  # fmt: skip
 
 

@@ -352,3 +352,19 @@ def _scramble_pixels_keep_stat(paths: pl.Series) -> None:
         data[-256:] = rng.integers(0, 256, 256, dtype=np.uint8).tobytes()  # pixel data
         Path(path).write_bytes(bytes(data[:132]) + b"garbage!" + bytes(data[140:]))
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_worker_processes_write_the_same_dataset(scoring_run, tmp_path):
+    # Two spawned processes, each loading the model once, score different chunks;
+    # the dataset equals the in-process one row for row.
+    one, two = tmp_path / "one", tmp_path / "two"
+    score_cohort(scoring_run.run_dir, scoring_run.cohort, one, chunk_size=30, progress=False)
+    summary = score_cohort(scoring_run.run_dir, scoring_run.cohort, two, chunk_size=30,
+                           progress=False, workers=2)  # fmt: skip
+    assert summary["chunks_scored"] == math.ceil(N_SUBJECTS / 30)
+    a, b = read_scores(one), read_scores(two)
+    assert a.height == b.height == N_SUBJECTS
+    assert a.drop("risk", "risk_raw", "ood_score", "top_modality_delta").equals(
+        b.drop("risk", "risk_raw", "ood_score", "top_modality_delta")
+    )
+    np.testing.assert_allclose(a["risk"].to_numpy(), b["risk"].to_numpy(), atol=1e-6)
