@@ -74,7 +74,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
         description="End to end on a small simulated cohort, a few minutes on 2 CPU cores.",
     )
     p.add_argument("--out", default="runs/demo", help="where the cohort and run go")
-    p.add_argument("--subjects", type=int, default=800)
+    p.add_argument("--subjects", type=int, default=2000, help="simulated subjects (2000)")
     p.add_argument("--config", default=None, help="preset (default: the packaged demo.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
