@@ -196,3 +196,28 @@ def mask_modality():
 def toy_encoder_factory():
     """``make_toy_encoders(spec)``: fresh test-only encoders, one per modality."""
     return make_toy_encoders
+
+
+# --- A tiny end-to-end run configuration shared by training, scoring, reliability and
+# model-card tests: the demo preset shrunk to 32 px films, 16-wide encoders, one epoch.
+
+TINY_RUN_OVERRIDES = (
+    "data.image_size=32", "data.batch_size=32", "data.max_steps=32", "optim.max_epochs=1",
+    "optim.progress_bar=false", "model.encoders.timm_image.embed_dim=16",
+    "model.encoders.gru_d.hidden=16", "model.encoders.gru_d.embed_dim=16",
+    "model.encoders.sgl_mlp.hidden=[16]", "model.encoders.sgl_mlp.embed_dim=16",
+    "model.fusion.cfg.dim=16", "model.fusion.cfg.heads=2",
+)  # fmt: skip
+
+
+def _tiny_run_config(cohort, *extra: str):
+    from clinfuse.training.config import load_run_config
+    from clinfuse.training.demo import DEMO_CONFIG
+
+    return load_run_config(DEMO_CONFIG, [*TINY_RUN_OVERRIDES, f"cohort={cohort}", *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config():
+    """Builds the tiny demo RunConfig for a cohort, with extra ``key=value`` overrides."""
+    return _tiny_run_config

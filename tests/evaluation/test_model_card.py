@@ -10,35 +10,19 @@ import pytest
 from clinfuse.evaluation.model_card import CARD_FILE, TEMPLATE, render_model_card
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_OVERRIDES = [
-    "data.batch_size=32",
-    "data.image_size=32",
-    "data.max_steps=48",
-    "model.encoders.timm_image.embed_dim=16",
-    "model.encoders.gru_d.hidden=16",
-    "model.encoders.gru_d.embed_dim=16",
-    "model.encoders.sgl_mlp.embed_dim=16",
-    "model.encoders.sgl_mlp.hidden=[16]",
-    "model.fusion.cfg.dim=16",
-    "model.fusion.cfg.heads=2",
-    "optim.max_epochs=2",
-    "optim.progress_bar=false",
-]
 
 
 @pytest.fixture(scope="module")
-def evaluated_run(tmp_path_factory) -> tuple[Path, dict]:
+def evaluated_run(tmp_path_factory, tiny_run_config) -> tuple[Path, dict]:
     """A tiny real run (simulate -> train -> evaluate); returns the evaluation dir and metrics."""
     from clinfuse.datasets.simulator import SimConfig, simulate_cohort
     from clinfuse.evaluation.evaluate import evaluate
-    from clinfuse.training.config import load_run_config
     from clinfuse.training.run import train
 
     root = tmp_path_factory.mktemp("card")
     cohort = root / "cohort"
     simulate_cohort(cohort, SimConfig(n_subjects=120, image_size=32, seed=5, progress=False))
-    cfg = load_run_config(REPO / "configs" / "demo.yaml", [*TINY_OVERRIDES, f"cohort={cohort}"])
-    train(cfg, root / "run")
+    train(tiny_run_config(cohort, "optim.max_epochs=2"), root / "run")
     evaluate(root / "run", cohort, n_bootstrap=50, gradcam_images=0)
     out = root / "run" / "evaluation"
     return out, json.loads((out / "metrics.json").read_text())

@@ -54,15 +54,6 @@ class Planted:
     extra: dict = field(default_factory=dict)
 
 
-_OVERRIDES = [
-    "data.image_size=32", "data.batch_size=32", "data.max_steps=32", "optim.max_epochs=1",
-    "optim.progress_bar=false", "model.encoders.timm_image.embed_dim=16",
-    "model.encoders.gru_d.hidden=16", "model.encoders.gru_d.embed_dim=16",
-    "model.encoders.sgl_mlp.hidden=[16]", "model.encoders.sgl_mlp.embed_dim=16",
-    "model.fusion.cfg.dim=16", "model.fusion.cfg.heads=2",
-]  # fmt: skip
-
-
 def simulate(cohort: Path, n_subjects: int = N_SUBJECTS, seed: int = 0) -> Path:
     """A clean simulated cohort with 32 px films and 20 markers in 4 groups."""
     from clinfuse.datasets.simulator import SimConfig, simulate_cohort
@@ -74,22 +65,19 @@ def simulate(cohort: Path, n_subjects: int = N_SUBJECTS, seed: int = 0) -> Path:
     return simulate_cohort(cohort, cfg)
 
 
-def train_tiny(cohort: Path, run_dir: Path) -> Path:
-    """Trains the demo model (all three modalities, 16-wide) for one epoch."""
-    from clinfuse.training.config import load_run_config
-    from clinfuse.training.demo import DEMO_CONFIG
+def train_tiny(cohort: Path, run_dir: Path, tiny_run_config) -> Path:
+    """Trains the shared tiny demo model (all three modalities, 16-wide) for one epoch."""
     from clinfuse.training.run import train
 
-    cfg = load_run_config(DEMO_CONFIG, [*_OVERRIDES, f"cohort={cohort}"])
-    train(cfg, run_dir)
+    train(tiny_run_config(cohort), run_dir)
     return run_dir
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_run_config) -> Trained:
     root = tmp_path_factory.mktemp("reliability")
     cohort = simulate(root / "cohort")
-    return Trained(cohort, train_tiny(cohort, root / "run"))
+    return Trained(cohort, train_tiny(cohort, root / "run", tiny_run_config))
 
 
 @pytest.fixture

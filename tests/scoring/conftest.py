@@ -20,21 +20,10 @@ class ScoringRun:
         return self.run_dir / "model"
 
 
-_OVERRIDES = [
-    "data.image_size=32", "data.batch_size=32", "data.max_steps=32", "optim.max_epochs=1",
-    "optim.progress_bar=false", "model.encoders.timm_image.embed_dim=16",
-    "model.encoders.gru_d.hidden=16", "model.encoders.gru_d.embed_dim=16",
-    "model.encoders.sgl_mlp.hidden=[16]", "model.encoders.sgl_mlp.embed_dim=16",
-    "model.fusion.cfg.dim=16", "model.fusion.cfg.heads=2",
-]  # fmt: skip
-
-
 @pytest.fixture(scope="session")
-def scoring_run(tmp_path_factory: pytest.TempPathFactory) -> ScoringRun:
+def scoring_run(tmp_path_factory: pytest.TempPathFactory, tiny_run_config) -> ScoringRun:
     """120 subjects with 32 px films, attention fusion of all three modalities, 1 epoch."""
     from clinfuse.datasets.simulator import SimConfig, simulate_cohort
-    from clinfuse.training.config import load_run_config
-    from clinfuse.training.demo import DEMO_CONFIG
     from clinfuse.training.run import train
 
     root = tmp_path_factory.mktemp("scoring")
@@ -46,8 +35,7 @@ def scoring_run(tmp_path_factory: pytest.TempPathFactory) -> ScoringRun:
             n_causal_groups=2, progress=False,
         ),
     )  # fmt: skip
-    cfg = load_run_config(DEMO_CONFIG, [*_OVERRIDES, f"cohort={cohort}"])
-    train(cfg, run_dir)
+    train(tiny_run_config(cohort), run_dir)
     return ScoringRun(cohort, run_dir)
 
 

@@ -5,22 +5,8 @@ from pathlib import Path
 import pytest
 
 from clinfuse.datasets.simulator import SimConfig, simulate_cohort
-from clinfuse.training.config import RunConfig, load_run_config
+from clinfuse.training.config import RunConfig
 
-TINY_OVERRIDES = [
-    "data.batch_size=32",
-    "data.image_size=32",
-    "data.max_steps=48",
-    "model.encoders.timm_image.embed_dim=16",
-    "model.encoders.gru_d.hidden=16",
-    "model.encoders.gru_d.embed_dim=16",
-    "model.encoders.sgl_mlp.embed_dim=16",
-    "model.encoders.sgl_mlp.hidden=[16]",
-    "model.fusion.cfg.dim=16",
-    "model.fusion.cfg.heads=2",
-    "optim.max_epochs=2",
-    "optim.progress_bar=false",
-]
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
@@ -31,20 +17,20 @@ def tiny_cohort(tmp_path_factory) -> Path:
     return out
 
 
-def _tiny_config(cohort: Path, *extra: str) -> RunConfig:
-    return load_run_config(DEMO, [*TINY_OVERRIDES, f"cohort={cohort}", *extra])
+@pytest.fixture(scope="session")
+def tiny_config(tiny_run_config):
+    """The shared tiny run config, trained for two epochs (early stopping has a choice)."""
+
+    def build(cohort: Path, *extra: str) -> RunConfig:
+        return tiny_run_config(cohort, "data.max_steps=48", "optim.max_epochs=2", *extra)
+
+    return build
 
 
 @pytest.fixture(scope="session")
-def tiny_config():
-    """Builds the tiny demo config for a cohort, with extra key=value overrides."""
-    return _tiny_config
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tiny_cohort, tmp_path_factory) -> tuple[Path, dict]:
+def tiny_run(tiny_cohort, tiny_config, tmp_path_factory) -> tuple[Path, dict]:
     from clinfuse.training.run import train
 
     run_dir = tmp_path_factory.mktemp("run") / "run"
-    summary = train(_tiny_config(tiny_cohort), run_dir)
+    summary = train(tiny_config(tiny_cohort), run_dir)
     return run_dir, summary
