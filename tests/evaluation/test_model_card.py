@@ -9,8 +9,6 @@ import pytest
 
 from clinfuse.evaluation.model_card import CARD_FILE, TEMPLATE, render_model_card
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory, tiny_run_config) -> tuple[Path, dict]:
