@@ -54,6 +54,6 @@ def test_class_weight_offset_undoes_weighted_bce():
 
     opt.step(closure)
     offset = class_weight_offset(OptimConfig(), DataSpec(pos_weight=w))
-    assert float(z) + offset == pytest.approx(np.log(0.2 / 0.8), abs=1e-4)
+    assert float(z.detach()) + offset == pytest.approx(np.log(0.2 / 0.8), abs=1e-4)
     assert class_weight_offset(OptimConfig(class_weight=False), DataSpec(pos_weight=w)) == 0.0
     assert class_weight_offset(OptimConfig(loss="focal"), DataSpec(pos_weight=w)) == 0.0
