@@ -48,7 +48,7 @@ def evaluate(
     metrics.update(_oracle(cohort_dir, samples, y))
     metrics["per_site"] = _subgroups(samples["site"], y, p)
     metrics["per_ancestry"] = _subgroups(samples["ancestry"], y, p)
-    metrics["audit"] = _audit(pred["fused"], y, samples, seed)
+    metrics["audit"] = _audit(pred["fused"], y, samples, seed, _risk_factors(cohort_dir, samples))
     metrics["attribution"] = _attribution_summary(art, batches)
     metrics.update(_group_selection(art, cohort_dir))
     plots = plot_curves(y, p, out)
@@ -107,7 +107,37 @@ def _subgroups(groups: pl.Series, y: np.ndarray, p: np.ndarray) -> dict[str, dic
     return out
 
 
-def _audit(fused: np.ndarray, y: np.ndarray, samples: pl.DataFrame, seed: int) -> dict[str, Any]:
+# The simulator's latent causes of the outcome (oracle.parquet): the audit's floor.
+RISK_FACTORS = ("lung_disease", "physio_severity", "genetic_score", "modifier_carrier")
+
+
+def _risk_factors(cohort_dir, samples: pl.DataFrame) -> np.ndarray | None:
+    """The true risk factors of each sample (N, F) when the cohort has an oracle, else None.
+
+    Subjects the oracle does not list get NaN rows (left out of that probe).
+    """
+    path = Path(cohort_dir) / ORACLE_FILE
+    if not path.is_file():
+        return None
+    have = set(pl.read_parquet_schema(path))
+    missing = [c for c in RISK_FACTORS if c not in have]
+    if missing:
+        raise ValueError(f"{path}: oracle has no risk-factor column(s) {missing}")
+    oracle = pl.read_parquet(path, columns=["subject_id", *RISK_FACTORS])
+    oracle = oracle.with_columns(pl.col(c).cast(pl.Float64) for c in RISK_FACTORS)
+    rows = samples.select("subject_id").join(
+        oracle.unique("subject_id"), on="subject_id", how="left", maintain_order="left"
+    )
+    return rows.select(RISK_FACTORS).fill_null(float("nan")).to_numpy()  # (N, F)
+
+
+def _audit(
+    fused: np.ndarray,
+    y: np.ndarray,
+    samples: pl.DataFrame,
+    seed: int,
+    risk_factors: np.ndarray | None = None,
+) -> dict[str, Any]:
     confounds, vocab = {}, {}
     for name in ("site", "ancestry"):
         values = samples[name]
@@ -116,7 +146,7 @@ def _audit(fused: np.ndarray, y: np.ndarray, samples: pl.DataFrame, seed: int) -
         vocab[name] = sorted(values.drop_nulls().unique().to_list())
         index = {v: i for i, v in enumerate(vocab[name])}
         confounds[name] = np.array([index.get(v, -1) for v in values.to_list()])
-    return run_audit(fused, y, confounds, vocab, seed=seed)
+    return run_audit(fused, y, confounds, vocab, seed=seed, risk_factors=risk_factors)
 
 
 def _group_selection(art: ModelArtifact, cohort_dir) -> dict[str, Any]:

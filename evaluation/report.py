@@ -119,31 +119,47 @@ def _subgroup_table(groups: dict[str, dict[str, Any]]) -> str:
 def _audit(audit: dict[str, Any]) -> str:
     if not audit:
         return "<p>not run</p>"
+    floor = any(isinstance(a, dict) and "risk_factor_probe_accuracy" in a for a in audit.values())
     head = (
-        "<tr><th>confound</th><th>probe accuracy</th><th>majority rate</th>"
-        "<th>probe balanced acc.</th><th>chance</th><th>n</th></tr>"
+        "<tr><th>confound</th><th>probe accuracy (logistic)</th><th>probe accuracy (MLP)</th>"
+        + ("<th>risk-factor floor (logistic / MLP)</th>" if floor else "")
+        + "<th>majority rate</th><th>probe balanced acc.</th><th>chance</th><th>n</th></tr>"
     )
-    rows = ""
-    for name, a in audit.items():
-        if not isinstance(a, dict) or "probe_accuracy" not in a:
-            continue
-        leak = a["probe_accuracy"] - a["majority_rate"] > 0.05
-        cls = " class='warn'" if leak else ""
-        rows += (
-            f"<tr{cls}><td>{html.escape(name)}</td><td>{_fmt(a['probe_accuracy'])}</td>"
-            f"<td>{_fmt(a['majority_rate'])}</td><td>{_fmt(a['probe_balanced_accuracy'])}</td>"
-            f"<td>{_fmt(a['chance_balanced'])}</td><td>{a['n']}</td></tr>"
-        )
+    rows = "".join(_audit_row(name, a, floor) for name, a in audit.items() if _is_probe(a))
     note = (
-        "<p>A fresh cross-validated probe on the frozen embeddings of these patients. "
-        "Probe accuracy well above the majority rate (red) means the representation still "
-        "encodes the confound, whatever the adversary's training loss said.</p>"
+        "<p>Fresh cross-validated probes (logistic regression and a one-hidden-layer MLP) on "
+        "the frozen embeddings of these patients. Probe accuracy well above the majority rate "
+        "(red) means the representation still encodes the confound, whatever the adversary's "
+        "training loss said. The risk-factor floor, when the cohort has the simulator's "
+        "oracle, is what the same probes read from the true risk factors alone: a "
+        "representation that carries the risk cannot go below it.</p>"
     )
     loso = audit.get("leave_one_site_out_auroc") or {}
     loso_html = _table_rows(
         [(k, _fmt(v)) for k, v in loso.items()], "left-out site", "outcome AUROC"
     )
     return f"{note}<table>{head}{rows}</table><h3>Leave-one-site-out outcome probe</h3>{loso_html}"
+
+
+def _is_probe(a: Any) -> bool:
+    return isinstance(a, dict) and "probe_accuracy" in a
+
+
+def _audit_row(name: str, a: dict[str, Any], floor: bool) -> str:
+    best = max(a["probe_accuracy"], a.get("mlp_probe_accuracy", float("-inf")))
+    cls = " class='warn'" if best - a["majority_rate"] > 0.05 else ""
+    floor_cell = (
+        f"<td>{_fmt(a.get('risk_factor_probe_accuracy'))} / "
+        f"{_fmt(a.get('risk_factor_mlp_probe_accuracy'))}</td>"
+        if floor
+        else ""
+    )
+    return (
+        f"<tr{cls}><td>{html.escape(name)}</td><td>{_fmt(a['probe_accuracy'])}</td>"
+        f"<td>{_fmt(a.get('mlp_probe_accuracy'))}</td>{floor_cell}"
+        f"<td>{_fmt(a['majority_rate'])}</td><td>{_fmt(a['probe_balanced_accuracy'])}</td>"
+        f"<td>{_fmt(a['chance_balanced'])}</td><td>{a['n']}</td></tr>"
+    )
 
 
 def _attribution(attr: dict[str, Any]) -> str:

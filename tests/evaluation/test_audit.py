@@ -54,3 +54,44 @@ def test_singleton_class_is_left_out_of_the_probe_not_the_rates():
     assert res["excluded_rare_classes"] == 1
     assert res["majority_rate"] == 0.5
     assert res["probe_accuracy"] > 0.9
+
+
+def test_mlp_probe_reads_a_site_code_the_linear_probe_cannot():
+    # Site 1 sits on a ring (|z0| = 2), site 0 at its centre: symmetric in z0, so no
+    # linear direction separates them and the logistic probe stays at the majority
+    # rate (0.5, within 3 SE = 3 * sqrt(0.25 / 800) = 0.053); an MLP reads it.
+    rng = np.random.default_rng(4)
+    site = np.repeat([0, 1], 400)
+    sign = rng.choice([-1.0, 1.0], 800)
+    z = rng.normal(scale=0.3, size=(800, 3))
+    z[:, 0] += 2.0 * sign * site
+    res = probe_confound(z, site)
+    assert res["probe_accuracy"] == pytest.approx(0.5, abs=0.053)
+    assert res["mlp_probe_accuracy"] > 0.95
+
+
+def test_risk_factor_floor_matches_the_bayes_accuracy_of_the_factors():
+    # Two equally common sites; one risk factor is shifted by d = 1.5 at site 1, so
+    # the best any probe can do from the factors is Phi(d / 2) = 0.7734. The
+    # embedding adds pure noise dimensions. 3 SE at n = 2000: 0.028.
+    rng = np.random.default_rng(5)
+    n, d = 2000, 1.5
+    site = rng.integers(0, 2, n)
+    factors = np.column_stack([d * site + rng.normal(size=n), rng.normal(size=n)])
+    z = np.column_stack([factors, rng.normal(size=(n, 4))])
+    factors[:10] = np.nan  # subjects the oracle does not list
+    res = probe_confound(z, site, risk_factors=factors)
+    assert res["risk_factor_n"] == n - 10
+    assert res["risk_factor_probe_accuracy"] == pytest.approx(0.7734, abs=0.028)
+    assert res["risk_factor_mlp_probe_accuracy"] == pytest.approx(0.7734, abs=0.028)
+    # The representation carries exactly the factor: it reads the site no better.
+    assert res["probe_accuracy"] == pytest.approx(res["risk_factor_probe_accuracy"], abs=0.03)
+
+
+def test_run_audit_passes_the_floor_to_every_confound():
+    rng = np.random.default_rng(6)
+    site, anc = rng.integers(0, 3, 300), rng.integers(0, 2, 300)
+    z, y = rng.normal(size=(300, 4)), rng.integers(0, 2, 300)
+    res = run_audit(z, y, {"site": site, "ancestry": anc}, {}, risk_factors=z[:, :2])
+    assert "risk_factor_probe_accuracy" in res["site"]
+    assert "risk_factor_mlp_probe_accuracy" in res["ancestry"]
