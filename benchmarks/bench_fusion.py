@@ -56,6 +56,17 @@ MODALITY_ENCODER = {"image": "timm_image", "vitals/labs": "gru_d", "genotypes": 
 ALL_MODALITIES = tuple(MODALITY_ENCODER)
 # ``sim_oracle.FEATURE_SETS`` entry of the latent factors a modality (set) can see.
 CEILING_SET = {"image": "image", "vitals/labs": "timeseries", "genotypes": "genomics"}
+# Ceiling rows of the strategies table: row label -> ``sim_oracle.FEATURE_SETS`` entry.
+CEILING_ROWS = {
+    "additive": "fused_additive",
+    "interaction": "fused_interaction",
+    "interaction_site": "fused_interaction_site",
+}
+FEATURE_LABELS = {
+    "fused_additive": ("L", "P", "G", "C"),
+    "fused_interaction": ("L", "P", "G", "C", "PxC"),
+    "fused_interaction_site": ("L", "P", "G", "C", "PxC", "site"),
+}
 RESULT_FILE = "bench_result.json"
 TARGET_RATIO = 0.97
 
@@ -215,12 +226,13 @@ def strategies(
         Variant(f"only_{m.split('/')[0]}{suffix}", (m,), "early", adversary) for m in ALL_MODALITIES
     ]
     variants = [v for v in variants if only is None or v.name in only]
-    ceilings = _ceilings(ctx.cohorts["train"])
+    scores = _ceiling_scores(ctx.cohorts["train"])
+    ceilings = _ceilings(scores)
     rows = [_strategy_row(v, ctx.run(v), ceilings) for v in variants]
     singles = [v.name for v in variants if len(v.modalities) == 1]
     if len(singles) == len(ALL_MODALITIES):
         rows.append(stacked_singles(ctx, singles, ceilings["fused_additive"]))
-    return rows
+    return rows + ceiling_rows(scores, ctx.n_bootstrap)
 
 
 def stacked_singles(ctx: Context, names: list[str], ceiling: float) -> dict[str, Any]:
@@ -296,14 +308,61 @@ def _oracle_auroc(run_dir: Path) -> float:
     return float(metrics.get("oracle_auroc", float("nan")))
 
 
-def _ceilings(cohort: Path) -> dict[str, float]:
-    """Latent-factor ceilings (cross-validated, whole cohort) per modality set."""
+def _ceiling_scores(cohort: Path) -> Any:
+    """Held-out scores of logistic regressions fit on the train split's true latents."""
     import polars as pl
 
-    from clinfuse.datasets.schema import ORACLE_FILE
-    from clinfuse.datasets.sim_oracle import modality_ceilings
+    from clinfuse.datasets.schema import ORACLE_FILE, SUBJECT_SPLITS, table_paths
+    from clinfuse.datasets.sim_oracle import split_ceiling_scores
 
-    return modality_ceilings(pl.read_parquet(cohort / ORACLE_FILE))
+    oracle = pl.read_parquet(cohort / ORACLE_FILE)
+    return split_ceiling_scores(oracle, pl.read_parquet(table_paths(cohort, SUBJECT_SPLITS)))
+
+
+def _ceilings(scores: Any) -> dict[str, float]:
+    """Held-out AUROC of every latent-factor feature set (``sim_oracle.FEATURE_SETS``)."""
+    from clinfuse.datasets.sim_oracle import FEATURE_SETS
+    from clinfuse.evaluation.metrics import auroc
+
+    y = scores["outcome"].to_numpy().astype(int)
+    return {name: auroc(y, scores[name].to_numpy()) for name in FEATURE_SETS}
+
+
+def ceiling_rows(scores: Any, n_bootstrap: int) -> list[dict[str, Any]]:
+    """Table rows of the latent-factor ceilings on the held-out subjects.
+
+    Logistic regressions fit on the train split's true latent factors (what a
+    perfect encoder of every modality could pass to a linear head), scored on the
+    held-out subjects with the same bootstrap CI as the models: ``additive``
+    (lung, physio, genetic score, carrier), ``interaction`` (+ physio x carrier)
+    and ``interaction_site`` (+ site one-hot, which the adversary removes).
+    """
+    from clinfuse.evaluation.metrics import auroc, bootstrap_ci
+
+    y = scores["outcome"].to_numpy().astype(int)
+    oracle = auroc(y, scores["true_risk"].to_numpy())
+    rows = []
+    for label, name in CEILING_ROWS.items():
+        p = scores[name].to_numpy()  # (N,)
+        low, high = bootstrap_ci(auroc, y, p, n_bootstrap)
+        value = auroc(y, p)
+        rows.append(
+            {
+                "model": f"ceiling_{label}",
+                "modalities": "true latents: " + "+".join(FEATURE_LABELS[name]),
+                "fusion": "logistic (train split)",
+                "n_held_out": int(y.size),
+                "auroc": value,
+                "ci_low": low,
+                "ci_high": high,
+                "oracle_auroc": oracle,
+                "ratio": value / oracle,
+                "ceiling_auroc": value,
+                "epochs": 0,
+                "train_s": 0.0,
+            }
+        )
+    return rows
 
 
 def _strategy_row(
@@ -435,9 +494,19 @@ def _strategy_notes(rows: list[dict[str, Any]]) -> str:
     if attention is None:
         return "No attention row."
     verdict = "meets" if attention["ratio"] >= TARGET_RATIO else "misses"
-    return (
+    text = (
         f"Attention fusion reaches {attention['ratio']:.3f} x oracle AUROC "
         f"({verdict} the {TARGET_RATIO} target by {attention['ratio'] - TARGET_RATIO:+.3f})."
+    )
+    ceilings = [r for r in rows if r["model"].startswith("ceiling_")]
+    if not ceilings:
+        return text
+    listed = ", ".join(f"{r['model'].removeprefix('ceiling_')} {r['ratio']:.3f}x" for r in ceilings)
+    return (
+        f"{text} Ceilings on the same held-out subjects (logistic regressions fit on the "
+        f"train split's true latent factors): {listed}. A model can only beat a ceiling "
+        "by chance or by using what the ceiling leaves out; the adversary is meant to "
+        "remove the site term."
     )
 
 

@@ -4,6 +4,11 @@
 latent factors each modality carries and reports the AUROC against the drawn
 outcome. Those are what a perfect encoder of one modality could reach; the
 oracle row (the true risk itself) is the Bayes-optimal AUROC of the cohort.
+
+``split_ceiling_scores(oracle, splits)`` fits the same regressions on one split
+(train) and scores the subjects of another (held_out), so a model evaluated on
+held_out can be read against ceilings on exactly its subjects and its sample of
+outcomes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ FEATURE_SETS = {
     "image": ("lung_disease",),
     "timeseries": ("physio_severity",),
     "genomics": ("genetic_score", "modifier_carrier", "ancestry"),
+    # Without ancestry, which is a site proxy the confound adversary removes.
+    "genomics_causal": ("genetic_score", "modifier_carrier"),
     "site": ("site",),
     "fused_additive": ("lung_disease", "physio_severity", "genetic_score", "modifier_carrier"),
     "fused_interaction": (
@@ -24,6 +31,14 @@ FEATURE_SETS = {
         "genetic_score",
         "modifier_carrier",
         "physio_x_carrier",
+    ),
+    "fused_interaction_site": (
+        "lung_disease",
+        "physio_severity",
+        "genetic_score",
+        "modifier_carrier",
+        "physio_x_carrier",
+        "site",
     ),
 }
 
@@ -75,6 +90,61 @@ def _cv_scores(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarra
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     model = LogisticRegression(max_iter=1000)
     return cross_val_predict(model, x, y, cv=cv, method="decision_function")
+
+
+def split_ceiling_scores(
+    oracle: pl.DataFrame,
+    splits: pl.DataFrame,
+    names: tuple[str, ...] | None = None,
+    fit_split: str = "train",
+    score_split: str = "held_out",
+) -> pl.DataFrame:
+    """Scores of logistic regressions fitted on ``fit_split``'s true latent factors.
+
+    Each feature set of ``FEATURE_SETS`` (or ``names``) gets a logistic regression
+    (sklearn defaults, C=1) fitted on the latent factors and drawn outcomes of the
+    ``fit_split`` subjects; the returned frame holds its decision function on the
+    ``score_split`` subjects, next to their outcome and true risk.
+
+    Args:
+        oracle: ``oracle.parquet`` of a simulated cohort.
+        splits: ``subject_splits.parquet`` (subject_id, split).
+        names: feature sets to fit (default: all of ``FEATURE_SETS``).
+        fit_split, score_split: split names.
+
+    Returns:
+        ``subject_id``, ``outcome``, ``true_risk`` and one float column per feature
+        set, one row per ``score_split`` subject of the oracle (oracle order).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    names = tuple(FEATURE_SETS) if names is None else names
+    split = _split_of(oracle, splits)
+    fit, score = split == fit_split, split == score_split
+    for wanted, rows in ((fit_split, fit), (score_split, score)):
+        if not rows.any():
+            raise ValueError(f"subject_splits has no subject of split {wanted!r} in the oracle")
+    y = oracle["outcome"].to_numpy().astype(int)
+    out = oracle.filter(pl.Series(score)).select("subject_id", "outcome", "true_risk")
+    for name in names:
+        x = _design(oracle, FEATURE_SETS[name])  # (N, F)
+        model = LogisticRegression(max_iter=1000).fit(x[fit], y[fit])
+        out = out.with_columns(pl.Series(name, model.decision_function(x[score])))
+    return out
+
+
+def _split_of(oracle: pl.DataFrame, splits: pl.DataFrame) -> np.ndarray:
+    """The split name of every oracle row (N,); a subject without one is an error."""
+    joined = oracle.select("subject_id").join(
+        splits.select("subject_id", "split"), on="subject_id", how="left", maintain_order="left"
+    )
+    missing = joined.filter(pl.col("split").is_null())
+    if missing.height:
+        raise ValueError(
+            f"subject_splits has no split for {missing.height} oracle subject(s), "
+            f"e.g. subject_id {missing['subject_id'][0]}"
+        )
+    return joined["split"].to_numpy()
 
 
 def format_ceilings(ceilings: dict[str, float]) -> str:

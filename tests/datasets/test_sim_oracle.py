@@ -1,0 +1,78 @@
+"""Latent-factor ceilings fitted on one split and scored on another."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from clinfuse.datasets.sim_oracle import FEATURE_SETS, split_ceiling_scores
+
+N_PER_SPLIT = 200
+
+
+def _oracle(seed: int = 0, reverse_held_out: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A hand-made oracle whose outcome is ``lung_disease > 0`` (reversed on held_out)."""
+    rng = np.random.default_rng(seed)
+    n = 2 * N_PER_SPLIT
+    split = np.repeat(["train", "held_out"], N_PER_SPLIT)
+    lung = rng.normal(size=n)
+    outcome = lung > 0
+    if reverse_held_out:
+        outcome = np.where(split == "held_out", ~outcome, outcome)
+    oracle = pl.DataFrame(
+        {
+            "subject_id": np.arange(n, dtype=np.int64),
+            "site": rng.choice(["A", "B", "C"], n),
+            "ancestry": rng.choice(["POP1", "POP2"], n),
+            "lung_disease": lung,
+            "physio_severity": rng.normal(size=n),
+            "genetic_score": rng.normal(size=n),
+            "modifier_carrier": rng.random(n) < 0.3,
+            "true_risk": 1 / (1 + np.exp(-4 * lung)),
+            "outcome": outcome,
+        }
+    )
+    splits = pl.DataFrame({"subject_id": np.arange(n, dtype=np.int64), "split": split})
+    return oracle, splits
+
+
+def _auroc(frame: pl.DataFrame, column: str) -> float:
+    return float(roc_auc_score(frame["outcome"].to_numpy(), frame[column].to_numpy()))
+
+
+def test_scores_only_the_score_split_with_one_column_per_feature_set():
+    oracle, splits = _oracle()
+    scores = split_ceiling_scores(oracle, splits)
+    held = splits.filter(pl.col("split") == "held_out")["subject_id"]
+    assert scores["subject_id"].to_list() == held.to_list()
+    assert set(FEATURE_SETS) <= set(scores.columns)
+
+
+def test_a_feature_set_holding_the_cause_separates_and_noise_does_not():
+    oracle, splits = _oracle()
+    scores = split_ceiling_scores(oracle, splits, ("image", "timeseries"))
+    assert _auroc(scores, "image") == 1.0  # outcome is a threshold of lung_disease
+    # Pure noise: AUROC of independent scores has SE ~ sqrt((n+ + n- + 1) / (12 n+ n-)).
+    se = np.sqrt((N_PER_SPLIT + 1) / (12 * (N_PER_SPLIT / 2) ** 2))
+    assert abs(_auroc(scores, "timeseries") - 0.5) < 4 * se
+
+
+def test_the_regression_is_fit_on_the_fit_split_only():
+    # Reversed link on held_out: a model fit on train ranks held_out exactly backwards.
+    oracle, splits = _oracle(reverse_held_out=True)
+    scores = split_ceiling_scores(oracle, splits, ("image",))
+    assert _auroc(scores, "image") == 0.0
+
+
+def test_a_subject_without_a_split_is_named():
+    oracle, splits = _oracle()
+    with pytest.raises(ValueError, match="subject_id 0"):
+        split_ceiling_scores(oracle, splits.filter(pl.col("subject_id") != 0))
+
+
+def test_an_empty_split_is_refused():
+    oracle, splits = _oracle()
+    with pytest.raises(ValueError, match="'tuning'"):
+        split_ceiling_scores(oracle, splits, ("image",), score_split="tuning")
