@@ -90,6 +90,13 @@ class AdversaryConfig:
         lambda_max: maximal gradient-reversal strength.
         gamma: steepness of the DANN ramp.
         weight: weight of the adversary loss in the training loss.
+        erase: categorical confounds to erase linearly from the fused representation
+            after training (LEACE, ``fusion/erasure.py``), e.g. ``[site, ancestry]``;
+            independent of ``enabled``. The risk head is then refitted on the erased
+            representation.
+        erase_ridge: ridge on the representation's covariance before whitening,
+            as a fraction of its mean variance.
+        erase_refit_steps: full-batch steps of the head-only refit after erasure.
     """
 
     enabled: bool = False
@@ -101,6 +108,9 @@ class AdversaryConfig:
     lambda_max: float = 1.0
     gamma: float = 10.0
     weight: float = 1.0
+    erase: list[str] = field(default_factory=list)
+    erase_ridge: float = 1e-3
+    erase_refit_steps: int = 300
 
 
 class ConfoundAdversary(nn.Module):

@@ -24,6 +24,7 @@ from clinfuse.fusion.adversary import (
     dann_lambda,
 )
 from clinfuse.fusion.base import FusionModule, create_fusion
+from clinfuse.fusion.erasure import ConceptEraser
 
 Embeddings = dict[str, tuple[Tensor, Tensor]]
 Tokens = dict[str, tuple[Tensor, Tensor, Tensor]]
@@ -141,8 +142,9 @@ class FusionModel(nn.Module):
             nn.init.constant_(fusion.prior, _prior_logit(spec))  # the no-modality logit
         dims = {m: e.embed_dim for m, e in encoders.items()}
         self.adversary: ConfoundAdversary | None = build_adversary(
-            self.adversary_cfg, fusion.out_dim, _confound_classes(spec), dims
+            self.adversary_cfg, fusion.out_dim, confound_classes(spec), dims
         )
+        self.eraser = _build_eraser(self.adversary_cfg.erase, fusion, spec)
 
     @property
     def modalities(self) -> list[str]:
@@ -170,6 +172,7 @@ class FusionModel(nn.Module):
         keep = self._keep_mask(embeddings, absent)  # (B, M)
         embeddings, tokens = _apply_keep(embeddings, tokens, keep, self.modalities)
         fused = self.fusion(embeddings, tokens if self.fusion.uses_tokens else None)  # (B, D)
+        fused = self._erase(fused)  # (B, D)
         logit = fused[:, 0] if self.head is None else self.head(fused).squeeze(-1)  # (B,)
         return {
             "logit": logit,
@@ -206,7 +209,7 @@ class FusionModel(nn.Module):
             fused = torch.stack([o["fused"] for o in outs], dim=1)  # (B, V, D)
             return {"logit": logit, "fused": fused, "embeddings": kept}
         toks = kept_tokens if self.fusion.uses_tokens else None
-        fused = self.fusion.forward_variants(kept, toks, variants)  # (B, V, D)
+        fused = self._erase(self.fusion.forward_variants(kept, toks, variants))  # (B, V, D)
         logit = fused[..., 0] if self.head is None else self.head(fused).squeeze(-1)  # (B, V)
         return {"logit": logit, "fused": fused, "embeddings": kept}
 
@@ -285,6 +288,9 @@ class FusionModel(nn.Module):
         gone = torch.tensor([m in absent for m in self.modalities], device=present.device)
         return present & ~gone
 
+    def _erase(self, fused: Tensor) -> Tensor:
+        return fused if self.eraser is None else self.eraser(fused)
+
     def _adversary(self, fused: Tensor, embeddings: Embeddings) -> dict[str, Tensor]:
         if self.adversary is None:
             return {}
@@ -358,7 +364,26 @@ def _check_encoders(encoders: dict[str, ModalityEncoder]) -> None:
             )
 
 
-def _confound_classes(spec: DataSpec) -> dict[str, int]:
+def _build_eraser(erase: list[str], fusion: FusionModule, spec: DataSpec) -> ConceptEraser | None:
+    """The LEACE eraser of ``erase`` confounds (identity until ``training.run`` fits it)."""
+    if not erase:
+        return None
+    classes = confound_classes(spec)
+    unknown = [c for c in erase if c not in classes]
+    if unknown:
+        raise ValueError(
+            f"model.adversary.erase: unknown confound(s) {unknown}; known {sorted(classes)}"
+        )
+    if fusion.produces_logit:
+        raise ValueError(
+            f"model.adversary.erase needs a fused representation before a risk head; "
+            f"fusion {type(fusion).__name__} produces the logit itself"
+        )
+    return ConceptEraser(fusion.out_dim, erase)
+
+
+def confound_classes(spec: DataSpec) -> dict[str, int]:
+    """Number of classes of each categorical confound the DataSpec knows."""
     return {"site": len(spec.sites), "ancestry": len(spec.ancestries)}
 
 

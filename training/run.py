@@ -4,7 +4,8 @@
     config.yaml          the fully resolved RunConfig
     provenance.json      code version, package versions, sha256 of every cohort file
     data_spec.yaml       the DataSpec fitted on the train split
-    checkpoints/         best.ckpt and last.ckpt (Lightning; load with weights_only=True)
+    checkpoints/         best.ckpt and last.ckpt (Lightning; load with weights_only=True);
+                         erased.ckpt when confounds are erased (best + eraser + refitted head)
     logs/                metrics.csv and TensorBoard events
     model/               the exported artifact (model.safetensors + artifact.json)
     summary.json         best validation AUROC, epochs, temperature, threshold
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -27,7 +29,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from clinfuse.config import save_yaml, to_dict
 from clinfuse.datasets.datamodule import CohortDataModule
 from clinfuse.datasets.spec import DataSpec
-from clinfuse.evaluation.metrics import choose_threshold
+from clinfuse.evaluation.metrics import auroc, choose_threshold
+from clinfuse.fusion.erasure import one_hot_concept
+from clinfuse.fusion.model import confound_classes
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import save_artifact
 from clinfuse.training.calibration import apply_temperature, fit_temperature
@@ -81,12 +85,90 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     best = checkpoint.best_model_path or str(last)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
+    erasure = erase_confounds(module, dm)
+    if erasure:
+        trainer.save_checkpoint(run / "checkpoints" / "erased.ckpt", weights_only=True)
     summary = export_artifact(module, dm, cfg, run)
+    summary.update(erasure)
     summary.update(
         best_checkpoint=best, best_val_auroc=_score(checkpoint), epochs=trainer.current_epoch
     )
     _write_json(run / "summary.json", summary)
     return summary
+
+
+def erase_confounds(module: RiskModule, dm: CohortDataModule) -> dict[str, Any]:
+    """Fits the LEACE eraser on the train split, then refits the risk head on its output.
+
+    Runs after the Lightning fit and before temperature scaling, so calibration,
+    the OOD statistics and everything downstream see the erased representation.
+    A no-op (empty summary) when ``model.adversary.erase`` is empty.
+
+    Returns:
+        ``{"erasure": {...}}``: erased confounds, rank of the erased subspace, rows
+        used, and the tuning AUROC before and after (erasure plus head refit).
+    """
+    model = module.model
+    if model.eraser is None:
+        return {}
+    cfg = model.adversary_cfg
+    model.eraser.reset()
+    before = collect_predictions(model, dm.val_dataloader())
+    train_pred = collect_predictions(model, dm.dataloader("train"))
+    codes = {c: train_pred[c] for c in cfg.erase}
+    concept, known = one_hot_concept(codes, confound_classes(dm.spec))
+    model.eraser.fit(train_pred["fused"][known], concept[known], cfg.erase_ridge)
+    erased = model.eraser(torch.as_tensor(train_pred["fused"]))  # (N, D)
+    val = (model.eraser(torch.as_tensor(before["fused"])), before["label"])
+    refit_head(module, erased, train_pred["label"], val, cfg.erase_refit_steps)
+    after = collect_predictions(model, dm.val_dataloader())
+    info = {
+        "confounds": list(cfg.erase),
+        "rank": model.eraser.rank,
+        "n_fit": int(known.sum()),
+        "tuning_auroc_before": auroc(before["label"], before["logit"]),
+        "tuning_auroc_after": auroc(after["label"], after["logit"]),
+    }
+    return {"erasure": info}
+
+
+def refit_head(
+    module: RiskModule,
+    z: torch.Tensor,
+    y: np.ndarray,
+    val: tuple[torch.Tensor, np.ndarray],
+    steps: int,
+    lr: float = 1e-2,
+) -> float:
+    """Head-only full-batch training on fixed representations; keeps the best on ``val``.
+
+    The loss is the module's risk loss (class weights or focal as configured), so the
+    calibration offset of ``class_weight_offset`` still applies. Returns the best
+    tuning loss.
+
+    Shapes:
+        z: (N, D); y: (N,); val: ((M, D), (M,))
+    """
+    head = module.model.head
+    y_t, z_val, y_val = torch.as_tensor(y).float(), val[0], torch.as_tensor(val[1]).float()
+    best = (_head_loss(module, z_val, y_val), copy.deepcopy(head.state_dict()))
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    for step in range(steps):
+        head.train()
+        optimizer.zero_grad()
+        module._risk_loss(head(z).squeeze(-1), y_t).backward()
+        optimizer.step()
+        if (step + 1) % 10 == 0 and (loss := _head_loss(module, z_val, y_val)) < best[0]:
+            best = (loss, copy.deepcopy(head.state_dict()))
+    head.load_state_dict(best[1])
+    head.eval()
+    return best[0]
+
+
+@torch.no_grad()
+def _head_loss(module: RiskModule, z: torch.Tensor, y: torch.Tensor) -> float:
+    module.model.head.eval()
+    return float(module._risk_loss(module.model.head(z).squeeze(-1), y))
 
 
 def _check_cohort(cohort: str | Path) -> None:

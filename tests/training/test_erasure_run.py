@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from clinfuse.datasets.datamodule import config_from_dict, make_loader
+from clinfuse.datasets.samples import load_samples
+from clinfuse.evaluation.evaluate import evaluate
+from clinfuse.fusion.erasure import one_hot_concept
+from clinfuse.training.artifact import load_artifact
+from clinfuse.training.predict import collect_predictions
+
+
+@pytest.fixture(scope="module")
+def erased_run(tiny_cohort, tiny_config, tmp_path_factory):
+    from clinfuse.training.run import train
+
+    run_dir = tmp_path_factory.mktemp("erased") / "run"
+    cfg = tiny_config(tiny_cohort, "model.adversary.erase=[site,ancestry]")
+    return run_dir, train(cfg, run_dir)
+
+
+def _train_predictions(art, cohort):
+    samples = load_samples(cohort).filter(pl.col("split") == "train")
+    loader = make_loader(cohort, samples, art.spec, config_from_dict(art.data_config))
+    return collect_predictions(art.model, loader)
+
+
+def test_artifact_erases_site_and_ancestry_from_the_train_representation(erased_run, tiny_cohort):
+    run_dir, summary = erased_run
+    art = load_artifact(run_dir / "model")
+    assert bool(art.model.eraser.fitted)
+    pred = _train_predictions(art, tiny_cohort)
+    classes = {"site": len(art.spec.sites), "ancestry": len(art.spec.ancestries)}
+    codes = {c: pred[c] for c in classes}
+    concept, known = one_hot_concept(codes, classes)
+    present = [k for k in classes if len(np.unique(codes[k][known])) > 1]
+    # Each confound with c classes present adds c - 1 erased directions.
+    assert summary["erasure"]["rank"] == sum(len(np.unique(codes[k][known])) - 1 for k in present)
+    z = pred["fused"][known].astype(np.float64)
+    c = concept[known]
+    cov = (z - z.mean(0)).T @ (c - c.mean(0)) / len(z)  # (D, K): zero after LEACE
+    scale = z.std(0).max() * c.std(0).max()
+    assert np.abs(cov).max() < 1e-4 * scale  # float32 rounding of the saved buffers
+    ckpt = torch.load(run_dir / "checkpoints" / "erased.ckpt", weights_only=True)
+    saved = ckpt["state_dict"]["model.eraser.projection"]
+    torch.testing.assert_close(saved, art.model.eraser.projection)
+
+
+def test_evaluate_audits_the_erased_representation(erased_run, tiny_cohort, tmp_path):
+    run_dir, summary = erased_run
+    m = evaluate(run_dir, tiny_cohort, tmp_path / "eval", "all", n_bootstrap=20, gradcam_images=0)
+    for name in ("site", "ancestry"):
+        audit = m["audit"][name]
+        for key in ("probe_accuracy", "mlp_probe_accuracy", "risk_factor_probe_accuracy"):
+            assert 0.0 <= audit[key] <= 1.0, (name, key)
+    assert np.isfinite(m["auroc"])
+    assert 0.0 <= summary["erasure"]["tuning_auroc_after"] <= 1.0
+    assert "risk-factor floor" in (tmp_path / "eval" / "report.html").read_text()
