@@ -97,6 +97,10 @@ class AdversaryConfig:
         erase_ridge: ridge on the representation's covariance before whitening,
             as a fraction of its mean variance.
         erase_refit_steps: full-batch steps of the head-only refit after erasure.
+        head_steps: updates of the adversary heads per training step. Extra updates
+            (``head_steps - 1``) train the heads alone on the detached representation
+            before the joint step, so the heads the encoders play against are close
+            to a best response instead of lagging behind a moving representation.
     """
 
     enabled: bool = False
@@ -111,6 +115,7 @@ class AdversaryConfig:
     erase: list[str] = field(default_factory=list)
     erase_ridge: float = 1e-3
     erase_refit_steps: int = 300
+    head_steps: int = 1
 
 
 class ConfoundAdversary(nn.Module):
@@ -180,6 +185,23 @@ class ConfoundAdversary(nn.Module):
                 out[key + _CONFUSION] = torch.func.functional_call(head, frozen, (z,))
             else:
                 out[key] = head(grad_reverse(z, self.lambd))
+        return out
+
+    def head_logits(
+        self, fused: Tensor, embeddings: dict[str, tuple[Tensor, Tensor]] | None = None
+    ) -> dict[str, Tensor]:
+        """Every head on the detached inputs: what the heads alone minimize in ``loss``.
+
+        Used for head-only updates; no gradient reaches the representation.
+        """
+        inputs = {"": fused.detach()}
+        for m, (emb, _) in (embeddings or {}).items():
+            inputs[f"{m}/"] = emb.detach()
+        out = {}
+        for key, head in self.heads.items():
+            prefix = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+            if prefix in inputs:
+                out[key] = head(inputs[prefix])
         return out
 
     def loss(

@@ -248,6 +248,22 @@ class FusionModel(nn.Module):
         total, parts = self.adversary.loss(outputs["adversary_logits"], batch["confounds"], present)
         return self.adversary_cfg.weight * total, parts
 
+    def adversary_head_loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> Tensor:
+        """The heads' own loss on the detached representation (head-only updates)."""
+        if self.adversary is None:
+            return outputs["logit"].new_zeros(())
+        emb = outputs["embeddings"] if self.adversary_cfg.on_modalities else None
+        preds = self.adversary.head_logits(outputs["fused"], emb)
+        present = {m: p for m, (_, p) in outputs["embeddings"].items()}
+        return self.adversary.loss(preds, batch["confounds"], present)[0]
+
+    def refresh_adversary(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """``outputs`` with the adversary logits recomputed (after head-only updates)."""
+        return {
+            **outputs,
+            "adversary_logits": self._adversary(outputs["fused"], outputs["embeddings"]),
+        }
+
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """The encoders' groups (discriminative LRs) plus fusion/head/adversary groups.
 

@@ -6,6 +6,8 @@ Loss per step::
 
 where the adversary's gradient reaches the representation through gradient
 reversal scaled by the DANN schedule lambda(p), p = training progress in [0, 1].
+With ``model.adversary.head_steps > 1`` the adversary heads first take extra
+head-only updates on the detached representation of the batch.
 Sparse-group-lasso proximal updates run after every optimiser step.
 """
 
@@ -44,6 +46,7 @@ class RiskModule(L.LightningModule):
         self.optim = from_dict(OptimConfig, optim_cfg)
         self.model = build_model(from_dict(ModelConfig, model_cfg), self.spec)
         self.register_buffer("pos_weight", torch.tensor(float(self.spec.pos_weight)))
+        self._head_optimizer: torch.optim.Optimizer | None = None
         self._val_logits: list[Tensor] = []
         self._val_labels: list[Tensor] = []
 
@@ -59,6 +62,7 @@ class RiskModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         lambd = self.model.set_progress(self._progress())
         out = self.model(batch)
+        out = self._adversary_head_steps(out, batch)
         risk = self._risk_loss(out["logit"], batch["label"])
         adversary, parts = self.model.adversary_loss(out, batch)
         reg = self.model.regularization_loss()
@@ -72,6 +76,27 @@ class RiskModule(L.LightningModule):
         logs.update({f"train_adv_{k.replace('/', '_')}": v for k, v in parts.items()})
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch["label"].shape[0])
         return loss
+
+    def _adversary_head_steps(self, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
+        """``head_steps - 1`` head-only updates on the detached representation, then fresh logits.
+
+        The heads get their own Adam (not in the checkpoint: a resumed run restarts
+        its moments), so the encoders' optimiser state is untouched.
+        """
+        extra = self.model.adversary_cfg.head_steps - 1
+        if extra <= 0 or self.model.adversary is None:
+            return out
+        if self._head_optimizer is None:
+            self._head_optimizer = torch.optim.Adam(
+                self.model.adversary.parameters(), lr=self.optim.lr
+            )
+        with torch.enable_grad():
+            for _ in range(extra):
+                self._head_optimizer.zero_grad(set_to_none=True)
+                self.model.adversary_head_loss(out, batch).backward()
+                self._head_optimizer.step()
+        self._head_optimizer.zero_grad(set_to_none=True)
+        return self.model.refresh_adversary(out)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.model(batch)
