@@ -10,6 +10,13 @@ token keeps the output finite when a sample has no modality at all.
 The attention pooling follows the Perceiver/Set-Transformer PMA pattern (Lee et
 al. 2019, "Set Transformer"); key-padding masks drop missing modalities and
 padded tokens.
+
+Long token sequences give one learned query many near-duplicate keys to fit
+noise with (128 GRU-D steps for 3,500 training patients overfit within an
+epoch), so two regularizers act on the sequence tokens only, never on the
+pooled ones: ``max_tokens`` mean-pools each sequence into at most that many
+windows of consecutive tokens, and ``token_dropout`` masks each sequence token
+with that probability during training (like modality dropout, but per token).
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ class AttentionFusion(FusionModule):
         use_tokens: also attend over the encoders' token sequences.
         self_layers: transformer layers over the tokens before pooling (0 = none).
         dropout: attention and FFN dropout.
+        max_tokens: mean-pool each token sequence into at most this many windows of
+            consecutive tokens (0 = keep every token); a window's age is its
+            freshest token's.
+        token_dropout: training-time probability of masking each sequence token.
 
     Attributes:
         last_attention: modality (and "null") -> (B,) attention mass of the last
@@ -60,10 +71,18 @@ class AttentionFusion(FusionModule):
         use_tokens: bool = True,
         self_layers: int = 0,
         dropout: float = 0.0,
+        max_tokens: int = 0,
+        token_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not in_dims:
             raise ValueError("attention fusion needs at least one modality in in_dims")
+        if max_tokens < 0:
+            raise ValueError(f"attention fusion: max_tokens={max_tokens} must be >= 0")
+        if not 0.0 <= token_dropout < 1.0:
+            raise ValueError(f"attention fusion: token_dropout={token_dropout} must be in [0, 1)")
+        self.max_tokens = max_tokens
+        self.token_dropout = token_dropout
         self.modalities = sorted(in_dims)
         self.uses_tokens = use_tokens
         self.out_dim = dim
@@ -165,15 +184,53 @@ class AttentionFusion(FusionModule):
         x = self.pooled_proj[modality](_zero_absent(emb, present)).unsqueeze(1)
         out = [(self._annotate(x, 2 * index, age.unsqueeze(1)), present.unsqueeze(1))]
         if use_seq:
-            t, mask, t_age = seq
+            t, mask, t_age = self._regularize(*seq)
             t = self.token_proj[modality](_zero_absent(t, mask))  # (B, T, dim)
             out.append((self._annotate(t, 2 * index + 1, t_age), mask & present.unsqueeze(1)))
         return out
+
+    def _regularize(self, t: Tensor, mask: Tensor, age: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Window pooling (``max_tokens``), then token dropout in training mode.
+
+        Shapes:
+            t (B, T, D), mask (B, T), age (B, T) -> (B, T', D), (B, T'), (B, T')
+        """
+        mask = mask.bool()
+        if self.max_tokens and t.shape[1] > self.max_tokens:
+            t, mask, age = pool_token_windows(t, mask, age, self.max_tokens)
+        if self.training and self.token_dropout > 0:
+            mask = mask & (torch.rand(mask.shape, device=mask.device) >= self.token_dropout)
+        return t, mask, age
 
     def _annotate(self, x: Tensor, type_id: int, age: Tensor) -> Tensor:
         """Adds the type embedding and the age encoding. x (B, T, dim), age (B, T)."""
         age_code = self.age_mlp(torch.log1p(age.clamp_min(0).to(x.dtype)).unsqueeze(-1))
         return x + self.type_emb.weight[type_id] + age_code
+
+
+def pool_token_windows(
+    t: Tensor, mask: Tensor, age: Tensor, windows: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Masked mean of consecutive tokens in ``windows`` windows of ceil(T / windows).
+
+    A window is valid when any of its tokens is; its age is the smallest valid
+    age in it (its freshest token). The last window may be shorter (padding is
+    masked, so it does not dilute the mean).
+
+    Shapes:
+        t (B, T, D), mask (B, T) bool, age (B, T) -> (B, W, D), (B, W), (B, W)
+    """
+    b, length, d = t.shape
+    size = -(-length // windows)  # ceil
+    pad = size * windows - length
+    m = nn.functional.pad(mask, (0, pad)).view(b, windows, size)  # (B, W, S)
+    x = nn.functional.pad(_zero_absent(t, mask), (0, 0, 0, pad)).view(b, windows, size, d)
+    count = m.sum(-1, keepdim=True).clamp_min(1).to(t.dtype)  # (B, W, 1)
+    pooled = x.sum(2) / count  # (B, W, D)
+    a = nn.functional.pad(age, (0, pad)).view(b, windows, size).masked_fill(~m, float("inf"))
+    a = a.amin(-1)  # (B, W)
+    valid = m.any(-1)
+    return pooled, valid, torch.where(valid, a, torch.zeros_like(a))
 
 
 def _zero_absent(x: Tensor, mask: Tensor) -> Tensor:
