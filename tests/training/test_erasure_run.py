@@ -59,3 +59,26 @@ def test_evaluate_audits_the_erased_representation(erased_run, tiny_cohort, tmp_
     assert np.isfinite(m["auroc"])
     assert 0.0 <= summary["erasure"]["tuning_auroc_after"] <= 1.0
     assert "risk-factor floor" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_scoring_path_goes_through_the_eraser(erased_run, tiny_cohort):
+    # Scoring fuses through ``fuse_variants`` (one token build for the leave-one-out
+    # variants); it must give what ``fuse`` (training, evaluate) gives.
+    run_dir, _ = erased_run
+    art = load_artifact(run_dir / "model")
+    samples = load_samples(tiny_cohort).head(16)
+    batch = next(
+        iter(make_loader(tiny_cohort, samples, art.spec, config_from_dict(art.data_config)))
+    )
+    with torch.no_grad():
+        embeddings, tokens = art.model.encode(batch)
+        plain = art.model.fuse(embeddings, tokens)
+        variants = art.model.fuse_variants(embeddings, tokens, [(), ["image"]])
+    torch.testing.assert_close(variants["logit"][:, 0], plain["logit"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(variants["fused"][:, 0], plain["fused"], atol=1e-5, rtol=1e-5)
+    unerased = art.model.fusion(*_kept(art.model, embeddings, tokens))
+    assert not torch.allclose(unerased, plain["fused"], atol=1e-4)  # the eraser acted
+
+
+def _kept(model, embeddings, tokens):
+    return embeddings, tokens if model.fusion.uses_tokens else None
