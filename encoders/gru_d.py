@@ -158,14 +158,15 @@ class GRUD(ModalityEncoder):
     def _run(self, batch: dict[str, Any], keep_states: bool) -> tuple[Tensor, Tensor | None]:
         """Runs GRU-D; returns the last valid state (B, H) and, if asked, every state (B, T, H)."""
         x, m, delta, lengths = _inputs(batch, self.n_channels)
-        gi = F.linear(torch.cat([self.impute(x, m, delta), m], -1), self.weight_ih, self.bias_ih)
-        gamma_h = self.hidden_decay(delta)  # (B, T, H)
         order = torch.argsort(lengths, descending=True, stable=True)
         unsort = torch.argsort(order)
-        # Time-major and contiguous, so each step's rows are one contiguous block.
-        gi_t = gi[order].transpose(0, 1).contiguous()  # (T, B, 3H)
-        gamma_t = gamma_h[order].transpose(0, 1).contiguous()  # (T, B, H)
-        active = _active_counts(lengths[order], x.shape[1])
+        # Sorted and time-major BEFORE the input projections: the (T, B, C) inputs are
+        # narrow to copy, and each step's rows of gi and gamma_h come out contiguous.
+        x, m, delta = (_time_major(v, order) for v in (x, m, delta))  # (T, B, C)
+        x_hat = self.impute(x.transpose(0, 1), m.transpose(0, 1), delta.transpose(0, 1))
+        gi_t = F.linear(torch.cat([x_hat.transpose(0, 1), m], -1), self.weight_ih, self.bias_ih)
+        gamma_t = self.hidden_decay(delta)  # (T, B, H)
+        active = _active_counts(lengths[order], x.shape[0])
         h_last, steps = self._loop(gi_t, gamma_t, active)
         states = _pad_steps(steps, active, gamma_t)[unsort] if keep_states else None
         return h_last[unsort], states
@@ -209,11 +210,9 @@ class GRUD(ModalityEncoder):
             - output: (N, H)
         """
         gh = F.linear(h, self.weight_hh, self.bias_hh)  # (N, 3H)
-        i_r, i_z, i_n = gi.chunk(3, -1)
-        h_r, h_z, h_n = gh.chunk(3, -1)
-        r = torch.sigmoid(i_r + h_r)
-        z = torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
+        hidden = self.hidden
+        r, z = torch.sigmoid(gi[:, : 2 * hidden] + gh[:, : 2 * hidden]).chunk(2, -1)  # (N, H)
+        n = torch.tanh(gi[:, 2 * hidden :] + r * gh[:, 2 * hidden :])
         return n + z * (h - n)  # (1 - z) * n + z * h
 
     # -- the decays (public so tests can check them against the paper) -------------
@@ -274,6 +273,11 @@ def _inputs(batch: dict[str, Any], n_channels: int) -> tuple[Tensor, Tensor, Ten
         )
     lengths = batch["ts_length"].long().clamp(0, x.shape[1])
     return x, m, delta, lengths
+
+
+def _time_major(x: Tensor, order: Tensor) -> Tensor:
+    """Batch rows in ``order``, time first, contiguous. (B, T, C) -> (T, B, C)"""
+    return x.transpose(0, 1)[:, order].contiguous()
 
 
 def _active_counts(sorted_lengths: Tensor, t_max: int) -> list[int]:

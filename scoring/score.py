@@ -83,10 +83,10 @@ from clinfuse.training.calibration import prior_shift_logit
 from clinfuse.training.provenance import file_sha256
 
 MANIFEST = "_manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: events_sha256 over binary event records
 PART = "part-{:05d}.parquet"
 _MATCH_KEYS = (
-    "model_id", "chunk_size", "n_samples", "n_chunks", "samples_sha256", "at",
+    "format_version", "model_id", "chunk_size", "n_samples", "n_chunks", "samples_sha256", "at",
     "target_prevalence",
 )  # fmt: skip
 
@@ -342,50 +342,73 @@ def write_part(out_dir: str | Path, index: int, frame: pl.DataFrame) -> Path:
 
 # ------------------------------------------------------------------------ fingerprints
 
+# One fixed-size record per window event; a sample's digest is sha256 of its records.
+EVENT_RECORD = np.dtype([("time", "<i8"), ("code", "S16"), ("null", "u1"), ("value", "<u4")])
+_NAN_BITS = np.uint32(0x7FC00000)
+
 
 def events_digests(windowed: pl.DataFrame, n_samples: int) -> list[str]:
-    """sha256 per sample of its window events, stable across runs and machines.
+    """sha256 per sample of its window events, stable across runs, chunkings and machines.
 
-    Canonical bytes: rows sorted by (time, code, value), one line per row
-    ``"<time us> <float32 bits or n> <len(code) in bytes> <code>\\n"`` (NaN has one
-    bit pattern; null is ``n``). A sample with no window event gets sha256(b"").
+    Canonical bytes: one 29-byte little-endian ``EVENT_RECORD`` per event, ``time``
+    (int64 microseconds since the epoch), ``code`` (the first 16 bytes of
+    sha256(code as UTF-8); null counts as ""), ``null`` (1 when numeric_value is
+    null) and ``value`` (float32 bits; every NaN as 0x7FC00000; 0 when null). A
+    sample's records are sorted by (time, code, null, value), as unsigned byte and
+    integer comparisons, and concatenated. A sample with no window event gets
+    sha256(b""). Everything is vectorized: one sort for the chunk, then one
+    ``hashlib`` call per sample over a slice of one buffer.
 
     Args:
         windowed: ``sample`` (row index), ``time``, ``code``, ``numeric_value``.
     """
-    lines = (
-        _canonical_rows(windowed)
-        .sort("sample", "t", "code", "bits", nulls_last=True)
-        .group_by("sample", maintain_order=True)
-        .agg(pl.col("line").str.join(""))
-    )
-    digests = [hashlib.sha256(b"").hexdigest()] * n_samples
-    for sample, text in lines.iter_rows():
-        digests[sample] = hashlib.sha256(text.encode()).hexdigest()
-    return digests
+    sample = windowed["sample"].to_numpy()
+    records, minor = _event_records(windowed)
+    order = _record_order(sample, np.ascontiguousarray(records["time"]), minor)
+    buffer = memoryview(records[order].tobytes())
+    rows = np.searchsorted(sample[order], np.arange(n_samples + 1))  # (B + 1,) bounds
+    bounds = (rows * EVENT_RECORD.itemsize).tolist()
+    pairs = zip(bounds[:-1], bounds[1:], strict=True)
+    return [hashlib.sha256(buffer[a:b]).hexdigest() for a, b in pairs]
 
 
-def _canonical_rows(windowed: pl.DataFrame) -> pl.DataFrame:
+def _event_records(windowed: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The unsorted records and an int64 key ordering (code, null, value) within a time."""
     values = windowed["numeric_value"].cast(pl.Float32)
-    raw = values.fill_null(0.0).fill_nan(float("nan")).to_numpy().astype(np.float32)
-    bits = np.where(np.isnan(raw), np.uint32(0x7FC00000), raw.view(np.uint32))
+    null = values.is_null().to_numpy()
+    raw = values.fill_null(0.0).to_numpy()
+    bits = np.where(null, 0, np.where(np.isnan(raw), _NAN_BITS, raw.view(np.uint32)))
     code = windowed["code"].fill_null("")
-    return pl.DataFrame(
-        {
-            "sample": windowed["sample"],
-            "t": windowed["time"].dt.epoch("us"),
-            "code": code,
-            "bits": pl.Series(bits, dtype=pl.UInt32).set(values.is_null(), None),
-        }
-    ).with_columns(
-        line=pl.format(
-            "{} {} {} {}\n",
-            "t",
-            pl.col("bits").cast(pl.String).fill_null("n"),
-            pl.col("code").str.len_bytes(),
-            "code",
-        )
-    )
+    digests = sorted((hashlib.sha256(c.encode()).digest()[:16], c) for c in code.unique())
+    rank = code.cast(pl.Enum([c for _, c in digests])).to_physical().to_numpy()  # digest order
+    records = np.empty(len(code), EVENT_RECORD)
+    records["time"] = windowed["time"].dt.epoch("us").to_numpy()
+    records["code"] = np.array([d for d, _ in digests], dtype="S16")[rank]
+    records["null"] = null
+    records["value"] = bits
+    minor = (rank.astype(np.int64) << 33) | (null.astype(np.int64) << 32) | bits.astype(np.int64)
+    return records, minor
+
+
+def _record_order(sample: np.ndarray, time: np.ndarray, minor: np.ndarray) -> np.ndarray:
+    """Argsort by (sample, time, minor): two int64 sorts, or a lexsort when keys do not pack.
+
+    Equal keys mean equal records, so the sort need not be stable.
+    """
+    if len(time) == 0:
+        return np.zeros(0, dtype=np.int64)
+    rel = time - time.min()
+    time_bits = int(rel.max(initial=0)).bit_length()
+    if int(sample.max(initial=0)).bit_length() + time_bits > 62:
+        return np.lexsort((minor, time, sample))
+    major = (sample << time_bits) | rel
+    first = np.argsort(major)  # by (sample, time)
+    major = major[first]
+    group = np.cumsum(np.r_[False, major[1:] != major[:-1]])  # dense rank of (sample, time)
+    minor_bits = int(minor.max(initial=0)).bit_length()
+    if int(group.max(initial=0)).bit_length() + minor_bits > 62:
+        return np.lexsort((minor, time, sample))
+    return first[np.argsort((group << minor_bits) | minor[first])]
 
 
 def _event_flags(windowed: pl.DataFrame, channels: list[str], n_samples: int) -> dict:
@@ -628,11 +651,11 @@ class ChunkScorer:
             **self._ood_columns(outputs["fused"]),
             "top_modality": top,
             "top_modality_delta": top_delta,
-            "model_id": [self.artifact.model_id] * samples.height,
+            "model_id": pl.repeat(self.artifact.model_id, samples.height, eager=True),
             "events_sha256": events_digests(inputs.windowed, samples.height),
             **_image_columns(inputs),
             "flags": self._flags(samples, inputs, batch, outputs),
-            "error": [None] * samples.height,
+            "error": pl.repeat(None, samples.height, dtype=pl.String, eager=True),
         }
         return pl.DataFrame(columns, schema=OUTPUT_SCHEMA)
 
@@ -654,16 +677,21 @@ class ChunkScorer:
         inputs: _ChunkInputs,
         batch: dict[str, Any],
         outputs: dict[str, np.ndarray],
-    ) -> list[list[str]]:
+    ) -> pl.Series:
         has_path = inputs.images["path"].is_not_null().to_numpy()
         marks = _event_flags(inputs.windowed, self.spec.channels, samples.height)
         marks["image_unreadable"] = has_path & ~batch["image_present"].numpy()
         marks["unknown_subject"] = ~samples["known_subject"].to_numpy()
         used = np.stack([outputs[f"present_{m}"] for m in MODALITIES], axis=1)
         marks["no_modalities"] = ~used.any(axis=1)
-        names = list(marks)
-        table = np.stack([marks[n] for n in names], axis=1)  # (B, K)
-        return [[n for n, hit in zip(names, row, strict=True) if hit] for row in table]
+        return flag_lists(marks)
+
+
+def flag_lists(marks: dict[str, np.ndarray]) -> pl.Series:
+    """Per row, the names whose (B,) bool array is True there, in ``marks`` order."""
+    table = pl.DataFrame({name: np.asarray(hit, dtype=bool) for name, hit in marks.items()})
+    named = [pl.when(pl.col(name)).then(pl.lit(name)) for name in marks]
+    return table.select(pl.concat_list(named).list.drop_nulls().alias("flags")).to_series()
 
 
 def _set_embedding_cache(model: torch.nn.Module, cache_dir: str | Path | None) -> None:
