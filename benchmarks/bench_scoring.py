@@ -2,13 +2,26 @@
 
 Measures, on one tiny trained model (attention fusion, EfficientNet-Lite0 frozen):
 
-* subjects/s scoring a cohort with films decoded from DICOM (no caches);
-* subjects/s with cached image embeddings (decoded-pixel cache + the frozen-backbone
-  embedding cache of ``encoders/embedding_cache.py``, both warmed by a first run);
-* the raw backbone forward throughput on the same images (the limit for the
-  decoded path: decoding, fingerprints and fusion only add to it);
+* subjects/s with cached image embeddings (decoded-pixel cache + the file-keyed
+  frozen-backbone feature store of ``encoders/embedding_cache.py``, both warmed by a
+  first run) on ``--cached-subjects`` subjects: the image cohort's tables repeated
+  under new subject ids, every subject keeping its own row for one of the cohort's
+  DICOM files;
+* subjects/s scoring the image cohort with films decoded from DICOM (no caches);
+* the raw backbone forward throughput on the same pre-decoded images (the limit
+  for the decoded path: decoding, fingerprints and fusion only add to it);
 * peak RSS of the non-image path (no images.parquet) at two cohort sizes, each in
   its own process, with the same chunk size: chunking keeps it flat.
+
+Every scoring row runs the chunk loop of ``clinfuse score`` in this process
+(``ChunkScorer.score_chunks``): with prefetch, a helper thread reads and decodes
+chunk i + 1 while the model runs on chunk i, i.e. TWO threads (one torch
+intra-op thread + the prefetch thread). The decoded path is compared with the raw
+backbone given the same number of threads: "1 thread" rows use 1 torch thread and
+no prefetch; "2 threads" rows use prefetch + 1 torch thread for scoring and 2 torch
+threads for the raw backbone. Rates are per wall second and per CPU-second of the
+process (all its threads; ``time.process_time``), with the 1-minute load average
+at the end of each measurement: other processes on the machine move the wall rate.
 
 Large cohorts are built by replicating a simulated cohort's tables under new
 subject ids, shard by shard (``events/*.parquet``), so the generator never holds
@@ -27,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import clinfuse  # noqa: F401  (installs the torchvision compat shim first)
@@ -57,28 +71,40 @@ def _train(cohort: Path, run_dir: Path, image_size: int) -> Path:
     return run_dir / "model"
 
 
-def _timed_score(model: Path, cohort: Path, out: Path, chunk_size: int, **kwargs) -> float:
+@dataclass
+class Rate:
+    """One measurement: items per wall second and per CPU-second, and the load then."""
+
+    per_s: float
+    per_cpu_s: float
+    load: float
+
+
+def _timed_score(
+    model: Path, cohort: Path, out: Path, chunk_size: int, prefetch: bool = True, **kwargs
+) -> Rate:
     """Samples/s of the chunk loop (read, tensors, forward, fingerprints, write).
 
     Loading the artifact and planning the run happen once per night and are left out.
-    Also prints samples per CPU-second of this process (robust to a loaded machine).
     """
     from clinfuse.scoring.score import ChunkScorer, open_run, write_part
 
     shutil.rmtree(out, ignore_errors=True)
     artifact, plan, pending = open_run(model, cohort, out, chunk_size)
     scorer = ChunkScorer(artifact, cohort, **kwargs)
+    chunks = ((index, plan.chunk(index)) for index in pending)
     start, cpu = time.perf_counter(), time.process_time()
-    for index in pending:
-        write_part(out, index, scorer.score(plan.chunk(index)))
+    for index, frame in scorer.score_chunks(chunks, prefetch=prefetch):
+        write_part(out, index, frame)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     n = plan.samples.height
-    print(f"  {cohort.name} {sorted(kwargs)}: {n / wall:.0f}/s wall, {n / cpu:.0f}/CPU-s",
-          file=sys.stderr)  # fmt: skip
-    return n / wall
+    rate = Rate(n / wall, n / cpu, os.getloadavg()[0])
+    print(f"  {cohort.name} prefetch={prefetch} {sorted(kwargs)}: {rate.per_s:.0f}/s wall, "
+          f"{rate.per_cpu_s:.0f}/CPU-s, load {rate.load:.1f}", file=sys.stderr)  # fmt: skip
+    return rate
 
 
-def _raw_backbone(model: Path, cohort: Path, batch_size: int, threads: int = 1) -> float:
+def _raw_backbone(model: Path, cohort: Path, batch_size: int, threads: int = 1) -> Rate:
     """Images/s of the image encoder's timm backbone alone on pre-decoded films."""
     import polars as pl
     import torch
@@ -92,12 +118,39 @@ def _raw_backbone(model: Path, cohort: Path, batch_size: int, threads: int = 1) 
     encoder = art.model.encoders["image"]
     paths = latest_images(cohort, scoring_samples(cohort))["path"].drop_nulls()
     images, _ = ImageLoader(art.spec.image_size).load_many(pl.Series(paths).to_list())
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    start = time.perf_counter()
     with torch.no_grad():
+        encoder._run_backbone(images[:batch_size], want_tokens=True)  # warm-up
+        start, cpu = time.perf_counter(), time.process_time()
         for lo in range(0, len(images), batch_size):
             encoder._run_backbone(images[lo : lo + batch_size], want_tokens=True)
-    return len(images) / (time.perf_counter() - start)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    torch.set_num_threads(previous)
+    return Rate(len(images) / wall, len(images) / cpu, os.getloadavg()[0])
+
+
+def _replicate_images(src: Path, dst: Path, subjects: int) -> Path:
+    """An image cohort of ``subjects``: src's tables under new ids, same DICOM files."""
+    import polars as pl
+
+    if (dst / "labels.parquet").is_file():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    if not (dst / "images").exists():
+        os.symlink((src / "images").resolve(), dst / "images")
+    n_src = pl.scan_parquet(src / "subjects.parquet").select(pl.len()).collect().item()
+    copies = -(-subjects // n_src)
+    for name in ("events", "labels", "subjects", "images", "genotypes"):
+        frame = pl.read_parquet(src / f"{name}.parquet")
+        offset = int(frame["subject_id"].max()) + 1
+        frame = pl.concat([_shift(frame, k * offset) for k in range(copies)])
+        keep = frame["subject_id"].unique(maintain_order=True).head(subjects)
+        frame.filter(pl.col("subject_id").is_in(keep.implode())).write_parquet(
+            dst / f"{name}.parquet"
+        )
+    shutil.copy(src / "markers.parquet", dst / "markers.parquet")
+    return dst
 
 
 def _replicate(src: Path, dst: Path, subjects: int, shard: int = 10_000) -> Path:
@@ -134,7 +187,7 @@ def _rss_child(model: Path, cohort: Path, chunk_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rate = _timed_score(model, cohort, Path(tmp) / "out", chunk_size=chunk_size)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"subjects_per_s": rate, "peak_rss_mib": peak_kib / 1024}
+    return {**asdict(rate), "peak_rss_mib": peak_kib / 1024}
 
 
 def _in_child(model: Path, cohort: Path, chunk_size: int) -> dict:
@@ -146,11 +199,12 @@ def _in_child(model: Path, cohort: Path, chunk_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image-subjects", type=int, default=1000)
+    parser.add_argument("--cached-subjects", type=int, default=10_000)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--chunk-size", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per forward (256)")
     parser.add_argument("--workdir", default=None, help="keep cohorts here (default: temp)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -162,38 +216,80 @@ def main() -> None:
     _print_table(rows, args)
 
 
-def _run(root: Path, args: argparse.Namespace) -> list[tuple[str, str, float, str]]:
-    train_cohort = _simulate(root / "train", 300, args.image_size, seed=0)
-    model = _train(train_cohort, root / "run", args.image_size)
-    cohort = _simulate(root / "score", args.image_subjects, args.image_size, seed=1)
-    chunk = args.chunk_size
-    decoded = _timed_score(model, cohort, root / "out", chunk_size=chunk, threads=args.threads)
-    caches = {"image_cache": root / "pixels", "embedding_cache": root / "features"}
-    _timed_score(model, cohort, root / "out", chunk_size=chunk, threads=args.threads, **caches)
-    cached = _timed_score(model, cohort, root / "out", chunk_size=chunk, threads=args.threads,
-                          **caches)  # fmt: skip
-    raw = _raw_backbone(model, cohort, batch_size=256, threads=args.threads)
-    n = args.image_subjects
-    rows = [
-        ("images decoded from DICOM", f"{n}", decoded, f"{decoded / raw:.0%} of raw backbone"),
-        ("cached image embeddings", f"{n}", cached, "target >= 5,000/s"),
-        ("raw backbone forward (images/s)", f"{n}", raw, "the limit for decoded"),
-    ]
+Row = tuple[str, str, str, Rate, str]  # path, threads, subjects, rate, note
+
+
+def _run(root: Path, args: argparse.Namespace) -> list[Row]:
+    train_cohort = _cohort(root / "train", 300, args.image_size, seed=0)
+    model = _model(train_cohort, root / "run", args.image_size)
+    cohort = _cohort(root / "score", args.image_subjects, args.image_size, seed=1)
+    rows = _cached_rows(root, model, cohort, args) + _decoded_rows(root, model, cohort, args)
     for size in args.sizes:
-        big = _replicate(train_cohort, root / f"noimg_{size}", size)
-        child = _in_child(model, big, chunk)
-        note = f"peak RSS {child['peak_rss_mib']:.0f} MiB"
-        rows.append(("non-image path", f"{size}", child["subjects_per_s"], note))
+        big = root / f"noimg_{size}"
+        if not (big / "labels.parquet").is_file():
+            _replicate(train_cohort, big, size)
+        child = _in_child(model, big, args.chunk_size)
+        rate = Rate(child["per_s"], child["per_cpu_s"], child["load"])
+        rows.append(
+            ("non-image path", "2", f"{size}", rate, f"peak RSS {child['peak_rss_mib']:.0f} MiB")
+        )
     return rows
 
 
-def _print_table(rows: list[tuple[str, str, float, str]], args: argparse.Namespace) -> None:
+def _cached_rows(root: Path, model: Path, cohort: Path, args: argparse.Namespace) -> list[Row]:
+    big = _replicate_images(cohort, root / f"img_{args.cached_subjects}", args.cached_subjects)
+    caches = {"image_cache": root / "pixels", "embedding_cache": root / "features"}
+    opts = dict(chunk_size=args.chunk_size, batch_size=args.batch_size, threads=1, **caches)
+    _timed_score(model, cohort, root / "out", **opts)  # warms both caches
+    n = f"{args.cached_subjects}"
+    one = _timed_score(model, big, root / "out", prefetch=False, **opts)
+    two = _timed_score(model, big, root / "out", prefetch=True, **opts)
+    return [
+        ("cached image embeddings", "1", n, one, "target >= 5,000/s"),
+        ("cached image embeddings", "2", n, two, "target >= 5,000/s"),
+    ]
+
+
+def _decoded_rows(root: Path, model: Path, cohort: Path, args: argparse.Namespace) -> list[Row]:
+    opts = dict(chunk_size=args.chunk_size, batch_size=args.batch_size, threads=1)
+    one = _timed_score(model, cohort, root / "out", prefetch=False, **opts)
+    two = _timed_score(model, cohort, root / "out", prefetch=True, **opts)
+    raw1 = _raw_backbone(model, cohort, args.batch_size, threads=1)
+    raw2 = _raw_backbone(model, cohort, args.batch_size, threads=2)
+    n = f"{args.image_subjects}"
+    return [
+        ("images decoded from DICOM", "1", n, one, _share(one, raw1)),
+        ("raw backbone forward (images/s)", "1", n, raw1, "the limit for decoded, 1 thread"),
+        ("images decoded from DICOM", "2", n, two, _share(two, raw2)),
+        ("raw backbone forward (images/s)", "2", n, raw2, "the limit for decoded, 2 threads"),
+    ]
+
+
+def _share(rate: Rate, raw: Rate) -> str:
+    return (f"{rate.per_s / raw.per_s:.0%} of raw wall, "
+            f"{rate.per_cpu_s / raw.per_cpu_s:.0%} per CPU-s (target 80%)")  # fmt: skip
+
+
+def _cohort(out: Path, subjects: int, image_size: int, seed: int) -> Path:
+    return out if (out / "labels.parquet").is_file() else _simulate(out, subjects, image_size, seed)
+
+
+def _model(cohort: Path, run_dir: Path, image_size: int) -> Path:
+    done = run_dir / "model" / "artifact.json"
+    return run_dir / "model" if done.is_file() else _train(cohort, run_dir, image_size)
+
+
+def _print_table(rows: list[Row], args: argparse.Namespace) -> None:
     load = os.getloadavg()
-    print(f"\nscoring benchmark ({os.cpu_count()} CPUs, load {load[0]:.1f}/{load[1]:.1f}, "
-          f"image {args.image_size} px, chunk {args.chunk_size} subjects)")  # fmt: skip
-    print(f"{'path':34s} {'subjects':>9s} {'per s':>9s}  note")
-    for name, n, rate, note in rows:
-        print(f"{name:34s} {n:>9s} {rate:9.0f}  {note}")
+    print(f"\nscoring benchmark ({os.cpu_count()} CPUs, load {load[0]:.1f}/{load[1]:.1f} now, "
+          f"image {args.image_size} px, chunk {args.chunk_size}, batch {args.batch_size})")  # fmt: skip
+    print("threads: 1 = one torch thread, no prefetch; 2 = scoring with prefetch + one torch "
+          "thread, raw backbone with two torch threads")  # fmt: skip
+    print(f"{'path':32s} {'thr':>3s} {'subjects':>8s} {'per s':>7s} {'per CPU-s':>9s} "
+          f"{'load':>5s}  note")  # fmt: skip
+    for name, threads, n, rate, note in rows:
+        print(f"{name:32s} {threads:>3s} {n:>8s} {rate.per_s:7.0f} {rate.per_cpu_s:9.0f} "
+              f"{rate.load:5.1f}  {note}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,7 +31,17 @@ def read_unit(path: str | Path) -> np.ndarray:
     Raises:
         DicomReadError: naming the file, when it cannot be read or decoded.
     """
-    return DicomReader(window="auto").read(path).to_unit()
+    return read_film(path)[0]
+
+
+def read_film(path: str | Path) -> tuple[np.ndarray, str | None]:
+    """``read_unit`` and the file's SOPInstanceUID from the same single parse.
+
+    Raises:
+        DicomReadError: naming the file, when it cannot be read or decoded.
+    """
+    image = DicomReader(window="auto").read(path)
+    return image.to_unit(), image.meta.get("SOPInstanceUID")
 
 
 def resize_square(image: Tensor, size: int) -> Tensor:
@@ -78,6 +88,10 @@ class ImageLoader:
     Args:
         image_size: side of the output square.
         cache_dir: folder for ``.npy`` entries; None keeps them in memory only.
+
+    Attributes:
+        decoded_uids: key -> SOPInstanceUID of every file this loader decoded (read
+            in the same parse as the pixels, so callers need no second header read).
     """
 
     def __init__(self, image_size: int, cache_dir: str | Path | None = None) -> None:
@@ -85,6 +99,7 @@ class ImageLoader:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._memory: dict[str, np.ndarray] = {}
         self._failed: set[str] = set()
+        self.decoded_uids: dict[str, str | None] = {}
 
     def load(self, path: str | Path | None, key: str | None = None) -> Tensor | None:
         """The (1, S, S) tensor for ``path``, or None when absent or unreadable.
@@ -149,13 +164,14 @@ class ImageLoader:
 
     def _decode(self, path: str | Path, key: str) -> np.ndarray | None:
         try:
-            unit = read_unit(path)
+            unit, uid = read_film(path)
             array = resize_square(torch.from_numpy(np.asarray(unit, np.float32)), self.image_size)
         except Exception as err:  # any unreadable file: mask the sample, keep the epoch
             self._failed.add(key)
             self._warn(path, err)
             return None
         array = array.numpy()
+        self.decoded_uids[key] = uid
         self._store(key, array)
         return array
 

@@ -39,6 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--workers", type=_positive, default=1,
         help="local processes scoring chunks in parallel (1 = in this process)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-prefetch", dest="prefetch", action="store_false",
+        help="in-process: do not read the next chunk in a helper thread while scoring this one",
+    )  # fmt: skip
     p.add_argument("--ray-address", help="score with Ray Data: auto, ray://host:port or local")
     p.add_argument("--num-actors", type=int, default=2, help="Ray scoring actors (2)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per Ray actor (0)")
@@ -68,7 +72,10 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from clinfuse.scoring.score import score_cohort
 
-        summary = score_cohort(args.model, args.cohort, args.out, workers=args.workers, **options)
+        summary = score_cohort(
+            args.model, args.cohort, args.out, workers=args.workers, prefetch=args.prefetch,
+            **options,
+        )  # fmt: skip
     print(
         f"scored {summary['samples_scored']} samples in {summary['chunks_scored']} chunks "
         f"({summary['chunks_skipped']} already done), {summary['error_rows']} error rows, "

@@ -43,9 +43,9 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -365,7 +365,7 @@ def events_digests(windowed: pl.DataFrame, n_samples: int) -> list[str]:
     sample = windowed["sample"].to_numpy()
     records, minor = _event_records(windowed)
     order = _record_order(sample, np.ascontiguousarray(records["time"]), minor)
-    buffer = memoryview(records[order].tobytes())
+    buffer = memoryview(np.take(records, order).view(np.uint8))  # take: no per-field copy
     rows = np.searchsorted(sample[order], np.arange(n_samples + 1))  # (B + 1,) bounds
     bounds = (rows * EVENT_RECORD.itemsize).tolist()
     pairs = zip(bounds[:-1], bounds[1:], strict=True)
@@ -462,16 +462,38 @@ def cached_image_header(
             identity = file_identity(path)
         except OSError:
             return None, None
-    entry = cache_dir / f"{hashlib.sha1(identity.encode()).hexdigest()}.json"
+    entry = _header_entry(cache_dir, identity)
     try:
         return tuple(json.loads(entry.read_text()))  # type: ignore[return-value]
     except FileNotFoundError:
         pass
     uid, sha = image_header(path)
-    if sha is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(entry, [uid, sha])
+    _store_header(entry, uid, sha)
     return uid, sha
+
+
+def decoded_image_header(
+    path: str, uid: str | None, cache_dir: Path | None, identity: str
+) -> tuple[str | None, str | None]:
+    """(uid, file sha256) of a file whose pixels were just decoded (``uid`` from that
+    parse); stored in the header cache like ``cached_image_header`` does."""
+    try:
+        sha = file_sha256(path)
+    except OSError:
+        return None, None
+    if cache_dir is not None:
+        _store_header(_header_entry(cache_dir, identity), uid, sha)
+    return uid, sha
+
+
+def _header_entry(cache_dir: Path, identity: str) -> Path:
+    return cache_dir / f"{hashlib.sha1(identity.encode()).hexdigest()}.json"
+
+
+def _store_header(entry: Path, uid: str | None, sha: str | None) -> None:
+    if sha is not None:  # unreadable files are not cached (retried next run)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(entry, [uid, sha])
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -483,8 +505,29 @@ class _ChunkInputs:
 
     windowed: pl.DataFrame
     images: pl.DataFrame
-    headers: dict[str, tuple[str | None, str | None]]
+    ids: dict[str, str | None]  # path -> file_identity (None: cannot be stat-ed)
     keys: dict[str, str | None]  # path -> ImageLoader key (None: cannot be stat-ed)
+    decoded: dict[str, str | None] = field(default_factory=dict)  # key -> SOPInstanceUID
+    headers: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    columns: dict[str, Any] = field(default_factory=dict)  # output columns known before
+    marks: dict[str, np.ndarray] = field(default_factory=dict)  # the model runs; (B,) flags
+
+
+@dataclass
+class _Prepared:
+    """A chunk's inputs and batch, or the error that building them raised."""
+
+    inputs: _ChunkInputs | None = None
+    batch: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+
+def _submit_next(pool: Any, scorer: ChunkScorer, queue: Iterator[tuple[int, pl.DataFrame]]):
+    """(index, samples, future of ``scorer.prepare``) for the next chunk, or None at the end."""
+    nxt = next(queue, None)
+    if nxt is None:
+        return None
+    return nxt[0], nxt[1], pool.submit(scorer.prepare, nxt[1])
 
 
 class ChunkScorer:
@@ -537,18 +580,76 @@ class ChunkScorer:
         A failing chunk is retried subject by subject; a subject that still fails
         gets error rows (risk null) carrying the reason.
         """
+        return self.finish(samples, self.prepare(samples))
+
+    def score_strict(self, samples: pl.DataFrame) -> pl.DataFrame:
+        """Scores ``samples``; raises on the first subject whose inputs cannot be built."""
+        inputs, batch = self._prepare_strict(samples)
+        return self._forward_rows(samples, inputs, batch)
+
+    def prepare(self, samples: pl.DataFrame) -> _Prepared:
+        """Reads a chunk and builds its batch (the I/O half of ``score``); never raises.
+
+        Safe to run in a second thread while ``finish`` runs the model on the
+        previous chunk (see ``score_chunks``).
+        """
         try:
-            return self.score_strict(samples)
+            with torch.no_grad():
+                return _Prepared(*self._prepare_strict(samples))
+        except Exception as err:  # noqa: BLE001 - finish retries subject by subject
+            return _Prepared(error=err)
+
+    def finish(self, samples: pl.DataFrame, prepared: _Prepared) -> pl.DataFrame:
+        """The model half of ``score``: forward passes and output rows of a prepared chunk."""
+        try:
+            if prepared.error is not None:
+                raise prepared.error
+            return self._forward_rows(samples, prepared.inputs, prepared.batch)
         except Exception as err:  # noqa: BLE001 - isolate the bad subject(s), keep going
             if samples["subject_id"].n_unique() <= 1:
                 return error_rows(samples, err, self.artifact.model_id)
             groups = samples.partition_by("subject_id", maintain_order=True)
             return pl.concat([self.score(group) for group in groups])
 
-    def score_strict(self, samples: pl.DataFrame) -> pl.DataFrame:
-        """Scores ``samples``; raises on the first subject whose inputs cannot be built."""
+    def score_chunks(
+        self, chunks: Iterable[tuple[int, pl.DataFrame]], prefetch: bool = True
+    ) -> Iterator[tuple[int, pl.DataFrame]]:
+        """Scores ``(index, samples)`` chunks in order, yielding ``(index, rows)``.
+
+        With ``prefetch``, one helper thread reads and builds chunk i + 1 (polars,
+        numpy, DICOM decoding: mostly outside the GIL) while this thread runs the
+        model on chunk i, so a second core is used when there is one. Rows are the
+        same as with ``score``.
+        """
+        if not prefetch:
+            yield from ((index, self.score(samples)) for index, samples in chunks)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        queue = iter(chunks)
+        with ThreadPoolExecutor(1, thread_name_prefix="clinfuse-prefetch") as pool:
+            ahead = _submit_next(pool, self, queue)
+            while ahead is not None:
+                index, samples, future = ahead
+                prepared = future.result()
+                ahead = _submit_next(pool, self, queue)
+                yield index, self.finish(samples, prepared)
+
+    def _prepare_strict(self, samples: pl.DataFrame) -> tuple[_ChunkInputs, dict[str, Any]]:
+        """Inputs, batch, and the fingerprints and flags that need no model output."""
         inputs = self._read_inputs(samples)
         batch = self._batch(samples, inputs)
+        inputs.headers = self._headers(inputs)
+        inputs.columns = {
+            "events_sha256": events_digests(inputs.windowed, samples.height),
+            **_image_columns(inputs),
+        }
+        inputs.marks = self._input_marks(samples, inputs, batch)
+        return inputs, batch
+
+    def _forward_rows(
+        self, samples: pl.DataFrame, inputs: _ChunkInputs, batch: dict[str, Any]
+    ) -> pl.DataFrame:
         outputs = predict(self.model, batch, self.batch_size, self.device)
         return self._rows(samples, inputs, batch, outputs)
 
@@ -560,13 +661,25 @@ class ChunkScorer:
             images = latest_images(self.cohort_dir, samples)
         paths = images["path"].drop_nulls().unique(maintain_order=True).to_list()
         ids = {p: _identity(p) for p in paths}  # one stat and resolve per file
-        cache = None if self.image_cache is None else Path(self.image_cache) / "headers"
-        headers = {
-            p: cached_image_header(p, cache, i) if i else (None, None) for p, i in ids.items()
-        }
         loader = ImageLoader(self.spec.image_size)
         keys = {p: loader.key(p, i) if i else None for p, i in ids.items()}
-        return _ChunkInputs(windowed, images, headers, keys)
+        return _ChunkInputs(windowed, images, ids, keys)
+
+    def _headers(self, inputs: _ChunkInputs) -> dict[str, tuple[str | None, str | None]]:
+        """(SOPInstanceUID, sha256) per image file; files decoded for this chunk reuse
+        the UID of that parse (no second header read), the others go through
+        ``cached_image_header``."""
+        cache = None if self.image_cache is None else Path(self.image_cache) / "headers"
+        headers = {}
+        for path, identity in inputs.ids.items():
+            key = inputs.keys[path]
+            if identity is None:
+                headers[path] = (None, None)
+            elif key in inputs.decoded:
+                headers[path] = decoded_image_header(path, inputs.decoded[key], cache, identity)
+            else:
+                headers[path] = cached_image_header(path, cache, identity)
+        return headers
 
     def _batch(self, samples: pl.DataFrame, inputs: _ChunkInputs) -> dict[str, Any]:
         obs = channel_observations(inputs.windowed.lazy(), self.spec)
@@ -591,6 +704,7 @@ class ChunkScorer:
         paths = inputs.images["path"].to_list()
         keys = [inputs.keys[p] if p else None for p in paths]
         loader = ImageLoader(self.spec.image_size, self.image_cache)
+        inputs.decoded = loader.decoded_uids  # filled as files are decoded
         if self.features is None:
             image, present = loader.load_many(paths, keys)
             return {"image": image, "image_present": present}
@@ -652,9 +766,8 @@ class ChunkScorer:
             "top_modality": top,
             "top_modality_delta": top_delta,
             "model_id": pl.repeat(self.artifact.model_id, samples.height, eager=True),
-            "events_sha256": events_digests(inputs.windowed, samples.height),
-            **_image_columns(inputs),
-            "flags": self._flags(samples, inputs, batch, outputs),
+            **inputs.columns,
+            "flags": _flags(inputs.marks, outputs),
             "error": pl.repeat(None, samples.height, dtype=pl.String, eager=True),
         }
         return pl.DataFrame(columns, schema=OUTPUT_SCHEMA)
@@ -671,20 +784,20 @@ class ChunkScorer:
         score = self.ood.score(fused)
         return {"ood_score": score, "ood_flag": score > self.ood.threshold}
 
-    def _flags(
-        self,
-        samples: pl.DataFrame,
-        inputs: _ChunkInputs,
-        batch: dict[str, Any],
-        outputs: dict[str, np.ndarray],
-    ) -> pl.Series:
+    def _input_marks(
+        self, samples: pl.DataFrame, inputs: _ChunkInputs, batch: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
+        """The (B,) flags known before the forward pass, in output order."""
         has_path = inputs.images["path"].is_not_null().to_numpy()
         marks = _event_flags(inputs.windowed, self.spec.channels, samples.height)
         marks["image_unreadable"] = has_path & ~batch["image_present"].numpy()
         marks["unknown_subject"] = ~samples["known_subject"].to_numpy()
-        used = np.stack([outputs[f"present_{m}"] for m in MODALITIES], axis=1)
-        marks["no_modalities"] = ~used.any(axis=1)
-        return flag_lists(marks)
+        return marks
+
+
+def _flags(marks: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> pl.Series:
+    used = np.stack([outputs[f"present_{m}"] for m in MODALITIES], axis=1)  # (B, 3)
+    return flag_lists({**marks, "no_modalities": ~used.any(axis=1)})
 
 
 def flag_lists(marks: dict[str, np.ndarray]) -> pl.Series:
@@ -894,6 +1007,7 @@ def score_cohort(
     progress: bool = True,
     threads: int | None = 1,
     workers: int = 1,
+    prefetch: bool = True,
 ) -> dict[str, Any]:
     """Scores a cohort chunk by chunk, in-process or in local worker processes; returns a
     run summary.
@@ -914,6 +1028,8 @@ def score_cohort(
         workers: local processes scoring chunks in parallel (1 = in this process). Each
             loads the model once and writes its own part files atomically, so resume
             and the output are the same as with one process.
+        prefetch: in-process, read and build the next chunk in a helper thread while
+            the model runs on this one (``ChunkScorer.score_chunks``).
     """
     start = time.perf_counter()
     artifact, plan, pending = open_run(
@@ -929,8 +1045,9 @@ def score_cohort(
         threads=threads,
     )  # fmt: skip
     errors = 0
-    for index in _progress(pending, plan.n_chunks, progress):
-        frame = scorer.score(plan.chunk(index))
+    chunks = ((index, plan.chunk(index)) for index in pending)
+    scored = scorer.score_chunks(chunks, prefetch=prefetch)
+    for index, frame in _progress(scored, plan.n_chunks, progress, len(pending)):
         errors += int(frame["error"].is_not_null().sum())
         write_part(out_dir, index, frame)
     return run_summary(plan, pending, errors, time.perf_counter() - start, out_dir)

@@ -368,3 +368,21 @@ def test_worker_processes_write_the_same_dataset(scoring_run, tmp_path):
         b.drop("risk", "risk_raw", "ood_score", "top_modality_delta")
     )
     np.testing.assert_allclose(a["risk"].to_numpy(), b["risk"].to_numpy(), atol=1e-6)
+
+
+def test_prefetch_thread_gives_the_same_rows_as_one_thread(scoring_run, artifact, tmp_path):
+    # The helper thread reads chunk i + 1 while chunk i runs the model; rows, flags,
+    # fingerprints and per-subject errors must not depend on it.
+    cohort = _copy_cohort(scoring_run.cohort, tmp_path / "cohort")
+    with_film = sorted(set(pl.read_parquet(cohort / "images.parquet")["subject_id"].to_list()))
+    _break_cohort(cohort, with_film[:5])  # an error row, a corrupt film, unknown codes...
+    samples = scoring_samples(cohort)
+    chunks = [(i, samples.slice(lo, 25)) for i, lo in enumerate(range(0, samples.height, 25))]
+    scorer = ChunkScorer(artifact, cohort)
+    plain = dict(scorer.score_chunks(chunks, prefetch=False))
+    threaded = list(scorer.score_chunks(iter(chunks), prefetch=True))
+    assert [i for i, _ in threaded] == [i for i, _ in chunks]  # in order
+    for index, frame in threaded:
+        assert frame.equals(plain[index])
+    errors = pl.concat([f for _, f in threaded])["error"].drop_nulls()
+    assert errors.len() == 1
