@@ -45,6 +45,11 @@ class SGLMLPConfig:
             step, so ``lr * lambda_`` no longer matches the penalty it applies and
             selection becomes all-or-nothing in lambda; plain proximal gradient
             descent keeps the sparse-group-lasso optimality conditions exact.
+            Without it, mind the scale: under AdamW at lr 2e-3, ``lambda_=1e-3``
+            thresholds by 2e-6 per step while Adam moves every weight by ~lr, so
+            the penalty is effectively off (on a 5,000-subject simulator cohort
+            the genotype-only model then peaked on the tuning split after one
+            epoch at AUROC 0.60; ``prox_lr=0.05, lambda_=0.01`` reached 0.645).
     """
 
     hidden: tuple[int, ...] = (64,)
