@@ -128,7 +128,7 @@ class FileFeatureStore:
 
     def contains(self, keys: list[str | None], tokens: bool) -> np.ndarray:
         """(n,) bool: which keys are stored (with tokens, when ``tokens``); None is not."""
-        return np.array([w is not None for w in self._where(keys, tokens)], dtype=bool)
+        return self._locate(keys, tokens)[0] >= 0
 
     def gather(
         self, keys: list[str | None], tokens: bool
@@ -139,18 +139,33 @@ class FileFeatureStore:
             pooled (n, F) and tokens (n, N, F) (None when not asked for); both None
             when no key is stored.
         """
-        where = self._where(keys, tokens)
-        if all(w is None for w in where):
+        shard, row = self._locate(keys, tokens)
+        if not (shard >= 0).any():
             return None, None
-        return self._gather(where, 0), self._gather(where, 1) if tokens else None
+        return self._gather(shard, row, 0), self._gather(shard, row, 1) if tokens else None
 
-    def _where(self, keys: list[str | None], tokens: bool) -> list[tuple[int, int] | None]:
+    def lookup(
+        self, keys: list[str | None], tokens: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``contains`` and ``gather`` from one index pass: (present (n,), pooled, tokens)."""
+        shard, row = self._locate(keys, tokens)
+        present = shard >= 0
+        if not present.any():
+            return present, None, None
+        toks = self._gather(shard, row, 1) if tokens else None
+        return present, self._gather(shard, row, 0), toks
+
+    def _locate(self, keys: list[str | None], tokens: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) per key as two (n,) int64 arrays; shard -1 where not stored."""
         if any(k is not None and k not in self._index for k in keys):
             self._refresh()
-        where = [None if k is None else self._index.get(k) for k in keys]
+        found = [self._index.get(k, _NOWHERE) if k is not None else _NOWHERE for k in keys]
+        where = np.array(found, dtype=np.int64).reshape(len(keys), 2)
+        shard, row = where[:, 0], where[:, 1]
         if tokens:  # a shard written without tokens cannot serve a token lookup
-            where = [w if w is None or self._shards[w[0]][1] is not None else None for w in where]
-        return where
+            has_tokens = np.array([t is not None for _, t in self._shards] + [False])
+            shard = np.where(has_tokens[shard], shard, -1)  # index -1 reads the False
+        return shard, row
 
     def put(self, keys: list[str], pooled: np.ndarray, tokens: np.ndarray | None) -> None:
         """Stores one shard: ``pooled (n, F)`` and optionally ``tokens (n, N, F)``."""
@@ -182,20 +197,18 @@ class FileFeatureStore:
         for row, key in enumerate(keys.tolist()):
             self._index[key.decode()] = (shard, row)
 
-    def _gather(self, where: list[tuple[int, int] | None], part: int) -> np.ndarray:
-        """Rows of ``part`` (0 pooled, 1 tokens) in ``where`` order; zeros for None."""
-        first = next(w for w in where if w is not None)
-        template = self._shards[first[0]][part]
-        out = np.zeros((len(where), *template.shape[1:]), dtype=np.float32)
-        by_shard: dict[int, tuple[list[int], list[int]]] = {}
-        for i, w in enumerate(where):
-            if w is not None:
-                dst, src = by_shard.setdefault(w[0], ([], []))
-                dst.append(i)
-                src.append(w[1])
-        for shard, (dst, src) in by_shard.items():
-            out[dst] = self._shards[shard][part][src]  # one gather per shard
+    def _gather(self, shard: np.ndarray, row: np.ndarray, part: int) -> np.ndarray:
+        """Rows of ``part`` (0 pooled, 1 tokens) in key order; zeros where shard is -1."""
+        stored = np.unique(shard[shard >= 0])
+        template = self._shards[int(stored[0])][part]
+        out = np.zeros((len(shard), *template.shape[1:]), dtype=np.float32)
+        for s in stored.tolist():  # one gather per shard
+            dst = np.flatnonzero(shard == s)
+            out[dst] = self._shards[s][part][row[dst]]
         return out
+
+
+_NOWHERE = (-1, -1)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

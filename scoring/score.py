@@ -722,10 +722,9 @@ class ChunkScorer:
         if missing:
             paths = {k: p for p, k in by_path.items() if k is not None}
             self._store_features(loader, [paths[k] for k in missing], missing, tokens)
-        present = torch.from_numpy(self.features.contains(keys, tokens))  # (B,)
-        pooled, toks = self.features.gather(keys, tokens)  # one row per sample
+        present, pooled, toks = self.features.lookup(keys, tokens)  # one row per sample
         features = self._image_encoder().num_features
-        return _sample_features(features, present, pooled, toks, tokens)
+        return _sample_features(features, torch.from_numpy(present), pooled, toks, tokens)
 
     def _store_features(
         self, loader: ImageLoader, paths: list[str], keys: list[str], tokens: bool
