@@ -241,6 +241,9 @@ class GRUD(ModalityEncoder):
 def last_observed(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     """The latest observed value of each channel at or before each step.
 
+    A forward fill, one step at a time: (B, C) selections cost less than a cummax
+    of step indices over the whole (B, T, C) tensor followed by a gather.
+
     Args:
         x: values (B, T, C).
         m: observation mask (B, T, C), 1 where observed.
@@ -248,10 +251,14 @@ def last_observed(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``x_last`` (B, T, C), 0 where nothing was seen yet, and ``seen`` (B, T, C) bool.
     """
-    steps = torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
-    idx = torch.where(m > 0, steps, -1).cummax(dim=1).values  # (B, T, C)
-    seen = idx >= 0
-    x_last = torch.gather(x, 1, idx.clamp(min=0)) * seen
+    observed = m > 0  # (B, T, C)
+    x_last, seen = torch.empty_like(x), torch.empty_like(observed)
+    value = x.new_zeros(x.shape[0], x.shape[2])  # (B, C)
+    any_seen = torch.zeros_like(value, dtype=torch.bool)
+    for t in range(x.shape[1]):
+        value = torch.where(observed[:, t], x[:, t], value)
+        any_seen = any_seen | observed[:, t]
+        x_last[:, t], seen[:, t] = value, any_seen
     return x_last, seen
 
 
@@ -277,7 +284,7 @@ def _inputs(batch: dict[str, Any], n_channels: int) -> tuple[Tensor, Tensor, Ten
 
 def _time_major(x: Tensor, order: Tensor) -> Tensor:
     """Batch rows in ``order``, time first, contiguous. (B, T, C) -> (T, B, C)"""
-    return x.transpose(0, 1)[:, order].contiguous()
+    return x.index_select(0, order).transpose(0, 1).contiguous()
 
 
 def _active_counts(sorted_lengths: Tensor, t_max: int) -> list[int]:
