@@ -110,7 +110,9 @@ def _sort_order(
     max_sample = int(sample.max(initial=0))
     if max_sample.bit_length() + time_bits + ch_bits <= 62:
         key = (sample << (time_bits + ch_bits)) | (rel << ch_bits) | channel
-        return np.argsort(key)  # keys are unique up to duplicate cells, which are equal
+        # Stable: events arrive nearly sorted (timsort finds the runs), and repeated
+        # cells keep their input order, so their mean is summed in a fixed order.
+        return np.argsort(key, kind="stable")
     return np.lexsort((channel, rel, sample))
 
 
@@ -221,8 +223,17 @@ def _gru_d_delta(
     np.copyto(
         last[:, 1:], np.broadcast_to(s[:, :-1, None], last[:, 1:].shape), where=mask[:, :-1] > 0
     )
-    np.maximum.accumulate(last, axis=1, out=last)  # times increase along T
+    _running_max(last)  # times increase along T
     delta = s[:, :, None] - last
     valid = np.arange(s.shape[1])[None, :] < length[:, None]  # (B, T)
     delta *= valid[:, :, None]
     return delta
+
+
+def _running_max(x: np.ndarray) -> None:
+    """In place, the running maximum along axis 1 of (B, T, C).
+
+    Step by step over T: ``np.maximum.accumulate`` along a middle axis is ~3x slower.
+    """
+    for t in range(1, x.shape[1]):
+        np.maximum(x[:, t - 1], x[:, t], out=x[:, t])
