@@ -110,6 +110,11 @@ class FusionModel(nn.Module):
             ``fusion.produces_logit``.
         modality_dropout: see ``modality_dropout_mask``; applied in training mode only.
 
+    Attributes:
+        eraser: the LEACE eraser of ``adversary.erase`` confounds (``fusion/erasure.py``)
+            applied to the fused representation before the risk head; None when no
+            confound is erased, the identity until ``training.run`` fits it.
+
     Shapes:
         forward(batch) -> logit (B,), fused (B, D), embeddings {m: ((B, D_m), (B,))},
         adversary_logits {head: (B, K)}

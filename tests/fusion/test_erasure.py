@@ -112,3 +112,34 @@ def test_fit_rejects_nan_representations():
     z[1, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         leace_fit(z, np.eye(2)[[0, 1, 0, 1]])
+
+
+def _fusion_model(encoders, spec, fusion: str, erase: list[str]):
+    from clinfuse.fusion.adversary import AdversaryConfig
+    from clinfuse.fusion.base import create_fusion
+    from clinfuse.fusion.model import FusionModel
+
+    fus = create_fusion(fusion, in_dims={m: e.embed_dim for m, e in encoders.items()})
+    return FusionModel(encoders, fus, spec, AdversaryConfig(erase=erase))
+
+
+def test_model_refuses_erasure_it_cannot_apply(tiny_spec, toy_encoders):
+    with pytest.raises(ValueError, match=r"unknown confound\(s\) \['sex'\]"):
+        _fusion_model(toy_encoders, tiny_spec, "early", ["sex"])
+    with pytest.raises(ValueError, match="produces the logit itself"):
+        _fusion_model(toy_encoders, tiny_spec, "late", ["site"])
+
+
+def test_model_fuses_through_the_fitted_eraser(tiny_spec, toy_encoders, batch_factory):
+    model = _fusion_model(toy_encoders, tiny_spec, "early", ["site"]).eval()
+    batch = batch_factory(tiny_spec, batch_size=12)
+    with torch.no_grad():
+        plain = model(batch)
+        z = plain["fused"].numpy()
+        concept, _ = one_hot_concept({"site": batch["confounds"]["site"].numpy()}, {"site": 3})
+        model.eraser.fit(z, concept)
+        erased = model(batch)
+    mean, proj = leace_fit(z, concept)
+    np.testing.assert_allclose(erased["fused"].numpy(), _erase(z, mean, proj), atol=1e-4)
+    expected = model.head(erased["fused"]).squeeze(-1)
+    torch.testing.assert_close(erased["logit"], expected)
