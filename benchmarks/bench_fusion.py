@@ -82,6 +82,7 @@ class Variant:
     transfer: str = "frozen"
     weights: str = "package"
     label_fraction: float = 1.0
+    fusion_cfg: tuple[tuple[str, Any], ...] = ()  # edits of the preset's fusion cfg
 
 
 # ------------------------------------------------------------------ cohorts
@@ -130,6 +131,7 @@ def build_config(variant: Variant, base: dict[str, Any], cohort: Path, caches: P
     model["encoders"] = _encoders(variant, model["encoders"], caches)
     if variant.fusion != model["fusion"]["name"]:
         model["fusion"] = {"name": variant.fusion, "cfg": {}}
+    model["fusion"].setdefault("cfg", {}).update(dict(variant.fusion_cfg))
     if len(variant.modalities) == 1:
         model["modality_dropout"] = 0.0
     model["adversary"]["enabled"] = variant.adversary
@@ -222,6 +224,7 @@ def strategies(
     suffix = "" if adversary else "_no_adv"
     fusions = ("attention", "early", "late", "gated")
     variants = [Variant(f"fusion_{f}{suffix}", fusion=f, adversary=adversary) for f in fusions]
+    variants.insert(1, _token_variant(ctx.base, adversary, suffix))
     variants += [
         Variant(f"only_{m.split('/')[0]}{suffix}", (m,), "early", adversary) for m in ALL_MODALITIES
     ]
@@ -233,6 +236,17 @@ def strategies(
     if len(singles) == len(ALL_MODALITIES):
         rows.append(stacked_singles(ctx, singles, ceilings["fused_additive"]))
     return rows + ceiling_rows(scores, ctx.n_bootstrap)
+
+
+def _token_variant(base: dict[str, Any], adversary: bool, suffix: str) -> Variant:
+    """The preset's attention row with the sequence-token path flipped (on <-> off).
+
+    Shows what the time-step and image-patch tokens add (or cost) next to the
+    preset's choice.
+    """
+    uses = bool(base["model"]["fusion"].get("cfg", {}).get("use_tokens", True))
+    name = "fusion_attention_pooled" if uses else "fusion_attention_tokens"
+    return Variant(f"{name}{suffix}", adversary=adversary, fusion_cfg=(("use_tokens", not uses),))
 
 
 def stacked_singles(ctx: Context, names: list[str], ceiling: float) -> dict[str, Any]:
