@@ -219,11 +219,11 @@ class GRUD(ModalityEncoder):
 
     def input_decay(self, delta: Tensor) -> Tensor:
         """gamma_x = exp(-max(0, w_x * delta + b_x)), elementwise per channel. (B, T, C)"""
-        return torch.exp(-F.relu(delta * self.decay_x_weight + self.decay_x_bias))
+        return _decay(delta * self.decay_x_weight + self.decay_x_bias)
 
     def hidden_decay(self, delta: Tensor) -> Tensor:
         """gamma_h = exp(-max(0, W_h delta + b_h)). (B, T, C) -> (B, T, H)"""
-        return torch.exp(-F.relu(self.decay_h(delta)))
+        return _decay(self.decay_h(delta))
 
     def impute(self, x: Tensor, m: Tensor, delta: Tensor) -> Tensor:
         """x_hat: observed values kept, missing ones decay from x_last toward x_mean.
@@ -236,6 +236,13 @@ class GRUD(ModalityEncoder):
         x_last = torch.where(seen, x_last, self.x_mean)  # never seen -> the mean
         gamma = self.input_decay(delta)
         return m * x + (1 - m) * (gamma * x_last + (1 - gamma) * self.x_mean)
+
+
+def _decay(z: Tensor) -> Tensor:
+    """exp(-max(0, z)); in place on ``z`` (a fresh tensor) when no gradient is recorded."""
+    if z.requires_grad:
+        return torch.exp(-F.relu(z))
+    return z.clamp_min_(0.0).neg_().exp_()  # same kernels, no temporaries (inference)
 
 
 def last_observed(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
