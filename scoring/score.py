@@ -42,6 +42,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -445,55 +446,65 @@ def image_header(path: str) -> tuple[str | None, str | None]:
         return None, None
 
 
-def cached_image_header(
-    path: str, cache_dir: Path | None, identity: str | None = None
-) -> tuple[str | None, str | None]:
-    """``image_header`` through a per-file cache keyed like the decoded-pixel cache.
+Header = tuple[str | None, str | None]  # (SOPInstanceUID, file sha256)
 
-    The key is ``file_identity`` (resolved path, size, mtime), the one under which
-    ``ImageLoader`` caches the pixels, so the fingerprint always describes the file
-    whose pixels were used. Unreadable files are not cached (they are retried next
-    run). ``identity``: ``file_identity(path)`` when the caller already has it.
+
+class HeaderStore:
+    """Image headers keyed by ``file_identity``, in JSON-lines shards read once.
+
+    The key is the identity (resolved path, size, mtime) under which ``ImageLoader``
+    caches the pixels, so a fingerprint always describes the file whose pixels were
+    used. Each ``put`` writes one shard ``<uuid>.jsonl`` (a temporary name, then
+    ``os.replace``), so concurrent runs need no locks; a lookup that misses re-reads
+    the folder for shards written since. Unreadable files are never stored (they are
+    retried next run). ``folder`` None: nothing is stored, every lookup misses.
     """
-    if cache_dir is None:
-        return image_header(path)
-    if identity is None:
-        try:
-            identity = file_identity(path)
-        except OSError:
-            return None, None
-    entry = _header_entry(cache_dir, identity)
-    try:
-        return tuple(json.loads(entry.read_text()))  # type: ignore[return-value]
-    except FileNotFoundError:
-        pass
-    uid, sha = image_header(path)
-    _store_header(entry, uid, sha)
-    return uid, sha
+
+    def __init__(self, folder: str | Path | None) -> None:
+        self.dir = None if folder is None else Path(folder)
+        self._entries: dict[str, list] = {}
+        self._loaded: set[str] = set()
+
+    def lookup(self, identities: list[str]) -> dict[str, Header]:
+        """The stored headers among ``identities``."""
+        if self.dir is None:
+            return {}
+        if any(i not in self._entries for i in identities):
+            self._refresh()
+        return {i: tuple(self._entries[i]) for i in identities if i in self._entries}
+
+    def put(self, headers: dict[str, Header]) -> None:
+        """Stores ``identity -> header`` for the readable ones (sha256 not None)."""
+        lines = [json.dumps([i, *h]) for i, h in headers.items() if h[1] is not None]
+        if self.dir is None or not lines:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"{uuid.uuid4().hex}.jsonl"
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, self.dir / name)
+        self._loaded.add(name)
+        self._entries.update({i: list(h) for i, h in headers.items() if h[1] is not None})
+
+    def _refresh(self) -> None:
+        if not self.dir.is_dir():
+            return
+        for shard in sorted(self.dir.glob("*.jsonl")):
+            if shard.name not in self._loaded:
+                self._loaded.add(shard.name)
+                for line in shard.read_text().splitlines():
+                    identity, uid, sha = json.loads(line)
+                    self._entries[identity] = [uid, sha]
 
 
-def decoded_image_header(
-    path: str, uid: str | None, cache_dir: Path | None, identity: str
-) -> tuple[str | None, str | None]:
+def decoded_image_header(path: str, uid: str | None) -> Header:
     """(uid, file sha256) of a file whose pixels were just decoded (``uid`` from that
-    parse); stored in the header cache like ``cached_image_header`` does."""
+    parse, so the header is not read a second time); (None, None) when unreadable."""
     try:
-        sha = file_sha256(path)
+        return uid, file_sha256(path)
     except OSError:
         return None, None
-    if cache_dir is not None:
-        _store_header(_header_entry(cache_dir, identity), uid, sha)
-    return uid, sha
-
-
-def _header_entry(cache_dir: Path, identity: str) -> Path:
-    return cache_dir / f"{hashlib.sha1(identity.encode()).hexdigest()}.json"
-
-
-def _store_header(entry: Path, uid: str | None, sha: str | None) -> None:
-    if sha is not None:  # unreadable files are not cached (retried next run)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(entry, [uid, sha])
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -573,6 +584,7 @@ class ChunkScorer:
         self.has_genotypes = has_table(self.cohort_dir, GENOTYPES)
         _set_embedding_cache(self.model, embedding_cache)
         self.features = _file_feature_store(self.model, embedding_cache)
+        self.headers = HeaderStore(None if image_cache is None else Path(image_cache) / "headers")
 
     def score(self, samples: pl.DataFrame) -> pl.DataFrame:
         """One output row per row of ``samples``, in order (see ``OUTPUT_SCHEMA``).
@@ -666,21 +678,23 @@ class ChunkScorer:
         keys = {p: loader.key(p, i) if i else None for p, i in ids.items()}
         return _ChunkInputs(windowed, images, ids, keys)
 
-    def _headers(self, inputs: _ChunkInputs) -> dict[str, tuple[str | None, str | None]]:
-        """(SOPInstanceUID, sha256) per image file; files decoded for this chunk reuse
-        the UID of that parse (no second header read), the others go through
-        ``cached_image_header``."""
-        cache = None if self.image_cache is None else Path(self.image_cache) / "headers"
-        headers = {}
-        for path, identity in inputs.ids.items():
+    def _headers(self, inputs: _ChunkInputs) -> dict[str, Header]:
+        """(SOPInstanceUID, sha256) per image file: from the header store, from the
+        parse that decoded the file for this chunk, or read (``image_header``)."""
+        ids = {p: i for p, i in inputs.ids.items() if i is not None}
+        known = self.headers.lookup(list(ids.values()))
+        found: dict[str, Header] = {}  # identity -> header, read for this chunk
+        for path, identity in ids.items():
             key = inputs.keys[path]
-            if identity is None:
-                headers[path] = (None, None)
-            elif key in inputs.decoded:
-                headers[path] = decoded_image_header(path, inputs.decoded[key], cache, identity)
+            if identity in known:
+                continue
+            if key in inputs.decoded:
+                found[identity] = decoded_image_header(path, inputs.decoded[key])
             else:
-                headers[path] = cached_image_header(path, cache, identity)
-        return headers
+                found[identity] = image_header(path)
+        self.headers.put(found)
+        known |= found
+        return {p: known[i] if i is not None else (None, None) for p, i in inputs.ids.items()}
 
     def _batch(self, samples: pl.DataFrame, inputs: _ChunkInputs) -> dict[str, Any]:
         obs = channel_observations(inputs.windowed.lazy(), self.spec)

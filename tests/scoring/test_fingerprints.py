@@ -91,3 +91,16 @@ def test_a_changed_value_changes_only_its_sample():
 def test_flag_lists_keep_name_order_and_empty_rows():
     marks = {"b_flag": np.array([True, False, True]), "a_flag": np.array([True, False, False])}
     assert flag_lists(marks).to_list() == [["b_flag", "a_flag"], [], ["b_flag"]]
+
+
+def test_header_store_shares_entries_across_runs_and_skips_unreadable(tmp_path):
+    from clinfuse.scoring.score import HeaderStore
+
+    first = HeaderStore(tmp_path / "headers")
+    assert first.lookup(["/a|1|2"]) == {}
+    first.put({"/a|1|2": ("1.2.3", "ab" * 32), "/bad|1|2": (None, None)})
+    first.put({"/b|3|4": (None, "cd" * 32)})  # a readable file without SOPInstanceUID
+    second = HeaderStore(tmp_path / "headers")  # another run (or process) later
+    got = second.lookup(["/a|1|2", "/b|3|4", "/bad|1|2", "/c|5|6"])
+    assert got == {"/a|1|2": ("1.2.3", "ab" * 32), "/b|3|4": (None, "cd" * 32)}
+    assert HeaderStore(None).lookup(["/a|1|2"]) == {}
