@@ -201,6 +201,8 @@ class FileFeatureStore:
         """Rows of ``part`` (0 pooled, 1 tokens) in key order; zeros where shard is -1."""
         stored = np.unique(shard[shard >= 0])
         template = self._shards[int(stored[0])][part]
+        if len(stored) == 1 and (shard >= 0).all():  # one shard holds every row: one copy
+            return np.asarray(template[row], dtype=np.float32)
         out = np.zeros((len(shard), *template.shape[1:]), dtype=np.float32)
         for s in stored.tolist():  # one gather per shard
             dst = np.flatnonzero(shard == s)

@@ -29,6 +29,9 @@ def test_lookup_gathers_rows_in_key_order_across_shards(tmp_path):
         expected = pooled[k] if present[i] else np.zeros(3, np.float32)
         np.testing.assert_array_equal(got[i], expected)
     assert store.contains(keys, tokens=False).tolist() == present.tolist()
+    present, got, toks = store.lookup(["b", "a", "b"], tokens=True)  # all from one shard
+    assert present.all()
+    np.testing.assert_array_equal(got, np.stack([pooled["b"], pooled["a"], pooled["b"]]))
 
 
 def test_token_lookup_skips_shards_written_without_tokens(tmp_path):
