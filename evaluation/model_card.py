@@ -261,8 +261,11 @@ def _audit_fields(audit: dict) -> dict[str, str]:
 def _audit_table(probes: dict) -> str:
     if not probes:
         return "No confound recorded in the evaluated cohort: no audit."
-    head = "| confound | n | classes | probe accuracy | majority rate | balanced accuracy | chance | folds |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| confound | n | classes | logistic probe | MLP probe | majority rate "
+        "| risk-factor floor | balanced accuracy | chance | folds |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in probes.items():
         cells = [_cell(name), str(p.get("n")), _names(p.get("classes"))]
         cells += [_num(p.get(k)) for k in _AUDIT_COLUMNS] + [str(p.get("folds", "n/a"))]
@@ -270,7 +273,16 @@ def _audit_table(probes: dict) -> str:
     return "\n".join(lines)
 
 
-_AUDIT_COLUMNS = ("probe_accuracy", "majority_rate", "probe_balanced_accuracy", "chance_balanced")
+_AUDIT_COLUMNS = (
+    "probe_accuracy",
+    "mlp_probe_accuracy",
+    "majority_rate",
+    "risk_factor_probe_accuracy",
+    "probe_balanced_accuracy",
+    "chance_balanced",
+)
+# Probe accuracies read against the majority rate, with the name used in the verdict.
+_PROBES = (("probe_accuracy", "linear"), ("mlp_probe_accuracy", "MLP"))
 
 
 def _audit_reading(probes: dict) -> str:
@@ -279,19 +291,39 @@ def _audit_reading(probes: dict) -> str:
 
 
 def _probe_verdict(p: dict) -> str:
-    acc, base = p.get("probe_accuracy"), p.get("majority_rate")
-    if not _finite(acc) or not _finite(base):
+    """Whether any probe beats the majority rate by more than ``_PROBE_Z`` standard errors.
+
+    When the cohort carries the true risk factors (simulated cohorts), the verdict also
+    says whether the probe beats what the risk factors themselves give away.
+    """
+    base = p.get("majority_rate")
+    fitted = [(p.get(k), label) for k, label in _PROBES if _finite(p.get(k))]
+    if not fitted or not _finite(base):
         return "probe not fitted (fewer than two classes with two samples each)."
-    gap, margin = acc - base, _PROBE_Z * math.sqrt(base * (1 - base) / max(p.get("n") or 1, 1))
-    if gap > margin:
+    margin = _PROBE_Z * math.sqrt(base * (1 - base) / max(p.get("n") or 1, 1))
+    above = [(acc - base, label) for acc, label in fitted if acc - base > margin]
+    if above:
+        gap, label = max(above)
         return (
-            f"recoverable: the probe beats the majority rate by {gap:+.3f} "
-            f"(more than {_PROBE_Z:g} standard errors, {margin:.3f})."
+            f"recoverable: the {label} probe beats the majority rate by {gap:+.3f} "
+            f"(more than {_PROBE_Z:g} standard errors, {margin:.3f}){_floor_note(p, margin)}."
         )
+    gaps = ", ".join(f"{label} {acc - base:+.3f}" for acc, label in fitted)
     return (
-        f"not recovered by a linear probe: probe minus majority rate {gap:+.3f}, "
+        f"not recovered: probe minus majority rate {gaps}, "
         f"within {_PROBE_Z:g} standard errors ({margin:.3f})."
     )
+
+
+def _floor_note(p: dict, margin: float) -> str:
+    """How the best probe compares with the same probe on the true risk factors."""
+    floor = p.get("risk_factor_probe_accuracy")
+    if not _finite(floor):
+        return ""
+    best = max(p.get(k) for k, _ in _PROBES if _finite(p.get(k)))
+    if best - floor > margin:
+        return f"; above the {floor:.3f} that the true risk factors give away"
+    return f"; no more than the {floor:.3f} that the true risk factors themselves give away"
 
 
 def _loso_table(loso: dict) -> str:

@@ -100,6 +100,27 @@ def test_probe_verdict_uses_two_binomial_standard_errors() -> None:
     assert "still encodes site" in render_model_card(above, {}, {})
 
 
+def test_mlp_probe_alone_can_make_a_confound_recoverable() -> None:
+    # Linear probe at the majority rate after erasure, MLP probe 0.66 (margin 0.10 at n=100).
+    probe = {**_probe(0.51, 0.5, 100), "mlp_probe_accuracy": 0.66}
+    card = render_model_card(_metrics(audit={"site": probe}), {}, {})
+    assert "- site: recoverable: the MLP probe beats the majority rate by +0.160" in card
+    assert "| site | 100 | A, B | 0.510 | 0.660 | 0.500 |" in card
+
+
+def test_verdict_reads_the_probe_against_the_risk_factor_floor() -> None:
+    # The risk factors themselves give 0.60 away: 0.62 is no more than that (margin 0.10),
+    # 0.75 is.
+    at_floor = {**_probe(0.62, 0.5, 100), "risk_factor_probe_accuracy": 0.60}
+    over = {**_probe(0.75, 0.5, 100), "risk_factor_probe_accuracy": 0.60}
+    assert "no more than the 0.600 that the true risk factors" in render_model_card(
+        _metrics(audit={"site": at_floor}), {}, {}
+    )
+    assert "above the 0.600 that the true risk factors give away" in render_model_card(
+        _metrics(audit={"site": over}), {}, {}
+    )
+
+
 def test_site_unseen_in_training_is_flagged() -> None:
     metrics = _metrics(
         per_site={"North": {"n": 50, "auroc": 0.8}, "Harbor": {"n": 50, "auroc": 0.7}}
