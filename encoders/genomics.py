@@ -50,6 +50,9 @@ class SGLMLPConfig:
             the penalty is effectively off (on a 5,000-subject simulator cohort
             the genotype-only model then peaked on the tuning split after one
             epoch at AUROC 0.60; ``prox_lr=0.05, lambda_=0.01`` reached 0.645).
+            The right ``lambda_`` depends on how much loss gradient reaches this
+            layer: inside a fused model the same 0.01 zeroed every group (a
+            saddle the layer never leaves), 0.002 kept the causal groups.
     """
 
     hidden: tuple[int, ...] = (64,)
