@@ -21,7 +21,10 @@ backbone given the same number of threads: "1 thread" rows use 1 torch thread an
 no prefetch; "2 threads" rows use prefetch + 1 torch thread for scoring and 2 torch
 threads for the raw backbone. Rates are per wall second and per CPU-second of the
 process (all its threads; ``time.process_time``), with the 1-minute load average
-at the end of each measurement: other processes on the machine move the wall rate.
+at the end of each measurement: other processes on the machine move the wall rate,
+so each row keeps the fastest of ``--repeats`` runs (baseline rows too). The decoded
+row's share of the raw backbone compares films/s with images/s: subjects without a
+film cost no backbone pass.
 
 Large cohorts are built by replicating a simulated cohort's tables under new
 subject ids, shard by shard (``events/*.parquet``), so the generator never holds
@@ -42,6 +45,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import clinfuse  # noqa: F401  (installs the torchvision compat shim first)
 
@@ -205,6 +209,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=256, help="samples per forward (256)")
     parser.add_argument("--workdir", default=None, help="keep cohorts here (default: temp)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the fastest counts")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -242,8 +247,8 @@ def _cached_rows(root: Path, model: Path, cohort: Path, args: argparse.Namespace
     opts = dict(chunk_size=args.chunk_size, batch_size=args.batch_size, threads=1, **caches)
     _timed_score(model, cohort, root / "out", **opts)  # warms both caches
     n = f"{args.cached_subjects}"
-    one = _timed_score(model, big, root / "out", prefetch=False, **opts)
-    two = _timed_score(model, big, root / "out", prefetch=True, **opts)
+    one = _best(lambda: _timed_score(model, big, root / "out", prefetch=False, **opts), args)
+    two = _best(lambda: _timed_score(model, big, root / "out", prefetch=True, **opts), args)
     return [
         ("cached image embeddings", "1", n, one, "target >= 5,000/s"),
         ("cached image embeddings", "2", n, two, "target >= 5,000/s"),
@@ -253,10 +258,10 @@ def _cached_rows(root: Path, model: Path, cohort: Path, args: argparse.Namespace
 def _decoded_rows(root: Path, model: Path, cohort: Path, args: argparse.Namespace) -> list[Row]:
     _warm_page_cache(cohort / "images")  # both rows then read the files from memory
     opts = dict(chunk_size=args.chunk_size, batch_size=args.batch_size, threads=1)
-    one = _timed_score(model, cohort, root / "out", prefetch=False, **opts)
-    two = _timed_score(model, cohort, root / "out", prefetch=True, **opts)
-    raw1 = _raw_backbone(model, cohort, args.batch_size, threads=1)
-    raw2 = _raw_backbone(model, cohort, args.batch_size, threads=2)
+    one = _best(lambda: _timed_score(model, cohort, root / "out", prefetch=False, **opts), args)
+    two = _best(lambda: _timed_score(model, cohort, root / "out", prefetch=True, **opts), args)
+    raw1 = _best(lambda: _raw_backbone(model, cohort, args.batch_size, threads=1), args)
+    raw2 = _best(lambda: _raw_backbone(model, cohort, args.batch_size, threads=2), args)
     films = _film_fraction(cohort)
     n = f"{args.image_subjects}"
     return [
@@ -265,6 +270,12 @@ def _decoded_rows(root: Path, model: Path, cohort: Path, args: argparse.Namespac
         ("images decoded from DICOM", "2", n, two, _share(two, raw2, films)),
         ("raw backbone forward (images/s)", "2", n, raw2, "the limit for decoded, 2 threads"),
     ]
+
+
+def _best(measure: Any, args: argparse.Namespace) -> Rate:
+    """The fastest (wall) of ``--repeats`` runs: other processes only ever slow a run
+    down, and the raw-backbone baseline gets the same number of tries."""
+    return max((measure() for _ in range(args.repeats)), key=lambda rate: rate.per_s)
 
 
 def _film_fraction(cohort: Path) -> float:
@@ -304,6 +315,8 @@ def _print_table(rows: list[Row], args: argparse.Namespace) -> None:
           f"image {args.image_size} px, chunk {args.chunk_size}, batch {args.batch_size})")  # fmt: skip
     print("threads: 1 = one torch thread, no prefetch; 2 = scoring with prefetch + one torch "
           "thread, raw backbone with two torch threads")  # fmt: skip
+    print(f"each row: the fastest of {args.repeats} runs (wall); per CPU-s of that run; "
+          "load = 1-min load average after it")  # fmt: skip
     print(f"{'path':32s} {'thr':>3s} {'subjects':>8s} {'per s':>7s} {'per CPU-s':>9s} "
           f"{'load':>5s}  note")  # fmt: skip
     for name, threads, n, rate, note in rows:
