@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="local processes scoring chunks in parallel (1 = in this process)",
     )  # fmt: skip
     p.add_argument(
-        "--no-prefetch", dest="prefetch", action="store_false",
-        help="in-process: do not read the next chunk in a helper thread while scoring this one",
+        "--prefetch", action="store_true",
+        help="in-process: read the next chunk in a helper thread while scoring this one",
     )  # fmt: skip
     p.add_argument("--ray-address", help="score with Ray Data: auto, ray://host:port or local")
     p.add_argument("--num-actors", type=int, default=2, help="Ray scoring actors (2)")

@@ -1034,7 +1034,7 @@ def score_cohort(
     progress: bool = True,
     threads: int | None = 1,
     workers: int = 1,
-    prefetch: bool = True,
+    prefetch: bool = False,
 ) -> dict[str, Any]:
     """Scores a cohort chunk by chunk, in-process or in local worker processes; returns a
     run summary.
@@ -1056,7 +1056,8 @@ def score_cohort(
             loads the model once and writes its own part files atomically, so resume
             and the output are the same as with one process.
         prefetch: in-process, read and build the next chunk in a helper thread while
-            the model runs on this one (``ChunkScorer.score_chunks``).
+            the model runs on this one (``ChunkScorer.score_chunks``). Off by default:
+            on a 2-core machine shared with other jobs it did not raise throughput.
     """
     start = time.perf_counter()
     artifact, plan, pending = open_run(
