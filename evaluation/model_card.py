@@ -355,6 +355,7 @@ def _calibration(m: dict, meta: dict) -> str:
 
 def _limitations(m: dict, meta: dict) -> str:
     found = _sample_size_notes(m) + _unseen_site_notes(m, meta) + _audit_notes(m)
+    found += _genomics_notes(m)
     found += _provenance_notes(meta.get("provenance") or {})
     return "\n".join(f"- {line}" for line in found) if found else "- None flagged automatically."
 
@@ -383,6 +384,16 @@ def _audit_notes(m: dict) -> list[str]:
         if isinstance(p, dict) and "majority_rate" in p and "recoverable" in _probe_verdict(p):
             notes.append(f"The representation still encodes {_cell(name)} (confound audit).")
     return notes
+
+
+def _genomics_notes(m: dict) -> list[str]:
+    g = m.get("genomics") or {}
+    if "selected_groups" in g and not g["selected_groups"] and g.get("n_groups"):
+        return [
+            "The sparse-group-lasso encoder kept no genotype group: genotypes do not "
+            "contribute to this model's risk."
+        ]
+    return []
 
 
 def _provenance_notes(provenance: dict) -> list[str]:

@@ -93,8 +93,27 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     summary.update(
         best_checkpoint=best, best_val_auroc=_score(checkpoint), epochs=trainer.current_epoch
     )
+    summary["warnings"] = unused_modality_warnings(module.model)
+    for message in summary["warnings"]:
+        warnings.warn(message, stacklevel=2)
     _write_json(run / "summary.json", summary)
     return summary
+
+
+def unused_modality_warnings(model: torch.nn.Module) -> list[str]:
+    """Messages for encoders whose sparsity penalty zeroed every input group.
+
+    A sparse-group-lasso encoder with every group at zero outputs a constant: the
+    model then ignores that modality, which no loss curve shows.
+    """
+    out = []
+    for modality, encoder in model.encoders.items():
+        if hasattr(encoder, "selected_groups") and not encoder.selected_groups():
+            out.append(
+                f"{modality}: the sparse-group-lasso penalty zeroed every group, so the model "
+                f"ignores {modality}; lower the encoder's lambda_ (model.encoders.sgl_mlp.lambda_)"
+            )
+    return out
 
 
 def erase_confounds(module: RiskModule, dm: CohortDataModule) -> dict[str, Any]:

@@ -158,3 +158,11 @@ def test_genotype_group_selection_is_reported_against_the_truth() -> None:
     card = render_model_card(_metrics(genomics=genomics), {}, {})
     assert "(2 of 5): G1, G2." in card
     assert "precision 0.500, recall 1.000" in card
+
+
+def test_a_model_that_kept_no_genotype_group_says_so() -> None:
+    none_kept = _metrics(genomics={"selected_groups": [], "n_groups": 20})
+    some_kept = _metrics(genomics={"selected_groups": ["GENE02"], "n_groups": 20})
+    note = "kept no genotype group: genotypes do not contribute"
+    assert note in render_model_card(none_kept, {}, {})
+    assert note not in render_model_card(some_kept, {}, {})

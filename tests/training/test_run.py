@@ -145,3 +145,15 @@ def test_infinite_values_do_not_reach_normalization(tiny_cohort, tiny_config, tm
     dm = CohortDataModule(cohort, cfg.data)
     dm.setup("fit")
     assert np.isfinite(dm.spec.channel_mean).all() and np.isfinite(dm.spec.channel_std).all()
+
+
+def test_a_zeroed_genotype_layer_is_reported_not_silent(tiny_run):
+    from clinfuse.training.run import unused_modality_warnings
+
+    run_dir, summary = tiny_run
+    assert summary["warnings"] == []  # the tiny run keeps its genotype groups
+    model = load_artifact(run_dir / "model").model
+    with torch.no_grad():
+        model.encoders["genomics"].first.weight.zero_()
+    (message,) = unused_modality_warnings(model)
+    assert message.startswith("genomics: the sparse-group-lasso penalty zeroed every group")
