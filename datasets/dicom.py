@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from clinfuse.hashing import file_sha256  # noqa: F401  (part of the reader API)
 
@@ -93,7 +96,18 @@ _PIXEL_TAGS: tuple[str, ...] = (
     "ImagerPixelSpacing",
 )
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
-_CHUNK = 1 << 20
+
+# Tags as numbers once, not keywords per read: pydicom looks keywords up on every call.
+_READ_TAGS: list[BaseTag] = sorted({Tag(name) for name in (*_PIXEL_TAGS, *META_FIELDS)})
+_META_TAGS: list[BaseTag] = sorted({Tag(name) for name in META_FIELDS})
+_PIXEL_DATA_TAG_IDS: tuple[BaseTag, ...] = tuple(Tag(name) for name in _PIXEL_DATA_TAGS)
+_HEADER_NAMES: dict[BaseTag, str] = {
+    Tag(name): name for name in (*_PIXEL_TAGS, *META_FIELDS) if name not in _PIXEL_DATA_TAGS
+}
+# Uncompressed little-endian monochrome pixel data is the stored integers as they are.
+_NATIVE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+_NATIVE_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2"})
+_FLOAT32_EXACT = 1 << 24  # integers up to 2**24 are exact in float32
 
 
 class DicomReadError(ValueError):
@@ -213,33 +227,45 @@ class DicomReader:
 
     def read(self, path: str | Path) -> DicomImage:
         """Decodes ``path``; raises ``DicomReadError`` naming the file on any failure."""
-        ds = _dcmread(path, (*_PIXEL_TAGS, *META_FIELDS), pixels=True)
-        pixels = _physical(_decode(ds, path), ds)
-        window, function, lut = self._voi(ds)
-        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-            flip = _inversion_sum(ds)
+        ds = _dcmread(path, _READ_TAGS, pixels=True)
+        header = _header(ds, path)
+        raw = _decode(ds, header, path)
+        try:
+            return self._image(raw, ds, header)
+        except Exception as err:  # e.g. a malformed rescale or LUT element
+            raise DicomReadError(f"{path}: cannot interpret the header ({_describe(err)})") from err
+
+    def read_meta(self, path: str | Path) -> dict[str, Any]:
+        """``META_FIELDS`` of ``path`` from the header alone (pixel data is not read)."""
+        ds = _dcmread(path, _META_TAGS, pixels=False)
+        return _meta(_header(ds, path), ds)
+
+    def _image(self, raw: np.ndarray, ds: Dataset, header: dict[str, Any]) -> DicomImage:
+        pixels = _physical(raw, ds, header)
+        window, function, lut = self._voi(ds, header)
+        if header.get("PhotometricInterpretation") == "MONOCHROME1":
+            flip = _inversion_sum(ds, header)
             pixels, window, lut = flip - pixels, _flip_window(window, flip), _flip_lut(lut, flip)
         return DicomImage(
             pixels=_reduce_frames(pixels, self.frame_policy),
-            meta=_meta(ds),
-            spacing=_spacing(ds),
+            meta=_meta(header, ds),
+            spacing=_spacing(header),
             window=window,
             voi_function=function,
             voi_lut=lut,
         )
 
-    def read_meta(self, path: str | Path) -> dict[str, Any]:
-        """``META_FIELDS`` of ``path`` from the header alone (pixel data is not read)."""
-        return _meta(_dcmread(path, META_FIELDS, pixels=False))
-
-    def _voi(self, ds: Dataset) -> tuple[tuple[float, float] | None, str, VoiLut | None]:
+    def _voi(
+        self, ds: Dataset, header: dict[str, Any]
+    ) -> tuple[tuple[float, float] | None, str, VoiLut | None]:
         if self.window is None:
             return None, "LINEAR", None
         if isinstance(self.window, tuple):
             return self.window, "LINEAR", None
-        if _is_gray(ds) and "VOILUTSequence" in ds:
-            return None, "LINEAR", _header_lut(ds)
-        return _header_window(ds), str(ds.get("VOILUTFunction") or "LINEAR").upper(), None
+        if _is_gray(header) and "VOILUTSequence" in header:
+            return None, "LINEAR", _header_lut(ds, header)
+        function = str(header.get("VOILUTFunction") or "LINEAR").upper()
+        return _header_window(header), function, None
 
 
 # ------------------------------------------------------------------ reading and decoding
@@ -261,9 +287,9 @@ def _check_window(window: str | tuple[float, float] | None) -> str | tuple[float
     return center, width
 
 
-def _dcmread(path: str | Path, tags: tuple[str, ...], pixels: bool) -> Dataset:
+def _dcmread(path: str | Path, tags: list[BaseTag], pixels: bool) -> Dataset:
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels, specific_tags=list(tags))
+        return pydicom.dcmread(path, stop_before_pixels=not pixels, specific_tags=tags)
     except InvalidDicomError:
         raise DicomReadError(
             f"{path}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
@@ -274,16 +300,59 @@ def _dcmread(path: str | Path, tags: tuple[str, ...], pixels: bool) -> Dataset:
         raise DicomReadError(f"{path}: unreadable DICOM header ({_describe(err)})") from err
 
 
-def _decode(ds: Dataset, path: str | Path) -> np.ndarray:
-    if not any(tag in ds for tag in _PIXEL_DATA_TAGS):
+def _header(ds: Dataset, path: str | Path) -> dict[str, Any]:
+    """keyword -> value of every element read except pixel data, each converted once."""
+    try:
+        return {_HEADER_NAMES[tag]: ds[tag].value for tag in ds.keys() & _HEADER_NAMES.keys()}
+    except Exception as err:  # pydicom raises many types on a malformed value
+        raise DicomReadError(f"{path}: unreadable DICOM header ({_describe(err)})") from err
+
+
+def _decode(ds: Dataset, header: dict[str, Any], path: str | Path) -> np.ndarray:
+    if not any(tag in ds for tag in _PIXEL_DATA_TAG_IDS):
         raise DicomReadError(f"{path}: no pixel data (no PixelData element)")
     try:
-        return ds.pixel_array
+        native = _native_pixels(ds, header)
+        return ds.pixel_array if native is None else native
     except Exception as err:  # decoders raise ValueError, RuntimeError, NotImplementedError...
         raise DicomReadError(
             f"{path}: pixel data cannot be decoded, transfer syntax {_syntax(ds)} "
             f"({_describe(err)})"
         ) from err
+
+
+def _native_pixels(ds: Dataset, header: dict[str, Any]) -> np.ndarray | None:
+    """Uncompressed little-endian monochrome pixels read straight from the buffer.
+
+    None when pydicom's decoder must do it: another transfer syntax, colour,
+    packed or masked bits, or a buffer whose length does not match the header
+    (pydicom then reports the problem).
+
+    Shapes:
+        -> (H, W), or (F, H, W) when NumberOfFrames > 1
+    """
+    bits, rows, cols = (header.get(k) for k in ("BitsAllocated", "Rows", "Columns"))
+    if not (_is_native(ds, header) and bits in (8, 16, 32) and rows and cols):
+        return None
+    frames = int(header.get("NumberOfFrames") or 1)
+    shape = (frames, rows, cols) if frames > 1 else (rows, cols)
+    kind = "i" if header.get("PixelRepresentation") == 1 else "u"
+    dtype, count = np.dtype(f"<{kind}{bits // 8}"), math.prod(shape)
+    data = ds[_PIXEL_DATA_TAG_IDS[0]].value
+    if len(data) not in (count * dtype.itemsize, count * dtype.itemsize + 1):  # + even padding
+        return None
+    return np.frombuffer(data, dtype, count).reshape(shape)
+
+
+def _is_native(ds: Dataset, header: dict[str, Any]) -> bool:
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    return (
+        syntax in _NATIVE_SYNTAXES
+        and _PIXEL_DATA_TAG_IDS[0] in ds
+        and header.get("PhotometricInterpretation") in _NATIVE_PHOTOMETRIC
+        and (header.get("SamplesPerPixel") or 1) == 1
+        and header.get("BitsStored") == header.get("BitsAllocated")
+    )
 
 
 def _syntax(ds: Dataset) -> str:
@@ -299,41 +368,69 @@ def _describe(err: Exception) -> str:
 # ------------------------------------------------------------------ pixel values
 
 
-def _is_gray(ds: Dataset) -> bool:
-    return int(ds.get("SamplesPerPixel") or 1) == 1 and not _is_palette(ds)
+def _is_gray(header: dict[str, Any]) -> bool:
+    return int(header.get("SamplesPerPixel") or 1) == 1 and not _is_palette(header)
 
 
-def _is_palette(ds: Dataset) -> bool:
-    return ds.get("PhotometricInterpretation") == "PALETTE COLOR"
+def _is_palette(header: dict[str, Any]) -> bool:
+    return header.get("PhotometricInterpretation") == "PALETTE COLOR"
 
 
-def _physical(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+def _physical(raw: np.ndarray, ds: Dataset, header: dict[str, Any]) -> np.ndarray:
     """Modality-LUT output for grayscale, BT.601 luminance for colour.
 
     Shapes:
         raw: (H, W), (F, H, W), (H, W, 3) or (F, H, W, 3) -> (H, W) or (F, H, W)
     """
-    if _is_palette(ds):
+    if _is_palette(header):
         raw = apply_color_lut(raw, ds)
-    if not _is_gray(ds):  # pydicom has already converted YBR to RGB
+    if not _is_gray(header):  # pydicom has already converted YBR to RGB
         return (raw.astype(np.float32) @ _LUMA_WEIGHTS).astype(np.float32)
-    return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+    return np.asarray(_modality(raw, ds, header), dtype=np.float32)
 
 
-def _stored_range(ds: Dataset) -> tuple[int, int]:
-    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
-    if int(ds.get("PixelRepresentation") or 0) == 1:
+def _modality(values: np.ndarray, ds: Dataset, header: dict[str, Any]) -> np.ndarray:
+    """The modality LUT (pydicom's table lookup) or rescale, as ``apply_modality_lut``.
+
+    The rescale is ``values * slope + intercept`` in float64 like pydicom's,
+    except in float32 when every result is an integer below 2**24, where both
+    are exact and therefore equal.
+    """
+    if header.get("ModalityLUTSequence"):
+        return apply_modality_lut(values, ds)
+    slope, intercept = header.get("RescaleSlope"), header.get("RescaleIntercept")
+    if slope is None or intercept is None or slope == "" or intercept == "":
+        return values
+    slope, intercept = float(slope), float(intercept)
+    if _float32_exact(values, slope, intercept):
+        return values.astype(np.float32) + np.float32(intercept)
+    return values.astype(np.float64) * slope + intercept
+
+
+def _float32_exact(values: np.ndarray, slope: float, intercept: float) -> bool:
+    small_ints = values.dtype.kind in "ui" and values.dtype.itemsize <= 2  # |x| <= 2**16
+    return (
+        small_ints
+        and slope == 1.0
+        and intercept.is_integer()
+        and abs(intercept) + (1 << 16) <= _FLOAT32_EXACT
+    )
+
+
+def _stored_range(header: dict[str, Any]) -> tuple[int, int]:
+    bits = int(header.get("BitsStored") or header.get("BitsAllocated") or 16)
+    if int(header.get("PixelRepresentation") or 0) == 1:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1
 
 
-def _inversion_sum(ds: Dataset) -> float:
+def _inversion_sum(ds: Dataset, header: dict[str, Any]) -> float:
     """lo + hi of the modality-LUT output range: ``lo + hi - x`` inverts within it.
 
     Taken from the header's bit depth rather than the image, so one scanner's
     files invert identically whatever each image contains.
     """
-    ends = np.asarray(apply_modality_lut(np.array(_stored_range(ds)), ds), dtype=np.float64)
+    ends = np.asarray(_modality(np.array(_stored_range(header)), ds, header), dtype=np.float64)
     return float(ends.min() + ends.max())
 
 
@@ -364,8 +461,9 @@ def _reduce_frames(pixels: np.ndarray, policy: str) -> np.ndarray:
 # ------------------------------------------------------------------ header values
 
 
-def _header_window(ds: Dataset) -> tuple[float, float] | None:
-    center, width = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
+def _header_window(header: dict[str, Any]) -> tuple[float, float] | None:
+    center = _first_number(header.get("WindowCenter"))
+    width = _first_number(header.get("WindowWidth"))
     if center is None or width is None or width <= 0:
         return None
     return center, width
@@ -379,11 +477,11 @@ def _first_number(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _header_lut(ds: Dataset) -> VoiLut:
+def _header_lut(ds: Dataset, header: dict[str, Any]) -> VoiLut:
     """The first VOI LUT of the header, looked up by pydicom over its whole input range."""
-    n, first, _bits = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
+    n, first, _bits = (int(v) for v in header["VOILUTSequence"][0].LUTDescriptor)
     n = n or 65536  # a descriptor count of 0 means 2**16 entries
-    if int(ds.get("PixelRepresentation") or 0) == 1 and first >= 1 << 15:
+    if int(header.get("PixelRepresentation") or 0) == 1 and first >= 1 << 15:
         first -= 1 << 16  # the first mapped value is signed for signed pixels
     table = np.asarray(apply_voi(np.arange(first, first + n), ds, index=0), dtype=np.float64)
     span = table.max() - table.min()
@@ -392,16 +490,16 @@ def _header_lut(ds: Dataset) -> VoiLut:
     return VoiLut(first=float(first), table=unit.astype(np.float32))
 
 
-def _spacing(ds: Dataset) -> tuple[float, float] | None:
+def _spacing(header: dict[str, Any]) -> tuple[float, float] | None:
     for name in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(name)
+        value = header.get(name)
         if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
             return float(value[0]), float(value[1])
     return None
 
 
-def _meta(ds: Dataset) -> dict[str, Any]:
-    meta = {name: _plain(ds.get(name)) for name in META_FIELDS}
+def _meta(header: dict[str, Any], ds: Dataset) -> dict[str, Any]:
+    meta = {name: _plain(header.get(name)) for name in META_FIELDS}
     uid = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     meta["TransferSyntaxUID"] = None if uid is None else str(uid)
     return meta
