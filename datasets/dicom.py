@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
@@ -238,7 +240,7 @@ class DicomReader:
     def read_meta(self, path: str | Path) -> dict[str, Any]:
         """``META_FIELDS`` of ``path`` from the header alone (pixel data is not read)."""
         ds = _dcmread(path, _META_TAGS, pixels=False)
-        return _meta(_header(ds, path), ds)
+        return _meta(_header(ds, path))
 
     def _image(self, raw: np.ndarray, ds: Dataset, header: dict[str, Any]) -> DicomImage:
         pixels = _physical(raw, ds, header)
@@ -248,7 +250,7 @@ class DicomReader:
             pixels, window, lut = flip - pixels, _flip_window(window, flip), _flip_lut(lut, flip)
         return DicomImage(
             pixels=_reduce_frames(pixels, self.frame_policy),
-            meta=_meta(header, ds),
+            meta=_meta(header),
             spacing=_spacing(header),
             window=window,
             voi_function=function,
@@ -289,7 +291,11 @@ def _check_window(window: str | tuple[float, float] | None) -> str | tuple[float
 
 def _dcmread(path: str | Path, tags: list[BaseTag], pixels: bool) -> Dataset:
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels, specific_tags=tags)
+        return pydicom.dcmread(
+            _whole_file(path) if pixels else path,
+            stop_before_pixels=not pixels,
+            specific_tags=tags,
+        )
     except InvalidDicomError:
         raise DicomReadError(
             f"{path}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
@@ -300,12 +306,38 @@ def _dcmread(path: str | Path, tags: list[BaseTag], pixels: bool) -> Dataset:
         raise DicomReadError(f"{path}: unreadable DICOM header ({_describe(err)})") from err
 
 
+def _whole_file(path: str | Path) -> io.BytesIO:
+    """The file in memory: parsing from bytes skips a buffered-file call per element.
+
+    Only for reads that need the pixel data, which is most of the file anyway.
+    """
+    with open(path, "rb") as f:
+        return io.BytesIO(f.read())
+
+
 def _header(ds: Dataset, path: str | Path) -> dict[str, Any]:
-    """keyword -> value of every element read except pixel data, each converted once."""
+    """keyword -> value of every element read except pixel data, plus the transfer syntax.
+
+    Each element is converted once by pydicom, without storing it back in ``ds``.
+    """
     try:
-        return {_HEADER_NAMES[tag]: ds[tag].value for tag in ds.keys() & _HEADER_NAMES.keys()}
+        encoding = ds.original_character_set
+        header = {
+            _HEADER_NAMES[tag]: _value(ds, tag, encoding)
+            for tag in ds.keys() & _HEADER_NAMES.keys()
+        }
     except Exception as err:  # pydicom raises many types on a malformed value
         raise DicomReadError(f"{path}: unreadable DICOM header ({_describe(err)})") from err
+    file_meta = getattr(ds, "file_meta", None)
+    header["TransferSyntaxUID"] = None if file_meta is None else file_meta.get("TransferSyntaxUID")
+    return header
+
+
+def _value(ds: Dataset, tag: BaseTag, encoding: str | list[str]) -> Any:
+    element = ds.get_item(tag)
+    if isinstance(element, RawDataElement):
+        element = convert_raw_data_element(element, encoding=encoding, ds=ds)
+    return element.value
 
 
 def _decode(ds: Dataset, header: dict[str, Any], path: str | Path) -> np.ndarray:
@@ -316,7 +348,7 @@ def _decode(ds: Dataset, header: dict[str, Any], path: str | Path) -> np.ndarray
         return ds.pixel_array if native is None else native
     except Exception as err:  # decoders raise ValueError, RuntimeError, NotImplementedError...
         raise DicomReadError(
-            f"{path}: pixel data cannot be decoded, transfer syntax {_syntax(ds)} "
+            f"{path}: pixel data cannot be decoded, transfer syntax {_syntax(header)} "
             f"({_describe(err)})"
         ) from err
 
@@ -345,9 +377,8 @@ def _native_pixels(ds: Dataset, header: dict[str, Any]) -> np.ndarray | None:
 
 
 def _is_native(ds: Dataset, header: dict[str, Any]) -> bool:
-    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     return (
-        syntax in _NATIVE_SYNTAXES
+        header.get("TransferSyntaxUID") in _NATIVE_SYNTAXES
         and _PIXEL_DATA_TAG_IDS[0] in ds
         and header.get("PhotometricInterpretation") in _NATIVE_PHOTOMETRIC
         and (header.get("SamplesPerPixel") or 1) == 1
@@ -355,8 +386,8 @@ def _is_native(ds: Dataset, header: dict[str, Any]) -> bool:
     )
 
 
-def _syntax(ds: Dataset) -> str:
-    uid = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+def _syntax(header: dict[str, Any]) -> str:
+    uid = header.get("TransferSyntaxUID")
     return f"{uid.name} ({uid})" if uid else "unknown"
 
 
@@ -498,11 +529,8 @@ def _spacing(header: dict[str, Any]) -> tuple[float, float] | None:
     return None
 
 
-def _meta(header: dict[str, Any], ds: Dataset) -> dict[str, Any]:
-    meta = {name: _plain(header.get(name)) for name in META_FIELDS}
-    uid = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
-    meta["TransferSyntaxUID"] = None if uid is None else str(uid)
-    return meta
+def _meta(header: dict[str, Any]) -> dict[str, Any]:
+    return {name: _plain(header.get(name)) for name in META_FIELDS}
 
 
 def _plain(value: Any) -> Any:
