@@ -356,9 +356,10 @@ def _decode(ds: Dataset, header: dict[str, Any], path: str | Path) -> np.ndarray
 def _native_pixels(ds: Dataset, header: dict[str, Any]) -> np.ndarray | None:
     """Uncompressed little-endian monochrome pixels read straight from the buffer.
 
-    None when pydicom's decoder must do it: another transfer syntax, colour,
-    packed or masked bits, or a buffer whose length does not match the header
-    (pydicom then reports the problem).
+    Bits above BitsStored are cleared (sign-extended when signed) by a shift
+    left and back, as pydicom's native decoder does. None when pydicom's decoder
+    must do it: another transfer syntax, colour, packed bits, or a buffer whose
+    length does not match the header (pydicom then reports the problem).
 
     Shapes:
         -> (H, W), or (F, H, W) when NumberOfFrames > 1
@@ -373,7 +374,9 @@ def _native_pixels(ds: Dataset, header: dict[str, Any]) -> np.ndarray | None:
     data = ds[_PIXEL_DATA_TAG_IDS[0]].value
     if len(data) not in (count * dtype.itemsize, count * dtype.itemsize + 1):  # + even padding
         return None
-    return np.frombuffer(data, dtype, count).reshape(shape)
+    stored = np.frombuffer(data, dtype, count).reshape(shape)
+    unused = bits - header["BitsStored"]
+    return (stored << unused) >> unused if unused else stored
 
 
 def _is_native(ds: Dataset, header: dict[str, Any]) -> bool:
@@ -382,7 +385,7 @@ def _is_native(ds: Dataset, header: dict[str, Any]) -> bool:
         and _PIXEL_DATA_TAG_IDS[0] in ds
         and header.get("PhotometricInterpretation") in _NATIVE_PHOTOMETRIC
         and (header.get("SamplesPerPixel") or 1) == 1
-        and header.get("BitsStored") == header.get("BitsAllocated")
+        and 1 <= (header.get("BitsStored") or 0) <= (header.get("BitsAllocated") or 0)
     )
 
 
