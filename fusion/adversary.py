@@ -5,7 +5,9 @@ Networks"): heads predict scanner site and genetic ancestry from the fused
 representation; between the representation and the heads sits a layer that is
 the identity forward and multiplies the gradient by ``-lambda`` backward, so one
 loss trains the heads to predict the confound and the encoders to hide it.
-``lambda`` ramps up over training: ``lambda(p) = lambda_max * (2 / (1 + exp(-gamma p)) - 1)``.
+``lambda`` ramps up over training: ``lambda(p) = lambda_max * (2 / (1 + exp(-gamma p)) - 1)``,
+with ``p`` the fraction of the whole run, or of the first ``ramp_epochs`` epochs when set
+(``ramp_progress``).
 
 Correlation mode (after BR-Net, Adeli et al. 2021, "Representation learning with
 statistical independence to mitigate bias"): a linear projection of the
@@ -60,6 +62,34 @@ def grad_reverse(x: Tensor, lambd: float = 1.0) -> Tensor:
     return GradientReversal.apply(x, lambd)
 
 
+def ramp_progress(
+    step: int, total_steps: float, max_epochs: int, ramp_epochs: float | None = None
+) -> float:
+    """Progress ``p`` of the DANN ramp after ``step`` optimiser steps, in [0, 1].
+
+    Args:
+        step: optimiser steps taken so far (``global_step``).
+        total_steps: optimiser steps of the whole run (``max_epochs`` epochs).
+        max_epochs: epochs of the whole run.
+        ramp_epochs: epochs over which ``p`` goes from 0 to 1 (None = the whole run).
+            ``lambda`` then reaches ``lambda_max * tanh(gamma / 2)`` after that many
+            epochs, whatever ``max_epochs`` is.
+
+    Returns:
+        ``step / span`` clipped to [0, 1]; 1.0 when the run length is unknown.
+    """
+    if ramp_epochs is not None and ramp_epochs <= 0:
+        raise ValueError(f"model.adversary.ramp_epochs must be > 0, got {ramp_epochs}")
+    if not total_steps or math.isinf(total_steps):
+        return 1.0
+    span = float(total_steps)
+    if ramp_epochs is not None:
+        if max_epochs <= 0:  # a run bounded by steps, not epochs: no epoch length
+            return 1.0
+        span = total_steps * ramp_epochs / max_epochs
+    return min(1.0, step / span)
+
+
 def dann_lambda(progress: float, lambda_max: float = 1.0, gamma: float = 10.0) -> float:
     """The DANN ramp: 0 at progress 0, ``lambda_max * tanh(gamma / 2)`` at progress 1.
 
@@ -89,6 +119,10 @@ class AdversaryConfig:
         on_modalities: also attach heads to each modality embedding.
         lambda_max: maximal gradient-reversal strength.
         gamma: steepness of the DANN ramp.
+        ramp_epochs: epochs over which lambda ramps up to ~lambda_max (None = over
+            all ``optim.max_epochs``). When set, model selection (best checkpoint,
+            early stopping) ignores the epochs before the ramp completes
+            (``training.run.selection_start``).
         weight: weight of the adversary loss in the training loss.
         erase: categorical confounds to erase linearly from the fused representation
             after training (LEACE, ``fusion/erasure.py``), e.g. ``[site, ancestry]``;
@@ -111,6 +145,7 @@ class AdversaryConfig:
     on_modalities: bool = False
     lambda_max: float = 1.0
     gamma: float = 10.0
+    ramp_epochs: float | None = None
     weight: float = 1.0
     erase: list[str] = field(default_factory=list)
     erase_ridge: float = 1e-3
