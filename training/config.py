@@ -25,6 +25,11 @@ class OptimConfig:
             ``class_weight``) or "focal" (Lin et al. 2017, ``focal_gamma``).
         lr: base learning rate; encoders scale it per layer group.
         monitor: metric for early stopping and the best checkpoint.
+        select_from_epoch: the first epoch (0-based) that can become the best
+            checkpoint or count towards early stopping; earlier epochs still train
+            and write ``last.ckpt``. A confound adversary with
+            ``model.adversary.ramp_epochs`` raises it to the first epoch trained
+            entirely at full strength (``training.run.selection_start``).
         precision: Lightning precision flag ("32-true"; "16-mixed"/"bf16-mixed" on GPUs).
         accelerator: "auto", "cpu" or "gpu".
     """
@@ -37,6 +42,7 @@ class OptimConfig:
     max_epochs: int = 20
     patience: int = 5
     monitor: str = "val_auroc"
+    select_from_epoch: int = 0
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
     precision: str = "32-true"

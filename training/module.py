@@ -5,10 +5,18 @@ Loss per step::
     L = risk_loss(logit, label) + adversary_loss(site, ancestry) + model.regularization_loss()
 
 where the adversary's gradient reaches the representation through gradient
-reversal scaled by the DANN schedule lambda(p), p = training progress in [0, 1].
+reversal scaled by the DANN schedule lambda(p), p = training progress in [0, 1]
+(over the whole run, or over ``model.adversary.ramp_epochs`` epochs when set).
 With ``model.adversary.head_steps > 1`` the adversary heads first take extra
 head-only updates on the detached representation of the batch.
 Sparse-group-lasso proximal updates run after every optimiser step.
+
+Validation logs, besides ``val_loss`` and ``val_auroc``, how well each categorical
+adversary head on the fused representation reads its confound on the tuning split
+(``val_adv_site_acc``) next to the majority rate there (``val_adv_site_majority``).
+The head is trained with the model, so this is a lower bound of what a fresh probe
+reads (the audit is the real check), but a head well above the majority rate says
+the confound is still encoded.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from torch import Tensor
 from clinfuse.config import from_dict, to_dict
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.evaluation.metrics import auroc
+from clinfuse.fusion.adversary import ramp_progress
 from clinfuse.fusion.model import ModelConfig, build_model
 from clinfuse.training.config import OptimConfig
 
@@ -49,6 +58,7 @@ class RiskModule(L.LightningModule):
         self._head_optimizer: torch.optim.Optimizer | None = None
         self._val_logits: list[Tensor] = []
         self._val_labels: list[Tensor] = []
+        self._val_confounds: dict[str, list[tuple[Tensor, Tensor]]] = {}
 
     @classmethod
     def create(
@@ -102,6 +112,7 @@ class RiskModule(L.LightningModule):
         out = self.model(batch)
         self._val_logits.append(out["logit"].detach().float().cpu())
         self._val_labels.append(batch["label"].detach().float().cpu())
+        self._collect_confound_predictions(out, batch)
         loss = self._risk_loss(out["logit"], batch["label"])
         self.log("val_loss", loss, on_epoch=True, batch_size=batch["label"].shape[0])
 
@@ -115,6 +126,31 @@ class RiskModule(L.LightningModule):
         value = auroc(labels, logits)
         # An undefined AUROC (one class in the tuning split) must not win early stopping.
         self.log("val_auroc", 0.0 if np.isnan(value) else value, prog_bar=True)
+        self._log_confound_accuracy()
+
+    def _collect_confound_predictions(self, out: dict[str, Any], batch: dict[str, Any]) -> None:
+        """Keeps each categorical fused-representation head's class guesses and labels."""
+        adversary = self.model.adversary
+        if adversary is None or adversary.mode == "correlation":
+            return
+        for name, kind in adversary.kinds.items():
+            logits = out["adversary_logits"].get(name)  # (B, K)
+            if kind != "categorical" or logits is None or name not in batch["confounds"]:
+                continue
+            guess = logits.detach().argmax(dim=-1).cpu()  # (B,)
+            target = batch["confounds"][name].detach().cpu()  # (B,)
+            self._val_confounds.setdefault(name, []).append((guess, target))
+
+    def _log_confound_accuracy(self) -> None:
+        """Logs ``val_adv_<confound>_acc`` and ``val_adv_<confound>_majority``."""
+        for name, pairs in self._val_confounds.items():
+            accuracy, majority = confound_accuracy(
+                torch.cat([g for g, _ in pairs]), torch.cat([t for _, t in pairs])
+            )
+            if not np.isnan(accuracy):
+                self.log(f"val_adv_{name}_acc", accuracy)
+                self.log(f"val_adv_{name}_majority", majority)
+        self._val_confounds.clear()
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         # Dropout, modality dropout and augmentation draw from the global RNG. Seeding
@@ -149,10 +185,36 @@ class RiskModule(L.LightningModule):
         raise ValueError(f"optim.loss must be 'bce' or 'focal', got {self.optim.loss!r}")
 
     def _progress(self) -> float:
-        total = self.trainer.estimated_stepping_batches if self.trainer else 0
-        if not total or total == float("inf"):
+        """Progress of the adversary's ramp (``fusion.adversary.ramp_progress``)."""
+        if not self.trainer:
             return 1.0
-        return min(1.0, self.global_step / float(total))
+        return ramp_progress(
+            self.global_step,
+            self.trainer.estimated_stepping_batches,
+            self.trainer.max_epochs or 0,
+            self.model.adversary_cfg.ramp_epochs,
+        )
+
+
+def confound_accuracy(guess: Tensor, target: Tensor) -> tuple[float, float]:
+    """Accuracy of class guesses and the majority rate, over rows with a known label.
+
+    Args:
+        guess: predicted classes; target: true classes, -1 = unknown.
+
+    Returns:
+        ``(accuracy, majority_rate)``; both NaN when no label is known.
+
+    Shapes:
+        guess, target: (N,)
+    """
+    known = target >= 0
+    if not bool(known.any()):
+        return float("nan"), float("nan")
+    guess, target = guess[known], target[known]
+    accuracy = (guess == target).float().mean().item()
+    majority = torch.bincount(target).max().item() / target.numel()
+    return accuracy, majority
 
 
 def _focal_loss(logit: Tensor, label: Tensor, gamma: float, pos_weight: Tensor | None) -> Tensor:

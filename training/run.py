@@ -235,20 +235,13 @@ def build_trainer(
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Lightning Trainer of a run: checkpoints, early stopping, CSV + TensorBoard logs.
 
-    ``extra_callbacks`` (e.g. Ray Tune's reporting callback) are appended;
-    ``overrides`` replace Trainer arguments.
+    Epochs before ``selection_start(cfg)`` neither become the best checkpoint nor
+    count towards early stopping. ``extra_callbacks`` (e.g. Ray Tune's reporting
+    callback) are appended; ``overrides`` replace Trainer arguments.
     """
     o = cfg.optim
-    checkpoint = ModelCheckpoint(
-        dirpath=run / "checkpoints", filename="best", monitor=o.monitor, mode="max",
-        save_last=True, save_top_k=1,
-    )  # fmt: skip
-    callbacks = [
-        checkpoint,
-        EarlyStopping(o.monitor, mode="max", patience=o.patience),
-        GradualUnfreezing(),
-        *(extra_callbacks or []),
-    ]
+    checkpoint, stopping = _selection_callbacks(o, selection_start(cfg), run / "checkpoints")
+    callbacks = [checkpoint, stopping, GradualUnfreezing(), *(extra_callbacks or [])]
     loggers = [
         CSVLogger(run, name="logs", version=""),
         TensorBoardLogger(run, name="logs", version="tensorboard"),
@@ -270,6 +263,68 @@ def build_trainer(
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs), checkpoint
+
+
+def selection_start(cfg: RunConfig) -> int:
+    """The first epoch that model selection (best checkpoint, early stopping) considers.
+
+    ``optim.select_from_epoch``, raised, when an enabled adversary ramps over
+    ``model.adversary.ramp_epochs`` epochs, to ``ceil(ramp_epochs)``: the first epoch
+    trained entirely at full gradient-reversal (or confusion) strength. Otherwise
+    validation AUROC, which the adversary lowers while it ramps up, picks weights
+    from before the adversary acted.
+    """
+    adversary = cfg.model.adversary
+    start = max(int(cfg.optim.select_from_epoch), 0)
+    if adversary.enabled and adversary.ramp_epochs is not None:
+        start = max(start, math.ceil(adversary.ramp_epochs))
+    return start
+
+
+class LateCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose best model is chosen among epochs ``>= start`` only.
+
+    Earlier epochs still write ``last.ckpt`` (so a run killed during them resumes).
+    """
+
+    def __init__(self, *args: Any, start: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = start
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        if trainer.current_epoch >= self.start:
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+        else:
+            self._save_last_checkpoint(trainer, monitor_candidates)
+
+
+class LateEarlyStopping(EarlyStopping):
+    """``EarlyStopping`` that starts counting at epoch ``start``."""
+
+    def __init__(self, *args: Any, start: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = start
+
+    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+        if trainer.current_epoch >= self.start:
+            super()._run_early_stopping_check(trainer)
+
+
+def _selection_callbacks(
+    o: OptimConfig, start: int, dirpath: Path
+) -> tuple[ModelCheckpoint, EarlyStopping]:
+    """Best-checkpoint and early-stopping callbacks; the stock ones when ``start`` is 0."""
+    ckpt_kwargs: dict[str, Any] = dict(
+        dirpath=dirpath, filename="best", monitor=o.monitor, mode="max", save_last=True,
+        save_top_k=1,
+    )  # fmt: skip
+    if start <= 0:
+        stopping = EarlyStopping(o.monitor, mode="max", patience=o.patience)
+        return ModelCheckpoint(**ckpt_kwargs), stopping
+    return (
+        LateCheckpoint(**ckpt_kwargs, start=start),
+        LateEarlyStopping(o.monitor, mode="max", patience=o.patience, start=start),
+    )
 
 
 def export_artifact(
