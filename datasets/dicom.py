@@ -104,8 +104,18 @@ _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.60
 _READ_TAGS: list[BaseTag] = sorted({Tag(name) for name in (*_PIXEL_TAGS, *META_FIELDS)})
 _META_TAGS: list[BaseTag] = sorted({Tag(name) for name in META_FIELDS})
 _PIXEL_DATA_TAG_IDS: tuple[BaseTag, ...] = tuple(Tag(name) for name in _PIXEL_DATA_TAGS)
+# Read for pydicom's decoders and LUT functions, never looked at by this module.
+_DECODER_ONLY: tuple[str, ...] = (
+    *_PIXEL_DATA_TAGS,
+    *_PALETTE_TAGS,
+    "PlanarConfiguration",
+    "HighBit",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "RescaleType",
+)
 _HEADER_NAMES: dict[BaseTag, str] = {
-    Tag(name): name for name in (*_PIXEL_TAGS, *META_FIELDS) if name not in _PIXEL_DATA_TAGS
+    Tag(name): name for name in (*_PIXEL_TAGS, *META_FIELDS) if name not in _DECODER_ONLY
 }
 # Uncompressed little-endian monochrome pixel data is the stored integers as they are.
 _NATIVE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
@@ -319,7 +329,7 @@ def _in_memory(path: str | Path) -> io.BytesIO | str | Path:
 
 
 def _header(ds: Dataset, path: str | Path) -> dict[str, Any]:
-    """keyword -> value of every element read except pixel data, plus the transfer syntax.
+    """keyword -> value of the elements this module uses, plus the transfer syntax.
 
     Each element is converted once by pydicom, without storing it back in ``ds``.
     """
