@@ -7,6 +7,10 @@ bright means dense for every file, and reduces multi-frame data by a frame
 policy. The display window (VOI LUT, header window, a CT preset or an explicit
 (center, width)) is kept beside the pixels and applied by ``DicomImage.to_unit``.
 
+Uncompressed little-endian monochrome pixel data, the common case, is taken
+straight from the buffer and rescaled here (bit for bit what pydicom's decoder and
+``apply_modality_lut`` give); everything else goes through pydicom's decoders.
+
 Only the elements listed in ``_PIXEL_TAGS`` and ``META_FIELDS`` are ever parsed
 (pydicom ``specific_tags``): patient identifiers such as PatientName, PatientID or
 PatientBirthDate are never read, so they cannot reach the metadata, a message or a
