@@ -33,13 +33,18 @@ def _epoch_of(ckpt: Path) -> int | None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tiny_cohort, tmp_path):
+# With the adversary's ramp over 2 epochs, the kill lands in an epoch that model
+# selection skips (it still writes last.ckpt).
+@pytest.mark.parametrize("extra", [[], ["model.adversary.ramp_epochs=2"]], ids=["plain", "ramp"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_cohort, tmp_path, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
-    subprocess.run(_train_cmd(tiny_cohort, reference), check=True, env=env, capture_output=True)
+    subprocess.run(
+        _train_cmd(tiny_cohort, reference, *extra), check=True, env=env, capture_output=True
+    )
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(tiny_cohort, killed), env=env,
+    proc = subprocess.Popen(_train_cmd(tiny_cohort, killed, *extra), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     last = killed / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
@@ -54,7 +59,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_cohort, tmp_path):
     assert _epoch_of(last) is not None and _epoch_of(last) < 3
 
     subprocess.run(
-        _train_cmd(tiny_cohort, killed, "--resume"), check=True, env=env, capture_output=True
+        _train_cmd(tiny_cohort, killed, "--resume", *extra),
+        check=True,
+        env=env,
+        capture_output=True,
     )
     ref = json.loads((reference / "summary.json").read_text())
     res = json.loads((killed / "summary.json").read_text())
@@ -63,3 +71,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_cohort, tmp_path):
     assert res["model_id"] == ref["model_id"]  # bit-identical exported weights
     # The epochs logged before the kill are kept beside the resumed log.
     assert (killed / "logs" / "metrics-before-resume-1.csv").is_file()
+    if extra:  # the best model is one trained at full adversary strength, in both runs
+        assert _epoch_of(killed / "checkpoints" / "best.ckpt") >= 2
+        assert _epoch_of(reference / "checkpoints" / "best.ckpt") >= 2
