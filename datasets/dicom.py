@@ -198,16 +198,24 @@ def apply_window(
     LINEAR: ``((x - (c - 0.5)) / (w - 1) + 0.5)`` clipped; LINEAR_EXACT:
     ``(x - c) / w + 0.5`` clipped; SIGMOID: ``1 / (1 + exp(-4 (x - c) / w))``.
     """
-    x = np.asarray(values, dtype=np.float64)
     if function == "SIGMOID":
-        out = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+        out = 1.0 / (1.0 + np.exp(-4.0 * _shifted(values, center) / width))
     elif function == "LINEAR_EXACT":
-        out = (x - center) / width + 0.5
+        out = _shifted(values, center)
+        out /= width
+        out += 0.5
     elif width <= 1.0:  # LINEAR with width 1 is a step at the center
-        out = (x > center - 0.5).astype(np.float64)
+        out = (np.asarray(values, dtype=np.float64) > center - 0.5).astype(np.float64)
     else:
-        out = (x - (center - 0.5)) / (width - 1.0) + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+        out = _shifted(values, center - 0.5)
+        out /= width - 1.0
+        out += 0.5
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32)
+
+
+def _shifted(values: np.ndarray, offset: float) -> np.ndarray:
+    """``values - offset`` as a new float64 array (the window math runs in place on it)."""
+    return np.subtract(values, offset, dtype=np.float64)
 
 
 def percentile_scale(values: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -393,7 +401,10 @@ def _native_pixels(ds: Dataset, header: dict[str, Any]) -> np.ndarray | None:
         return None
     stored = np.frombuffer(data, dtype, count).reshape(shape)
     unused = bits - header["BitsStored"]
-    return (stored << unused) >> unused if unused else stored
+    if unused:
+        stored = stored << unused  # a writable copy
+        np.right_shift(stored, unused, out=stored)
+    return stored
 
 
 def _is_native(ds: Dataset, header: dict[str, Any]) -> bool:

@@ -23,7 +23,7 @@ from pydicom.uid import (
 )
 
 import clinfuse  # noqa: F401  (compat shim first)
-from clinfuse.datasets.dicom import DicomReader, DicomReadError
+from clinfuse.datasets.dicom import DicomReader, DicomReadError, apply_window
 
 pytestmark = pytest.mark.filterwarnings("ignore:Expected explicit VR:UserWarning")
 
@@ -148,3 +148,21 @@ def test_malformed_header_value_names_the_file():
     """badVR.dcm: NumberOfFrames '1A' is not an integer."""
     with pytest.raises(DicomReadError, match=r"badVR\.dcm"):
         DicomReader().read(_testdata("badVR.dcm"))
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("dtype", ["float32", "int16", "float64"])
+def test_apply_window_equals_the_float64_formulas(function, dtype):
+    """The window math runs in place on one float64 array: same values as the formulas."""
+    x = np.linspace(-1500.0, 1500.0, 3001).astype(dtype)
+    center, width = 40.5, 401.0
+    f = x.astype(np.float64)
+    expected = {
+        "LINEAR": (f - (center - 0.5)) / (width - 1.0) + 0.5,
+        "LINEAR_EXACT": (f - center) / width + 0.5,
+        "SIGMOID": 1.0 / (1.0 + np.exp(-4.0 * (f - center) / width)),
+    }[function]
+    out = apply_window(x, center, width, function=function)
+    np.testing.assert_array_equal(out, np.clip(expected, 0.0, 1.0).astype(np.float32), strict=True)
+    if function != "SIGMOID":  # the ramp and both clips are hit
+        assert out.min() == 0.0 and out.max() == 1.0 and 0.0 < np.mean(out == 0.0) < 0.5
