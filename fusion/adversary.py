@@ -116,6 +116,10 @@ class AdversaryConfig:
         continuous: continuous confounds (e.g. ancestry PCs) -> width K, read
             from ``batch["confounds"][name]`` as (B, K) floats, fitted with MSE.
         hidden: hidden width of the adversarial heads (0 = linear).
+        standardize: each head first standardizes its input (batch statistics in
+            training, running ones in evaluation), as the audit's probes do: a head
+            on raw features barely sees a confound carried by low-variance
+            directions, which a probe on standardized features reads.
         on_modalities: also attach heads to each modality embedding.
         lambda_max: maximal gradient-reversal strength.
         gamma: steepness of the DANN ramp.
@@ -142,6 +146,7 @@ class AdversaryConfig:
     confounds: list[str] = field(default_factory=lambda: ["site", "ancestry"])
     continuous: dict[str, int] = field(default_factory=dict)
     hidden: int = 64
+    standardize: bool = False
     on_modalities: bool = False
     lambda_max: float = 1.0
     gamma: float = 10.0
@@ -162,7 +167,8 @@ class ConfoundAdversary(nn.Module):
         continuous: continuous confound -> width K.
         modality_dims: modality -> embedding width, to attach per-modality heads.
         hidden: hidden width of each head (0 = linear; correlation mode is always linear).
-        mode: "adversarial" or "correlation".
+        mode: "adversarial", "confusion" or "correlation".
+        standardize: standardize each head's input (``Standardize``).
 
     Attributes:
         lambd: current gradient-reversal strength (set by the model's schedule).
@@ -180,6 +186,7 @@ class ConfoundAdversary(nn.Module):
         modality_dims: dict[str, int] | None = None,
         hidden: int = 64,
         mode: str = "adversarial",
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -195,7 +202,7 @@ class ConfoundAdversary(nn.Module):
         sources = {"": in_dim, **{f"{m}/": d for m, d in (modality_dims or {}).items()}}
         self.heads = nn.ModuleDict(
             {
-                _key(prefix, name): _head(dim, hidden, k)
+                _key(prefix, name): _head(dim, hidden, k, standardize)
                 for prefix, dim in sources.items()
                 for name, k in widths.items()
             }
@@ -324,7 +331,9 @@ def build_adversary(
     if not cfg.enabled or not (classes or cfg.continuous):
         return None
     dims = modality_dims if cfg.on_modalities else None
-    return ConfoundAdversary(in_dim, classes, cfg.continuous, dims, cfg.hidden, cfg.mode)
+    return ConfoundAdversary(
+        in_dim, classes, cfg.continuous, dims, cfg.hidden, cfg.mode, cfg.standardize
+    )
 
 
 def _keep(key: str, pred: Tensor, present: dict[str, Tensor] | None) -> Tensor:
@@ -338,10 +347,40 @@ def _key(prefix: str, name: str) -> str:
     return f"{prefix}{name}"
 
 
-def _head(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+class Standardize(nn.Module):
+    """Per-feature standardization without learned scale or shift.
+
+    In training it uses the batch's mean and variance (gradients flow through
+    them) and updates running estimates; in evaluation, or for a batch of one
+    row, it uses the running estimates.
+
+    Shapes:
+        x: (B, D) -> (B, D)
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or x.shape[0] < 2:
+            return (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+        mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)  # (D,)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach(), self.momentum)
+        return (x - mean) / torch.sqrt(var + self.eps)
+
+
+def _head(in_dim: int, hidden: int, out_dim: int, standardize: bool = False) -> nn.Module:
+    layers: list[nn.Module] = [Standardize(in_dim)] if standardize else []
     if hidden <= 0:
-        return nn.Linear(in_dim, out_dim)
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+        layers.append(nn.Linear(in_dim, out_dim))
+    else:
+        layers += [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)]
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
 def _device_of(predictions: dict[str, Tensor]) -> torch.device:
