@@ -19,8 +19,9 @@ Optuna (TPE, define-by-run over the conditional space) proposes trials, at most
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,23 @@ def make_trainable(base: dict[str, Any], dm: CohortDataModule, opts: SweepOption
 
     trainable = tune.with_parameters(train_fn, base_cfg=base, data=dm)
     return tune.with_resources(trainable, {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
+
+
+def asha_grace_period(requested: int, base: dict[str, Any], max_epochs: int) -> int:
+    """ASHA's grace period, at least past the epochs that model selection ignores.
+
+    While an adversary ramps up (``model.adversary.ramp_epochs``) validation AUROC is
+    lowered on purpose, and training keeps no checkpoint from those epochs
+    (``optim.select_from_epoch``, ``training.run.selection_start``). ASHA must not
+    compare trials there either: it would stop exactly the trials whose adversary acts.
+    A trial that enables the adversary in the search space counts, so the base
+    config's ramp applies whether or not the base enables it.
+    """
+    ramp = (base.get("model", {}).get("adversary") or {}).get("ramp_epochs")
+    start = int((base.get("optim") or {}).get("select_from_epoch") or 0)
+    if ramp is not None:
+        start = max(start, math.ceil(float(ramp)))
+    return min(max(requested, start + 1), max(max_epochs, 1))
 
 
 def make_tuner(trainable: Any, max_epochs: int, opts: SweepOptions) -> Any:
@@ -376,7 +394,8 @@ def run_sweep(
     if resume:
         tuner = restore_tuner(experiment_path(opts), trainable)
     else:
-        tuner = make_tuner(trainable, max_epochs, opts)
+        grace = asha_grace_period(opts.grace_period, base, max_epochs)
+        tuner = make_tuner(trainable, max_epochs, replace(opts, grace_period=grace))
     return _finish(tuner.fit(), base, dm, out, max_epochs)
 
 

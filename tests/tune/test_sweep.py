@@ -306,3 +306,17 @@ def test_killed_sweep_resumes_with_every_trial_once(cohort: Path, tmp_path: Path
     trial_dirs = [p for p in experiment.iterdir() if p.is_dir() and p.name.startswith("train_fn")]
     assert len(trial_dirs) == 4
     assert (out / "best" / "model" / "artifact.json").is_file()
+
+
+def test_asha_waits_until_the_adversary_ramp_is_over():
+    from clinfuse.tune.sweep import asha_grace_period
+
+    ramped = {"model": {"adversary": {"ramp_epochs": 2.5}}, "optim": {}}
+    # Epochs 0-2 are ramp epochs (selection starts at epoch 3 = the 4th reported iteration).
+    assert asha_grace_period(1, ramped, max_epochs=10) == 4
+    assert asha_grace_period(6, ramped, max_epochs=10) == 6  # a longer request stands
+    assert asha_grace_period(1, ramped, max_epochs=3) == 3  # never past max_t
+    later = {"model": {"adversary": {}}, "optim": {"select_from_epoch": 2}}
+    assert asha_grace_period(1, later, max_epochs=10) == 3
+    plain = {"model": {"adversary": {"ramp_epochs": None}}, "optim": {"select_from_epoch": 0}}
+    assert asha_grace_period(1, plain, max_epochs=10) == 1
