@@ -90,8 +90,20 @@ def scan_events(cohort_dir: str | Path, subject_ids: pl.Series | None = None) ->
         pl.col("numeric_value").cast(pl.Float32),
     )
     if subject_ids is not None:
+        lazy = in_subject_range(lazy, subject_ids)
         lazy = lazy.filter(pl.col("subject_id").is_in(subject_ids.unique().implode()))
     return lazy
+
+
+def in_subject_range(lazy: pl.LazyFrame, subject_ids: pl.Series) -> pl.LazyFrame:
+    """``lazy`` restricted to the subject_id range of ``subject_ids``.
+
+    A range predicate reaches the Parquet reader, whose row-group statistics then
+    skip the other subjects' rows (an ``is_in`` filter alone reads every row group:
+    reading a chunk of subjects would read the whole table).
+    """
+    lo, hi = subject_ids.min(), subject_ids.max()
+    return lazy.filter(pl.col("subject_id").cast(pl.Int64).is_between(lo, hi))
 
 
 def latest_images(cohort_dir: str | Path, samples: pl.DataFrame) -> pl.DataFrame:
@@ -251,7 +263,8 @@ def _genotype_table(genotypes: pl.LazyFrame, samples: pl.DataFrame, markers: lis
     ]
     wanted = samples["subject_id"].unique().implode()
     calls = (
-        genotypes.filter(pl.col("subject_id").is_in(wanted))
+        in_subject_range(genotypes, samples["subject_id"])
+        .filter(pl.col("subject_id").is_in(wanted))
         .select(pl.col("subject_id").cast(pl.Int64), *columns)
         .with_columns(_has_genotype=pl.lit(True))
     ).collect()

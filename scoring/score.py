@@ -667,8 +667,7 @@ class ChunkScorer:
 
     def _read_inputs(self, samples: pl.DataFrame) -> _ChunkInputs:
         with naming_file(self.cohort_dir, EVENTS):
-            lazy = scan_events(self.cohort_dir, samples["subject_id"])
-            events = _in_subject_range(lazy, samples["subject_id"]).collect()
+            events = scan_events(self.cohort_dir, samples["subject_id"]).collect()
         windowed = window_events(events, samples, self.spec.window_hours).collect()
         with naming_file(self.cohort_dir, IMAGES):
             images = latest_images(self.cohort_dir, samples)
@@ -699,9 +698,7 @@ class ChunkScorer:
     def _batch(self, samples: pl.DataFrame, inputs: _ChunkInputs) -> dict[str, Any]:
         obs = channel_observations(inputs.windowed.lazy(), self.spec)
         batch: dict[str, Any] = pad_observations(obs, samples.height, self.spec)
-        genotypes = None
-        if self.has_genotypes:
-            genotypes = _in_subject_range(scan(self.cohort_dir, GENOTYPES), samples["subject_id"])
+        genotypes = scan(self.cohort_dir, GENOTYPES) if self.has_genotypes else None
         with naming_file(self.cohort_dir, GENOTYPES):
             batch.update(genotype_tensors(genotypes, samples, self.spec.markers))
         batch.update(sample_tensors(samples, self.spec.sites, self.spec.ancestries))
@@ -821,17 +818,6 @@ def flag_lists(marks: dict[str, np.ndarray]) -> pl.Series:
     table = pl.DataFrame({name: np.asarray(hit, dtype=bool) for name, hit in marks.items()})
     named = [pl.when(pl.col(name)).then(pl.lit(name)) for name in marks]
     return table.select(pl.concat_list(named).list.drop_nulls().alias("flags")).to_series()
-
-
-def _in_subject_range(lazy: pl.LazyFrame, subject_ids: pl.Series) -> pl.LazyFrame:
-    """``lazy`` restricted to the chunk's subject_id range.
-
-    A range predicate reaches the Parquet reader, whose row-group statistics then
-    skip the other subjects' rows (an ``is_in`` filter alone reads every row group:
-    each chunk would read the whole table, O(cohort) per chunk).
-    """
-    lo, hi = subject_ids.min(), subject_ids.max()
-    return lazy.filter(pl.col("subject_id").cast(pl.Int64).is_between(lo, hi))
 
 
 def _set_embedding_cache(model: torch.nn.Module, cache_dir: str | Path | None) -> None:
