@@ -275,9 +275,15 @@ def selection_start(cfg: RunConfig) -> int:
     from before the adversary acted.
     """
     adversary = cfg.model.adversary
-    start = max(int(cfg.optim.select_from_epoch), 0)
-    if adversary.enabled and adversary.ramp_epochs is not None:
-        start = max(start, math.ceil(adversary.ramp_epochs))
+    ramp = adversary.ramp_epochs if adversary.enabled else None
+    return first_selected_epoch(cfg.optim.select_from_epoch, ramp)
+
+
+def first_selected_epoch(select_from_epoch: int, ramp_epochs: float | None) -> int:
+    """``select_from_epoch``, raised to ``ceil(ramp_epochs)`` when a ramp is given."""
+    start = max(int(select_from_epoch), 0)
+    if ramp_epochs is not None:
+        start = max(start, math.ceil(ramp_epochs))
     return start
 
 

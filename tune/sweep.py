@@ -19,7 +19,6 @@ Optuna (TPE, define-by-run over the conditional space) proposes trials, at most
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from clinfuse.datasets.schema import SPLITS
 from clinfuse.encoders import create_encoder
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
-from clinfuse.training.run import export_artifact
+from clinfuse.training.run import export_artifact, first_selected_epoch
 from clinfuse.tune.space import define_by_run, get_space, plain_paths
 from clinfuse.tune.trainable import BACKBONE_METRIC, METRIC, first_conv, train_fn, trial_config
 
@@ -180,9 +179,7 @@ def asha_grace_period(requested: int, base: dict[str, Any], max_epochs: int) -> 
     config's ramp applies whether or not the base enables it.
     """
     ramp = (base.get("model", {}).get("adversary") or {}).get("ramp_epochs")
-    start = int((base.get("optim") or {}).get("select_from_epoch") or 0)
-    if ramp is not None:
-        start = max(start, math.ceil(float(ramp)))
+    start = first_selected_epoch((base.get("optim") or {}).get("select_from_epoch") or 0, ramp)
     return min(max(requested, start + 1), max(max_epochs, 1))
 
 
