@@ -82,3 +82,15 @@ def test_scoring_path_goes_through_the_eraser(erased_run, tiny_cohort):
 
 def _kept(model, embeddings, tokens):
     return embeddings, tokens if model.fusion.uses_tokens else None
+
+
+def test_reported_tuning_auroc_after_erasure_is_the_exported_models(erased_run, tiny_cohort):
+    from clinfuse.evaluation.metrics import auroc
+
+    run_dir, summary = erased_run
+    art = load_artifact(run_dir / "model")
+    samples = load_samples(tiny_cohort).filter(pl.col("split") == "tuning")
+    loader = make_loader(tiny_cohort, samples, art.spec, config_from_dict(art.data_config))
+    pred = collect_predictions(art.model, loader)
+    expected = auroc(pred["label"], pred["logit"])
+    assert summary["erasure"]["tuning_auroc_after"] == pytest.approx(expected, abs=1e-6)
