@@ -17,6 +17,7 @@ import polars as pl
 import torch
 
 from clinfuse.datasets.schema import ORACLE_FILE
+from clinfuse.datasets.sim_oracle import FEATURE_SETS
 from clinfuse.evaluation.audit import run_audit
 from clinfuse.evaluation.metrics import auroc, binary_report, ece
 from clinfuse.evaluation.model_card import write_model_card
@@ -82,14 +83,22 @@ def _batches(
 
 
 def _oracle(cohort_dir, samples: pl.DataFrame, y: np.ndarray) -> dict[str, Any]:
+    rows = _oracle_rows(cohort_dir, samples, ["true_risk"])
+    if rows is None:
+        return {}
+    return {"oracle_auroc": auroc(y, rows["true_risk"].fill_null(float("nan")).to_numpy())}
+
+
+def _oracle_rows(cohort_dir, samples: pl.DataFrame, columns: list[str]) -> pl.DataFrame | None:
+    """``columns`` of ``oracle.parquet`` aligned to ``samples`` (null for subjects it does
+    not list), or None when the cohort has no oracle."""
     path = Path(cohort_dir) / ORACLE_FILE
     if not path.is_file():
-        return {}
-    oracle = pl.read_parquet(path, columns=["subject_id", "true_risk"])
-    risk = samples.select("subject_id").join(
+        return None
+    oracle = pl.read_parquet(path, columns=["subject_id", *columns]).unique("subject_id")
+    return samples.select("subject_id").join(
         oracle, on="subject_id", how="left", maintain_order="left"
     )
-    return {"oracle_auroc": auroc(y, risk["true_risk"].fill_null(float("nan")).to_numpy())}
 
 
 def _subgroups(groups: pl.Series, y: np.ndarray, p: np.ndarray) -> dict[str, dict[str, Any]]:
@@ -108,7 +117,7 @@ def _subgroups(groups: pl.Series, y: np.ndarray, p: np.ndarray) -> dict[str, dic
 
 
 # The simulator's latent causes of the outcome (oracle.parquet): the audit's floor.
-RISK_FACTORS = ("lung_disease", "physio_severity", "genetic_score", "modifier_carrier")
+RISK_FACTORS = FEATURE_SETS["fused_additive"]
 
 
 def _risk_factors(cohort_dir, samples: pl.DataFrame) -> np.ndarray | None:
@@ -119,16 +128,12 @@ def _risk_factors(cohort_dir, samples: pl.DataFrame) -> np.ndarray | None:
     path = Path(cohort_dir) / ORACLE_FILE
     if not path.is_file():
         return None
-    have = set(pl.read_parquet_schema(path))
-    missing = [c for c in RISK_FACTORS if c not in have]
+    missing = [c for c in RISK_FACTORS if c not in pl.read_parquet_schema(path)]
     if missing:
         raise ValueError(f"{path}: oracle has no risk-factor column(s) {missing}")
-    oracle = pl.read_parquet(path, columns=["subject_id", *RISK_FACTORS])
-    oracle = oracle.with_columns(pl.col(c).cast(pl.Float64) for c in RISK_FACTORS)
-    rows = samples.select("subject_id").join(
-        oracle.unique("subject_id"), on="subject_id", how="left", maintain_order="left"
-    )
-    return rows.select(RISK_FACTORS).fill_null(float("nan")).to_numpy()  # (N, F)
+    rows = _oracle_rows(cohort_dir, samples, list(RISK_FACTORS))
+    factors = rows.select(pl.col(c).cast(pl.Float64) for c in RISK_FACTORS)
+    return factors.fill_null(float("nan")).to_numpy()  # (N, F)
 
 
 def _audit(
