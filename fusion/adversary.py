@@ -33,6 +33,7 @@ gradient reversal makes the encoders maximize it. Labels of -1 (categorical) or 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,15 +212,8 @@ class ConfoundAdversary(nn.Module):
     def forward(
         self, fused: Tensor, embeddings: dict[str, tuple[Tensor, Tensor]] | None = None
     ) -> dict[str, Tensor]:
-        inputs = {"": fused}
-        for m, (emb, _) in (embeddings or {}).items():
-            inputs[f"{m}/"] = emb
         out = {}
-        for key, head in self.heads.items():
-            prefix = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
-            if prefix not in inputs:
-                continue
-            z = inputs[prefix]
+        for key, head, z in self._heads_with_inputs(fused, embeddings):
             name = key.rsplit("/", 1)[-1]
             if self.mode == "confusion" and self.kinds[name] == "categorical":
                 out[key] = head(z.detach())  # trains the head only
@@ -236,15 +230,21 @@ class ConfoundAdversary(nn.Module):
 
         Used for head-only updates; no gradient reaches the representation.
         """
-        inputs = {"": fused.detach()}
+        heads = self._heads_with_inputs(fused, embeddings)
+        return {key: head(z.detach()) for key, head, z in heads}
+
+    def _heads_with_inputs(
+        self, fused: Tensor, embeddings: dict[str, tuple[Tensor, Tensor]] | None
+    ) -> Iterator[tuple[str, nn.Module, Tensor]]:
+        """(key, head, its input) for every head whose input is given: the fused
+        representation for "site", modality m's embedding for "m/site"."""
+        inputs = {"": fused}
         for m, (emb, _) in (embeddings or {}).items():
-            inputs[f"{m}/"] = emb.detach()
-        out = {}
+            inputs[f"{m}/"] = emb
         for key, head in self.heads.items():
             prefix = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
             if prefix in inputs:
-                out[key] = head(inputs[prefix])
-        return out
+                yield key, head, inputs[prefix]
 
     def loss(
         self,
