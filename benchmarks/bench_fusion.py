@@ -9,10 +9,16 @@ scored by ``evaluation.evaluate``:
 * ``confound``: attention fusion trained with and without the confound
   adversary; AUROC on the training cohort's held-out split vs on a confound-flip
   cohort of the same world (site effect reversed, plus a new site), and a
-  post-hoc linear probe of site and ancestry on the fused representation.
+  post-hoc linear and MLP probe of site and ancestry on the fused representation.
 * ``transfer``: image-only models, ImageNet-pretrained (package weights) vs
   scratch, fine-tuned end to end, plus the frozen pretrained backbone (linear
-  probe baseline), at several shares of the training labels.
+  probe baseline), at several shares of the training labels; ``--transfer-modes``
+  adds BatchNorm-only and gradual-unfreezing rows.
+
+``--seeds 0 1 2`` trains every row once per training seed (same cohort, so the
+ceilings do not move) and writes ``<experiment>_seeds.md`` with each row's mean,
+s.d., min and max across seeds next to the per-seed table: the bootstrap CI says how
+much the held-out sample moves a number, the seed spread how much training does.
 
 Frozen backbones share one feature cache (``timm_image.cache_dir``) and all runs
 share one decoded-image cache, so repeated runs skip the CNN and the DICOM
@@ -26,11 +32,12 @@ logistic stack of the three single-modality models.
         --experiment all --subjects 600 --epochs 2 --out runs/bench_fusion_small
     # the reported sizes
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
-        --experiment strategies --subjects 5000 --epochs 15 --patience 4
+        --experiment strategies --subjects 5000 --epochs 15 --patience 4 --seeds 0 1 2
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
-        --experiment confound --subjects 5000 --epochs 15 --patience 4
+        --experiment confound --subjects 5000 --epochs 15 --patience 4 --seeds 0 1 2
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
-        --experiment transfer --subjects 1500 --epochs 6 --patience 3 --adversary off
+        --experiment transfer --subjects 3000 --epochs 15 --patience 4 --adversary off \
+        --transfer-modes pretrained_frozen pretrained_full scratch_full pretrained_bn
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +75,16 @@ FEATURE_LABELS = {
     "fused_interaction": ("L", "P", "G", "C", "PxC"),
     "fused_interaction_site": ("L", "P", "G", "C", "PxC", "site"),
 }
+# Rows of the transfer table: label -> (transfer mode, weights, timm_image edits).
+TRANSFER_ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "pretrained_full": ("full", "package", {}),
+    "scratch_full": ("full", "none", {}),
+    "pretrained_frozen": ("frozen", "package", {}),
+    "pretrained_bn": ("bn", "package", {}),
+    # ULMFiT-style: the top two depth groups first, one more every two epochs.
+    "pretrained_partial": ("partial", "package", {"trainable_stages": 2, "unfreeze_every": 2}),
+}
+DEFAULT_TRANSFER_ROWS = ("pretrained_full", "scratch_full", "pretrained_frozen")
 RESULT_FILE = "bench_result.json"
 TARGET_RATIO = 0.97
 
@@ -83,6 +101,13 @@ class Variant:
     weights: str = "package"
     label_fraction: float = 1.0
     fusion_cfg: tuple[tuple[str, Any], ...] = ()  # edits of the preset's fusion cfg
+    image_cfg: tuple[tuple[str, Any], ...] = ()  # edits of the timm_image encoder's cfg
+    seed: int = 0  # training seed (init, dropout, batch order); the cohort stays the same
+
+    @property
+    def run_name(self) -> str:
+        """The run directory's name: ``name`` for seed 0 (so earlier runs are reused)."""
+        return self.name if self.seed == 0 else f"{self.name}_seed{self.seed}"
 
 
 # ------------------------------------------------------------------ cohorts
@@ -125,6 +150,7 @@ def build_config(variant: Variant, base: dict[str, Any], cohort: Path, caches: P
     """The RunConfig of ``variant``: the base preset with the variant's edits."""
     data = copy.deepcopy(base)
     data["cohort"] = str(cohort)
+    data["seed"] = variant.seed
     data["data"]["label_fraction"] = variant.label_fraction
     data["data"]["cache_dir"] = str(caches / "images")
     model = data["model"]
@@ -147,6 +173,7 @@ def _encoders(variant: Variant, encoders: dict[str, Any], caches: Path) -> dict[
         frozen = variant.transfer == "frozen"
         image["cache_dir"] = str(caches / "features") if frozen else ""
         image["augment"] = not frozen  # a cached backbone never sees augmented films
+        image.update(dict(variant.image_cfg))
     return out
 
 
@@ -161,7 +188,7 @@ def run_variant(
     Returns:
         ``{"train_s", "epochs", "best_val_auroc", "metrics"}`` with the evaluation metrics.
     """
-    run_dir = runs / variant.name
+    run_dir = runs / variant.run_name
     cached = _cached_result(run_dir, cfg)
     if cached is not None:
         return cached
@@ -179,7 +206,7 @@ def run_variant(
         "metrics": metrics,
     }
     (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
-    print(f"  {variant.name}: AUROC {metrics['auroc']:.3f}, trained in {seconds:.0f} s")
+    print(f"  {variant.run_name}: AUROC {metrics['auroc']:.3f}, trained in {seconds:.0f} s")
     return result
 
 
@@ -211,7 +238,10 @@ class Context:
 
 
 def strategies(
-    ctx: Context, adversary: bool = True, only: list[str] | None = None
+    ctx: Context,
+    adversary: bool = True,
+    only: list[str] | None = None,
+    seeds: tuple[int, ...] = (0,),
 ) -> list[dict[str, Any]]:
     """Every fusion strategy and every single-modality model on one cohort.
 
@@ -220,6 +250,8 @@ def strategies(
         adversary: train every row with the confound adversary (names get
             ``_no_adv`` without it).
         only: keep only these row names (None = all).
+        seeds: training seeds; every row is trained once per seed (the cohort, its
+            splits and so the ceilings stay the same).
     """
     suffix = "" if adversary else "_no_adv"
     fusions = ("attention", "early", "late", "gated")
@@ -231,10 +263,13 @@ def strategies(
     variants = [v for v in variants if only is None or v.name in only]
     scores = _ceiling_scores(ctx.cohorts["train"])
     ceilings = _ceilings(scores)
-    rows = [_strategy_row(v, ctx.run(v), ceilings) for v in variants]
-    singles = [v.name for v in variants if len(v.modalities) == 1]
-    if len(singles) == len(ALL_MODALITIES):
-        rows.append(stacked_singles(ctx, singles, ceilings["fused_additive"]))
+    rows = []
+    for seed in seeds:
+        seeded = [replace(v, seed=seed) for v in variants]
+        rows += [_strategy_row(v, ctx.run(v), ceilings) for v in seeded]
+        singles = [v.run_name for v in seeded if len(v.modalities) == 1]
+        if len(singles) == len(ALL_MODALITIES):
+            rows.append(stacked_singles(ctx, singles, ceilings["fused_additive"], seed))
     return rows + ceiling_rows(scores, ctx.n_bootstrap)
 
 
@@ -249,7 +284,9 @@ def _token_variant(base: dict[str, Any], adversary: bool, suffix: str) -> Varian
     return Variant(f"{name}{suffix}", adversary=adversary, fusion_cfg=(("use_tokens", not uses),))
 
 
-def stacked_singles(ctx: Context, names: list[str], ceiling: float) -> dict[str, Any]:
+def stacked_singles(
+    ctx: Context, names: list[str], ceiling: float, seed: int = 0
+) -> dict[str, Any]:
     """A logistic regression on the single-modality models' logits (fit on tuning).
 
     The additive late-fusion baseline built from separately trained encoders:
@@ -267,6 +304,7 @@ def stacked_singles(ctx: Context, names: list[str], ceiling: float) -> dict[str,
     oracle = _oracle_auroc(ctx.out / "runs" / names[0])
     return {
         "model": "stacked_singles",
+        "seed": seed,
         "modalities": "+".join(ALL_MODALITIES),
         "fusion": "logistic stack",
         "n_held_out": int(y_held.size),
@@ -363,6 +401,7 @@ def ceiling_rows(scores: Any, n_bootstrap: int) -> list[dict[str, Any]]:
         rows.append(
             {
                 "model": f"ceiling_{label}",
+                "seed": "-",
                 "modalities": "true latents: " + "+".join(FEATURE_LABELS[name]),
                 "fusion": "logistic (train split)",
                 "n_held_out": int(y.size),
@@ -390,6 +429,7 @@ def _strategy_row(
     oracle = m.get("oracle_auroc", float("nan"))
     return {
         "model": variant.name,
+        "seed": variant.seed,
         "modalities": "+".join(variant.modalities),
         "fusion": variant.fusion,
         "n_held_out": m["n"],
@@ -404,16 +444,16 @@ def _strategy_row(
     }
 
 
-def confound(ctx: Context) -> list[dict[str, Any]]:
+def confound(ctx: Context, seeds: tuple[int, ...] = (0,)) -> list[dict[str, Any]]:
     """Attention fusion with and without the adversary: held-out vs confound-flip AUROC."""
     rows = []
-    for adversary in (True, False):
-        variant = Variant(
-            "fusion_attention" if adversary else "fusion_attention_no_adv", adversary=adversary
-        )
-        result = ctx.run(variant)
-        flip = _evaluate_flip(ctx, variant.name)
-        rows.append(_confound_row(adversary, result, flip))
+    for seed in seeds:
+        for adversary in (True, False):
+            name = "fusion_attention" if adversary else "fusion_attention_no_adv"
+            variant = Variant(name, adversary=adversary, seed=seed)
+            result = ctx.run(variant)
+            flip = _evaluate_flip(ctx, variant.run_name)
+            rows.append(_confound_row(adversary, seed, result, flip))
     return rows
 
 
@@ -426,11 +466,15 @@ def _evaluate_flip(ctx: Context, name: str) -> dict[str, Any]:
     return evaluate(run_dir, ctx.cohorts["flip"], out, "all", ctx.n_bootstrap, gradcam_images=0)
 
 
-def _confound_row(adversary: bool, result: dict[str, Any], flip: dict[str, Any]) -> dict[str, Any]:
+def _confound_row(
+    adversary: bool, seed: int, result: dict[str, Any], flip: dict[str, Any]
+) -> dict[str, Any]:
     held = result["metrics"]
     audit = held["audit"]
     return {
+        "model": "fusion_attention" if adversary else "fusion_attention_no_adv",
         "adversary": adversary,
+        "seed": seed,
         "auroc_held_out": held["auroc"],
         "oracle_held_out": held.get("oracle_auroc", float("nan")),
         "auroc_flip": flip["auroc"],
@@ -438,32 +482,55 @@ def _confound_row(adversary: bool, result: dict[str, Any], flip: dict[str, Any])
         "oracle_flip": flip.get("oracle_auroc", float("nan")),
         "drop": held["auroc"] - flip["auroc"],
         "site_probe": audit["site"]["probe_accuracy"],
+        "site_mlp_probe": audit["site"].get("mlp_probe_accuracy", float("nan")),
         "site_majority": audit["site"]["majority_rate"],
         "ancestry_probe": audit["ancestry"]["probe_accuracy"],
+        "ancestry_mlp_probe": audit["ancestry"].get("mlp_probe_accuracy", float("nan")),
         "ancestry_majority": audit["ancestry"]["majority_rate"],
         "flip_per_site_auroc": {k: v["auroc"] for k, v in flip["per_site"].items()},
     }
 
 
-def transfer(ctx: Context, fractions: list[float], adversary: bool = True) -> list[dict[str, Any]]:
-    """Image-only: pretrained vs scratch fine-tuning, frozen pretrained as the baseline."""
+def transfer(
+    ctx: Context,
+    fractions: list[float],
+    adversary: bool = True,
+    modes: tuple[str, ...] = DEFAULT_TRANSFER_ROWS,
+    seeds: tuple[int, ...] = (0,),
+) -> list[dict[str, Any]]:
+    """Image-only: pretrained vs scratch fine-tuning, frozen pretrained as the baseline.
+
+    ``modes`` are keys of ``TRANSFER_ROWS`` (how the backbone trains, from which
+    weights); every mode is trained at every label fraction, once per seed.
+    """
     suffix = "" if adversary else "_no_adv"
-    modes = [("pretrained_full", "full", "package"), ("scratch_full", "full", "none")]
-    modes.append(("pretrained_frozen", "frozen", "package"))
     rows = []
-    for fraction in fractions:
-        for label, mode, weights in modes:
-            name = f"image_{label}_f{int(round(fraction * 100))}{suffix}"
-            v = Variant(name, ("image",), "early", adversary, mode, weights, fraction)
-            rows.append(_transfer_row(label, fraction, ctx.run(v)))
+    for seed in seeds:
+        for fraction in fractions:
+            for label in modes:
+                mode, weights, image_cfg = TRANSFER_ROWS[label]
+                name = f"image_{label}_f{int(round(fraction * 100))}{suffix}"
+                v = Variant(
+                    name,
+                    ("image",),
+                    "early",
+                    adversary,
+                    mode,
+                    weights,
+                    fraction,
+                    image_cfg=tuple(image_cfg.items()),
+                    seed=seed,
+                )
+                rows.append(_transfer_row(label, fraction, seed, ctx.run(v)))
     return rows
 
 
-def _transfer_row(label: str, fraction: float, result: dict[str, Any]) -> dict[str, Any]:
+def _transfer_row(label: str, fraction: float, seed: int, result: dict[str, Any]) -> dict[str, Any]:
     m = result["metrics"]
     low, high = m.get("auroc_ci", [float("nan")] * 2)
     return {
         "model": label,
+        "seed": seed,
         "label_fraction": fraction,
         "auroc": m["auroc"],
         "ci_low": low,
@@ -495,6 +562,31 @@ def _cell(column: str, value: Any) -> str:
     return str(value)
 
 
+def seed_summary(
+    rows: list[dict[str, Any]], keys: tuple[str, ...], values: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """One row per ``keys`` group of ``rows``: mean, s.d., min and max of each of ``values``.
+
+    The s.d. is across training seeds (n - 1 in the denominator; 0 for one seed): how
+    much a row moves when only the initialization, dropout and batch order change.
+    """
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for group, members in groups.items():
+        summary: dict[str, Any] = dict(zip(keys, group, strict=True))
+        summary["seeds"] = len(members)
+        for v in values:
+            xs = [float(m[v]) for m in members]
+            summary[f"{v}_mean"] = statistics.fmean(xs)
+            summary[f"{v}_sd"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+            summary[f"{v}_min"] = min(xs)
+            summary[f"{v}_max"] = max(xs)
+        out.append(summary)
+    return out
+
+
 def write_outputs(out: Path, name: str, rows: list[dict[str, Any]], notes: str) -> str:
     """Writes ``<name>.json`` and ``<name>.md``; returns the markdown."""
     text = f"## {name}\n\n{notes}\n\n{markdown_table(rows)}"
@@ -504,18 +596,22 @@ def write_outputs(out: Path, name: str, rows: list[dict[str, Any]], notes: str) 
 
 
 def _strategy_notes(rows: list[dict[str, Any]]) -> str:
+    """The verdict on the attention row; on the seed means when rows are summaries."""
     attention = next((r for r in rows if r["model"].startswith("fusion_attention")), None)
     if attention is None:
         return "No attention row."
-    verdict = "meets" if attention["ratio"] >= TARGET_RATIO else "misses"
+    key = "ratio_mean" if "ratio_mean" in attention else "ratio"
+    ratio = attention[key]
+    verdict = "meets" if ratio >= TARGET_RATIO else "misses"
+    over = f" (mean of {attention['seeds']} seeds)" if key == "ratio_mean" else ""
     text = (
-        f"Attention fusion reaches {attention['ratio']:.3f} x oracle AUROC "
-        f"({verdict} the {TARGET_RATIO} target by {attention['ratio'] - TARGET_RATIO:+.3f})."
+        f"Attention fusion reaches {ratio:.3f} x oracle AUROC{over} "
+        f"({verdict} the {TARGET_RATIO} target by {ratio - TARGET_RATIO:+.3f})."
     )
     ceilings = [r for r in rows if r["model"].startswith("ceiling_")]
     if not ceilings:
         return text
-    listed = ", ".join(f"{r['model'].removeprefix('ceiling_')} {r['ratio']:.3f}x" for r in ceilings)
+    listed = ", ".join(f"{r['model'].removeprefix('ceiling_')} {r[key]:.3f}x" for r in ceilings)
     return (
         f"{text} Ceilings on the same held-out subjects (logistic regressions fit on the "
         f"train split's true latent factors): {listed}. A model can only beat a ceiling "
@@ -525,7 +621,14 @@ def _strategy_notes(rows: list[dict[str, Any]]) -> str:
 
 
 def _confound_notes(rows: list[dict[str, Any]]) -> str:
-    parts = [f"adversary={r['adversary']}: drop {r['drop']:+.3f}" for r in rows]
+    if rows and "drop_mean" in rows[0]:
+        parts = [
+            f"{r['model']}: mean drop {r['drop_mean']:+.3f} (s.d. {r['drop_sd']:.3f}, "
+            f"{r['seeds']} seeds)"
+            for r in rows
+        ]
+    else:
+        parts = [f"{r['model']} seed {r['seed']}: drop {r['drop']:+.3f}" for r in rows]
     return "AUROC drop from held-out to the confound-flip cohort: " + "; ".join(parts) + "."
 
 
@@ -554,6 +657,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="strategies and transfer rows with or without the confound adversary",
     )
     ap.add_argument("--only", nargs="+", default=None, help="strategies rows to run (names)")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="training seeds; with more than one, <experiment>_seeds.md has mean/s.d./min/max",
+    )
+    ap.add_argument(
+        "--transfer-modes",
+        nargs="+",
+        choices=list(TRANSFER_ROWS),
+        default=list(DEFAULT_TRANSFER_ROWS),
+        help="rows of the transfer table",
+    )
     return ap.parse_args(argv)
 
 
@@ -583,24 +700,48 @@ def main(argv: list[str] | None = None) -> int:
         if subjects not in contexts:
             contexts[subjects] = _context(args, subjects, out)
         print(f"== {name} ({subjects} subjects)", flush=True)
-        rows, notes = _run_experiment(name, contexts[subjects], args)
+        rows = _run_experiment(name, contexts[subjects], args)
         off = name != "confound" and args.adversary == "off"
         label = f"{name}_no_adv" if off else name
-        print(write_outputs(out, label, rows, notes), flush=True)
+        print(write_outputs(out, label, rows, NOTES[name](rows)), flush=True)
+        if len(args.seeds) > 1:
+            keys, values = SUMMARY[name]
+            summary = seed_summary(rows, keys, values)
+            print(write_outputs(out, f"{label}_seeds", summary, NOTES[name](summary)), flush=True)
     return 0
 
 
-def _run_experiment(
-    name: str, ctx: Context, args: argparse.Namespace
-) -> tuple[list[dict[str, Any]], str]:
+def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[dict[str, Any]]:
+    seeds = tuple(args.seeds)
     if name == "strategies":
-        rows = strategies(ctx, args.adversary == "on", args.only)
-        return rows, _strategy_notes(rows)
+        return strategies(ctx, args.adversary == "on", args.only, seeds)
     if name == "confound":
-        rows = confound(ctx)
-        return rows, _confound_notes(rows)
-    rows = transfer(ctx, args.fractions, args.adversary == "on")
-    return rows, "Image-only models, held-out AUROC."
+        return confound(ctx, seeds)
+    return transfer(ctx, args.fractions, args.adversary == "on", tuple(args.transfer_modes), seeds)
+
+
+NOTES = {
+    "strategies": _strategy_notes,
+    "confound": _confound_notes,
+    "transfer": lambda rows: "Image-only models, held-out AUROC.",
+}
+# Seed summaries: (grouping columns, summarized columns) per experiment.
+SUMMARY = {
+    "strategies": (("model", "modalities", "fusion"), ("auroc", "ratio")),
+    "confound": (
+        ("model",),
+        (
+            "auroc_held_out",
+            "auroc_flip",
+            "drop",
+            "site_probe",
+            "site_mlp_probe",
+            "ancestry_probe",
+            "ancestry_mlp_probe",
+        ),
+    ),
+    "transfer": (("model", "label_fraction"), ("auroc",)),
+}
 
 
 if __name__ == "__main__":
