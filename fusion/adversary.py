@@ -64,30 +64,26 @@ def grad_reverse(x: Tensor, lambd: float = 1.0) -> Tensor:
 
 
 def ramp_progress(
-    step: int, total_steps: float, max_epochs: int, ramp_epochs: float | None = None
+    step: int, total_steps: float, steps_per_epoch: float, ramp_epochs: float | None = None
 ) -> float:
     """Progress ``p`` of the DANN ramp after ``step`` optimiser steps, in [0, 1].
 
     Args:
         step: optimiser steps taken so far (``global_step``).
-        total_steps: optimiser steps of the whole run (``max_epochs`` epochs).
-        max_epochs: epochs of the whole run.
+        total_steps: optimiser steps of the whole run (inf when unbounded).
+        steps_per_epoch: optimiser steps of one epoch (inf or 0 when unknown).
         ramp_epochs: epochs over which ``p`` goes from 0 to 1 (None = the whole run).
             ``lambda`` then reaches ``lambda_max * tanh(gamma / 2)`` after that many
-            epochs, whatever ``max_epochs`` is.
+            epochs, whatever bounds the run (``max_epochs``, ``max_steps`` or neither).
 
     Returns:
-        ``step / span`` clipped to [0, 1]; 1.0 when the run length is unknown.
+        ``step / span`` clipped to [0, 1]; 1.0 when the span is unknown.
     """
     if ramp_epochs is not None and ramp_epochs <= 0:
         raise ValueError(f"model.adversary.ramp_epochs must be > 0, got {ramp_epochs}")
-    if not total_steps or math.isinf(total_steps):
+    span = float(total_steps) if ramp_epochs is None else ramp_epochs * float(steps_per_epoch)
+    if not span or math.isinf(span):
         return 1.0
-    span = float(total_steps)
-    if ramp_epochs is not None:
-        if max_epochs <= 0:  # a run bounded by steps, not epochs: no epoch length
-            return 1.0
-        span = total_steps * ramp_epochs / max_epochs
     return min(1.0, step / span)
 
 

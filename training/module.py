@@ -21,6 +21,7 @@ the confound is still encoded.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -188,10 +189,15 @@ class RiskModule(L.LightningModule):
         """Progress of the adversary's ramp (``fusion.adversary.ramp_progress``)."""
         if not self.trainer:
             return 1.0
+        trainer = self.trainer
+        batches = float(trainer.num_training_batches)  # inf for an unsized loader
+        steps_per_epoch = batches / trainer.accumulate_grad_batches
+        if not math.isinf(steps_per_epoch):
+            steps_per_epoch = math.ceil(steps_per_epoch)
         return ramp_progress(
             self.global_step,
-            self.trainer.estimated_stepping_batches,
-            self.trainer.max_epochs or 0,
+            trainer.estimated_stepping_batches,
+            steps_per_epoch,
             self.model.adversary_cfg.ramp_epochs,
         )
 

@@ -207,16 +207,19 @@ def test_confusion_term_is_minimal_at_uniform_posteriors() -> None:
     assert _uniform_cross_entropy(peaked).item() > np.log(3) + 0.5
 
 
-@pytest.mark.parametrize("max_epochs", [4, 15, 40])
+@pytest.mark.parametrize("max_epochs", [4, 15, 40, None])
 def test_ramp_in_epochs_reaches_full_strength_after_ramp_epochs_whatever_the_run_length(
-    max_epochs: int,
+    max_epochs: int | None,
 ) -> None:
     steps_per_epoch = 37
-    total = steps_per_epoch * max_epochs
+    # None: a run bounded by neither max_epochs nor max_steps (total steps unknown).
+    total = math.inf if max_epochs is None else steps_per_epoch * max_epochs
+    steps = range(steps_per_epoch * (max_epochs or 6) + 1)
     lambd = [
-        dann_lambda(ramp_progress(step, total, max_epochs, ramp_epochs=2), lambda_max=1.5)
-        for step in range(total + 1)
+        dann_lambda(ramp_progress(step, total, steps_per_epoch, ramp_epochs=2), lambda_max=1.5)
+        for step in steps
     ]
+    assert lambd[0] == 0.0  # no reversal at the first step, whatever bounds the run
     # After two epochs p = 1: lambda_max * tanh(gamma / 2) (tanh(5) = 1 - 9.1e-5), then flat.
     assert lambd[2 * steps_per_epoch] == pytest.approx(1.5 * math.tanh(5.0), rel=1e-12)
     assert lambd[-1] == lambd[2 * steps_per_epoch]
@@ -227,14 +230,15 @@ def test_ramp_in_epochs_reaches_full_strength_after_ramp_epochs_whatever_the_run
 
 def test_ramp_over_the_whole_run_without_ramp_epochs() -> None:
     # The original schedule: p = step / total, so after 1 epoch of 15, lambda = tanh(1/3).
-    p = ramp_progress(100, 1500, 15)
+    p = ramp_progress(100, 1500, 100)
     assert p == pytest.approx(1 / 15)
     assert dann_lambda(p) == pytest.approx(math.tanh(5.0 / 15), rel=1e-12)
-    assert ramp_progress(3000, 1500, 15) == 1.0
+    assert ramp_progress(3000, 1500, 100) == 1.0
 
 
 def test_ramp_progress_edge_cases() -> None:
-    assert ramp_progress(5, float("inf"), 10, ramp_epochs=2) == 1.0  # unknown run length
+    assert ramp_progress(5, 100, float("inf"), ramp_epochs=2) == 1.0  # unknown epoch length
+    assert ramp_progress(5, float("inf"), 10) == 1.0  # unknown run length, no ramp_epochs
     assert ramp_progress(5, 0, 10) == 1.0
     with pytest.raises(ValueError, match="ramp_epochs"):
         ramp_progress(5, 100, 10, ramp_epochs=0)
