@@ -37,6 +37,9 @@ from clinfuse.fusion.adversary import ramp_progress
 from clinfuse.fusion.model import ModelConfig, build_model
 from clinfuse.training.config import OptimConfig
 
+# Checkpoint entry of the adversary heads' own optimiser (``head_steps > 1``).
+HEAD_OPTIMIZER_KEY = "adversary_head_optimizer"
+
 
 class RiskModule(L.LightningModule):
     """Trains a ``FusionModel`` for binary risk with an optional confound adversary.
@@ -57,6 +60,7 @@ class RiskModule(L.LightningModule):
         self.model = build_model(from_dict(ModelConfig, model_cfg), self.spec)
         self.register_buffer("pos_weight", torch.tensor(float(self.spec.pos_weight)))
         self._head_optimizer: torch.optim.Optimizer | None = None
+        self._head_optimizer_state: dict[str, Any] | None = None  # from a resumed checkpoint
         self._val_logits: list[Tensor] = []
         self._val_labels: list[Tensor] = []
         self._val_confounds: dict[str, list[tuple[Tensor, Tensor]]] = {}
@@ -91,8 +95,9 @@ class RiskModule(L.LightningModule):
     def _adversary_head_steps(self, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
         """``head_steps - 1`` head-only updates on the detached representation, then fresh logits.
 
-        The heads get their own Adam (not in the checkpoint: a resumed run restarts
-        its moments), so the encoders' optimiser state is untouched.
+        The heads get their own Adam, so the encoders' optimiser state is untouched;
+        its state is saved in the checkpoint (``HEAD_OPTIMIZER_KEY``) and restored on
+        resume, so a resumed run continues the same game.
         """
         extra = self.model.adversary_cfg.head_steps - 1
         if extra <= 0 or self.model.adversary is None:
@@ -101,6 +106,9 @@ class RiskModule(L.LightningModule):
             self._head_optimizer = torch.optim.Adam(
                 self.model.adversary.parameters(), lr=self.optim.lr
             )
+            if self._head_optimizer_state is not None:
+                self._head_optimizer.load_state_dict(self._head_optimizer_state)
+                self._head_optimizer_state = None
         with torch.enable_grad():
             for _ in range(extra):
                 self._head_optimizer.zero_grad(set_to_none=True)
@@ -108,6 +116,16 @@ class RiskModule(L.LightningModule):
                 self._head_optimizer.step()
         self._head_optimizer.zero_grad(set_to_none=True)
         return self.model.refresh_adversary(out)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._head_optimizer is not None:
+            checkpoint[HEAD_OPTIMIZER_KEY] = self._head_optimizer.state_dict()
+        elif self._head_optimizer_state is not None:  # resumed, not stepped yet
+            checkpoint[HEAD_OPTIMIZER_KEY] = self._head_optimizer_state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._head_optimizer_state = checkpoint.get(HEAD_OPTIMIZER_KEY)
+        self._head_optimizer = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.model(batch)

@@ -34,8 +34,13 @@ def _epoch_of(ckpt: Path) -> int | None:
 
 @pytest.mark.slow
 # With the adversary's ramp over 2 epochs, the kill lands in an epoch that model
-# selection skips (it still writes last.ckpt).
-@pytest.mark.parametrize("extra", [[], ["model.adversary.ramp_epochs=2"]], ids=["plain", "ramp"])
+# selection skips (it still writes last.ckpt). With head_steps the adversary heads'
+# own optimiser state must come back too, or the resumed weights differ.
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["model.adversary.ramp_epochs=2"], ["model.adversary.head_steps=3"]],
+    ids=["plain", "ramp", "head_steps"],
+)
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_cohort, tmp_path, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
