@@ -64,6 +64,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     run.mkdir(parents=True, exist_ok=True)
     if not cfg.cohort:
         raise ValueError("cohort is not set: pass --cohort DIR or cohort=DIR")
+    _check_selection_window(cfg)
     if cfg.validate:
         _check_cohort(cfg.cohort)
     save_yaml(cfg, run / "config.yaml")
@@ -278,6 +279,22 @@ def selection_start(cfg: RunConfig) -> int:
     adversary = cfg.model.adversary
     ramp = adversary.ramp_epochs if adversary.enabled else None
     return first_selected_epoch(cfg.optim.select_from_epoch, ramp)
+
+
+def _check_selection_window(cfg: RunConfig) -> None:
+    """Refuses a run whose epochs all end before model selection starts.
+
+    Otherwise no epoch could become ``best.ckpt`` and the exported model would be
+    the last epoch's, chosen by nobody.
+    """
+    start = selection_start(cfg)
+    if 0 < cfg.optim.max_epochs <= start:
+        raise ValueError(
+            f"optim.max_epochs={cfg.optim.max_epochs} ends before model selection starts "
+            f"at epoch {start} (optim.select_from_epoch={cfg.optim.select_from_epoch}, "
+            f"model.adversary.ramp_epochs={cfg.model.adversary.ramp_epochs}): no epoch "
+            f"could become the best checkpoint; set optim.max_epochs above {start}"
+        )
 
 
 def first_selected_epoch(select_from_epoch: int, ramp_epochs: float | None) -> int:

@@ -61,3 +61,20 @@ def test_best_checkpoint_and_early_stopping_wait_for_the_ramp(tiny_cohort, tiny_
         majority = metrics[f"val_adv_{name}_majority"].drop_nulls()
         assert acc.len() == 3 and ((acc >= 0) & (acc <= 1)).all()
         assert ((majority > 0) & (majority <= 1)).all()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("optim.max_epochs=2", "model.adversary.enabled=true", "model.adversary.ramp_epochs=2"),
+        ("optim.max_epochs=3", "optim.select_from_epoch=3"),
+    ],
+    ids=["ramp", "select_from_epoch"],
+)
+def test_a_run_that_ends_before_selection_starts_is_refused_before_training(
+    tiny_cohort, tiny_config, tmp_path, overrides
+):
+    cfg = tiny_config(tiny_cohort, *overrides)
+    with pytest.raises(ValueError, match=r"optim.max_epochs=\d ends before model selection"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any epoch ran
