@@ -9,7 +9,11 @@ token keeps the output finite when a sample has no modality at all.
 
 The attention pooling follows the Perceiver/Set-Transformer PMA pattern (Lee et
 al. 2019, "Set Transformer"); key-padding masks drop missing modalities and
-padded tokens.
+padded tokens. With ``queries: k`` there are k learned seed vectors (PMA_k), each
+attending on its own; their outputs are concatenated and projected back to
+``dim``. One query outputs a convex combination of token values per head, which
+an additive risk (one term per modality) fits only through heads that each settle
+on one modality; k queries give the pooling room for one per modality and more.
 
 Long token sequences give one learned query many near-duplicate keys to fit
 noise with (128 GRU-D steps for 3,500 training patients overfit within an
@@ -35,8 +39,9 @@ class AttentionFusion(FusionModule):
     """Learned-query attention over modality tokens.
 
     ``x_j = W_{m(j)} t_j + type_{k(j)} + age_mlp(log1p(age_j))``;
-    ``a = softmax(q K^T / sqrt(d))`` over unmasked tokens (+ null);
-    ``z = FFN(LN(q + a V))``.
+    ``a_i = softmax(q_i K^T / sqrt(d))`` over unmasked tokens (+ null), per query i;
+    ``h_i = FFN(LN(q_i + a_i V))``; ``z = h_1`` for one query, else
+    ``z = W [h_1; ...; h_k]``.
 
     Args:
         in_dims: modality -> pooled embedding width D_m.
@@ -46,6 +51,8 @@ class AttentionFusion(FusionModule):
         heads: attention heads.
         use_tokens: also attend over the encoders' token sequences.
         self_layers: transformer layers over the tokens before pooling (0 = none).
+        queries: learned pooling queries (PMA seeds); more than one are concatenated
+            and projected to ``dim``.
         dropout: attention and FFN dropout.
         max_tokens: mean-pool each token sequence into at most this many windows of
             consecutive tokens (0 = keep every token); a window's age is its
@@ -54,7 +61,8 @@ class AttentionFusion(FusionModule):
 
     Attributes:
         last_attention: modality (and "null") -> (B,) attention mass of the last
-            forward, averaged over heads and summed over the modality's tokens.
+            forward, averaged over heads and queries and summed over the
+            modality's tokens.
 
     Shapes:
         embeddings[m]: (B, D_m) and present (B,) bool
@@ -73,10 +81,13 @@ class AttentionFusion(FusionModule):
         dropout: float = 0.0,
         max_tokens: int = 0,
         token_dropout: float = 0.0,
+        queries: int = 1,
     ) -> None:
         super().__init__()
         if not in_dims:
             raise ValueError("attention fusion needs at least one modality in in_dims")
+        if queries < 1:
+            raise ValueError(f"attention fusion: queries={queries} must be >= 1")
         if max_tokens < 0:
             raise ValueError(f"attention fusion: max_tokens={max_tokens} must be >= 0")
         if not 0.0 <= token_dropout < 1.0:
@@ -94,7 +105,8 @@ class AttentionFusion(FusionModule):
         self.type_emb = nn.Embedding(2 * len(self.modalities), dim)  # pooled, step per modality
         self.age_mlp = nn.Sequential(nn.Linear(1, dim), nn.GELU(), nn.Linear(dim, dim))
         self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.query = nn.Parameter(torch.randn(1, queries, dim) * 0.02)
+        self.merge = nn.Linear(queries * dim, dim) if queries > 1 else None
         self.encoder = _self_attention(dim, heads, self_layers, dropout)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(dim)
@@ -138,20 +150,28 @@ class AttentionFusion(FusionModule):
         """Self-attention (optional), learned-query pooling, FFN. x (B, L, dim) -> (B, dim)."""
         if self.encoder is not None:
             x = self.encoder(x, src_key_padding_mask=~valid)
-        query = self.query.expand(x.shape[0], -1, -1)  # (B, 1, dim)
+        query = self.query.expand(x.shape[0], -1, -1)  # (B, Q, dim)
         out, weights = self.attn(query, x, x, key_padding_mask=~valid, need_weights=True)
-        self.last_attention = _mass_per_owner(weights[:, 0].detach(), owner)  # weights (B, 1, L)
-        h = self.norm(query + out)  # (B, 1, dim)
-        return (h + self.ffn(h)).squeeze(1)  # (B, dim)
+        self.last_attention = _mass_per_owner(weights.mean(1).detach(), owner)  # (B, Q, L)
+        h = self.norm(query + out)  # (B, Q, dim)
+        return self._merge(h + self.ffn(h))  # (B, dim)
+
+    def _merge(self, h: Tensor) -> Tensor:
+        """The queries' outputs to one vector. h (..., Q, dim) -> (..., dim)."""
+        if self.merge is None:
+            return h.squeeze(-2)
+        return self.merge(h.flatten(-2))
 
     def _pool_variants(self, x: Tensor, masks: Tensor) -> Tensor:
-        """One query per variant over shared keys. x (B, L, dim), masks (B, V, L) -> (B, V, dim)."""
+        """The queries once per variant over shared keys. x (B, L, dim), masks (B, V, L) -> (B, V, dim)."""
         b, v, _ = masks.shape
-        query = self.query.expand(b, v, -1)  # (B, V, dim)
-        blocked = (~masks).repeat_interleave(self.attn.num_heads, dim=0)  # (B*heads, V, L)
+        q = self.query.shape[1]
+        query = self.query.repeat(1, v, 1).expand(b, -1, -1)  # (B, V*Q, dim), variant-major
+        blocked = (~masks).repeat_interleave(q, dim=1)  # (B, V*Q, L)
+        blocked = blocked.repeat_interleave(self.attn.num_heads, dim=0)  # (B*heads, V*Q, L)
         out, _ = self.attn(query, x, x, attn_mask=blocked, need_weights=False)
-        h = self.norm(query + out)  # (B, V, dim)
-        return h + self.ffn(h)
+        h = self.norm(query + out)  # (B, V*Q, dim)
+        return self._merge((h + self.ffn(h)).view(b, v, q, -1))  # (B, V, dim)
 
     def _tokens(
         self,

@@ -132,8 +132,9 @@ def test_gates_are_zero_for_absent_and_normalized(gate: str) -> None:
         torch.testing.assert_close(gates.sum(1), torch.ones(B))
 
 
-def test_attention_weights_cover_present_tokens_only() -> None:
-    fusion: AttentionFusion = _build("attention")
+@pytest.mark.parametrize("queries", [1, 3])
+def test_attention_weights_cover_present_tokens_only(queries: int) -> None:
+    fusion: AttentionFusion = _build("attention", queries=queries)
     emb, tok = _embeddings(), _tokens()
     fusion(emb, tok)
     attn = fusion.last_attention
@@ -168,6 +169,18 @@ def test_attention_padded_steps_are_ignored() -> None:
         torch.cat([age, pad[..., 0]], 1),
     )
     torch.testing.assert_close(fusion(emb, {"timeseries": longer}), fusion(emb, tok))
+
+
+def test_attention_with_several_queries_keeps_width_and_masks() -> None:
+    emb, tok = _embeddings(), _tokens()
+    one, three = _build("attention"), _build("attention", queries=3)
+    assert one.merge is None  # one query: the single-seed PMA, no merge layer
+    out = three(emb, tok)
+    assert out.shape == one(emb, tok).shape == (B, three.out_dim)
+    scrambled = {m: (e.masked_fill(~p.unsqueeze(1), 1e6), p) for m, (e, p) in emb.items()}
+    torch.testing.assert_close(three(scrambled, tok), out)  # absent content never leaks
+    with pytest.raises(ValueError, match="queries"):
+        _build("attention", queries=0)
 
 
 def test_attention_self_layers_and_pooled_only_modes_run() -> None:

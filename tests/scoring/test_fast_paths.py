@@ -26,12 +26,14 @@ def _inputs(seed: int = 0) -> tuple[dict, dict]:
     return emb, {"timeseries": (torch.randn(B, T, 5, generator=g), mask, age)}
 
 
-@pytest.mark.parametrize("self_layers", [0, 1])
-def test_attention_variants_equal_one_fuse_per_left_out_modality(self_layers: int) -> None:
+@pytest.mark.parametrize(("self_layers", "queries"), [(0, 1), (1, 1), (0, 3)])
+def test_attention_variants_equal_one_fuse_per_left_out_modality(
+    self_layers: int, queries: int
+) -> None:
     torch.manual_seed(0)
     fusion = create_fusion(
         "attention", in_dims=DIMS, token_dims={"timeseries": 5}, dim=8, heads=2,
-        self_layers=self_layers,
+        self_layers=self_layers, queries=queries,
     ).eval()  # fmt: skip
     emb, tok = _inputs()
     variants = [(), ["image"], ["timeseries"], ["genomics"], ["image", "genomics"]]
