@@ -78,6 +78,9 @@ FEATURE_LABELS = {
 # Rows of the transfer table: label -> (transfer mode, weights, timm_image edits).
 TRANSFER_ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "pretrained_full": ("full", "package", {}),
+    # The same with BatchNorm normalizing by batch statistics (bn_stats "update"
+    # instead of the pretrained running ones).
+    "pretrained_full_bn_update": ("full", "package", {"bn_stats": "update"}),
     "scratch_full": ("full", "none", {}),
     "pretrained_frozen": ("frozen", "package", {}),
     "pretrained_bn": ("bn", "package", {}),

@@ -54,7 +54,7 @@ def test_frozen_backbone_gets_no_grad_and_keeps_bn_stats() -> None:
 
 
 def test_bn_mode_trains_only_batchnorm_affine_and_adapts_stats() -> None:
-    enc = _encoder(transfer="bn")
+    enc = _encoder(transfer="bn", bn_stats="update")
     bn_params = {
         id(p)
         for m in enc.backbone.modules()
@@ -70,7 +70,7 @@ def test_bn_mode_trains_only_batchnorm_affine_and_adapts_stats() -> None:
 
 
 def test_partial_trains_last_groups_and_keeps_frozen_bn_still() -> None:
-    enc = _encoder(transfer="partial", trainable_stages=2)
+    enc = _encoder(transfer="partial", trainable_stages=2, bn_stats="update")
     named = dict(enc.backbone.named_parameters())
     top = {n for g in enc.depth_groups[-2:] for n in g}
     assert {n for n, p in named.items() if p.requires_grad} == top
@@ -80,6 +80,45 @@ def test_partial_trains_last_groups_and_keeps_frozen_bn_still() -> None:
     after = _bn_stats(enc.backbone)
     assert torch.equal(before["bn1"], after["bn1"])  # stem BN, frozen
     assert not torch.equal(before["bn2"], after["bn2"])  # head BN, trainable
+
+
+@pytest.mark.parametrize("transfer", ["full", "bn", "partial"])
+def test_frozen_bn_stats_keep_running_statistics_while_affine_params_learn(transfer: str) -> None:
+    enc = _encoder(transfer=transfer, trainable_stages=2, drop_rate=0.0)  # bn_stats "frozen"
+    before = _bn_stats(enc.backbone)
+    enc.train()
+    emb, _ = enc(_batch())
+    emb.sum().backward()
+    after = _bn_stats(enc.backbone)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # pretrained statistics
+    assert enc.proj.training and not any(
+        m.training for m in enc.backbone.modules() if isinstance(m, _BatchNorm)
+    )
+    head_bn = enc.backbone.bn2  # the last BatchNorm trains in all three modes
+    assert head_bn.weight.requires_grad and head_bn.weight.grad is not None
+    # Without augmentation or dropout, training and eval forwards agree: no batch statistics.
+    enc.augment = None
+    x = _batch(seed=1)
+    train_out = enc(x)[0].detach()
+    torch.testing.assert_close(enc.eval()(x)[0], train_out)
+
+
+def test_bn_stats_auto_freezes_pretrained_statistics_only() -> None:
+    from clinfuse.encoders.image import ImageEncoderConfig, resolved_bn_stats
+
+    assert resolved_bn_stats(ImageEncoderConfig(weights="package")) == "frozen"
+    assert resolved_bn_stats(ImageEncoderConfig(weights="none")) == "update"
+    assert resolved_bn_stats(ImageEncoderConfig(weights="none", bn_stats="frozen")) == "frozen"
+    scratch = _encoder(transfer="full", weights="none")
+    before = _bn_stats(scratch.backbone)
+    scratch.train()(_batch())
+    after = _bn_stats(scratch.backbone)
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # learns its statistics
+
+
+def test_bn_stats_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="bn_stats"):
+        _encoder(transfer="full", bn_stats="adapt")
 
 
 def test_full_trains_everything() -> None:
