@@ -20,6 +20,11 @@ It also asks whether the risk signal transfers across sites: a logistic probe fo
 the outcome fitted on the embeddings of all sites but one and scored on the
 left-out site (leave-one-site-out AUROC).
 
+Where the confound enters: given each modality's own embedding (before fusion),
+the same two probes run on it, over the patients that have the modality
+(``<confound>.by_modality``). A site read from the image embedding points at the
+scanners; an ancestry read from the genotype embedding at population structure.
+
 Shapes:
     embeddings (N, D); confound codes (N,) with -1 = unknown; labels (N,);
     risk_factors (N, F)
@@ -158,6 +163,7 @@ def run_audit(
     vocabularies: dict[str, list[str]],
     seed: int = 0,
     risk_factors: np.ndarray | None = None,
+    modality_embeddings: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """The full audit: probes per confound plus leave-one-site-out AUROC.
 
@@ -169,6 +175,8 @@ def run_audit(
         seed: seeds folds and probes.
         risk_factors: true risk factors of the same samples when known (simulated
             cohorts); adds the ``risk_factor_*`` floor to each confound.
+        modality_embeddings: modality -> (embedding (N, D_m), present (N,) bool);
+            adds ``by_modality`` to each confound.
     """
     out: dict[str, Any] = {
         name: probe_confound(
@@ -176,10 +184,31 @@ def run_audit(
         )
         for name, codes in confounds.items()
     }
+    for name, codes in confounds.items():
+        if modality_embeddings:
+            out[name]["by_modality"] = probe_by_modality(modality_embeddings, codes, seed)
     if "site" in confounds:
         out["leave_one_site_out_auroc"] = leave_one_site_out(
             embeddings, labels, confounds["site"], vocabularies.get("site", []), seed
         )
+    return out
+
+
+def probe_by_modality(
+    modality_embeddings: dict[str, tuple[np.ndarray, np.ndarray]], codes: np.ndarray, seed: int
+) -> dict[str, dict[str, Any]]:
+    """The confound probes on each modality's embedding, over the samples that have it.
+
+    Returns:
+        modality -> ``probe_accuracy``, ``mlp_probe_accuracy``, ``majority_rate``
+        and ``n`` of those samples.
+    """
+    out = {}
+    for modality, (z, present) in modality_embeddings.items():
+        present = np.asarray(present, dtype=bool)
+        res = probe_confound(np.asarray(z)[present], np.asarray(codes)[present], seed=seed)
+        keys = ("probe_accuracy", "mlp_probe_accuracy", "majority_rate", "n")
+        out[modality] = {k: res[k] for k in keys}
     return out
 
 

@@ -49,7 +49,11 @@ def evaluate(
     metrics.update(_oracle(cohort_dir, samples, y))
     metrics["per_site"] = _subgroups(samples["site"], y, p)
     metrics["per_ancestry"] = _subgroups(samples["ancestry"], y, p)
-    metrics["audit"] = _audit(pred["fused"], y, samples, seed, _risk_factors(cohort_dir, samples))
+    modality_embeddings = {
+        m: (pred[f"embedding_{m}"], pred[f"present_{m}"]) for m in art.model.modalities
+    }
+    risk_factors = _risk_factors(cohort_dir, samples)
+    metrics["audit"] = _audit(pred["fused"], y, samples, seed, risk_factors, modality_embeddings)
     metrics["attribution"] = _attribution_summary(art, batches)
     metrics.update(_group_selection(art, cohort_dir))
     plots = plot_curves(y, p, out)
@@ -142,6 +146,7 @@ def _audit(
     samples: pl.DataFrame,
     seed: int,
     risk_factors: np.ndarray | None = None,
+    modality_embeddings: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     confounds, vocab = {}, {}
     for name in ("site", "ancestry"):
@@ -151,7 +156,9 @@ def _audit(
         vocab[name] = sorted(values.drop_nulls().unique().to_list())
         index = {v: i for i, v in enumerate(vocab[name])}
         confounds[name] = np.array([index.get(v, -1) for v in values.to_list()])
-    return run_audit(fused, y, confounds, vocab, seed=seed, risk_factors=risk_factors)
+    return run_audit(
+        fused, y, confounds, vocab, seed, risk_factors, modality_embeddings=modality_embeddings
+    )
 
 
 def _group_selection(art: ModelArtifact, cohort_dir) -> dict[str, Any]:

@@ -286,8 +286,30 @@ _PROBES = (("probe_accuracy", "linear"), ("mlp_probe_accuracy", "MLP"))
 
 
 def _audit_reading(probes: dict) -> str:
-    lines = [f"- {_cell(name)}: {_probe_verdict(p)}" for name, p in probes.items()]
+    lines = []
+    for name, p in probes.items():
+        lines.append(f"- {_cell(name)}: {_probe_verdict(p)}")
+        if p.get("by_modality"):
+            lines.append(f"  {_by_modality_note(p['by_modality'])}")
     return "\n".join(lines) if lines else ""
+
+
+def _by_modality_note(by: dict) -> str:
+    """The probes on each modality's own embedding, most readable first."""
+    ranked = sorted(
+        by.items(),
+        key=lambda kv: -max(kv[1]["probe_accuracy"], kv[1]["mlp_probe_accuracy"]),
+    )
+    parts = [
+        f"{_cell(m)} {_num(p['probe_accuracy'])} / {_num(p['mlp_probe_accuracy'])} "
+        f"(majority {_num(p['majority_rate'])})"
+        for m, p in ranked
+    ]
+    return (
+        "Read from each modality's embedding before fusion (logistic / MLP): "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def _probe_verdict(p: dict) -> str:

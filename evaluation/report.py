@@ -138,7 +138,41 @@ def _audit(audit: dict[str, Any]) -> str:
     loso_html = _table_rows(
         [(k, _fmt(v)) for k, v in loso.items()], "left-out site", "outcome AUROC"
     )
-    return f"{note}<table>{head}{rows}</table><h3>Leave-one-site-out outcome probe</h3>{loso_html}"
+    return (
+        f"{note}<table>{head}{rows}</table>{_audit_by_modality(audit)}"
+        f"<h3>Leave-one-site-out outcome probe</h3>{loso_html}"
+    )
+
+
+def _audit_by_modality(audit: dict[str, Any]) -> str:
+    """Probe accuracy (logistic / MLP) per confound and modality embedding, before fusion."""
+    probes = {
+        name: a["by_modality"] for name, a in audit.items() if _is_probe(a) and a.get("by_modality")
+    }
+    if not probes:
+        return ""
+    modalities = list(dict.fromkeys(m for by in probes.values() for m in by))
+    head = "<tr><th>confound</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in modalities)
+    rows = []
+    for name, by in probes.items():
+        cells = []
+        for m in modalities:
+            p = by.get(m)
+            if p is None:
+                cells.append("<td></td>")
+                continue
+            best = max(p["probe_accuracy"], p["mlp_probe_accuracy"])
+            cls = " class='warn'" if best - p["majority_rate"] > 0.05 else ""
+            cells.append(
+                f"<td{cls}>{_fmt(p['probe_accuracy'])} / {_fmt(p['mlp_probe_accuracy'])} "
+                f"(majority {_fmt(p['majority_rate'])}, n {p['n']})</td>"
+            )
+        rows.append(f"<tr><td>{html.escape(name)}</td>{''.join(cells)}</tr>")
+    return (
+        "<h3>Where the confound enters</h3><p>The same probes (logistic / MLP) on each "
+        "modality's own embedding, before fusion, over the patients that have it.</p>"
+        f"<table>{head}</tr>{''.join(rows)}</table>"
+    )
 
 
 def _is_probe(a: Any) -> bool:

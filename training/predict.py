@@ -14,12 +14,13 @@ from torch import nn
 def collect_predictions(
     model: nn.Module, batches: Iterable[dict[str, Any]]
 ) -> dict[str, np.ndarray]:
-    """Logits, labels, fused embeddings, presence flags and confounds for every sample.
+    """Logits, labels, embeddings, presence flags and confounds for every sample.
 
     Returns:
         ``logit (N,)``, ``label (N,)``, ``fused (N, D)``, ``subject_id (N,)``,
-        ``prediction_time (N,)``, ``site (N,)``, ``ancestry (N,)`` and
-        ``present_<modality> (N,)`` for each modality the model encodes.
+        ``prediction_time (N,)``, ``site (N,)``, ``ancestry (N,)``, and for each
+        modality the model encodes ``present_<modality> (N,)`` and
+        ``embedding_<modality> (N, D_m)`` (the encoder's output, zero where absent).
     """
     was_training = model.training
     model.eval()
@@ -28,8 +29,9 @@ def collect_predictions(
         out = model(batch)
         _append(parts, "logit", out["logit"])
         _append(parts, "fused", out["fused"])
-        for name, (_, present) in out["embeddings"].items():
+        for name, (embedding, present) in out["embeddings"].items():
             _append(parts, f"present_{name}", present)
+            _append(parts, f"embedding_{name}", embedding)
         for key in ("label", "subject_id", "prediction_time"):
             _append(parts, key, batch[key])
         for key, codes in batch["confounds"].items():

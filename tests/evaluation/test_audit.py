@@ -95,3 +95,30 @@ def test_run_audit_passes_the_floor_to_every_confound():
     res = run_audit(z, y, {"site": site, "ancestry": anc}, {}, risk_factors=z[:, :2])
     assert "risk_factor_probe_accuracy" in res["site"]
     assert "risk_factor_mlp_probe_accuracy" in res["ancestry"]
+
+
+def test_by_modality_names_the_embedding_that_carries_the_site():
+    rng = np.random.default_rng(5)
+    n = 600
+    site = rng.integers(0, 3, n)
+    image = rng.normal(size=(n, 6))
+    image[:, 0] += 4.0 * site  # the scanner shows in the image embedding only
+    genomics = rng.normal(size=(n, 6))
+    has_image = rng.uniform(size=n) < 0.8
+    image[~has_image] = 0.0  # absent films: zero embeddings, left out of that probe
+    res = run_audit(
+        rng.normal(size=(n, 4)),
+        rng.integers(0, 2, n),
+        {"site": site},
+        {"site": ["s0", "s1", "s2"]},
+        modality_embeddings={
+            "image": (image, has_image),
+            "genomics": (genomics, np.ones(n, dtype=bool)),
+        },
+    )
+    by = res["site"]["by_modality"]
+    assert by["image"]["n"] == int(has_image.sum()) and by["genomics"]["n"] == n
+    assert by["image"]["probe_accuracy"] > 0.9
+    # No site in the genotype embedding: both probes within CV noise of the majority rate.
+    for key in ("probe_accuracy", "mlp_probe_accuracy"):
+        assert by["genomics"][key] < by["genomics"]["majority_rate"] + 0.06

@@ -42,6 +42,7 @@ def test_evaluate_writes_a_filled_card(evaluated_run) -> None:
     assert spec_sites and f"**Sites seen in training:** {', '.join(spec_sites)}" in card
     assert "{{" not in card and "}}" not in card
     assert "<!--" not in card
+    assert "Read from each modality's embedding before fusion" in card
 
 
 @pytest.mark.slow
@@ -119,6 +120,29 @@ def test_verdict_reads_the_probe_against_the_risk_factor_floor() -> None:
     assert "above the 0.600 that the true risk factors give away" in render_model_card(
         _metrics(audit={"site": over}), {}, {}
     )
+
+
+def test_card_names_the_modality_embeddings_that_carry_the_confound() -> None:
+    by = {
+        "timeseries": {
+            "probe_accuracy": 0.48,
+            "mlp_probe_accuracy": 0.40,
+            "majority_rate": 0.5,
+            "n": 100,
+        },
+        "image": {
+            "probe_accuracy": 0.81,
+            "mlp_probe_accuracy": 0.79,
+            "majority_rate": 0.5,
+            "n": 90,
+        },
+    }
+    probe = {**_probe(0.62, 0.5, 100), "by_modality": by}
+    card = render_model_card(_metrics(audit={"site": probe}), {}, {})
+    assert (
+        "Read from each modality's embedding before fusion (logistic / MLP): "
+        "image 0.810 / 0.790 (majority 0.500); timeseries 0.480 / 0.400 (majority 0.500)."
+    ) in card  # most readable first
 
 
 def test_site_unseen_in_training_is_flagged() -> None:

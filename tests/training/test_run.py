@@ -60,10 +60,15 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
         assert key in m, key
     lo, hi = m["auroc_ci"]
     assert lo <= m["auroc"] <= hi
+    art = load_artifact(run_dir / "model")
     for confound in ("site", "ancestry"):
         audit = m["audit"][confound]
         assert 0.0 <= audit["probe_accuracy"] <= 1.0
         assert 0.0 < audit["majority_rate"] <= 1.0
+        by = audit["by_modality"]  # the probes on each modality's own embedding
+        assert set(by) == set(art.model.modalities)
+        for p in by.values():
+            assert 0 < p["n"] <= audit["n"] and 0.0 <= p["mlp_probe_accuracy"] <= 1.0
     assert m["oracle_auroc"] > 0.7  # the simulator's true risk is informative
     # Selected groups are those whose first-layer weights the proximal step left non-zero.
     genomics = m["genomics"]
@@ -75,6 +80,7 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
     html = (out / "report.html").read_text()
     for png in ("roc.png", "pr.png", "calibration.png", "gradcam_0.png"):
         assert (out / png).is_file() and png in html
+    assert "Where the confound enters" in html
 
 
 def test_cli_train_applies_overrides_and_resolves_config(tiny_cohort, tmp_path):
