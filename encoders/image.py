@@ -21,12 +21,12 @@ while their affine parameters still train (FrozenBatchNorm, as detection and
 segmentation fine-tuning do); ``update`` normalizes with batch statistics in
 training and re-estimates the running ones; ``auto`` (the default) is ``frozen``
 for pretrained weights and ``update`` for a backbone trained from scratch
-(``weights: none``), whose running statistics are only their initial values. Measured on 64 px
-simulated films (``benchmarks/bench_fusion.py --experiment transfer``, 3,000
-subjects): with ``update`` full fine-tuning fell below the frozen backbone's
-linear probe (held-out AUROC 0.638 vs 0.706 at 25% of the labels), with ``frozen``
-it rose above it (0.722). Normalizing with a batch's statistics moves every
-layer's input away from what the pretrained weights expect from the first step.
+(``weights: none``), whose running statistics are only their initial values.
+Measured on 64 px simulated films (``benchmarks/bench_fusion.py --experiment
+transfer``, 3,000 subjects): with ``update`` full fine-tuning fell below the frozen
+backbone's linear probe (held-out AUROC 0.638 vs 0.706 at 25% of the labels), with
+``frozen`` it rose above it (0.722). Normalizing with a batch's statistics moves
+every layer's input away from what the pretrained weights expect from the first step.
 ``param_groups`` gives layer-wise learning-rate decay: the depth group ``i`` of
 ``n`` (stem first, projection head last) gets ``lr * layer_decay ** (n - 1 - i)``.
 """

@@ -184,8 +184,8 @@ def run_audit(
         )
         for name, codes in confounds.items()
     }
-    for name, codes in confounds.items():
-        if modality_embeddings:
+    if modality_embeddings:
+        for name, codes in confounds.items():
             out[name]["by_modality"] = probe_by_modality(modality_embeddings, codes, seed)
     if "site" in confounds:
         out["leave_one_site_out_auroc"] = leave_one_site_out(

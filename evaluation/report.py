@@ -161,10 +161,8 @@ def _audit_by_modality(audit: dict[str, Any]) -> str:
             if p is None:
                 cells.append("<td></td>")
                 continue
-            best = max(p["probe_accuracy"], p["mlp_probe_accuracy"])
-            cls = " class='warn'" if best - p["majority_rate"] > 0.05 else ""
             cells.append(
-                f"<td{cls}>{_fmt(p['probe_accuracy'])} / {_fmt(p['mlp_probe_accuracy'])} "
+                f"<td{_warn_class(p)}>{_fmt(p['probe_accuracy'])} / {_fmt(p['mlp_probe_accuracy'])} "
                 f"(majority {_fmt(p['majority_rate'])}, n {p['n']})</td>"
             )
         rows.append(f"<tr><td>{html.escape(name)}</td>{''.join(cells)}</tr>")
@@ -179,9 +177,14 @@ def _is_probe(a: Any) -> bool:
     return isinstance(a, dict) and "probe_accuracy" in a
 
 
-def _audit_row(name: str, a: dict[str, Any], floor: bool) -> str:
+def _warn_class(a: dict[str, Any]) -> str:
+    """The red-row class when a probe reads the confound 0.05 above the majority rate."""
     best = max(a["probe_accuracy"], a.get("mlp_probe_accuracy", float("-inf")))
-    cls = " class='warn'" if best - a["majority_rate"] > 0.05 else ""
+    return " class='warn'" if best - a["majority_rate"] > 0.05 else ""
+
+
+def _audit_row(name: str, a: dict[str, Any], floor: bool) -> str:
+    cls = _warn_class(a)
     floor_cell = (
         f"<td>{_fmt(a.get('risk_factor_probe_accuracy'))} / "
         f"{_fmt(a.get('risk_factor_mlp_probe_accuracy'))}</td>"
