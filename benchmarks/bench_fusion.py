@@ -13,7 +13,7 @@ scored by ``evaluation.evaluate``:
 * ``transfer``: image-only models, ImageNet-pretrained (package weights) vs
   scratch, fine-tuned end to end, plus the frozen pretrained backbone (linear
   probe baseline), at several shares of the training labels; ``--transfer-modes``
-  adds BatchNorm-only and gradual-unfreezing rows.
+  adds BatchNorm-only, batch-statistics and gradual-unfreezing rows.
 
 ``--seeds 0 1 2`` trains every row once per training seed (same cohort, so the
 ceilings do not move) and writes ``<experiment>_seeds.md`` with each row's mean,
@@ -37,7 +37,8 @@ logistic stack of the three single-modality models.
         --experiment confound --subjects 5000 --epochs 15 --patience 4 --seeds 0 1 2
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
         --experiment transfer --subjects 3000 --epochs 15 --patience 4 --adversary off \
-        --transfer-modes pretrained_frozen pretrained_full scratch_full pretrained_bn
+        --transfer-modes pretrained_frozen pretrained_full pretrained_bn \
+        pretrained_full_bn_update scratch_full
 """
 
 from __future__ import annotations
