@@ -162,6 +162,7 @@ class PathwayGNNEncoder(ModalityEncoder):
         self.embed_dim, self.group_names = self.cfg.embed_dim, list(spec.groups)
         self._register_buffers(spec, graph)
         self._build_layers(spec.n_markers, spec.n_groups)
+        self._register_load_state_dict_pre_hook(_drop_gate_bias)
 
     def _register_buffers(self, spec: DataSpec, graph: PathwayGraph) -> None:
         mean = torch.tensor(spec.marker_mean, dtype=torch.float32)
@@ -181,7 +182,9 @@ class PathwayGNNEncoder(ModalityEncoder):
         self.group_convs = nn.ModuleList(
             SAGEConv(h, h, aggr=cfg.aggr) for _ in range(cfg.group_layers)
         )
-        self.gate = nn.Linear(h, 1)
+        # No bias: softmax over groups is invariant to a constant added to every
+        # logit, so a bias would never receive a gradient.
+        self.gate = nn.Linear(h, 1, bias=False)
         self.out = nn.Linear(h, cfg.embed_dim)
         self.act, self.drop = nn.GELU(), nn.Dropout(cfg.dropout)
 
@@ -212,6 +215,11 @@ class PathwayGNNEncoder(ModalityEncoder):
         attn = torch.softmax(self.gate(h_g), dim=1)  # (B, G, 1)
         emb = self.out((attn * h_g).sum(dim=1))  # (B, D)
         return emb, batch["genotype_present"].bool()
+
+
+def _drop_gate_bias(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Older checkpoints carry ``gate.bias``; it never changed an output (see ``gate``)."""
+    state_dict.pop(prefix + "gate.bias", None)
 
 
 @register_encoder("pathway_gnn")

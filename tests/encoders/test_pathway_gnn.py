@@ -128,3 +128,16 @@ def test_wrong_marker_count_is_named() -> None:
     batch["genotype"] = batch["genotype"][:, :5]
     with pytest.raises(ValueError, match=r"\(B, 12\)"):
         _encoder()(batch)
+
+
+def test_checkpoint_with_the_old_gate_bias_loads_to_the_same_outputs() -> None:
+    enc = _encoder().eval()
+    state = dict(enc.state_dict())
+    state["gate.bias"] = torch.tensor([3.0])  # what an older checkpoint carries
+    other = _encoder().eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    other.load_state_dict(state)
+    batch = _batch()
+    torch.testing.assert_close(other(batch)[0], enc(batch)[0])
