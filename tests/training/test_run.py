@@ -81,6 +81,16 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
     for png in ("roc.png", "pr.png", "calibration.png", "gradcam_0.png"):
         assert (out / png).is_file() and png in html
     assert "Where the confound enters" in html
+    # The gradient-boosting baseline, fit on the run's training split, on the same samples.
+    base = m["baseline"]
+    assert base["model"] == "gbdt_features"
+    assert base["modalities"] == art.model.modalities
+    image_width = art.model.encoders["image"].num_features  # the frozen backbone's features
+    assert base["n_features"] == 6 * art.spec.n_channels + art.spec.n_markers + image_width
+    assert base["delta"] == pytest.approx(m["auroc"] - base["auroc"], abs=1e-12)
+    lo, hi = base["delta_ci"]
+    assert lo <= base["delta"] <= hi
+    assert "Against a gradient-boosting baseline" in html
 
 
 def test_cli_train_applies_overrides_and_resolves_config(tiny_cohort, tmp_path):
