@@ -63,7 +63,18 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BASE_PRESET = CONFIGS / "bench_fusion.yaml"
 # The preset a user gets (``make demo``, ``clinfuse train`` without --config).
 USER_PRESET = CONFIGS / "demo.yaml"
-EXPERIMENTS = ("strategies", "confound", "transfer")
+EXPERIMENTS = ("strategies", "confound", "transfer", "missing")
+# The missing experiment: (modality, share of subjects without it) per cohort;
+# ("none", 0.0) is the complete-data reference every drop is measured from.
+MISSING_GRID = (
+    ("none", 0.0),
+    ("image", 0.25),
+    ("image", 0.5),
+    ("image", 0.75),
+    ("genotypes", 0.5),
+    ("genotypes", 0.9),
+)
+MISSING_ROWS = ("preset", "fusion_attention", "fusion_early", "fusion_late", "fusion_gated")
 MODALITY_ENCODER = {"image": "timm_image", "vitals/labs": "gru_d", "genotypes": "sgl_mlp"}
 ALL_MODALITIES = tuple(MODALITY_ENCODER)
 # ``sim_oracle.FEATURE_SETS`` entry of the latent factors a modality (set) can see.
@@ -227,8 +238,15 @@ def run_variant(
     start = time.perf_counter()
     summary = train(cfg, run_dir)
     seconds = time.perf_counter() - start
+    # No per-run baseline: the gbdt_features row is the same baseline, fit once per seed.
     metrics = evaluate(
-        run_dir, cohort, run_dir / "evaluation", "held_out", n_bootstrap, gradcam_images=0
+        run_dir,
+        cohort,
+        run_dir / "evaluation",
+        "held_out",
+        n_bootstrap,
+        gradcam_images=0,
+        baseline=False,
     )
     result = {
         "config": to_dict(cfg),
@@ -260,10 +278,15 @@ class Context:
     out: Path
     n_bootstrap: int
     user_preset: Path = USER_PRESET
+    cache: Path | None = None  # feature and film caches (default: out / "cache")
+
+    @property
+    def caches(self) -> Path:
+        return self.cache or self.out / "cache"
 
     def run(self, variant: Variant, cohort: str = "train") -> dict[str, Any]:
         """Trains and evaluates ``variant`` on one of the cohorts."""
-        cfg = build_config(variant, self.base, self.cohorts[cohort], self.out / "cache")
+        cfg = build_config(variant, self.base, self.cohorts[cohort], self.caches)
         return run_variant(variant, cfg, self.cohorts[cohort], self.out / "runs", self.n_bootstrap)
 
 
@@ -344,7 +367,7 @@ def gbdt_features(ctx: Context, seed: int, ceiling: float) -> dict[str, Any]:
     run_dir = ctx.out / "runs" / name
     if (run_dir / RESULT_FILE).is_file():
         return json.loads((run_dir / RESULT_FILE).read_text())
-    cohort, caches = ctx.cohorts["train"], ctx.out / "cache"
+    cohort, caches = ctx.cohorts["train"], ctx.caches
     cfg = build_config(Variant("fusion_early"), ctx.base, cohort, caches)
     samples = load_samples(cohort, cfg.data.split_fractions, cfg.data.split_seed)
     spec = fit_spec(cohort, samples.filter(_split_filter("train")), cfg.data)
@@ -648,6 +671,82 @@ def _confound_row(
     }
 
 
+def missing(
+    ctx: Context, subjects: int, mode: str, adversary: bool, seeds: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """Every fusion strategy, the preset and ``gbdt_features`` with a modality missing.
+
+    One cohort per ``MISSING_GRID`` entry (same subjects and world, missing in training
+    and at test alike), each row's drop measured from its own complete-data run of the
+    same seed. Film missingness is ``mode`` (informative: sicker patients are filmed
+    more often); genotype missingness is at random (most ICU patients are never typed).
+    """
+    suffix = "" if adversary else "_no_adv"
+    rows: list[dict[str, Any]] = []
+    complete: dict[tuple[str, int], float] = {}
+    for modality, share in MISSING_GRID:
+        sub = _missing_context(ctx, subjects, modality, share, mode)
+        for seed in seeds:
+            for name in MISSING_ROWS:
+                v = _missing_variant(name, suffix, adversary, ctx.user_preset, seed)
+                auc = sub.run(v)["metrics"]["auroc"]
+                rows.append(_missing_row(name, seed, modality, share, auc, complete))
+            base = gbdt_features(sub, seed, float("nan"))
+            rows.append(
+                _missing_row("gbdt_features", seed, modality, share, base["auroc"], complete)
+            )
+    return rows
+
+
+def _missing_context(
+    ctx: Context, subjects: int, modality: str, share: float, mode: str
+) -> Context:
+    """A context whose training cohort misses ``modality`` for a share of subjects."""
+    image = share if modality == "image" else 0.0
+    geno = share if modality == "genotypes" else 0.0
+    name = (
+        "complete"
+        if modality == "none"
+        else f"{modality}_{mode if modality == 'image' else 'random'}_{share:g}"
+    )
+    cfg = SimConfig(
+        n_subjects=subjects,
+        image_size=int(ctx.base["data"]["image_size"]),
+        seed=0,
+        image_missing=image,
+        image_missing_mode=mode,
+        genotype_missing=geno,
+        progress=False,
+    )
+    cohort = _simulate_once(ctx.out / "cohorts" / f"missing_n{subjects}_{name}", cfg)
+    out = ctx.out / "missing" / name
+    return Context(ctx.base, {"train": cohort}, out, ctx.n_bootstrap, ctx.user_preset, ctx.caches)
+
+
+def _missing_variant(name: str, suffix: str, adversary: bool, preset: Path, seed: int) -> Variant:
+    if name == "preset":
+        return Variant("preset", preset=str(preset), seed=seed)
+    fusion = name.removeprefix("fusion_")
+    return Variant(f"{name}{suffix}", fusion=fusion, adversary=adversary, seed=seed)
+
+
+def _missing_row(
+    name: str, seed: int, modality: str, share: float, auc: float, complete: dict
+) -> dict[str, Any]:
+    if modality == "none":
+        complete[(name, seed)] = auc
+    reference = complete.get((name, seed), float("nan"))
+    return {
+        "model": name,
+        "seed": seed,
+        "missing": modality,
+        "share": share,
+        "auroc": auc,
+        "complete_auroc": reference,
+        "drop": reference - auc,
+    }
+
+
 def transfer(
     ctx: Context,
     fractions: list[float],
@@ -833,6 +932,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training seeds; with more than one, <experiment>_seeds.md has mean/s.d./min/max",
     )
     ap.add_argument(
+        "--missing-mode",
+        choices=["informative", "random"],
+        default="informative",
+        help="film missingness of the missing experiment (informative: sicker patients "
+        "are filmed more often)",
+    )
+    ap.add_argument(
         "--transfer-modes",
         nargs="+",
         choices=list(TRANSFER_ROWS),
@@ -890,6 +996,9 @@ def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[d
         return strategies(ctx, args.adversary == "on", args.only, seeds, candidates)
     if name == "confound":
         return confound(ctx, seeds)
+    if name == "missing":
+        subjects = args.subjects
+        return missing(ctx, subjects, args.missing_mode, args.adversary == "on", seeds)
     return transfer(ctx, args.fractions, args.adversary == "on", tuple(args.transfer_modes), seeds)
 
 
@@ -897,6 +1006,10 @@ NOTES = {
     "strategies": _strategy_notes,
     "confound": _confound_notes,
     "transfer": lambda rows: "Image-only models, held-out AUROC.",
+    "missing": lambda rows: (
+        "Held-out AUROC with a share of subjects missing a modality (in training and at "
+        "test); drop = the same model and seed on the complete cohort minus this row."
+    ),
 }
 # Seed summaries: (grouping columns, summarized columns) per experiment.
 SUMMARY = {
@@ -914,6 +1027,7 @@ SUMMARY = {
         ),
     ),
     "transfer": (("model", "label_fraction"), ("auroc",)),
+    "missing": (("model", "missing", "share"), ("auroc", "drop")),
 }
 
 

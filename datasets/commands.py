@@ -45,6 +45,21 @@ def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--markers-per-group", type=int, default=10, help="(10)")
     p.add_argument("--causal-groups", dest="n_causal_groups", type=int, default=4, help="(4)")
     p.add_argument("--missing-call-rate", type=float, default=0.02, help="(0.02)")
+    p.add_argument(
+        "--image-missing", type=float, default=0.15, help="share of subjects with no film (0.15)"
+    )
+    p.add_argument(
+        "--image-missing-mode",
+        choices=("random", "informative"),
+        default="random",
+        help="random, or informative: sicker subjects are filmed more often (random)",
+    )
+    p.add_argument(
+        "--genotype-missing",
+        type=float,
+        default=0.0,
+        help="share of subjects never genotyped (0)",
+    )
     p.add_argument("--horizon-hours", type=float, default=48.0, help="outcome horizon (48)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument(

@@ -63,6 +63,10 @@ from clinfuse.datasets.sim_images import (
 from clinfuse.datasets.sim_world import World, build_world
 
 SITE_EFFECTS = {"normal": 1.0, "reversed": -1.0, "none": 0.0}
+MISSING_MODES = ("random", "informative")
+# Informative film missingness: P(no film) = sigmoid(a - SLOPE * z), z the standardized
+# true logit, a solved so the mean is the requested share.
+MISSING_SLOPE = 1.5
 ORACLE_GROUPS_FILE = "oracle_groups.parquet"
 CONFIG_FILE = "simulation.yaml"
 
@@ -78,7 +82,7 @@ EPOCH_START_US = 5_680_281_600_000_000  # 2150-01-01: shifted, obviously synthet
 # Independent random streams per component, so one part can change without
 # reshuffling the others.
 _STREAMS = {"people": 1, "latent": 2, "genotype": 3, "times": 4, "outcome": 5}
-_STREAMS |= {"events": 6, "films": 7, "split": 8, "calls": 9}
+_STREAMS |= {"events": 6, "films": 7, "split": 8, "calls": 9, "genotyped": 10}
 
 
 @dataclass
@@ -100,6 +104,13 @@ class SimConfig:
         markers_per_group: markers per group.
         n_causal_groups: causal groups (one modifier, the rest main effects).
         missing_call_rate: fraction of genotype calls set to null.
+        image_missing: share of subjects with no film at all.
+        image_missing_mode: ``random`` (every subject equally likely to have no film)
+            or ``informative`` (films are ordered for sicker patients: the chance of
+            having none falls with the true risk logit, its mean still
+            ``image_missing``).
+        genotype_missing: share of subjects never genotyped (no genotypes row), drawn
+            at random.
         horizon_hours: outcome horizon after prediction_time; charting runs until its end.
         progress: show a progress bar while writing films.
     """
@@ -117,6 +128,9 @@ class SimConfig:
     markers_per_group: int = 10
     n_causal_groups: int = 4
     missing_call_rate: float = 0.02
+    image_missing: float = 0.15
+    image_missing_mode: str = "random"
+    genotype_missing: float = 0.0
     horizon_hours: float = 48.0
     progress: bool = True
 
@@ -130,6 +144,12 @@ class SimConfig:
         _check_range("n_ancestries", self.n_ancestries, 1, 26)
         _check_range("fst", self.fst, 1e-4, 0.5)
         _check_range("missing_call_rate", self.missing_call_rate, 0.0, 0.5)
+        _check_range("image_missing", self.image_missing, 0.0, 0.99)
+        _check_range("genotype_missing", self.genotype_missing, 0.0, 0.99)
+        if self.image_missing_mode not in MISSING_MODES:
+            raise ValueError(
+                f"image_missing_mode={self.image_missing_mode!r}: expected one of {MISSING_MODES}"
+            )
         _check_range("horizon_hours", self.horizon_hours, 1.0, 24.0 * 30)
         _check_range("markers_per_group", self.markers_per_group, 1, None)
 
@@ -295,13 +315,41 @@ def simulate_cohort(out_dir: str | Path, cfg: SimConfig) -> Path:
     _write(out, "subject_splits", _splits_frame(c, cfg, len(world.sites) - 1))
     _write(out, "markers", markers_frame(world.panel))
     calls = mask_calls(_rng(cfg, "calls"), c.dosage, cfg.missing_call_rate)
-    _write(out, "genotypes", genotypes_frame(world.panel, c.subject_id, calls))
+    typed = _genotyped(cfg, c.subject_id.size)  # (N,) bool
+    _write(out, "genotypes", genotypes_frame(world.panel, c.subject_id[typed], calls[typed]))
     _write(out, "events", simulate_events(_rng(cfg, "events"), _stays(c, cfg)))
     _write(out, "images", _write_films(out, c, sites, cfg))
     _oracle_frame(c, world, cfg).write_parquet(out / schema.ORACLE_FILE)
     groups_frame(world.panel).write_parquet(out / ORACLE_GROUPS_FILE)
     save_yaml(cfg, out / CONFIG_FILE)
     return out
+
+
+def _genotyped(cfg: SimConfig, n: int) -> np.ndarray:
+    """Which subjects have a genotype row (a share ``genotype_missing`` never genotyped)."""
+    if cfg.genotype_missing <= 0:
+        return np.ones(n, dtype=bool)
+    return _rng(cfg, "genotyped").random(n) >= cfg.genotype_missing
+
+
+def no_film_probability(logit: np.ndarray, share: float, mode: str) -> np.ndarray:
+    """Each subject's chance of having no film; its mean is ``share``.
+
+    ``informative``: ``sigmoid(a - MISSING_SLOPE * z)`` with ``z`` the standardized
+    true logit, so sicker subjects are more often filmed; ``a`` is found by bisection.
+
+    Shapes:
+        logit: (N,) -> (N,)
+    """
+    if mode == "random" or share <= 0:
+        return np.full(logit.shape, share)
+    z = (logit - logit.mean()) / max(float(logit.std()), 1e-12)
+    lo, hi = -30.0, 30.0
+    for _ in range(100):
+        a = 0.5 * (lo + hi)
+        mean = float(np.mean(1.0 / (1.0 + np.exp(-(a - MISSING_SLOPE * z)))))
+        lo, hi = (a, hi) if mean < share else (lo, a)
+    return 1.0 / (1.0 + np.exp(-(0.5 * (lo + hi) - MISSING_SLOPE * z)))
 
 
 def _write(out: Path, name: str, frame: pl.DataFrame) -> None:
@@ -360,10 +408,12 @@ class _Films:
 
 
 def _plan_films(rng: np.random.Generator, c: _Cohort, cfg: SimConfig) -> _Films:
-    """15% of subjects have no film; the others one before prediction_time plus Poisson(0.6)
-    more anywhere in the stay (some after prediction_time, which must never count)."""
+    """A share ``image_missing`` of subjects has no film (``no_film_probability``); the
+    others one before prediction_time plus Poisson(0.6) more anywhere in the stay (some
+    after prediction_time, which must never count)."""
     n = c.subject_id.size
-    count = np.where(rng.random(n) < 0.15, 0, 1 + rng.poisson(0.6, n))
+    none = no_film_probability(c.logit, cfg.image_missing, cfg.image_missing_mode)
+    count = np.where(rng.random(n) < none, 0, 1 + rng.poisson(0.6, n))
     subject = np.repeat(np.arange(n), count)
     number = np.arange(subject.size) - np.repeat(np.cumsum(count) - count, count)
     start, pred = c.admission[subject], c.prediction[subject]
