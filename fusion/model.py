@@ -45,6 +45,9 @@ class ModelConfig:
     Attributes:
         encoders: registered encoder name -> its keyword arguments, e.g.
             ``{"gru_d": {"hidden": 64}, "sgl_mlp": {}}``; one encoder per modality.
+            An entry whose value is null is removed, so the override
+            ``model.encoders.timm_image=null`` trains without images (``{}`` keeps
+            the encoder with its defaults).
         fusion: the fusion strategy.
         adversary: the confound adversary.
         modality_dropout: probability of dropping each present modality of a
@@ -67,6 +70,9 @@ class ModelConfig:
     head_hidden: int = 0
     head_dropout: float = 0.1
     aux_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.encoders = {k: v for k, v in self.encoders.items() if v is not None}
 
 
 def modality_dropout_mask(
@@ -365,7 +371,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> FusionModel:
         raise ValueError("model config lists no encoders; configure at least one")
     encoders: dict[str, ModalityEncoder] = {}
     for name, kwargs in cfg.encoders.items():
-        enc = create_encoder(name, spec=spec, **(kwargs or {}))
+        enc = create_encoder(name, spec=spec, **kwargs)
         if enc.modality in encoders:
             raise ValueError(
                 f"encoders {name!r} and another both encode {enc.modality!r}; keep one"

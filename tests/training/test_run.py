@@ -173,3 +173,15 @@ def test_a_zeroed_genotype_layer_is_reported_not_silent(tiny_run):
         model.encoders["genomics"].first.weight.zero_()
     (message,) = unused_modality_warnings(model)
     assert message.startswith("genomics: the sparse-group-lasso penalty zeroed every group")
+
+
+def test_a_null_encoder_override_trains_without_that_modality(tiny_cohort, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", "configs/demo.yaml", "--cohort", str(tiny_cohort),
+            "--run-dir", str(run_dir), "model.encoders.timm_image=null",
+            "model.encoders.sgl_mlp=null", "optim.max_epochs=1", "optim.progress_bar=false",
+            "data.image_size=32", "model.encoders.gru_d={hidden: 8, embed_dim: 8}"]  # fmt: skip
+    assert cli_main(args) == 0
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert set(config["model"]["encoders"]) == {"gru_d"}
+    assert load_artifact(run_dir / "model").model.modalities == ["timeseries"]
