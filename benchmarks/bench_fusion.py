@@ -10,10 +10,21 @@ scored by ``evaluation.evaluate``:
   adversary; AUROC on the training cohort's held-out split vs on a confound-flip
   cohort of the same world (site effect reversed, plus a new site), and a
   post-hoc linear and MLP probe of site and ancestry on the fused representation.
+* ``missing``: the preset, the four fusion strategies and ``gbdt_features`` on cohorts
+  where a share of subjects has no film (0.25 / 0.5 / 0.75, informative by default:
+  sicker patients are filmed more often) or was never genotyped (0.5 / 0.9), missing
+  in training and at test; each row's drop from its own complete-data run.
 * ``transfer``: image-only models, ImageNet-pretrained (package weights) vs
   scratch, fine-tuned end to end, plus the frozen pretrained backbone (linear
   probe baseline), at several shares of the training labels; ``--transfer-modes``
   adds BatchNorm-only, batch-statistics and gradual-unfreezing rows.
+
+The strategies table also has the two rows a user compares us with: ``preset``
+(exactly ``configs/demo.yaml``, its confound treatment included, on the bench's
+cohort and schedule) and ``gbdt_features`` (the HAIM-style peer of
+``evaluation.baseline``: gradient boosting on fixed per-modality features), plus
+``--candidates FILE`` rows (named lists of ``key=value`` edits of the preset, the
+settings tried for it) and a paired-bootstrap table of preset vs peers.
 
 ``--seeds 0 1 2`` trains every row once per training seed (same cohort, so the
 ceilings do not move) and writes ``<experiment>_seeds.md`` with each row's mean,
@@ -35,6 +46,8 @@ logistic stack of the three single-modality models.
         --experiment strategies --subjects 5000 --epochs 15 --patience 4 --seeds 0 1 2
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
         --experiment confound --subjects 5000 --epochs 15 --patience 4 --seeds 0 1 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
+        --experiment missing --subjects 5000 --epochs 15 --patience 4 --seeds 0 1 2
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
         --experiment transfer --subjects 3000 --epochs 15 --patience 4 --adversary off \
         --transfer-modes pretrained_frozen pretrained_full pretrained_bn \
