@@ -35,6 +35,13 @@ def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
         help="link between site and risk: as in training, reversed, or removed (normal)",
     )
     p.add_argument(
+        "--ancestry-effect",
+        choices=("normal", "reversed", "none"),
+        default="none",
+        help="a non-genetic link between ancestry and risk (a shortcut the genotypes "
+        "reveal): present, reversed, or absent (none)",
+    )
+    p.add_argument(
         "--new-site",
         action="store_true",
         help="add the world's held-back site (never in training; its subjects are held_out)",

@@ -17,9 +17,12 @@ Generative model, per subject (site s, ancestry a):
     genotypes ~ Balding-Nichols frequencies of ancestry a
     genetic_score G = sum of main causal group scores * effects
     carrier C = modifier-group score > 0.5 (about a third of subjects)
-    logit = b0 + k * offset_s + 1.5 L + 1.1 P (1 + 1.5 C) + 1.2 G
+    logit = b0 + k * offset_s + j * offset_a + 1.5 L + 1.1 P (1 + 1.5 C) + 1.2 G
     outcome ~ Bernoulli(sigmoid(logit)), deterioration within ``horizon_hours``
-with ``k`` = 1, -1 or 0 for ``site_effect`` normal, reversed or none. The
+with ``k`` = 1, -1 or 0 for ``site_effect`` normal, reversed or none, and ``j`` the
+same for ``ancestry_effect`` (default none): a non-genetic link between ancestry and
+outcome (care pathways, environment) that a model can read off the genotypes, a
+shortcut a test cohort can reverse while the genetic signal stays as it is. The
 carrier interaction means the lactate/creatinine trend matters 2.5 times more
 in carriers, which no single modality can see. Sites differ in scanner, ancestry
 mix and baseline risk, so site and ancestry are spuriously predictive.
@@ -64,6 +67,7 @@ from clinfuse.datasets.sim_world import World, build_world
 
 SITE_EFFECTS = {"normal": 1.0, "reversed": -1.0, "none": 0.0}
 MISSING_MODES = ("random", "informative")
+ANCESTRY_SPAN = 0.8  # logit offset of the first and last ancestry group under ancestry_effect
 # Informative film missingness: P(no film) = sigmoid(a - SLOPE * z), z the standardized
 # true logit, a solved so the mean is the requested share.
 MISSING_SLOPE = 1.5
@@ -97,6 +101,9 @@ class SimConfig:
             causal groups); keep it fixed to simulate a test cohort of the same world.
         image_size: side of the square films in pixels.
         site_effect: ``normal``, ``reversed`` or ``none`` link between site and risk.
+        ancestry_effect: ``normal``, ``reversed`` or ``none`` (default) link between
+            ancestry and risk, outside the genotypes' causal effects: ancestry group
+            ``a`` of ``A`` adds ``ANCESTRY_SPAN * (2 a / (A - 1) - 1)`` to the logit.
         new_site: add the world's held-back site; its subjects are all held_out.
         n_ancestries: number of ancestry groups.
         fst: Balding-Nichols fixation index between ancestry groups.
@@ -121,6 +128,7 @@ class SimConfig:
     world_seed: int = 0
     image_size: int = 128
     site_effect: str = "normal"
+    ancestry_effect: str = "none"
     new_site: bool = False
     n_ancestries: int = 3
     fst: float = 0.08
@@ -138,6 +146,10 @@ class SimConfig:
         if self.site_effect not in SITE_EFFECTS:
             raise ValueError(
                 f"site_effect={self.site_effect!r}: expected one of {sorted(SITE_EFFECTS)}"
+            )
+        if self.ancestry_effect not in SITE_EFFECTS:
+            raise ValueError(
+                f"ancestry_effect={self.ancestry_effect!r}: expected one of {sorted(SITE_EFFECTS)}"
             )
         _check_range("n_subjects", self.n_subjects, 1, None)
         _check_range("image_size", self.image_size, 32, 2048)
@@ -187,6 +199,7 @@ class _Cohort:
     modifier: np.ndarray
     carrier: np.ndarray
     site_term: np.ndarray
+    ancestry_term: np.ndarray
     logit: np.ndarray
     risk: np.ndarray
     outcome: np.ndarray
@@ -210,16 +223,26 @@ def _draw_cohort(cfg: SimConfig, world: World) -> _Cohort:
     carrier = modifier > CARRIER_Z
     offsets = np.array([s.logit_offset for s in sites])
     site_term = SITE_EFFECTS[cfg.site_effect] * offsets[site]
+    span = ancestry_offsets(len(world.ancestries))
+    ancestry_term = SITE_EFFECTS[cfg.ancestry_effect] * span[ancestry]
     boost = float(world.panel.effect[np.array(world.panel.role) == MODIFIER][0])
-    logit = _logit(site_term, lung, physio, genetic, carrier * boost)
+    logit = _logit(site_term + ancestry_term, lung, physio, genetic, carrier * boost)
     risk = 1.0 / (1.0 + np.exp(-logit))
     outcome = _rng(cfg, "outcome").random(cfg.n_subjects) < risk
     admission, prediction, deterioration = _draw_times(_rng(cfg, "times"), outcome, cfg)
     return _Cohort(
         np.arange(1, cfg.n_subjects + 1, dtype=np.int64),
         site, ancestry, sex, age, lung, physio, genetic, modifier, carrier,
-        site_term, logit, risk, outcome, admission, prediction, deterioration, dosage,
+        site_term, ancestry_term, logit, risk, outcome, admission, prediction, deterioration,
+        dosage,
     )  # fmt: skip
+
+
+def ancestry_offsets(n_ancestries: int) -> np.ndarray:
+    """Logit offset of each ancestry group under ``ancestry_effect: normal`` (A,)."""
+    if n_ancestries == 1:
+        return np.zeros(1)
+    return ANCESTRY_SPAN * np.linspace(-1.0, 1.0, n_ancestries)
 
 
 def _draw_people(
@@ -246,15 +269,16 @@ def _genetic_terms(world: World, dosage: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _logit(
-    site_term: np.ndarray,
+    confound_term: np.ndarray,
     lung: np.ndarray,
     physio: np.ndarray,
     genetic: np.ndarray,
     carrier_boost: np.ndarray,
 ) -> np.ndarray:
-    """Risk logit; ``carrier_boost`` is the modifier effect for carriers, 0 otherwise."""
+    """Risk logit; ``confound_term`` the site and ancestry offsets, ``carrier_boost`` the
+    modifier effect for carriers (0 otherwise)."""
     physio_term = PHYSIO_EFFECT * physio * (1.0 + carrier_boost)
-    return INTERCEPT + site_term + LUNG_EFFECT * lung + physio_term + GENETIC_EFFECT * genetic
+    return INTERCEPT + confound_term + LUNG_EFFECT * lung + physio_term + GENETIC_EFFECT * genetic
 
 
 def _draw_times(
@@ -291,6 +315,7 @@ def _oracle_frame(c: _Cohort, world: World, cfg: SimConfig) -> pl.DataFrame:
             "modifier_score": c.modifier,
             "modifier_carrier": c.carrier,
             "site_term": c.site_term,
+            "ancestry_term": c.ancestry_term,
             "true_logit": c.logit,
             "true_risk": c.risk,
             "outcome": c.outcome,

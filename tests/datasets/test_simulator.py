@@ -361,3 +361,22 @@ def test_no_film_probability_has_the_requested_mean_and_falls_with_risk():
 def test_unknown_missing_mode_is_named():
     with pytest.raises(ValueError, match="image_missing_mode='sometimes'"):
         SimConfig(image_missing_mode="sometimes")
+
+
+def test_ancestry_effect_links_ancestry_to_outcome_and_flips_when_reversed():
+    by = {}
+    for effect in ("normal", "reversed", "none"):
+        o = sample_oracle(SimConfig(n_subjects=6000, seed=5, ancestry_effect=effect))
+        rate = o.group_by("ancestry").agg(pl.col("outcome").mean()).sort("ancestry")
+        by[effect] = (o, dict(zip(rate["ancestry"], rate["outcome"], strict=True)))
+    first, last = sorted(by["none"][1])[0], sorted(by["none"][1])[-1]
+    normal, reversed_, none = (by[e][1] for e in ("normal", "reversed", "none"))
+    # 0.8 logits either way: far beyond the sampling error of ~2,000 subjects per group
+    assert normal[last] - normal[first] > none[last] - none[first] + 0.1
+    assert reversed_[last] - reversed_[first] < none[last] - none[first] - 0.1
+    # the genetic signal itself does not move: same dosages, same scores, same carriers
+    for effect in ("normal", "reversed"):
+        o = by[effect][0]
+        for col in ("genetic_score", "modifier_carrier", "physio_severity"):
+            assert o[col].equals(by["none"][0][col]), (effect, col)
+    np.testing.assert_array_equal(by["none"][0]["ancestry_term"].to_numpy(), 0.0)
