@@ -32,6 +32,8 @@ from clinfuse.config import load_yaml, save_yaml, to_dict
 from clinfuse.datasets.datamodule import CohortDataModule, save_spec
 from clinfuse.datasets.schema import SPLITS
 from clinfuse.encoders import create_encoder
+from clinfuse.errors import InputError, IntegrityError, NotFoundError
+from clinfuse.integrity.locks import output_lock
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import export_artifact, first_selected_epoch
@@ -230,7 +232,7 @@ def restore_tuner(path: str, trainable: Any) -> Any:
     from ray import tune
 
     if not tune.Tuner.can_restore(path):
-        raise FileNotFoundError(f"{path}: no Tune experiment to resume (run without --resume)")
+        raise NotFoundError("no Tune experiment to resume", path, "run without --resume")
     _check_snapshot(path)
     return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
 
@@ -250,9 +252,10 @@ def _check_snapshot(path: str) -> None:
     try:
         json.loads(states[-1].read_text())
     except ValueError as err:
-        raise RuntimeError(
-            f"{states[-1]}: the experiment snapshot is torn (the sweep was killed while "
-            "Tune wrote it); it cannot be resumed, start the sweep again"
+        raise IntegrityError(
+            "the experiment snapshot is torn (the sweep was killed while Tune wrote it)",
+            states[-1],
+            "it cannot be resumed; start the sweep again in a new --out",
         ) from err
 
 
@@ -377,8 +380,16 @@ def run_sweep(
         resume: continue the interrupted sweep in ``out``.
 
     Returns the results table (one row per trial).
+
+    Raises:
+        LockHeldError: another process is writing ``out``.
     """
     out = Path(out).resolve()
+    with output_lock(out):  # one sweep driver per directory; trials write under ray/
+        return _run_sweep(cfg, out, opts, resume)
+
+
+def _run_sweep(cfg: RunConfig | None, out: Path, opts: SweepOptions, resume: bool) -> pl.DataFrame:
     base = _resume_dir(out) if resume else _prepare_dir(cfg, out, opts)
     opts = _read_options(out, opts) if resume else opts
     dm = prepare_data(base, out)
@@ -414,7 +425,7 @@ def _finish(
 
 def _prepare_dir(cfg: RunConfig | None, out: Path, opts: SweepOptions) -> dict[str, Any]:
     if cfg is None or not cfg.cohort:
-        raise ValueError("cohort is not set: pass --cohort DIR or cohort=DIR")
+        raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
     out.mkdir(parents=True, exist_ok=True)
     opts.storage_path = opts.storage_path or str(out / "ray")
     base = sweep_base_config(cfg, out)
@@ -427,7 +438,7 @@ def _resume_dir(out: Path) -> dict[str, Any]:
     """The interrupted sweep's base config (the one its trials were sampled against)."""
     path = out / BASE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no sweep to resume in {out}")
+        raise NotFoundError("no sweep to resume", path, "run without --resume")
     return load_yaml(path)
 
 
