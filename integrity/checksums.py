@@ -13,9 +13,12 @@ Two layers, because they catch different things:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 import polars as pl
@@ -140,3 +143,48 @@ def read_parquet_verified(paths: list[Path], fix: str = RESTORE) -> pl.DataFrame
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+# -------------------------------------------------------------------------- caches
+
+DIGEST_BYTES = 32  # sha256
+_failures_lock = threading.Lock()
+_failures = [0]  # cache entries that failed their checksum in this process
+
+
+def cache_entry_failed(path: str | Path, why: str) -> None:
+    """Counts a cache entry that failed its check (the caller drops and recomputes it)."""
+    with _failures_lock:
+        _failures[0] += 1
+    warnings.warn(f"{path}: cache entry {why}; dropped and recomputed", stacklevel=3)
+
+
+def cache_failures() -> int:
+    """Cache entries that failed their checksum in this process so far."""
+    return _failures[0]
+
+
+def seal(payload: bytes) -> bytes:
+    """``payload`` followed by its 32-byte sha256: a cache entry that checks itself."""
+    return payload + hashlib.sha256(payload).digest()
+
+
+def unseal(data: bytes) -> bytes | None:
+    """The payload of a ``seal``-ed entry, or None when its trailing sha256 does not match."""
+    payload, digest = data[:-DIGEST_BYTES], data[-DIGEST_BYTES:]
+    if len(data) <= DIGEST_BYTES or hashlib.sha256(payload).digest() != digest:
+        return None
+    return payload
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path``, then ``os.replace``: readers
+    see the old file, or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:16]}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

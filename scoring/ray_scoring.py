@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from clinfuse.integrity.checksums import cache_failures
 from clinfuse.integrity.locks import output_lock
 from clinfuse.scoring.parts import PartLedger, StagedPart, stage_part
 from clinfuse.scoring.score import (
@@ -63,17 +64,20 @@ class ChunkActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Scores the chunks named in ``batch["chunk"]``; returns each staged part (its
         temporary file, sha256 and rows) and error count for the driver to commit."""
-        staged, errors = [], []
+        staged, errors, failed = [], [], []
         for index in batch["chunk"].tolist():
+            failed_before = cache_failures()
             frame = self.scorer.score(self.plan.chunk(index))
             staged.append(stage_part(self.out_dir, index, frame))
             errors.append(int(frame["error"].is_not_null().sum()))
+            failed.append(cache_failures() - failed_before)
         return {
             "chunk": np.asarray(batch["chunk"], dtype=np.int64),
             "tmp": np.asarray([s.tmp for s in staged], dtype=object),
             "sha256": np.asarray([s.sha256 for s in staged], dtype=object),
             "rows": np.asarray([s.rows for s in staged], dtype=np.int64),
             "errors": np.asarray(errors, dtype=np.int64),
+            "cache_failed": np.asarray(failed, dtype=np.int64),
         }
 
 
@@ -126,7 +130,7 @@ def score_with_ray(
                 threads=threads,
             ),
         )
-        errors = 0
+        errors = failed = 0
         if pending:
             dataset = _chunk_dataset(ray, pending).map_batches(
                 ChunkActor,
@@ -136,8 +140,9 @@ def score_with_ray(
                 concurrency=int(num_actors),
                 **({"num_gpus": float(gpus_per_actor)} if gpus_per_actor > 0 else {}),
             )
-            errors = _drain(dataset, pending, plan.n_chunks, progress, PartLedger(out_dir))
-        return run_summary(plan, pending, errors, time.perf_counter() - start, out_dir)
+            errors, failed = _drain(dataset, pending, plan.n_chunks, progress, PartLedger(out_dir))
+        seconds = time.perf_counter() - start
+        return run_summary(plan, pending, errors, seconds, out_dir, cache_failed=failed)
 
 
 def _init_ray(address: str | None) -> None:
@@ -153,13 +158,15 @@ def _chunk_dataset(ray: Any, pending: list[int]) -> Any:
     return ray.data.from_items([{"chunk": i} for i in pending], override_num_blocks=len(pending))
 
 
-def _drain(dataset: Any, pending: list[int], total: int, progress: bool, ledger: PartLedger) -> int:
+def _drain(
+    dataset: Any, pending: list[int], total: int, progress: bool, ledger: PartLedger
+) -> tuple[int, int]:
     """Runs the pipeline, committing each staged part as its row arrives; checks every
-    pending chunk came back once; returns error rows."""
+    pending chunk came back once; returns error rows and damaged cache entries."""
     from tqdm.auto import tqdm
 
     seen: list[int] = []
-    errors = 0
+    errors = failed = 0
     bar = tqdm(total=len(pending), disable=not progress, unit="chunk",
                desc=f"scoring on Ray ({total - len(pending)}/{total} chunks done before)")  # fmt: skip
     for row in dataset.iter_rows():
@@ -169,8 +176,9 @@ def _drain(dataset: Any, pending: list[int], total: int, progress: bool, ledger:
         )
         ledger.commit(staged)
         errors += int(row["errors"])
+        failed += int(row["cache_failed"])
         bar.update(1)
     bar.close()
     if sorted(seen) != sorted(pending):
         raise RuntimeError(f"Ray returned chunks {sorted(seen)}, expected {sorted(pending)}")
-    return errors
+    return errors, failed

@@ -81,6 +81,7 @@ from clinfuse.datasets.schema import (
 )
 from clinfuse.encoders.embedding_cache import FileFeatureStore
 from clinfuse.errors import InputError, IntegrityError, NotFoundError, OutputExistsError
+from clinfuse.integrity.checksums import cache_failures
 from clinfuse.integrity.locks import output_lock
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.scoring.parts import (
@@ -1079,7 +1080,7 @@ def score_cohort(
             the model runs on this one (``ChunkScorer.score_chunks``). Off by default:
             on a 2-core machine shared with other jobs it did not raise throughput.
     """
-    start = time.perf_counter()
+    start, failed_before = time.perf_counter(), cache_failures()
     with output_lock(out_dir):  # one writer per OUT_DIR, held until every part is in
         artifact, plan, pending = open_run(
             model, cohort_dir, out_dir, chunk_size, at, resume, target_prevalence
@@ -1088,14 +1089,16 @@ def score_cohort(
         if workers > 1 and len(pending) > 1:
             options = (str(resolve_artifact_dir(model)), str(cohort_dir), str(out_dir),
                        target_prevalence, batch_size, image_cache, embedding_cache, threads)  # fmt: skip
-            errors = _score_in_processes(plan, pending, workers, options, progress, ledger)
+            errors, failed = _score_in_processes(plan, pending, workers, options, progress, ledger)
         else:
             scorer = ChunkScorer(
                 artifact, cohort_dir, target_prevalence, batch_size, image_cache,
                 embedding_cache, threads=threads,
             )  # fmt: skip
             errors = _score_here(scorer, plan, pending, prefetch, progress, ledger)
-        return run_summary(plan, pending, errors, time.perf_counter() - start, out_dir)
+            failed = cache_failures() - failed_before
+        seconds = time.perf_counter() - start
+        return run_summary(plan, pending, errors, seconds, out_dir, cache_failed=failed)
 
 
 def _score_here(
@@ -1126,8 +1129,9 @@ def _score_in_processes(
     options: tuple,
     progress: bool,
     ledger: PartLedger,
-) -> int:
-    """Scores ``pending`` chunks in ``workers`` spawned processes; returns the error rows.
+) -> tuple[int, int]:
+    """Scores ``pending`` chunks in ``workers`` spawned processes; returns the error rows
+    and the cache entries the workers found damaged (and recomputed).
 
     Workers stage their parts; this process (the lock holder) commits them.
     """
@@ -1135,15 +1139,15 @@ def _score_in_processes(
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch
-    errors = 0
+    errors = failed = 0
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=options) as pool:  # fmt: skip
         futures = [pool.submit(_worker_score, i, plan.chunk(i)) for i in pending]
         for future in _progress(as_completed(futures), plan.n_chunks, progress, len(pending)):
-            staged, n_errors = future.result()
+            staged, n_errors, n_failed = future.result()
             ledger.commit(staged)
-            errors += n_errors
-    return errors
+            errors, failed = errors + n_errors, failed + n_failed
+    return errors, failed
 
 
 def _init_worker(model_dir, cohort_dir, out_dir, target_prevalence, batch_size,
@@ -1156,10 +1160,11 @@ def _init_worker(model_dir, cohort_dir, out_dir, target_prevalence, batch_size,
     )  # fmt: skip
 
 
-def _worker_score(index: int, samples: pl.DataFrame) -> tuple[StagedPart, int]:
+def _worker_score(index: int, samples: pl.DataFrame) -> tuple[StagedPart, int, int]:
+    failed_before = cache_failures()
     frame = _WORKER["scorer"].score(samples)
     staged = stage_part(_WORKER["out_dir"], index, frame)
-    return staged, int(frame["error"].is_not_null().sum())
+    return staged, int(frame["error"].is_not_null().sum()), cache_failures() - failed_before
 
 
 def _progress(pending, total: int, enabled: bool, n: int | None = None):
@@ -1173,9 +1178,19 @@ def _progress(pending, total: int, enabled: bool, n: int | None = None):
 
 
 def run_summary(
-    plan: ScoringPlan, pending: list[int], errors: int, seconds: float, out_dir: str | Path
+    plan: ScoringPlan,
+    pending: list[int],
+    errors: int,
+    seconds: float,
+    out_dir: str | Path,
+    cache_failed: int = 0,
 ) -> dict[str, Any]:
-    """What a scoring run reports when it ends."""
+    """What a scoring run reports when it ends.
+
+    ``parts_rescored``: finished parts that failed their check on ``--resume``;
+    ``cache_entries_recomputed``: image or feature cache entries that failed their
+    checksum while scoring, dropped and recomputed.
+    """
     scored = sum(plan.bounds[i + 1] - plan.bounds[i] for i in pending)
     return {
         "out_dir": str(out_dir),
@@ -1185,6 +1200,7 @@ def run_summary(
         "chunks_skipped": plan.n_chunks - len(pending),
         "samples_scored": scored,
         "parts_rescored": len(plan.rescored),
+        "cache_entries_recomputed": cache_failed,
         "error_rows": errors,
         "seconds": seconds,
     }

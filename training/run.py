@@ -33,6 +33,7 @@ from clinfuse.errors import InputError, config_errors
 from clinfuse.evaluation.metrics import auroc, choose_threshold
 from clinfuse.fusion.erasure import one_hot_concept
 from clinfuse.fusion.model import confound_classes
+from clinfuse.integrity.checksums import cache_failures
 from clinfuse.integrity.locks import output_lock
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import save_artifact
@@ -70,6 +71,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
 
 
 def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
+    failed_before = cache_failures()  # damaged cache entries, recomputed, in this process
     if not cfg.cohort:
         raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
     _check_selection_window(cfg)
@@ -103,6 +105,7 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     summary.update(
         best_checkpoint=best, best_val_auroc=_score(checkpoint), epochs=trainer.current_epoch
     )
+    summary["cache_entries_recomputed"] = cache_failures() - failed_before
     summary["warnings"] = unused_modality_warnings(module.model)
     for message in summary["warnings"]:
         warnings.warn(message, stacklevel=2)

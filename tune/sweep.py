@@ -33,6 +33,7 @@ from clinfuse.datasets.datamodule import CohortDataModule, save_spec
 from clinfuse.datasets.schema import SPLITS
 from clinfuse.encoders import create_encoder
 from clinfuse.errors import InputError, IntegrityError, NotFoundError
+from clinfuse.integrity.checksums import write_parquet
 from clinfuse.integrity.locks import output_lock
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
@@ -411,7 +412,7 @@ def _finish(
     results: Any, base: dict, dm: CohortDataModule, out: Path, max_epochs: int
 ) -> pl.DataFrame:
     table = results_table(results, max_epochs)
-    table.write_parquet(out / RESULTS_FILE)
+    write_parquet(table, out / RESULTS_FILE)  # with page checksums
     with pl.Config(tbl_rows=-1, tbl_cols=8, fmt_str_lengths=24):
         print(table.select("trial_id", "strategy", "best_val_auroc", "epochs", "status"))
     plot_by_strategy(table, out / PLOT_FILE)
