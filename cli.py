@@ -22,6 +22,7 @@ _COMMAND_MODULES = [
     "clinfuse.training.commands",
     "clinfuse.tune.commands",
     "clinfuse.scoring.commands",
+    "clinfuse.integrity.commands",
 ]
 
 
