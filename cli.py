@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from clinfuse.errors import UserError
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _one_line_warnings(args.command)
     try:
         code = args.func(args)
     except UserError as err:
@@ -69,6 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clinfuse {args.command}: error: {err}", file=sys.stderr)
         return 2
     return int(code or 0)
+
+
+def _one_line_warnings(command: str) -> None:
+    """clinfuse's own warnings (a lock taken over, an artifact without checksums) as
+    ``clinfuse <command>: warning: ...``; other libraries' keep Python's format."""
+    default = warnings.formatwarning
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if str(filename).startswith(ours) and issubclass(category, UserWarning):
+            return f"clinfuse {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
 
 
 def _debug_env() -> bool:

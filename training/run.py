@@ -7,7 +7,8 @@
     checkpoints/         best.ckpt and last.ckpt (Lightning; load with weights_only=True);
                          erased.ckpt when confounds are erased (best + eraser + refitted head)
     logs/                metrics.csv and TensorBoard events
-    model/               the exported artifact (model.safetensors + artifact.json)
+    model/               the exported artifact (model.safetensors, artifact.json, artifact.sha256)
+    .clinfuse.lock       while a process writes the run: its pid and host (integrity.locks)
     summary.json         best validation AUROC, epochs, temperature, threshold
 """
 

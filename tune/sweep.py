@@ -10,6 +10,7 @@
     results.parquet         one row per trial
     auroc_by_strategy.png   best validation AUROC of each trial by fusion strategy
     best/model              the best trial's exported artifact (``load_artifact``)
+    .clinfuse.lock          while the sweep driver runs: its pid and host (``integrity.locks``)
 
 Scheduling: ASHA stops weak trials at epochs ``grace_period * reduction_factor**k``;
 Optuna (TPE, define-by-run over the conditional space) proposes trials, at most
