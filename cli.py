@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 
 from clinfuse.errors import UserError
 
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _one_line_warnings(args.command)
+    default_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warnings(args.command, default_format)
     try:
         code = args.func(args)
     except UserError as err:
@@ -70,13 +72,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"clinfuse {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = default_format  # main() may run inside a notebook
     return int(code or 0)
 
 
-def _one_line_warnings(command: str) -> None:
-    """clinfuse's own warnings (a lock taken over, an artifact without checksums) as
-    ``clinfuse <command>: warning: ...``; other libraries' keep Python's format."""
-    default = warnings.formatwarning
+def _one_line_warnings(command: str, default: Callable) -> Callable:
+    """A ``warnings.formatwarning`` printing clinfuse's own warnings (a lock taken over,
+    an artifact without checksums) as ``clinfuse <command>: warning: ...``; other
+    libraries' keep ``default``."""
     ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
     def format_warning(message, category, filename, lineno, line=None):
@@ -84,7 +88,7 @@ def _one_line_warnings(command: str) -> None:
             return f"clinfuse {command}: warning: {message}\n"
         return default(message, category, filename, lineno, line)
 
-    warnings.formatwarning = format_warning
+    return format_warning
 
 
 def _debug_env() -> bool:

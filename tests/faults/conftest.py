@@ -98,6 +98,12 @@ def flip_exponent_bit_of_largest_tensor(weights: Path) -> str:
     return name
 
 
+def tensor_data_start(weights: Path) -> int:
+    """Offset of the first tensor byte of a safetensors file (after its JSON header)."""
+    (header_len,) = struct.unpack("<Q", weights.read_bytes()[:8])
+    return 8 + header_len
+
+
 def truncate(path: Path, keep: int) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 

@@ -19,6 +19,7 @@ from .conftest import (
     flip_bits,
     flip_exponent_bit_of_largest_tensor,
     one_error_line,
+    tensor_data_start,
     truncate,
 )
 
@@ -50,7 +51,8 @@ def test_weight_rot_is_refused_naming_the_file_and_both_digests(
 
 
 def test_one_flipped_bit_in_the_weights_is_refused(model_copy):
-    flip_bits(model_copy / WEIGHTS, n=1, seed=1, start=4096)  # in the tensor data
+    weights = model_copy / WEIGHTS
+    flip_bits(weights, n=1, seed=1, start=tensor_data_start(weights))  # one weight's bit
     with pytest.raises(IntegrityError, match=WEIGHTS):
         load_artifact(model_copy)
 
@@ -89,7 +91,8 @@ def test_evaluate_refuses_a_damaged_artifact(clean, tmp_path, capsys):
     import shutil
 
     run = Path(shutil.copytree(clean.run_dir, tmp_path / "run"))
-    flip_bits(run / "model" / WEIGHTS, n=1, seed=3, start=4096)
+    weights = run / "model" / WEIGHTS
+    flip_bits(weights, n=1, seed=3, start=tensor_data_start(weights))
     code = cli_main(["evaluate", str(run), "--cohort", str(clean.cohort), "--bootstrap", "10"])
     assert code == 2
     assert str(run / "model" / WEIGHTS) in one_error_line(capsys.readouterr().err, "evaluate")
@@ -99,7 +102,7 @@ def test_evaluate_refuses_a_damaged_artifact(clean, tmp_path, capsys):
 def test_ray_scoring_actor_verifies_the_artifact(model_copy, clean, tmp_path):
     from clinfuse.scoring.ray_scoring import ChunkActor
 
-    flip_bits(model_copy / WEIGHTS, n=1, seed=4, start=4096)
+    flip_bits(model_copy / WEIGHTS, n=1, seed=4, start=tensor_data_start(model_copy / WEIGHTS))
     with pytest.raises(IntegrityError, match=WEIGHTS):
         ChunkActor(str(model_copy), str(clean.cohort), str(tmp_path), plan=None, scorer_kwargs={})
 
@@ -127,7 +130,7 @@ def test_an_artifact_from_before_checksums_loads_with_a_warning_and_scores_the_s
         score_cohort(model_copy, clean.cohort, tmp_path / "out", chunk_size=CHUNK, progress=False)
     assert_same_risks(read_scores(tmp_path / "out"), clean)
     # Its weights are still held to model_id.
-    flip_bits(model_copy / WEIGHTS, n=1, seed=6, start=4096)
+    flip_bits(model_copy / WEIGHTS, n=1, seed=6, start=tensor_data_start(model_copy / WEIGHTS))
     with warnings.catch_warnings(), pytest.raises(IntegrityError, match=WEIGHTS):
         warnings.simplefilter("ignore")
         load_artifact(model_copy)
