@@ -24,7 +24,15 @@ def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--subjects", dest="n_subjects", type=int, default=500, help="number of subjects (500)"
     )
-    p.add_argument("--sites", dest="n_sites", type=int, default=3, help="hospital sites, 1-9 (3)")
+    p.add_argument(
+        "--sites",
+        dest="n_sites",
+        type=int,
+        default=3,
+        choices=range(1, 10),
+        metavar="1-9",
+        help="hospital sites, 1-9 (3)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the subjects (0)")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the population (0)")
     p.add_argument("--image-size", type=int, default=128, help="film side in pixels (128)")

@@ -64,6 +64,7 @@ from clinfuse.datasets.sim_images import (
     render_films,
 )
 from clinfuse.datasets.sim_world import World, build_world
+from clinfuse.errors import config_errors
 
 SITE_EFFECTS = {"normal": 1.0, "reversed": -1.0, "none": 0.0}
 MISSING_MODES = ("random", "informative")
@@ -517,7 +518,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 def main(args: argparse.Namespace) -> int:
     """``clinfuse simulate``: writes the cohort and prints a short summary."""
-    cfg = config_from_args(args)
+    with config_errors(None, "see clinfuse simulate --help"):  # SimConfig checks the options
+        cfg = config_from_args(args)
     start = time.perf_counter()
     out = simulate_cohort(args.out, cfg)
     seconds = time.perf_counter() - start

@@ -18,6 +18,7 @@ import torch
 
 from clinfuse.datasets.schema import ORACLE_FILE
 from clinfuse.datasets.sim_oracle import FEATURE_SETS
+from clinfuse.errors import InputError
 from clinfuse.evaluation.audit import run_audit
 from clinfuse.evaluation.metrics import (
     auroc,
@@ -88,7 +89,9 @@ def _select_samples(cohort_dir, art: ModelArtifact, split: str | None) -> tuple[
     if split != "all":
         samples = samples.filter(pl.col("split") == split)
     if samples.height == 0:
-        raise ValueError(f"{cohort_dir}: no labelled samples in split {split!r}")
+        raise InputError(
+            f"no labelled samples in split {split!r}", cohort_dir, "pick another --split"
+        )
     return samples, split
 
 

@@ -10,6 +10,7 @@
     results.parquet         one row per trial
     auroc_by_strategy.png   best validation AUROC of each trial by fusion strategy
     best/model              the best trial's exported artifact (``load_artifact``)
+    .clinfuse.lock          while the sweep driver runs: its pid and host (``integrity.locks``)
 
 Scheduling: ASHA stops weak trials at epochs ``grace_period * reduction_factor**k``;
 Optuna (TPE, define-by-run over the conditional space) proposes trials, at most
@@ -32,6 +33,9 @@ from clinfuse.config import load_yaml, save_yaml, to_dict
 from clinfuse.datasets.datamodule import CohortDataModule, save_spec
 from clinfuse.datasets.schema import SPLITS
 from clinfuse.encoders import create_encoder
+from clinfuse.errors import InputError, IntegrityError, NotFoundError
+from clinfuse.integrity.checksums import write_parquet
+from clinfuse.integrity.locks import output_lock
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import export_artifact, first_selected_epoch
@@ -230,7 +234,7 @@ def restore_tuner(path: str, trainable: Any) -> Any:
     from ray import tune
 
     if not tune.Tuner.can_restore(path):
-        raise FileNotFoundError(f"{path}: no Tune experiment to resume (run without --resume)")
+        raise NotFoundError("no Tune experiment to resume", path, "run without --resume")
     _check_snapshot(path)
     return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
 
@@ -250,9 +254,10 @@ def _check_snapshot(path: str) -> None:
     try:
         json.loads(states[-1].read_text())
     except ValueError as err:
-        raise RuntimeError(
-            f"{states[-1]}: the experiment snapshot is torn (the sweep was killed while "
-            "Tune wrote it); it cannot be resumed, start the sweep again"
+        raise IntegrityError(
+            "the experiment snapshot is torn (the sweep was killed while Tune wrote it)",
+            states[-1],
+            "it cannot be resumed; start the sweep again in a new --out",
         ) from err
 
 
@@ -377,8 +382,16 @@ def run_sweep(
         resume: continue the interrupted sweep in ``out``.
 
     Returns the results table (one row per trial).
+
+    Raises:
+        LockHeldError: another process is writing ``out``.
     """
     out = Path(out).resolve()
+    with output_lock(out):  # one sweep driver per directory; trials write under ray/
+        return _run_sweep(cfg, out, opts, resume)
+
+
+def _run_sweep(cfg: RunConfig | None, out: Path, opts: SweepOptions, resume: bool) -> pl.DataFrame:
     base = _resume_dir(out) if resume else _prepare_dir(cfg, out, opts)
     opts = _read_options(out, opts) if resume else opts
     dm = prepare_data(base, out)
@@ -400,7 +413,7 @@ def _finish(
     results: Any, base: dict, dm: CohortDataModule, out: Path, max_epochs: int
 ) -> pl.DataFrame:
     table = results_table(results, max_epochs)
-    table.write_parquet(out / RESULTS_FILE)
+    write_parquet(table, out / RESULTS_FILE)  # with page checksums
     with pl.Config(tbl_rows=-1, tbl_cols=8, fmt_str_lengths=24):
         print(table.select("trial_id", "strategy", "best_val_auroc", "epochs", "status"))
     plot_by_strategy(table, out / PLOT_FILE)
@@ -414,7 +427,7 @@ def _finish(
 
 def _prepare_dir(cfg: RunConfig | None, out: Path, opts: SweepOptions) -> dict[str, Any]:
     if cfg is None or not cfg.cohort:
-        raise ValueError("cohort is not set: pass --cohort DIR or cohort=DIR")
+        raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
     out.mkdir(parents=True, exist_ok=True)
     opts.storage_path = opts.storage_path or str(out / "ray")
     base = sweep_base_config(cfg, out)
@@ -427,7 +440,7 @@ def _resume_dir(out: Path) -> dict[str, Any]:
     """The interrupted sweep's base config (the one its trials were sampled against)."""
     path = out / BASE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no sweep to resume in {out}")
+        raise NotFoundError("no sweep to resume", path, "run without --resume")
     return load_yaml(path)
 
 

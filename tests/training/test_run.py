@@ -110,7 +110,7 @@ def test_cli_train_applies_overrides_and_resolves_config(tiny_cohort, tmp_path):
 def test_unknown_config_key_is_named(tiny_cohort, tmp_path, capsys):
     code = cli_main(["train", "--cohort", str(tiny_cohort), "--run-dir", str(tmp_path / "r"),
                      "optim.learning_rate=1"])  # fmt: skip
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert "clinfuse train: error: unknown config key(s) ['learning_rate'] in optim" in err
     assert "Traceback" not in err
