@@ -61,8 +61,12 @@ def evaluate(
     metrics: dict[str, Any] = {"cohort": str(cohort_dir), "split": split, "model_id": art.model_id}
     metrics.update(binary_report(y, p, art.threshold, n_bootstrap=n_bootstrap, seed=seed))
     metrics.update(_oracle(cohort_dir, samples, y))
+    baseline_logit = None
     if baseline:
-        metrics["baseline"] = _baseline(run_dir, art, cohort_dir, samples, y, p, n_bootstrap, seed)
+        metrics["baseline"], baseline_logit = _baseline(
+            run_dir, art, cohort_dir, samples, y, p, n_bootstrap, seed
+        )
+    _write_predictions(out / PREDICTIONS_FILE, samples, y, p, pred["logit"], baseline_logit)
     metrics["per_site"] = _subgroups(samples["site"], y, p)
     metrics["per_ancestry"] = _subgroups(samples["ancestry"], y, p)
     modality_embeddings = {
@@ -123,6 +127,31 @@ def _oracle_rows(cohort_dir, samples: pl.DataFrame, columns: list[str]) -> pl.Da
     )
 
 
+PREDICTIONS_FILE = "predictions.parquet"
+
+
+def _write_predictions(
+    path: Path,
+    samples: pl.DataFrame,
+    y: np.ndarray,
+    risk: np.ndarray,
+    logit: np.ndarray,
+    baseline_logit: np.ndarray | None,
+) -> None:
+    """One row per evaluated sample: keys, split, label, calibrated risk and raw logit
+    (and the baseline's logit when it ran), for paired comparisons with other models."""
+    from clinfuse.integrity.checksums import write_parquet
+
+    frame = samples.select("subject_id", "prediction_time", "split").with_columns(
+        pl.Series("label", y.astype(bool)),
+        pl.Series("risk", np.asarray(risk, dtype=np.float64)),
+        pl.Series("logit", np.asarray(logit, dtype=np.float64)),
+    )
+    if baseline_logit is not None:
+        frame = frame.with_columns(pl.Series("baseline_logit", baseline_logit.astype(np.float64)))
+    write_parquet(frame, path)
+
+
 def _baseline(
     run_dir,
     art: ModelArtifact,
@@ -132,14 +161,15 @@ def _baseline(
     p,
     n_bootstrap: int,
     seed: int,
-) -> dict[str, Any]:
-    """The gradient-boosting baseline's AUROC on these samples and the model's margin over it."""
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The gradient-boosting baseline's AUROC on these samples and the model's margin over
+    it, and the baseline's logits (None when it could not be fit)."""
     from clinfuse.evaluation.baseline import fit_run_baseline
 
     try:
         fitted = fit_run_baseline(run_dir, art.model, seed=seed)
     except (FileNotFoundError, ValueError) as err:  # e.g. the training cohort has moved
-        return {"skipped": f"baseline not fit: {err}"}
+        return {"skipped": f"baseline not fit: {err}"}, None
     logit = fitted.logit(cohort_dir, samples)  # (N,)
     delta = paired_auroc_delta(y, p, logit, n_bootstrap, seed=seed)
     return {
@@ -151,7 +181,7 @@ def _baseline(
         "auroc_ci": list(bootstrap_ci(auroc, y, logit, n_bootstrap, seed=seed)),
         "delta": delta["delta"],
         "delta_ci": delta["ci"],
-    }
+    }, logit
 
 
 def _subgroups(groups: pl.Series, y: np.ndarray, p: np.ndarray) -> dict[str, dict[str, Any]]:

@@ -91,6 +91,17 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
     lo, hi = base["delta_ci"]
     assert lo <= base["delta"] <= hi
     assert "Against a gradient-boosting baseline" in html
+    # Per-sample predictions beside metrics.json, in the evaluated samples' order.
+    preds = pl.read_parquet(out / "predictions.parquet")
+    assert preds.columns == [
+        "subject_id", "prediction_time", "split", "label", "risk", "logit", "baseline_logit"
+    ]  # fmt: skip
+    assert preds.height == m["n"]
+    from clinfuse.evaluation.metrics import auroc
+
+    assert auroc(preds["label"].to_numpy(), preds["risk"].to_numpy()) == pytest.approx(m["auroc"])
+    bl = auroc(preds["label"].to_numpy(), preds["baseline_logit"].to_numpy())
+    assert bl == pytest.approx(base["auroc"])
 
 
 def test_cli_train_applies_overrides_and_resolves_config(tiny_cohort, tmp_path):
