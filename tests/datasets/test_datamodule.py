@@ -384,3 +384,16 @@ def test_image_loader_warns_once_with_file_name(tmp_path):
     with pytest.warns(UserWarning, match="broken.dcm"):
         images, present = loader.load_many([str(bad), None])
     assert present.tolist() == [False, False] and images.abs().sum() == 0
+
+
+def test_genotype_pcs_are_fitted_on_train_and_survive_the_spec_file(cohort, tmp_path):
+    train = load_samples(cohort).filter(pl.col("split") == "train")
+    assert fit_spec(cohort, train, DataConfig(image_size=16)).marker_pcs == []
+    spec = fit_spec(cohort, train, DataConfig(image_size=16, genotype_pcs=2))
+    assert len(spec.marker_pcs) == 2 and all(len(a) == spec.n_markers for a in spec.marker_pcs)
+    axes = np.array(spec.marker_pcs)
+    np.testing.assert_allclose(axes @ axes.T, np.eye(2), atol=1e-9)
+    from clinfuse.datasets.datamodule import save_spec
+
+    save_spec(spec, tmp_path / "spec.yaml")
+    np.testing.assert_allclose(np.array(load_spec(tmp_path / "spec.yaml").marker_pcs), axes)
