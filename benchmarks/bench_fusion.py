@@ -76,7 +76,14 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BASE_PRESET = CONFIGS / "bench_fusion.yaml"
 # The preset a user gets (``make demo``, ``clinfuse train`` without --config).
 USER_PRESET = CONFIGS / "demo.yaml"
-EXPERIMENTS = ("strategies", "confound", "transfer", "missing")
+EXPERIMENTS = ("strategies", "confound", "transfer", "missing", "shift")
+# The shift experiment: preset edits per treatment (the untreated model drops its
+# adversary; pcs adds the genotype principal-component adjustment).
+SHIFT_TREATMENTS: dict[str, tuple[str, ...]] = {
+    "preset": (),
+    "untreated": ("model.adversary.enabled=false",),
+    "pcs": ("data.genotype_pcs=5", "model.encoders.sgl_mlp.ancestry_pcs=5"),
+}
 # The missing experiment: (modality, share of subjects without it) per cohort;
 # ("none", 0.0) is the complete-data reference every drop is measured from.
 MISSING_GRID = (
@@ -684,8 +691,93 @@ def _confound_row(
     }
 
 
+def shift(ctx: Context, subjects: int, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Shift tests: does the model lean on site or ancestry when their link to the outcome
+    reverses?
+
+    Training cohort: site and ancestry both linked to the outcome (``site_effect`` and
+    ``ancestry_effect`` normal). Test cohorts of the same world (other subjects): one
+    link reversed at a time. The reference for each shift is the same preset trained on
+    a cohort of the same size without that link (it cannot learn the shortcut), scored
+    on the same shifted cohort: removing a shortcut must cost what the shortcut gave
+    in-distribution, no more.
+    """
+    size = int(ctx.base["data"]["image_size"])
+    flip = max(subjects // 2, 200)
+
+    def cohort(name: str, n: int, seed: int, **links: str) -> Path:
+        cfg = SimConfig(n_subjects=n, image_size=size, seed=seed, progress=False, **links)
+        return _simulate_once(ctx.out / "cohorts" / f"shift_n{n}_{name}", cfg)
+
+    both = {"site_effect": "normal", "ancestry_effect": "normal"}
+    train = cohort("linked", subjects, 0, **both)
+    tests = {
+        "ancestry": cohort("ancestry_reversed", flip, 1, **{**both, "ancestry_effect": "reversed"}),
+        "site": cohort("site_reversed", flip, 1, **{**both, "site_effect": "reversed"}),
+    }
+    refs = {
+        "ancestry": cohort("ancestry_none", subjects, 0, **{**both, "ancestry_effect": "none"}),
+        "site": cohort("site_none", subjects, 0, **{**both, "site_effect": "none"}),
+    }
+    out = ctx.out / "shift"
+    rows = []
+    for seed in seeds:
+        reference = {}
+        for link, ref_cohort in refs.items():
+            sub = Context(ctx.base, {"train": ref_cohort}, out / f"reference_{link}",
+                          ctx.n_bootstrap, ctx.user_preset, ctx.caches)  # fmt: skip
+            v = Variant("preset", preset=str(ctx.user_preset), seed=seed)
+            sub.run(v)
+            reference[link] = _shift_auroc(sub, v.run_name, tests[link], link)
+        linked = Context(ctx.base, {"train": train}, out / "linked", ctx.n_bootstrap,
+                         ctx.user_preset, ctx.caches)  # fmt: skip
+        for name, edits in SHIFT_TREATMENTS.items():
+            v = Variant(name, preset=str(ctx.user_preset), overrides=edits, seed=seed)
+            held = linked.run(v)["metrics"]
+            for link, test in tests.items():
+                shifted = _shift_auroc(linked, v.run_name, test, link)
+                rows.append(_shift_row(name, seed, link, held, shifted, reference[link]))
+    return rows
+
+
+def _shift_auroc(ctx: Context, run: str, cohort: Path, link: str) -> dict[str, Any]:
+    """Metrics of a run on a shifted cohort (every subject), cached beside the run."""
+    run_dir = ctx.out / "runs" / run
+    out = run_dir / f"evaluation_{link}_reversed"
+    path = out / "metrics.json"
+    if path.is_file() and path.stat().st_mtime >= (run_dir / RESULT_FILE).stat().st_mtime:
+        return json.loads(path.read_text())
+    return evaluate(run_dir, cohort, out, "all", ctx.n_bootstrap, gradcam_images=0, baseline=False)
+
+
+def _shift_row(
+    name: str, seed: int, link: str, held: dict, shifted: dict, reference: dict
+) -> dict[str, Any]:
+    audit = held["audit"]
+    return {
+        "model": name,
+        "seed": seed,
+        "shift": f"{link} link reversed",
+        "auroc_held_out": held["auroc"],
+        "auroc_shifted": shifted["auroc"],
+        "drop": held["auroc"] - shifted["auroc"],
+        "reference_shifted": reference["auroc"],
+        "vs_reference": shifted["auroc"] - reference["auroc"],
+        "oracle_shifted": shifted.get("oracle_auroc", float("nan")),
+        "site_probe": audit["site"]["probe_accuracy"],
+        "site_gbt_probe": audit["site"].get("gbt_probe_accuracy", float("nan")),
+        "ancestry_probe": audit["ancestry"]["probe_accuracy"],
+        "ancestry_gbt_probe": audit["ancestry"].get("gbt_probe_accuracy", float("nan")),
+    }
+
+
 def missing(
-    ctx: Context, subjects: int, mode: str, adversary: bool, seeds: tuple[int, ...]
+    ctx: Context,
+    subjects: int,
+    mode: str,
+    adversary: bool,
+    seeds: tuple[int, ...],
+    only: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every fusion strategy, the preset and ``gbdt_features`` with a modality missing.
 
@@ -700,10 +792,12 @@ def missing(
     for modality, share in MISSING_GRID:
         sub = _missing_context(ctx, subjects, modality, share, mode)
         for seed in seeds:
-            for name in MISSING_ROWS:
+            for name in [r for r in MISSING_ROWS if only is None or r in only]:
                 v = _missing_variant(name, suffix, adversary, ctx.user_preset, seed)
                 auc = sub.run(v)["metrics"]["auroc"]
                 rows.append(_missing_row(name, seed, modality, share, auc, complete))
+            if only is not None and "gbdt_features" not in only:
+                continue
             base = gbdt_features(sub, seed, float("nan"))
             rows.append(
                 _missing_row("gbdt_features", seed, modality, share, base["auroc"], complete)
@@ -1009,9 +1103,12 @@ def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[d
         return strategies(ctx, args.adversary == "on", args.only, seeds, candidates)
     if name == "confound":
         return confound(ctx, seeds)
+    if name == "shift":
+        return shift(ctx, args.subjects, seeds)
     if name == "missing":
         subjects = args.subjects
-        return missing(ctx, subjects, args.missing_mode, args.adversary == "on", seeds)
+        adversary = args.adversary == "on"
+        return missing(ctx, subjects, args.missing_mode, adversary, seeds, args.only)
     return transfer(ctx, args.fractions, args.adversary == "on", tuple(args.transfer_modes), seeds)
 
 
@@ -1019,6 +1116,11 @@ NOTES = {
     "strategies": _strategy_notes,
     "confound": _confound_notes,
     "transfer": lambda rows: "Image-only models, held-out AUROC.",
+    "shift": lambda rows: (
+        "AUROC on the training cohort's held-out split and on a cohort of the same world "
+        "with one outcome link reversed; reference = the same preset trained without that "
+        "link, on the same shifted cohort."
+    ),
     "missing": lambda rows: (
         "Held-out AUROC with a share of subjects missing a modality (in training and at "
         "test); drop = the same model and seed on the complete cohort minus this row."
@@ -1041,6 +1143,10 @@ SUMMARY = {
     ),
     "transfer": (("model", "label_fraction"), ("auroc",)),
     "missing": (("model", "missing", "share"), ("auroc", "drop")),
+    "shift": (
+        ("model", "shift"),
+        ("auroc_held_out", "auroc_shifted", "drop", "reference_shifted", "vs_reference"),
+    ),
 }
 
 
