@@ -7,19 +7,32 @@
     cache/images/           decoded films, shared by all trials
     cache/embeddings/       frozen-backbone features, computed once before the Tuner starts
     ray/<name>/             Tune's experiment (default storage; ``storage_path`` moves it)
-    results.parquet         one row per trial
+    asha_state.json         ASHA's rungs, read back by ``--resume`` (``tune.asha``)
+    results.parquet         one row per trial, finished or not (``tune.results``)
     auroc_by_strategy.png   best validation AUROC of each trial by fusion strategy
     best/model              the best trial's exported artifact (``load_artifact``)
 
 Scheduling: ASHA stops weak trials at epochs ``grace_period * reduction_factor**k``;
 Optuna (TPE, define-by-run over the conditional space) proposes trials, at most
 ``max_concurrent`` at a time.
+
+Before anything is written, ``tune.preflight`` checks that the cluster can hold a
+trial and that every node can read the cohort and write the shared folders.
+
+Stopping: SIGINT (Ctrl-C) or SIGTERM pauses the sweep. Tune saves its state, the
+sweep writes results.parquet with the unfinished trials marked ``interrupted`` or
+``pending`` and raises ``SweepInterrupted``, whose message is the ``--resume``
+command. A sweep where any trial ended in error raises ``SweepFailed`` after
+writing its results (and the best model, when a trial finished).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,14 +48,45 @@ from clinfuse.encoders import create_encoder
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import export_artifact, first_selected_epoch
-from clinfuse.tune.space import define_by_run, get_space, plain_paths
-from clinfuse.tune.trainable import BACKBONE_METRIC, METRIC, first_conv, train_fn, trial_config
+from clinfuse.tune.asha import ResumableASHA
+from clinfuse.tune.preflight import preflight
+from clinfuse.tune.results import (
+    UNFINISHED,
+    describe,
+    load_trials,
+    outcome,
+    results_table,
+)
+from clinfuse.tune.space import define_by_run, get_space
+from clinfuse.tune.trainable import METRIC, first_conv, train_fn, trial_config
 
 OPTIONS_FILE = "sweep.json"
 BASE_FILE = "base_config.yaml"
 RESULTS_FILE = "results.parquet"
 PLOT_FILE = "auroc_by_strategy.png"
-STRATEGY_KEY = "model.fusion.name"
+ASHA_FILE = "asha_state.json"
+
+
+class SweepError(RuntimeError):
+    """A sweep that did not finish cleanly; ``table`` is what results.parquet holds."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, table: pl.DataFrame | None = None) -> None:
+        super().__init__(message)
+        self.table = table
+
+
+class SweepInterrupted(SweepError):
+    """SIGINT or SIGTERM paused the sweep; the message names the ``--resume`` command."""
+
+    def __init__(self, message: str, table: pl.DataFrame | None, signum: int) -> None:
+        super().__init__(message, table)
+        self.exit_code = 128 + signum
+
+
+class SweepFailed(SweepError):
+    """Every trial finished, and at least one ended in error."""
 
 
 @dataclass
@@ -160,11 +204,18 @@ def experiment_path(opts: SweepOptions) -> str:
     return f"{str(opts.storage_path).rstrip('/')}/{opts.name}"
 
 
-def make_trainable(base: dict[str, Any], dm: CohortDataModule, opts: SweepOptions) -> Any:
-    """``train_fn`` with the shared data in the object store and per-trial resources."""
+def make_trainable(
+    base: dict[str, Any], dm: CohortDataModule, opts: SweepOptions, image_probe: list[str]
+) -> Any:
+    """``train_fn`` with the shared data in the object store and per-trial resources.
+
+    ``image_probe``: images the driver read, which each trial checks on its node.
+    """
     from ray import tune
 
-    trainable = tune.with_parameters(train_fn, base_cfg=base, data=dm)
+    trainable = tune.with_parameters(
+        train_fn, base_cfg=base, data=dm, image_probe=list(image_probe)
+    )
     return tune.with_resources(trainable, {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
 
 
@@ -183,10 +234,10 @@ def asha_grace_period(requested: int, base: dict[str, Any], max_epochs: int) -> 
     return min(max(requested, start + 1), max(max_epochs, 1))
 
 
-def make_tuner(trainable: Any, max_epochs: int, opts: SweepOptions) -> Any:
-    """A fresh Tuner: OptunaSearch behind a ConcurrencyLimiter, ASHA, retries, checkpoints."""
+def make_tuner(trainable: Any, max_epochs: int, opts: SweepOptions, asha_file: Path) -> Any:
+    """A fresh Tuner: OptunaSearch behind a ConcurrencyLimiter, ASHA (its rungs kept in
+    ``asha_file``), retries, checkpoints."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -195,7 +246,8 @@ def make_tuner(trainable: Any, max_epochs: int, opts: SweepOptions) -> Any:
     searcher = OptunaSearch(
         space=define_by_run(get_space(opts.space)), metric=METRIC, mode="max", seed=opts.seed
     )
-    scheduler = ASHAScheduler(
+    scheduler = ResumableASHA(
+        asha_file,
         time_attr="training_iteration",
         metric=METRIC,
         mode="max",
@@ -259,41 +311,6 @@ def _check_snapshot(path: str) -> None:
 # ------------------------------------------------------------------------ results
 
 
-def results_table(results: Any, max_epochs: int) -> pl.DataFrame:
-    """One row per trial: id, strategy, best val_auroc, epochs, status, CNN images, parameters."""
-    rows = [_result_row(r, max_epochs) for r in results]
-    table = pl.DataFrame(rows, infer_schema_length=None)
-    return table.sort(["best_val_auroc", "trial_id"], descending=[True, False], nulls_last=True)
-
-
-def _result_row(result: Any, max_epochs: int) -> dict[str, Any]:
-    history = result.metrics_dataframe
-    scores = history[METRIC].dropna() if history is not None and METRIC in history else []
-    epochs = int(result.metrics.get("training_iteration", 0) or 0)
-    row = {
-        "trial_id": result.metrics.get("trial_id") or Path(result.path).name,
-        "strategy": result.config.get(STRATEGY_KEY),
-        "best_val_auroc": float(np.max(scores)) if len(scores) else None,
-        "epochs": epochs,
-        "status": _status(result, epochs, max_epochs),
-        # Images the trial ran through the CNN itself (0 = all from the shared cache).
-        "cnn_images": result.metrics.get(BACKBONE_METRIC),
-    }
-    row.update({k: _cell(v) for k, v in sorted(plain_paths(result.config).items())})
-    return row
-
-
-def _status(result: Any, epochs: int, max_epochs: int) -> str:
-    if result.error is not None:
-        return "error"
-    return "completed" if epochs >= max_epochs else "stopped"
-
-
-def _cell(value: Any) -> Any:
-    """Parquet needs one type per column: bools and numbers stay, anything else is text."""
-    return value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
-
-
 def plot_by_strategy(table: pl.DataFrame, path: Path) -> None:
     """Best validation AUROC of every trial, one column of points per fusion strategy."""
     import matplotlib
@@ -302,6 +319,8 @@ def plot_by_strategy(table: pl.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     done = table.filter(pl.col("best_val_auroc").is_not_null())
+    if done.height == 0:
+        return
     strategies = sorted(done["strategy"].unique().to_list())
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, name in enumerate(strategies):
@@ -377,50 +396,169 @@ def run_sweep(
         resume: continue the interrupted sweep in ``out``.
 
     Returns the results table (one row per trial).
+
+    Raises:
+        PreflightError: no node can hold a trial, or a node cannot read the cohort or
+            write the shared folders; nothing was written.
+        SweepInterrupted: SIGINT or SIGTERM paused the sweep; results.parquet holds
+            every trial so far and the message names the ``--resume`` command.
+        SweepFailed: a trial ended in error; results.parquet is written, and the best
+            model too when another trial finished.
     """
     out = Path(out).resolve()
-    base = _resume_dir(out) if resume else _prepare_dir(cfg, out, opts)
-    opts = _read_options(out, opts) if resume else opts
+    if resume:
+        base, opts = _resume_dir(out), _read_options(out, opts)
+    else:
+        base, opts = _new_sweep(cfg, out, opts)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    start_ray(opts)
+    with _StopSignals() as stop:
+        try:
+            tuner, dm = _setup(base, out, opts, resume)
+        except KeyboardInterrupt:
+            raise SweepInterrupted(
+                _stopped_before_fit(out, resume), None, stop.signum or signal.SIGINT
+            ) from None
+        results = tuner.fit()
+    return _finish(results, base, dm, out, opts, stop.signum)
+
+
+def _setup(base: dict, out: Path, opts: SweepOptions, resume: bool) -> tuple[Any, Any]:
+    """Preflight, then the sweep's files, data, embedding cache and Tuner."""
+    cfg = trial_config(base, {})
+    probe = preflight(
+        cfg.cohort,
+        _shared_dirs(out, opts),
+        cfg.data.image_size,
+        opts.cpus_per_trial,
+        opts.gpus_per_trial,
+        cluster=bool(opts.address),
+        needs_images="timm_image" in base["model"]["encoders"],
+    )
+    if not resume:
+        _write_sweep(out, base, opts)
     dm = prepare_data(base, out)
     warmed = warm_embedding_cache(base, dm)
     print(f"embedding cache: {warmed} images through the CNN before the sweep")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    start_ray(opts)
-    trainable = make_trainable(base, dm, opts)
-    max_epochs = int(base["optim"]["max_epochs"])
+    trainable = make_trainable(base, dm, opts, probe)
     if resume:
-        tuner = restore_tuner(experiment_path(opts), trainable)
-    else:
-        grace = asha_grace_period(opts.grace_period, base, max_epochs)
-        tuner = make_tuner(trainable, max_epochs, replace(opts, grace_period=grace))
-    return _finish(tuner.fit(), base, dm, out, max_epochs)
+        return restore_tuner(experiment_path(opts), trainable), dm
+    max_epochs = int(base["optim"]["max_epochs"])
+    grace = asha_grace_period(opts.grace_period, base, max_epochs)
+    tuner = make_tuner(trainable, max_epochs, replace(opts, grace_period=grace), out / ASHA_FILE)
+    return tuner, dm
+
+
+def _shared_dirs(out: Path, opts: SweepOptions) -> list[str]:
+    """Local folders trials on any node write to: the sweep's caches and Tune's storage."""
+    storage = str(opts.storage_path)
+    return [str(out)] + ([] if "://" in storage else [storage])
 
 
 def _finish(
-    results: Any, base: dict, dm: CohortDataModule, out: Path, max_epochs: int
-) -> pl.DataFrame:
-    table = results_table(results, max_epochs)
+    results: Any, base: dict, dm: CohortDataModule, out: Path, opts: SweepOptions,
+    signum: int | None,
+) -> pl.DataFrame:  # fmt: skip
+    table = results_table(load_trials(experiment_path(opts)), int(base["optim"]["max_epochs"]))
     table.write_parquet(out / RESULTS_FILE)
     with pl.Config(tbl_rows=-1, tbl_cols=8, fmt_str_lengths=24):
-        print(table.select("trial_id", "strategy", "best_val_auroc", "epochs", "status"))
+        print(table.select("trial_id", "strategy", "best_val_auroc", "epochs", "status", "retries"))
     plot_by_strategy(table, out / PLOT_FILE)
-    summary = export_best(results, base, dm, out / "best")
-    print(
-        f"best trial {summary['trial']}: val AUROC {summary['best_val_auroc']:.3f}; "
-        f"artifact in {out / 'best' / 'model'}"
-    )
+    counts = outcome(table, opts.num_samples)
+    if sum(counts[s] for s in (*UNFINISHED, "unsampled")):
+        raise SweepInterrupted(
+            f"sweep paused ({describe(counts)}); the trials so far are in "
+            f"{out / RESULTS_FILE}. Continue with: {resume_command(out)}",
+            table,
+            signum or signal.SIGINT,
+        )
+    finished = counts["completed"] + counts["stopped"]
+    if finished:
+        summary = export_best(results, base, dm, out / "best")
+        print(
+            f"best trial {summary['trial']}: val AUROC {summary['best_val_auroc']:.3f}; "
+            f"artifact in {out / 'best' / 'model'}"
+        )
+    if counts["error"]:
+        raise SweepFailed(_failure_summary(table, counts, finished, out), table)
     return table
 
 
-def _prepare_dir(cfg: RunConfig | None, out: Path, opts: SweepOptions) -> dict[str, Any]:
+def resume_command(out: Path) -> str:
+    """The command that continues the sweep in ``out`` (its options are in sweep.json)."""
+    return f"clinfuse tune --out {shlex.quote(str(out))} --resume"
+
+
+def _failure_summary(table: pl.DataFrame, counts: dict, finished: int, out: Path) -> str:
+    errors = table.filter(pl.col("status") == "error")
+    lines = [
+        f"trial {r['trial_id']} ({r['failures']} failures, last on "
+        f"{r['node_ip'] or 'an unknown node'}): {r['error'] or 'no error text saved'}"
+        for r in errors.head(3).iter_rows(named=True)
+    ]
+    more = [f"... and {errors.height - 3} more"] if errors.height > 3 else []
+    exported = (
+        f"the best of the {finished} finished trials is in {out / 'best' / 'model'}"
+        if finished
+        else "no trial finished, so no model was exported"
+    )
+    return (
+        f"{counts['error']} of {table.height} trials ended in error ({describe(counts)}); "
+        f"{exported}; every trial is in {out / RESULTS_FILE}:\n  " + "\n  ".join(lines + more)
+    )
+
+
+def _stopped_before_fit(out: Path, resume: bool) -> str:
+    if resume:
+        return f"interrupted before the sweep resumed. Continue with: {resume_command(out)}"
+    return (
+        "interrupted before the first trial started; nothing to resume: run the same command again"
+    )
+
+
+class _StopSignals:
+    """SIGTERM stops the sweep the way Ctrl-C does; the signal is kept for the exit code.
+
+    Inside ``Tuner.fit`` Tune's own SIGINT handler pauses the sweep (it saves the
+    experiment and returns), and SIGTERM is handed to that handler. Outside it both
+    raise KeyboardInterrupt (Ray's driver handler would exit on SIGTERM without a
+    word). A second signal during Tune's final save stops at once, as Tune says.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: Any = None
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._saved = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._saved is not None:
+            signal.signal(signal.SIGTERM, self._saved)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signal.SIGINT, frame)  # Tune's: ends the run loop after a last save
+        else:
+            raise KeyboardInterrupt
+
+
+def _new_sweep(cfg: RunConfig | None, out: Path, opts: SweepOptions) -> tuple[dict, SweepOptions]:
+    """The base config and options of a new sweep (nothing written yet)."""
     if cfg is None or not cfg.cohort:
         raise ValueError("cohort is not set: pass --cohort DIR or cohort=DIR")
+    opts = replace(opts, storage_path=opts.storage_path or str(out / "ray"))
+    return sweep_base_config(cfg, out), opts
+
+
+def _write_sweep(out: Path, base: dict[str, Any], opts: SweepOptions) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    opts.storage_path = opts.storage_path or str(out / "ray")
-    base = sweep_base_config(cfg, out)
     save_yaml(base, out / BASE_FILE)
     (out / OPTIONS_FILE).write_text(json.dumps(asdict(opts), indent=2))
-    return base
 
 
 def _resume_dir(out: Path) -> dict[str, Any]:
