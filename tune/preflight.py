@@ -206,7 +206,7 @@ def image_problems(paths: Sequence[str], image_size: int) -> dict[str, str]:
         try:
             resize_square(torch.from_numpy(np.asarray(read_unit(path), np.float32)), image_size)
         except Exception as err:  # noqa: BLE001 - the loader masks any failure in training
-            out[path] = _reason(err)
+            out[path] = _reason(err).replace(f"{path}: ", "")  # the reader names the file
     return out
 
 
@@ -249,15 +249,23 @@ def shared_markers(folders: Sequence[str | Path]) -> Iterator[dict[str, str]]:
 
     Folders are created when missing; on exit the markers go, and so does every
     folder this created if it is still empty (a failed preflight leaves no trace).
+
+    Raises:
+        PreflightError: naming the folder the driver itself cannot write.
     """
     created: list[Path] = []
     markers: dict[str, str] = {}
     try:
         for folder in dict.fromkeys(Path(f).resolve() for f in folders):
-            created += _make_dirs(folder)
-            token = uuid.uuid4().hex
-            marker = folder / f"{_MARKER}{token}"
-            marker.write_text(token)
+            try:
+                created += _make_dirs(folder)
+                token = uuid.uuid4().hex
+                marker = folder / f"{_MARKER}{token}"
+                marker.write_text(token)
+            except OSError as err:
+                raise PreflightError(
+                    f"{node_label()} (driver): cannot write {folder} ({_reason(err)})"
+                ) from err
             markers[str(marker)] = token
         yield markers
     finally:
@@ -271,7 +279,8 @@ def shared_markers(folders: Sequence[str | Path]) -> Iterator[dict[str, str]]:
 def _make_dirs(folder: Path) -> list[Path]:
     """Creates ``folder`` and missing parents; returns the ones it created, outermost first."""
     missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
-    folder.mkdir(parents=True, exist_ok=True)
+    for path in missing:
+        path.mkdir()
     return missing
 
 

@@ -16,9 +16,11 @@ all there.
 ``failures`` counts the trial's failures (an exception in the trial, a lost node);
 ``retries`` the restarts that followed them (a completed trial with ``retries`` 1
 failed once and finished on its second attempt). ``node_id``/``node_ip``/``pid``
-name the worker of its last report; ``wall_s`` is Tune's ``time_total_s``: the
-seconds spent training, carried over from the checkpoint a retried trial restarted
-from (time lost after that checkpoint is not counted).
+name the worker of its last report. ``wall_s`` is the driver's clock from the
+trial's first start to its last report (a pause between ``--resume`` runs counts);
+``train_s`` is Tune's ``time_total_s``, the seconds spent in the trial's reported
+iterations, carried over from the checkpoint a retried trial restarted from (work
+lost after that checkpoint is not counted).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _FIXED = {
     "trial_id": pl.String, "strategy": pl.String, "best_val_auroc": pl.Float64,
     "epochs": pl.Int64, "status": pl.String, "failures": pl.Int64, "retries": pl.Int64,
     "node_id": pl.String, "node_ip": pl.String, "pid": pl.Int64, "wall_s": pl.Float64,
+    "train_s": pl.Float64,
     "cnn_images": pl.Float64, "error": pl.String,
 }  # fmt: skip
 
@@ -92,7 +95,8 @@ def trial_row(trial: Any, max_epochs: int) -> dict[str, Any]:
         "node_id": last.get(NODE_KEY),
         "node_ip": last.get("node_ip"),
         "pid": last.get("pid"),
-        "wall_s": last.get("time_total_s"),
+        "wall_s": _wall_seconds(trial),
+        "train_s": last.get("time_total_s"),
         # Images the trial ran through the CNN itself (0 = all from the shared cache).
         "cnn_images": last.get(BACKBONE_METRIC),
         "error": _error_line(trial) if status == "error" else None,
@@ -109,6 +113,13 @@ def trial_status(tune_status: str, epochs: int, max_epochs: int) -> str:
         return "completed" if epochs >= max_epochs else "stopped"
     # Tune saves a trial that was running when the sweep stopped as PENDING.
     return "interrupted" if epochs > 0 else "pending"
+
+
+def _wall_seconds(trial: Any) -> float | None:
+    meta = trial.run_metadata
+    if meta.start_time is None or not np.isfinite(meta.last_result_time):
+        return None
+    return float(meta.last_result_time - meta.start_time)
 
 
 def _best(trial: Any) -> float | None:
