@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from clinfuse.training.config import load_run_config
     from clinfuse.tune.preflight import PreflightError
-    from clinfuse.tune.sweep import SweepError, SweepOptions, resume_command, run_sweep
+    from clinfuse.tune.stops import SweepError, resume_command
+    from clinfuse.tune.sweep import SweepOptions, run_sweep
 
     opts = SweepOptions(
         space=args.space,

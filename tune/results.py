@@ -36,6 +36,7 @@ import polars as pl
 from clinfuse.tune.space import plain_paths
 from clinfuse.tune.trainable import BACKBONE_METRIC, METRIC, NODE_KEY
 
+RESULTS_FILE = "results.parquet"
 STRATEGY_KEY = "model.fusion.name"
 UNFINISHED = ("interrupted", "pending")
 _FIXED = {

@@ -19,20 +19,18 @@ Optuna (TPE, define-by-run over the conditional space) proposes trials, at most
 Before anything is written, ``tune.preflight`` checks that the cluster can hold a
 trial and that every node can read the cohort and write the shared folders.
 
-Stopping: SIGINT (Ctrl-C) or SIGTERM pauses the sweep. Tune saves its state, the
-sweep writes results.parquet with the unfinished trials marked ``interrupted`` or
-``pending`` and raises ``SweepInterrupted``, whose message is the ``--resume``
-command. A sweep where any trial ended in error raises ``SweepFailed`` after
-writing its results (and the best model, when a trial finished).
+Stopping (``tune.stops``): SIGINT (Ctrl-C) or SIGTERM pauses the sweep. Tune saves
+its state, the sweep writes results.parquet with the unfinished trials marked
+``interrupted`` or ``pending`` and raises ``SweepInterrupted``, whose message is the
+``--resume`` command. A sweep where any trial ended in error raises ``SweepFailed``
+after writing its results (and the best model, when a trial finished).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
-import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ from clinfuse.training.run import export_artifact, first_selected_epoch
 from clinfuse.tune.asha import ResumableASHA
 from clinfuse.tune.preflight import preflight
 from clinfuse.tune.results import (
+    RESULTS_FILE,
     UNFINISHED,
     describe,
     load_trials,
@@ -58,35 +57,20 @@ from clinfuse.tune.results import (
     results_table,
 )
 from clinfuse.tune.space import define_by_run, get_space
+from clinfuse.tune.stops import (
+    StopSignals,
+    SweepFailed,
+    SweepInterrupted,
+    failure_summary,
+    resume_command,
+    stopped_before_fit,
+)
 from clinfuse.tune.trainable import METRIC, first_conv, train_fn, trial_config
 
 OPTIONS_FILE = "sweep.json"
 BASE_FILE = "base_config.yaml"
-RESULTS_FILE = "results.parquet"
 PLOT_FILE = "auroc_by_strategy.png"
 ASHA_FILE = "asha_state.json"
-
-
-class SweepError(RuntimeError):
-    """A sweep that did not finish cleanly; ``table`` is what results.parquet holds."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, table: pl.DataFrame | None = None) -> None:
-        super().__init__(message)
-        self.table = table
-
-
-class SweepInterrupted(SweepError):
-    """SIGINT or SIGTERM paused the sweep; the message names the ``--resume`` command."""
-
-    def __init__(self, message: str, table: pl.DataFrame | None, signum: int) -> None:
-        super().__init__(message, table)
-        self.exit_code = 128 + signum
-
-
-class SweepFailed(SweepError):
-    """Every trial finished, and at least one ended in error."""
 
 
 @dataclass
@@ -412,12 +396,12 @@ def run_sweep(
         base, opts = _new_sweep(cfg, out, opts)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     start_ray(opts)
-    with _StopSignals() as stop:
+    with StopSignals() as stop:
         try:
             tuner, dm = _setup(base, out, opts, resume)
         except KeyboardInterrupt:
             raise SweepInterrupted(
-                _stopped_before_fit(out, resume), None, stop.signum or signal.SIGINT
+                stopped_before_fit(out, resume), None, stop.signum or signal.SIGINT
             ) from None
         results = tuner.fit()
     return _finish(results, base, dm, out, opts, stop.signum)
@@ -480,71 +464,8 @@ def _finish(
             f"artifact in {out / 'best' / 'model'}"
         )
     if counts["error"]:
-        raise SweepFailed(_failure_summary(table, counts, finished, out), table)
+        raise SweepFailed(failure_summary(table, counts, finished, out), table)
     return table
-
-
-def resume_command(out: Path) -> str:
-    """The command that continues the sweep in ``out`` (its options are in sweep.json)."""
-    return f"clinfuse tune --out {shlex.quote(str(out))} --resume"
-
-
-def _failure_summary(table: pl.DataFrame, counts: dict, finished: int, out: Path) -> str:
-    errors = table.filter(pl.col("status") == "error")
-    lines = [
-        f"trial {r['trial_id']} ({r['failures']} failures, last on "
-        f"{r['node_ip'] or 'an unknown node'}): {r['error'] or 'no error text saved'}"
-        for r in errors.head(3).iter_rows(named=True)
-    ]
-    more = [f"... and {errors.height - 3} more"] if errors.height > 3 else []
-    exported = (
-        f"the best of the {finished} finished trials is in {out / 'best' / 'model'}"
-        if finished
-        else "no trial finished, so no model was exported"
-    )
-    return (
-        f"{counts['error']} of {table.height} trials ended in error ({describe(counts)}); "
-        f"{exported}; every trial is in {out / RESULTS_FILE}:\n  " + "\n  ".join(lines + more)
-    )
-
-
-def _stopped_before_fit(out: Path, resume: bool) -> str:
-    if resume:
-        return f"interrupted before the sweep resumed. Continue with: {resume_command(out)}"
-    return (
-        "interrupted before the first trial started; nothing to resume: run the same command again"
-    )
-
-
-class _StopSignals:
-    """SIGTERM stops the sweep the way Ctrl-C does; the signal is kept for the exit code.
-
-    Inside ``Tuner.fit`` Tune's own SIGINT handler pauses the sweep (it saves the
-    experiment and returns), and SIGTERM is handed to that handler. Outside it both
-    raise KeyboardInterrupt (Ray's driver handler would exit on SIGTERM without a
-    word). A second signal during Tune's final save stops at once, as Tune says.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._saved: Any = None
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._saved = signal.signal(signal.SIGTERM, self._on_term)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._saved is not None:
-            signal.signal(signal.SIGTERM, self._saved)
-
-    def _on_term(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        handler = signal.getsignal(signal.SIGINT)
-        if callable(handler) and handler is not signal.default_int_handler:
-            handler(signal.SIGINT, frame)  # Tune's: ends the run loop after a last save
-        else:
-            raise KeyboardInterrupt
 
 
 def _new_sweep(cfg: RunConfig | None, out: Path, opts: SweepOptions) -> tuple[dict, SweepOptions]:

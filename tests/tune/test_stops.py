@@ -137,7 +137,10 @@ def test_preflight_refuses_before_writing_anything(cohort: Path, tmp_path: Path,
         run_sweep(_config(cohort), out, storage)
     hidden = Path(shutil.copytree(cohort, tmp_path / "hidden"))
     shutil.rmtree(hidden / "images")
-    with pytest.raises(PreflightError, match=r"driver\): none of 8 sampled images .*00.dcm \(DicomReadError: cannot open"):
+    with pytest.raises(
+        PreflightError,
+        match=r"driver\): none of 8 sampled images .*00.dcm \(DicomReadError: cannot open",
+    ):
         run_sweep(_config(hidden), out, SweepOptions(space="tiny", num_samples=2, num_cpus=1))
     assert not out.exists()
 
