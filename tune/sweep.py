@@ -478,6 +478,7 @@ def _new_sweep(cfg: RunConfig | None, out: Path, opts: SweepOptions) -> tuple[di
 
 def _write_sweep(out: Path, base: dict[str, Any], opts: SweepOptions) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / ASHA_FILE).unlink(missing_ok=True)  # an earlier sweep's rungs are not this one's
     save_yaml(base, out / BASE_FILE)
     (out / OPTIONS_FILE).write_text(json.dumps(asdict(opts), indent=2))
 
