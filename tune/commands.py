@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from clinfuse.training.config import load_run_config
     from clinfuse.tune.preflight import PreflightError
-    from clinfuse.tune.stops import SweepError, resume_command
+    from clinfuse.tune.stops import SweepError, SweepInterrupted, resume_command
     from clinfuse.tune.sweep import SweepOptions, run_sweep
 
     opts = SweepOptions(
@@ -70,9 +70,12 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_run_config(args.config, overrides)
     try:
         run_sweep(cfg, args.out, opts, resume=args.resume)
-    except (SweepError, PreflightError) as err:
+    except SweepInterrupted as err:  # a pause, not an error
         print(f"clinfuse tune: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 1)
+        return err.exit_code
+    except (SweepError, PreflightError) as err:
+        print(f"clinfuse tune: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C cut Tune's last save short
         print(
             "clinfuse tune: stopped at once; the sweep continues from Tune's last saved "

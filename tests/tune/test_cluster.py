@@ -12,6 +12,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -161,7 +162,11 @@ def test_gpu_request_no_node_can_meet_fails_before_anything_is_written(
         env=_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "0.25 GPU" in run.stderr and "0 GPU" in run.stderr, run.stderr[-2000:]
+    assert (
+        "clinfuse tune: error: no alive node can hold one trial, which needs 1 CPU and "
+        "0.25 GPU" in run.stderr
+    ), run.stderr[-2000:]
+    assert re.search(r"node \S+ \([0-9a-f]{12}\): 1 CPU, 0 GPU", run.stderr)  # what each offers
     assert not out.exists()
 
 
