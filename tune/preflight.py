@@ -36,6 +36,7 @@ from clinfuse.datasets.schema import IMAGES, has_table, scan
 PROBE_IMAGES = 8  # images each node decodes
 PROBE_FILES = 8  # Parquet files per table folder (events/*.parquet) each node opens
 ANSWER_TIMEOUT_S = 120.0
+SHOWN_PROBLEMS = 8  # lines of a preflight error; the rest are counted
 _MARKER = ".clinfuse-preflight-"
 
 
@@ -83,9 +84,12 @@ def preflight(
         args = (files, readable, markers, image_size)
         problems = _on_nodes(nodes, args) if cluster else check_node(*args)
         if problems:
+            shown = problems[:SHOWN_PROBLEMS]
+            more = len(problems) - len(shown)
             raise PreflightError(
                 f"preflight: {len(problems)} problem(s) before any trial started "
-                "(nothing was written):\n  " + "\n  ".join(problems)
+                "(nothing was written):\n  "
+                + "\n  ".join(shown + ([f"... and {more} more"] if more else []))
             )
     return readable
 

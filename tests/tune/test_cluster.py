@@ -1,9 +1,12 @@
-"""A real two-node Ray cluster on this machine: a sweep survives losing its worker node.
+"""A real two-node Ray cluster on this machine: a sweep survives losing its worker node,
+and the preflight stops a sweep the cluster cannot run before anything is written.
 
 The head and the worker are ``ray start --block`` processes, each in its own session
 (process group), with its own ``--temp-dir`` and private ports. They are stopped by
 those process groups and the trial processes their raylets started, never with
-``ray stop`` (which would stop every Ray on the machine).
+``ray stop`` (which would stop every Ray on the machine). Where this process may
+make mount namespaces (root), the worker starts in one with an empty tmpfs over one
+folder, so it cannot see what the head puts there, as a node without a share.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import glob
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,10 +73,25 @@ def _procs() -> dict[int, tuple[int, int]]:
     return out
 
 
-class Node:
-    """One ``ray start --block`` in its own process group, and what it started."""
+def _can_hide_folders() -> bool:
+    """Whether this process may start a node in a mount namespace of its own (root)."""
+    probe = ["unshare", "--mount", "--propagation", "private", "true"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
-    def __init__(self, args: list[str], temp: Path, log: Path, env: dict) -> None:
+
+class Node:
+    """One ``ray start --block`` in its own process group, and what it started.
+
+    ``hidden``: a folder this node must not see (an empty tmpfs is mounted over it
+    in a mount namespace of the node's own, as on a machine without that share).
+    """
+
+    def __init__(
+        self, args: list[str], temp: Path, log: Path, env: dict, hidden: Path | None = None
+    ) -> None:
         ports = iter(_free_ports(7))
         private = [
             "--temp-dir", str(temp), "--num-cpus", "1", "--disable-usage-stats", "--block",
@@ -82,10 +102,15 @@ class Node:
             "--runtime-env-agent-port", str(next(ports)),
             "--min-worker-port", "0", "--max-worker-port", "0",
         ]  # fmt: skip
-        self.log = log
+        command = [RAY, "start", *args, *private]
+        if hidden is not None:  # unshare and sh exec: the pid stays the ray start's
+            mount = f'mount -t tmpfs none {shlex.quote(str(hidden))} && exec "$@"'
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount,
+                       "sh", *command]  # fmt: skip
+        self.log, self.temp = log, temp
         self.proc = subprocess.Popen(
-            [RAY, "start", *args, *private], env=env, stdout=log.open("w"),
-            stderr=subprocess.STDOUT, start_new_session=True,
+            command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
 
     def wait_started(self, timeout: float = 90) -> None:
@@ -112,8 +137,15 @@ class Node:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A head and a worker node, one CPU each; yields (address, head, worker)."""
+    """A head and a worker node, one CPU each; yields (address, head, worker, hidden).
+
+    ``hidden`` is a folder the head sees and the worker does not (None where this
+    process may not make mount namespaces).
+    """
     root = tmp_path_factory.mktemp("cluster")
+    hidden = root / "not-on-the-worker" if _can_hide_folders() else None
+    if hidden is not None:
+        hidden.mkdir()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     gcs, client, dashboard = _free_ports(3)
@@ -122,9 +154,10 @@ def cluster(tmp_path_factory):
     nodes = [Node(head_args, root / "head", root / "head.log", env)]
     try:
         nodes[0].wait_started()
-        nodes.append(Node(["--address", f"127.0.0.1:{gcs}"], root / "w", root / "w.log", env))
+        join = ["--address", f"127.0.0.1:{gcs}"]
+        nodes.append(Node(join, root / "w", root / "w.log", env, hidden))
         nodes[1].wait_started()
-        yield f"127.0.0.1:{gcs}", nodes[0], nodes[1]
+        yield f"127.0.0.1:{gcs}", nodes[0], nodes[1], hidden
     finally:
         for node in reversed(nodes):
             node.kill()
@@ -153,7 +186,7 @@ def _env() -> dict:
 def test_gpu_request_no_node_can_meet_fails_before_anything_is_written(
     cluster, cohort: Path, tmp_path: Path
 ) -> None:
-    address, _, _ = cluster
+    address, _, _, _ = cluster
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     out = tmp_path / "sweep"
@@ -168,6 +201,62 @@ def test_gpu_request_no_node_can_meet_fails_before_anything_is_written(
     ), run.stderr[-2000:]
     assert re.search(r"node \S+ \([0-9a-f]{12}\): 1 CPU, 0 GPU", run.stderr)  # what each offers
     assert not out.exists()
+
+
+def test_a_node_that_cannot_see_the_cohort_stops_the_sweep_before_it_starts(
+    cluster, cohort: Path, tmp_path: Path
+) -> None:
+    address, _, worker, hidden = cluster
+    if hidden is None:
+        pytest.skip("hiding a folder from one node needs a mount namespace (root)")
+    shared = Path(shutil.copytree(cohort, hidden / "cohort"))  # the head sees it
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    out = tmp_path / "sweep"
+    run = subprocess.run(
+        _tune(address, shared, out, config), env=_env(), capture_output=True, text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    # The worker names each file it cannot read; the head (same IP here) reads them all.
+    missing = re.findall(r"node \S+ \(([0-9a-f]{12})\): cannot read (?:image )?(\S+)", run.stderr)
+    assert {node for node, _ in missing} == {_node_id(worker)[:12]}, run.stderr[-3000:]
+    assert str(shared / "labels.parquet") in {path for _, path in missing}
+    # Every Parquet file and the 8 sampled films, each a problem; 8 lines shown.
+    n = len(list(shared.glob("*.parquet"))) + 8
+    assert f"preflight: {n} problem(s)" in run.stderr and f"and {n - 8} more" in run.stderr
+    assert "clinfuse tune: error: preflight:" in run.stderr
+    assert not out.exists()
+
+
+def test_a_node_that_cannot_see_the_sweep_folder_stops_the_sweep_before_it_starts(
+    cluster, cohort: Path, tmp_path: Path
+) -> None:
+    address, _, worker, hidden = cluster
+    if hidden is None:
+        pytest.skip("hiding a folder from one node needs a mount namespace (root)")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    out = hidden / "sweep"  # the worker has a folder at this path, but not the head's
+    run = subprocess.run(
+        _tune(address, cohort, out, config), env=_env(), capture_output=True, text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    worker_id = _node_id(worker)[:12]
+    # --out, and Tune's storage under it: the driver's marker files are not there.
+    for folder in (out, out / "ray"):
+        assert f"({worker_id}): does not see the driver's {folder}: its marker" in run.stderr
+    assert "preflight: 2 problem(s)" in run.stderr, run.stderr[-3000:]
+    assert not out.exists()
+
+
+def _node_id(node: Node) -> str:
+    """The node id the node's raylet logged when it started."""
+    log = (node.temp / "session_latest" / "logs" / "raylet.out").read_text()
+    found = re.search(r"Setting node ID node_id=([0-9a-f]{56})", log)
+    assert found, log[:3000]
+    return found.group(1)
 
 
 def _trial_on(node: Node, experiment: Path) -> dict | None:
@@ -192,7 +281,7 @@ def _results(out: Path, trial_id: str) -> list[dict]:
 def test_sweep_finishes_every_trial_when_the_worker_node_dies(
     cluster, cohort: Path, tmp_path: Path
 ) -> None:
-    address, _, worker = cluster
+    address, _, worker, _ = cluster
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     out = tmp_path / "sweep"
