@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench bench-peers clean
 
 install: $(STAMP)
 
@@ -37,6 +37,17 @@ lint: install
 
 bench: install
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+# PyPOTS pins versions that conflict with ours: the peer runs in its own venv,
+# which this target builds (torch from the same on-disk wheel) before the benchmark.
+PEERS_VENV := .venv-peers
+$(PEERS_VENV)/.installed:
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet "torch==2.13.0" "pypots==1.5" scikit-learn
+	touch $@
+
+bench-peers: install $(PEERS_VENV)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_timeseries.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from clinfuse.errors import InputError, NotFoundError
+
 T = TypeVar("T")
 
 
@@ -35,14 +37,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = _deep_copy(data)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise InputError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
+                raise InputError(f"override {item!r}: {part!r} is not a section")
         node[parts[-1]] = parse_value(text)
     return out
 
@@ -54,7 +56,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     unknown = set(data) - set(fields)
     if unknown:
         where = path or cls.__name__
-        raise ValueError(
+        raise InputError(
             f"unknown config key(s) {sorted(unknown)} in {where}; known: {sorted(fields)}"
         )
     hints = typing.get_type_hints(cls)
@@ -73,10 +75,21 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML file holds.
+
+    Raises:
+        NotFoundError: no such file.
+        InputError: the file is not YAML, or not a mapping at the top level.
+    """
+    if not Path(path).is_file():
+        raise NotFoundError("no such config file", path, "check the --config path")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise InputError(f"not valid YAML ({err})", path, "fix the file") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping at the top level")
+        raise InputError("a config file must hold a mapping at the top level", path)
     return data
 
 

@@ -10,10 +10,21 @@ scored by ``evaluation.evaluate``:
   adversary; AUROC on the training cohort's held-out split vs on a confound-flip
   cohort of the same world (site effect reversed, plus a new site), and a
   post-hoc linear and MLP probe of site and ancestry on the fused representation.
+* ``missing``: the preset, the four fusion strategies and ``gbdt_features`` on cohorts
+  where a share of subjects has no film (0.25 / 0.5 / 0.75, informative by default:
+  sicker patients are filmed more often) or was never genotyped (0.5 / 0.9), missing
+  in training and at test; each row's drop from its own complete-data run.
 * ``transfer``: image-only models, ImageNet-pretrained (package weights) vs
   scratch, fine-tuned end to end, plus the frozen pretrained backbone (linear
   probe baseline), at several shares of the training labels; ``--transfer-modes``
   adds BatchNorm-only, batch-statistics and gradual-unfreezing rows.
+
+The strategies table also has the two rows a user compares us with: ``preset``
+(exactly ``configs/demo.yaml``, its confound treatment included, on the bench's
+cohort and schedule) and ``gbdt_features`` (the HAIM-style peer of
+``evaluation.baseline``: gradient boosting on fixed per-modality features), plus
+``--candidates FILE`` rows (named lists of ``key=value`` edits of the preset, the
+settings tried for it) and a paired-bootstrap table of preset vs peers.
 
 ``--seeds 0 1 2`` trains every row once per training seed (same cohort, so the
 ceilings do not move) and writes ``<experiment>_seeds.md`` with each row's mean,
@@ -36,6 +47,8 @@ logistic stack of the three single-modality models.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
         --experiment confound --subjects 5000 --epochs 15 --patience 4 --seeds 0 1 2
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
+        --experiment missing --subjects 5000 --epochs 15 --patience 4 --seeds 0 1 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py \
         --experiment transfer --subjects 3000 --epochs 15 --patience 4 --adversary off \
         --transfer-modes pretrained_frozen pretrained_full pretrained_bn \
         pretrained_full_bn_update scratch_full
@@ -53,14 +66,28 @@ from pathlib import Path
 from typing import Any
 
 import clinfuse  # noqa: F401  (installs the compat shim before timm/torch imports)
-from clinfuse.config import from_dict, load_yaml, to_dict
+from clinfuse.config import apply_overrides, from_dict, load_yaml, to_dict
 from clinfuse.datasets.simulator import SimConfig, simulate_cohort
 from clinfuse.evaluation.evaluate import evaluate
 from clinfuse.training.config import RunConfig
 from clinfuse.training.run import train
 
-BASE_PRESET = Path(__file__).resolve().parent.parent / "configs" / "bench_fusion.yaml"
-EXPERIMENTS = ("strategies", "confound", "transfer")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+BASE_PRESET = CONFIGS / "bench_fusion.yaml"
+# The preset a user gets (``make demo``, ``clinfuse train`` without --config).
+USER_PRESET = CONFIGS / "demo.yaml"
+EXPERIMENTS = ("strategies", "confound", "transfer", "missing")
+# The missing experiment: (modality, share of subjects without it) per cohort;
+# ("none", 0.0) is the complete-data reference every drop is measured from.
+MISSING_GRID = (
+    ("none", 0.0),
+    ("image", 0.25),
+    ("image", 0.5),
+    ("image", 0.75),
+    ("genotypes", 0.5),
+    ("genotypes", 0.9),
+)
+MISSING_ROWS = ("preset", "fusion_attention", "fusion_early", "fusion_late", "fusion_gated")
 MODALITY_ENCODER = {"image": "timm_image", "vitals/labs": "gru_d", "genotypes": "sgl_mlp"}
 ALL_MODALITIES = tuple(MODALITY_ENCODER)
 # ``sim_oracle.FEATURE_SETS`` entry of the latent factors a modality (set) can see.
@@ -107,6 +134,8 @@ class Variant:
     fusion_cfg: tuple[tuple[str, Any], ...] = ()  # edits of the preset's fusion cfg
     image_cfg: tuple[tuple[str, Any], ...] = ()  # edits of the timm_image encoder's cfg
     seed: int = 0  # training seed (init, dropout, batch order); the cohort stays the same
+    preset: str = ""  # a YAML whose data/model/optim replace the base preset's (row "preset")
+    overrides: tuple[str, ...] = ()  # ``key=value`` edits of ``preset`` (candidate rows)
 
     @property
     def run_name(self) -> str:
@@ -152,6 +181,8 @@ def _simulate_once(path: Path, cfg: SimConfig) -> Path:
 
 def build_config(variant: Variant, base: dict[str, Any], cohort: Path, caches: Path) -> RunConfig:
     """The RunConfig of ``variant``: the base preset with the variant's edits."""
+    if variant.preset:
+        return _preset_config(variant, base, cohort, caches)
     data = copy.deepcopy(base)
     data["cohort"] = str(cohort)
     data["seed"] = variant.seed
@@ -165,6 +196,27 @@ def build_config(variant: Variant, base: dict[str, Any], cohort: Path, caches: P
     if len(variant.modalities) == 1:
         model["modality_dropout"] = 0.0
     model["adversary"]["enabled"] = variant.adversary
+    return from_dict(RunConfig, data)
+
+
+def _preset_config(variant: Variant, base: dict[str, Any], cohort: Path, caches: Path) -> RunConfig:
+    """Exactly ``variant.preset``'s model and optimizer, on the bench's cohort and schedule.
+
+    Only what every row shares is taken from the bench: image size, epochs and
+    patience, the caches (a frozen backbone reads the same features either way) and
+    quiet logging.
+    """
+    data = apply_overrides(load_yaml(variant.preset), list(variant.overrides))
+    data["cohort"] = str(cohort)
+    data["seed"] = variant.seed
+    data.setdefault("data", {}).update(
+        image_size=base["data"]["image_size"], cache_dir=str(caches / "images")
+    )
+    schedule = {k: base["optim"][k] for k in ("max_epochs", "patience", "progress_bar")}
+    data.setdefault("optim", {}).update(schedule)
+    image = data["model"]["encoders"].get("timm_image")
+    if image is not None and image.get("transfer", "frozen") == "frozen":
+        image["cache_dir"] = str(caches / "features")
     return from_dict(RunConfig, data)
 
 
@@ -199,8 +251,15 @@ def run_variant(
     start = time.perf_counter()
     summary = train(cfg, run_dir)
     seconds = time.perf_counter() - start
+    # No per-run baseline: the gbdt_features row is the same baseline, fit once per seed.
     metrics = evaluate(
-        run_dir, cohort, run_dir / "evaluation", "held_out", n_bootstrap, gradcam_images=0
+        run_dir,
+        cohort,
+        run_dir / "evaluation",
+        "held_out",
+        n_bootstrap,
+        gradcam_images=0,
+        baseline=False,
     )
     result = {
         "config": to_dict(cfg),
@@ -231,10 +290,16 @@ class Context:
     cohorts: dict[str, Path]
     out: Path
     n_bootstrap: int
+    user_preset: Path = USER_PRESET
+    cache: Path | None = None  # feature and film caches (default: out / "cache")
+
+    @property
+    def caches(self) -> Path:
+        return self.cache or self.out / "cache"
 
     def run(self, variant: Variant, cohort: str = "train") -> dict[str, Any]:
         """Trains and evaluates ``variant`` on one of the cohorts."""
-        cfg = build_config(variant, self.base, self.cohorts[cohort], self.out / "cache")
+        cfg = build_config(variant, self.base, self.cohorts[cohort], self.caches)
         return run_variant(variant, cfg, self.cohorts[cohort], self.out / "runs", self.n_bootstrap)
 
 
@@ -246,6 +311,7 @@ def strategies(
     adversary: bool = True,
     only: list[str] | None = None,
     seeds: tuple[int, ...] = (0,),
+    candidates: dict[str, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every fusion strategy and every single-modality model on one cohort.
 
@@ -256,6 +322,8 @@ def strategies(
         only: keep only these row names (None = all).
         seeds: training seeds; every row is trained once per seed (the cohort, its
             splits and so the ceilings stay the same).
+        candidates: name -> ``key=value`` edits of the user preset; each becomes a row
+            ``candidate_<name>`` (settings tried for the preset, side by side with it).
     """
     suffix = "" if adversary else "_no_adv"
     fusions = ("attention", "early", "late", "gated")
@@ -264,6 +332,10 @@ def strategies(
     variants += [
         Variant(f"only_{m.split('/')[0]}{suffix}", (m,), "early", adversary) for m in ALL_MODALITIES
     ]
+    variants.insert(0, Variant("preset", preset=str(ctx.user_preset)))
+    for i, (cand, edits) in enumerate((candidates or {}).items()):
+        row = Variant(f"candidate_{cand}", preset=str(ctx.user_preset), overrides=tuple(edits))
+        variants.insert(1 + i, row)
     variants = [v for v in variants if only is None or v.name in only]
     scores = _ceiling_scores(ctx.cohorts["train"])
     ceilings = _ceilings(scores)
@@ -271,10 +343,127 @@ def strategies(
     for seed in seeds:
         seeded = [replace(v, seed=seed) for v in variants]
         rows += [_strategy_row(v, ctx.run(v), ceilings) for v in seeded]
+        if only is None or "gbdt_features" in only:
+            rows.append(gbdt_features(ctx, seed, ceilings["fused_interaction"]))
         singles = [v.run_name for v in seeded if len(v.modalities) == 1]
         if len(singles) == len(ALL_MODALITIES):
             rows.append(stacked_singles(ctx, singles, ceilings["fused_additive"], seed))
     return rows + ceiling_rows(scores, ctx.n_bootstrap)
+
+
+# Paired comparisons of the strategies table: (row a, row b), AUROC(a) - AUROC(b).
+PAIRS = (
+    ("preset", "gbdt_features"),
+    ("preset", "fusion_early"),
+    ("fusion_attention", "fusion_early"),
+    ("fusion_attention", "gbdt_features"),
+)
+
+
+def gbdt_features(ctx: Context, seed: int, ceiling: float) -> dict[str, Any]:
+    """The HAIM-style peer: gradient boosting on fixed per-modality features.
+
+    ``evaluation.baseline`` on the bench cohort's train split (the same split and
+    DataSpec settings as every other row), early stopped on tuning, scored on
+    held_out. Its held-out logits are kept (``held_out_logits.npy``) for the
+    paired comparisons.
+    """
+    import numpy as np
+
+    from clinfuse.datasets.datamodule import fit_spec
+    from clinfuse.datasets.samples import load_samples
+    from clinfuse.evaluation.baseline import ImageFeatureSource, fit_baseline
+    from clinfuse.evaluation.evaluate import _oracle
+    from clinfuse.evaluation.metrics import auroc, bootstrap_ci
+
+    name = "gbdt_features" if seed == 0 else f"gbdt_features_seed{seed}"
+    run_dir = ctx.out / "runs" / name
+    if (run_dir / RESULT_FILE).is_file():
+        return json.loads((run_dir / RESULT_FILE).read_text())
+    cohort, caches = ctx.cohorts["train"], ctx.caches
+    cfg = build_config(Variant("fusion_early"), ctx.base, cohort, caches)
+    samples = load_samples(cohort, cfg.data.split_fractions, cfg.data.split_seed)
+    spec = fit_spec(cohort, samples.filter(_split_filter("train")), cfg.data)
+    image_cfg = cfg.model.encoders["timm_image"]
+    keep = ("model_name", "weights", "grayscale", "cache_dir")
+    image = ImageFeatureSource(
+        {k: image_cfg[k] for k in keep if k in image_cfg}, spec.image_size, caches / "images"
+    )
+    start = time.perf_counter()
+    modalities = ("image", "timeseries", "genomics")
+    fitted = fit_baseline(cohort, samples, spec, modalities, image, seed=seed)
+    held = samples.filter(_split_filter("held_out"))
+    logit = fitted.logit(cohort, held)  # (N,)
+    seconds = time.perf_counter() - start
+    y = held["label"].cast(int).to_numpy()
+    low, high = bootstrap_ci(auroc, y, logit, ctx.n_bootstrap)
+    oracle = _oracle(cohort, held, y).get("oracle_auroc", float("nan"))
+    row = {
+        "model": "gbdt_features",
+        "seed": seed,
+        "modalities": "+".join(ALL_MODALITIES),
+        "fusion": f"gradient boosting, {fitted.n_features} fixed features",
+        "n_held_out": int(y.size),
+        "auroc": auroc(y, logit),
+        "ci_low": low,
+        "ci_high": high,
+        "oracle_auroc": oracle,
+        "ratio": auroc(y, logit) / oracle,
+        "ceiling_auroc": ceiling,
+        "epochs": fitted.n_iter,
+        "train_s": seconds,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.save(run_dir / "held_out_logits.npy", logit)
+    (run_dir / RESULT_FILE).write_text(json.dumps(row, indent=2))
+    print(f"  {name}: AUROC {row['auroc']:.3f}, fit in {seconds:.0f} s")
+    return row
+
+
+def paired_rows(ctx: Context, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """AUROC(a) - AUROC(b) on the held-out subjects with a paired bootstrap 95% CI, per seed."""
+    from clinfuse.evaluation.metrics import paired_auroc_delta
+
+    rows = []
+    for seed in seeds:
+        for a, b in PAIRS:
+            runs = [r if seed == 0 else f"{r}_seed{seed}" for r in (a, b)]
+            if not all((ctx.out / "runs" / r / RESULT_FILE).is_file() for r in runs):
+                continue
+            (la, y), (lb, _) = (_held_out_logits(ctx, r) for r in runs)
+            d = paired_auroc_delta(y, la, lb, ctx.n_bootstrap)
+            rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "seed": seed,
+                    "delta": d["delta"],
+                    "ci_low": d["ci"][0],
+                    "ci_high": d["ci"][1],
+                }
+            )
+    return rows
+
+
+def _held_out_logits(ctx: Context, run: str) -> tuple[Any, Any]:
+    """A row's held-out logits and labels (N,), (N,), in load_samples order."""
+    import numpy as np
+
+    path = ctx.out / "runs" / run / "held_out_logits.npy"
+    if path.is_file():
+        _, y = _labels(ctx, "held_out")
+        return np.load(path), y
+    x, y = _logit_matrix(ctx, [run], "held_out")
+    return x[:, 0], y
+
+
+def _labels(ctx: Context, split: str) -> tuple[Any, Any]:
+    import numpy as np
+
+    from clinfuse.datasets.samples import load_samples
+
+    samples = load_samples(ctx.cohorts["train"]).filter(_split_filter(split))
+    return samples, np.asarray(samples["label"].cast(int).to_numpy())
 
 
 def _token_variant(base: dict[str, Any], adversary: bool, suffix: str) -> Variant:
@@ -495,6 +684,82 @@ def _confound_row(
     }
 
 
+def missing(
+    ctx: Context, subjects: int, mode: str, adversary: bool, seeds: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """Every fusion strategy, the preset and ``gbdt_features`` with a modality missing.
+
+    One cohort per ``MISSING_GRID`` entry (same subjects and world, missing in training
+    and at test alike), each row's drop measured from its own complete-data run of the
+    same seed. Film missingness is ``mode`` (informative: sicker patients are filmed
+    more often); genotype missingness is at random (most ICU patients are never typed).
+    """
+    suffix = "" if adversary else "_no_adv"
+    rows: list[dict[str, Any]] = []
+    complete: dict[tuple[str, int], float] = {}
+    for modality, share in MISSING_GRID:
+        sub = _missing_context(ctx, subjects, modality, share, mode)
+        for seed in seeds:
+            for name in MISSING_ROWS:
+                v = _missing_variant(name, suffix, adversary, ctx.user_preset, seed)
+                auc = sub.run(v)["metrics"]["auroc"]
+                rows.append(_missing_row(name, seed, modality, share, auc, complete))
+            base = gbdt_features(sub, seed, float("nan"))
+            rows.append(
+                _missing_row("gbdt_features", seed, modality, share, base["auroc"], complete)
+            )
+    return rows
+
+
+def _missing_context(
+    ctx: Context, subjects: int, modality: str, share: float, mode: str
+) -> Context:
+    """A context whose training cohort misses ``modality`` for a share of subjects."""
+    image = share if modality == "image" else 0.0
+    geno = share if modality == "genotypes" else 0.0
+    name = (
+        "complete"
+        if modality == "none"
+        else f"{modality}_{mode if modality == 'image' else 'random'}_{share:g}"
+    )
+    cfg = SimConfig(
+        n_subjects=subjects,
+        image_size=int(ctx.base["data"]["image_size"]),
+        seed=0,
+        image_missing=image,
+        image_missing_mode=mode,
+        genotype_missing=geno,
+        progress=False,
+    )
+    cohort = _simulate_once(ctx.out / "cohorts" / f"missing_n{subjects}_{name}", cfg)
+    out = ctx.out / "missing" / name
+    return Context(ctx.base, {"train": cohort}, out, ctx.n_bootstrap, ctx.user_preset, ctx.caches)
+
+
+def _missing_variant(name: str, suffix: str, adversary: bool, preset: Path, seed: int) -> Variant:
+    if name == "preset":
+        return Variant("preset", preset=str(preset), seed=seed)
+    fusion = name.removeprefix("fusion_")
+    return Variant(f"{name}{suffix}", fusion=fusion, adversary=adversary, seed=seed)
+
+
+def _missing_row(
+    name: str, seed: int, modality: str, share: float, auc: float, complete: dict
+) -> dict[str, Any]:
+    if modality == "none":
+        complete[(name, seed)] = auc
+    reference = complete.get((name, seed), float("nan"))
+    return {
+        "model": name,
+        "seed": seed,
+        "missing": modality,
+        "share": share,
+        "auroc": auc,
+        "complete_auroc": reference,
+        "drop": reference - auc,
+    }
+
+
 def transfer(
     ctx: Context,
     fractions: list[float],
@@ -653,6 +918,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--patience", type=int, default=4)
     ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for CIs")
     ap.add_argument("--config", default=str(BASE_PRESET), help="base preset")
+    ap.add_argument(
+        "--preset",
+        default=str(USER_PRESET),
+        help="the user preset of the strategies table's 'preset' row (default configs/demo.yaml)",
+    )
     ap.add_argument("--out", default="runs/bench_fusion")
     ap.add_argument(
         "--adversary",
@@ -662,11 +932,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--only", nargs="+", default=None, help="strategies rows to run (names)")
     ap.add_argument(
+        "--candidates",
+        default=None,
+        help="YAML mapping name -> list of key=value edits of --preset; each is a row "
+        "candidate_<name> of the strategies table",
+    )
+    ap.add_argument(
         "--seeds",
         type=int,
         nargs="+",
         default=[0],
         help="training seeds; with more than one, <experiment>_seeds.md has mean/s.d./min/max",
+    )
+    ap.add_argument(
+        "--missing-mode",
+        choices=["informative", "random"],
+        default="informative",
+        help="film missingness of the missing experiment (informative: sicker patients "
+        "are filmed more often)",
     )
     ap.add_argument(
         "--transfer-modes",
@@ -688,7 +971,7 @@ def _base_preset(args: argparse.Namespace) -> dict[str, Any]:
 def _context(args: argparse.Namespace, subjects: int, out: Path) -> Context:
     flip = args.flip_subjects or max(subjects // 2, 200)
     cohorts = make_cohorts(out / "cohorts", subjects, flip, args.image_size)
-    return Context(_base_preset(args), cohorts, out, args.bootstrap)
+    return Context(_base_preset(args), cohorts, out, args.bootstrap, Path(args.preset))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -712,15 +995,23 @@ def main(argv: list[str] | None = None) -> int:
             keys, values = SUMMARY[name]
             summary = seed_summary(rows, keys, values)
             print(write_outputs(out, f"{label}_seeds", summary, NOTES[name](summary)), flush=True)
+        if name == "strategies":
+            pairs = paired_rows(contexts[subjects], tuple(args.seeds))
+            note = "Held-out AUROC(a) - AUROC(b), paired bootstrap 95% CI (same subjects)."
+            print(write_outputs(out, f"{label}_paired", pairs, note), flush=True)
     return 0
 
 
 def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[dict[str, Any]]:
     seeds = tuple(args.seeds)
     if name == "strategies":
-        return strategies(ctx, args.adversary == "on", args.only, seeds)
+        candidates = load_yaml(args.candidates) if args.candidates else None
+        return strategies(ctx, args.adversary == "on", args.only, seeds, candidates)
     if name == "confound":
         return confound(ctx, seeds)
+    if name == "missing":
+        subjects = args.subjects
+        return missing(ctx, subjects, args.missing_mode, args.adversary == "on", seeds)
     return transfer(ctx, args.fractions, args.adversary == "on", tuple(args.transfer_modes), seeds)
 
 
@@ -728,6 +1019,10 @@ NOTES = {
     "strategies": _strategy_notes,
     "confound": _confound_notes,
     "transfer": lambda rows: "Image-only models, held-out AUROC.",
+    "missing": lambda rows: (
+        "Held-out AUROC with a share of subjects missing a modality (in training and at "
+        "test); drop = the same model and seed on the complete cohort minus this row."
+    ),
 }
 # Seed summaries: (grouping columns, summarized columns) per experiment.
 SUMMARY = {
@@ -745,6 +1040,7 @@ SUMMARY = {
         ),
     ),
     "transfer": (("model", "label_fraction"), ("auroc",)),
+    "missing": (("model", "missing", "share"), ("auroc", "drop")),
 }
 
 

@@ -57,6 +57,8 @@ class DataConfig:
         split_fractions: train, tuning, held_out shares of subjects.
         label_fraction: share of training subjects kept (learning curves).
         image_policy: which image per sample; "latest" at or before prediction_time.
+        genotype_pcs: principal axes of the training dosages to store in the DataSpec
+            (0 = none), for ancestry adjustment in the genotype encoder.
         cache_dir: decoded-image cache; None -> ``run_dir/image_cache`` or memory.
     """
 
@@ -70,6 +72,7 @@ class DataConfig:
     label_fraction: float = 1.0
     image_policy: str = "latest"
     cache_dir: str | None = None
+    genotype_pcs: int = 0
 
     def __post_init__(self) -> None:
         if self.image_policy != "latest":
@@ -90,7 +93,7 @@ def fit_spec(cohort_dir: str | Path, train_samples: pl.DataFrame, cfg: DataConfi
         image_size=cfg.image_size, max_steps=cfg.max_steps, window_hours=float(cfg.window_hours)
     )
     _fit_channels(spec, cohort_dir, train_samples)
-    _fit_markers(spec, cohort_dir, train_samples)
+    _fit_markers(spec, cohort_dir, train_samples, cfg.genotype_pcs)
     spec.sites = _vocabulary(train_samples["site"])
     spec.ancestries = _vocabulary(train_samples["ancestry"])
     positives = float(train_samples["label"].sum())
@@ -119,8 +122,11 @@ def _fit_channels(spec: DataSpec, cohort_dir: str | Path, train: pl.DataFrame) -
     spec.channel_std = [float(s) if s > 1e-8 else 1.0 for s in std]  # constant -> unscaled
 
 
-def _fit_markers(spec: DataSpec, cohort_dir: str | Path, train: pl.DataFrame) -> None:
-    """Markers in genotypes column order, their groups, and train-split mean dosage."""
+def _fit_markers(
+    spec: DataSpec, cohort_dir: str | Path, train: pl.DataFrame, n_pcs: int = 0
+) -> None:
+    """Markers in genotypes column order, their groups, train-split mean dosage and, when
+    ``n_pcs`` > 0, the top principal axes of the standardized train dosages."""
     if not has_table(cohort_dir, GENOTYPES):
         return
     genotypes = scan(cohort_dir, GENOTYPES)
@@ -133,6 +139,33 @@ def _fit_markers(spec: DataSpec, cohort_dir: str | Path, train: pl.DataFrame) ->
     called = calls["genotype_mask"].sum(0)
     mean = calls["genotype"].sum(0) / called.clamp(min=1)
     spec.marker_mean = [float(x) for x in mean]
+    if n_pcs > 0:
+        spec.marker_pcs = genotype_principal_axes(calls, mean, n_pcs)
+
+
+def genotype_principal_axes(calls: dict, mean: torch.Tensor, k: int) -> list[list[float]]:
+    """Top-``k`` right singular vectors of the standardized dosages of genotyped subjects.
+
+    Dosages are centred by the train mean and scaled by the binomial s.d. (missing calls
+    at 0), the input of Price et al. 2006 (EIGENSTRAT). Each axis's sign is fixed so its
+    largest loading is positive (the same cohort always gives the same axes).
+
+    Shapes:
+        calls["genotype"], calls["genotype_mask"]: (N, M) -> k lists of M floats
+    """
+    from clinfuse.encoders.genomics import binomial_scale, standardize_genotype
+
+    rows = calls["genotype_present"].bool()
+    z = standardize_genotype(
+        calls["genotype"][rows], calls["genotype_mask"][rows], mean, binomial_scale(mean)
+    ).double()  # (N', M)
+    k = min(k, *z.shape)
+    if k <= 0:
+        return []
+    _, _, vt = torch.linalg.svd(z - z.mean(0), full_matrices=False)  # (min, M)
+    axes = vt[:k]
+    flip = torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))  # (k, 1)
+    return (axes * flip).tolist()
 
 
 def _marker_groups(cohort_dir: str | Path) -> dict[str, str]:

@@ -1,8 +1,11 @@
 """Image tensors: DICOM -> unit grayscale -> square ``image_size``, cached on disk.
 
 Decoding DICOM is the slow part of an epoch, so each image is decoded once per
-(path, file size, mtime, image_size) and stored as ``.npy`` in a cache folder;
-later epochs (and DataLoader workers) read the array back. A file that cannot be
+(path, file size, mtime, image_size) and stored in a cache folder as ``<key>.npyc``:
+the ``.npy`` bytes followed by their sha256 (``integrity.checksums.seal``). Later
+epochs (and DataLoader workers) read the array back and check it on every read (a
+32 px film costs microseconds to hash); an entry that fails is dropped, decoded
+again and counted (``integrity.checksums.cache_failures``). A file that cannot be
 read makes that sample's ``image_present`` False with a warning naming the file;
 it never stops the epoch.
 """
@@ -11,8 +14,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clinfuse.datasets.dicom import DicomReader
+from clinfuse.integrity.checksums import cache_entry_failed, seal, unseal, write_bytes_atomic
+
+CACHE_SUFFIX = ".npyc"  # not .npy: entries from before checksums are left unread
 
 
 def read_unit(path: str | Path) -> np.ndarray:
@@ -87,7 +93,7 @@ class ImageLoader:
 
     Args:
         image_size: side of the output square.
-        cache_dir: folder for ``.npy`` entries; None keeps them in memory only.
+        cache_dir: folder for checked ``.npyc`` entries; None keeps them in memory only.
 
     Attributes:
         decoded_uids: key -> SOPInstanceUID of every file this loader decoded (read
@@ -157,10 +163,17 @@ class ImageLoader:
     def _cached(self, key: str) -> np.ndarray | None:
         if self.cache_dir is None:
             return self._memory.get(key)
+        path = self.cache_dir / f"{key}{CACHE_SUFFIX}"
         try:  # one small read; a memory map costs more than it saves at these sizes
-            return np.load(self.cache_dir / f"{key}.npy")
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
+        payload = unseal(data)
+        if payload is None:
+            path.unlink(missing_ok=True)
+            cache_entry_failed(path, "failed its sha256")
+            return None
+        return np.load(io.BytesIO(payload))
 
     def _decode(self, path: str | Path, key: str) -> np.ndarray | None:
         try:
@@ -180,11 +193,10 @@ class ImageLoader:
             self._memory[key] = array
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
         # Write then rename: DataLoader workers may race on the same entry.
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, self.cache_dir / f"{key}.npy")
+        write_bytes_atomic(self.cache_dir / f"{key}{CACHE_SUFFIX}", seal(buffer.getvalue()))
 
     @staticmethod
     def _warn(path: str | Path, err: Exception) -> None:

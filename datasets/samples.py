@@ -21,6 +21,7 @@ from clinfuse.datasets.splits import (
     check_splits,
     read_splits,
 )
+from clinfuse.errors import InputError
 
 SAMPLE_COLUMNS = ("subject_id", "prediction_time", "label", "site", "ancestry", "split")
 US_PER_HOUR = 3_600_000_000
@@ -181,13 +182,14 @@ def _subjects(cohort_dir: str | Path) -> pl.LazyFrame:
 
 
 def check_not_empty(path: str | Path, rows: pl.DataFrame, what: str = "label") -> None:
-    """Raises ValueError naming ``path`` when ``rows`` is empty.
+    """Raises an InputError naming ``path`` when ``rows`` is empty.
 
     An empty labels.parquet (or subjects.parquet for ``score --at``) leaves nothing to
     train, evaluate or score; an empty output with exit 0 would hide that.
     """
     if rows.height == 0:
-        raise ValueError(f"{path}: no {what} rows (empty cohort)")
+        fix = "add label rows or score with --at" if what == "label" else f"add {what} rows"
+        raise InputError(f"{path}: no {what} rows (empty cohort)", fix=fix)
 
 
 def _check_subjects(cohort_dir: str | Path, samples: pl.DataFrame) -> None:
@@ -195,25 +197,28 @@ def _check_subjects(cohort_dir: str | Path, samples: pl.DataFrame) -> None:
     missing = samples.filter(pl.col("_has_subject").is_null()).sort("_label_row")
     if missing.height:
         row = missing.row(0, named=True)
-        raise ValueError(
+        raise InputError(
             f"{Path(cohort_dir) / 'labels.parquet'}: row {row['_label_row']} has subject_id "
             f"{row['subject_id']}, which has no row in subjects.parquet "
-            f"({missing.height} label row(s) affected)"
+            f"({missing.height} label row(s) affected)",
+            fix="run `clinfuse validate COHORT` and fix the file",
         )
     bad = samples.filter(pl.col("label").is_null()).sort("_label_row")
     if bad.height:
-        raise ValueError(
+        raise InputError(
             f"{Path(cohort_dir) / 'labels.parquet'}: column boolean_value is null at row "
-            f"{bad['_label_row'][0]} (subject_id {bad['subject_id'][0]})"
+            f"{bad['_label_row'][0]} (subject_id {bad['subject_id'][0]})",
+            fix="run `clinfuse validate COHORT` and fix the file",
         )
 
 
 def _check_sample_splits(cohort_dir: str | Path, samples: pl.DataFrame) -> None:
     missing = samples.filter(pl.col("split").is_null())
     if missing.height:
-        raise ValueError(
+        raise InputError(
             f"{Path(cohort_dir) / 'subject_splits.parquet'}: subject_id "
-            f"{missing['subject_id'][0]} has labels but no split"
+            f"{missing['subject_id'][0]} has labels but no split",
+            fix="run `clinfuse validate COHORT` and fix the file",
         )
 
 
@@ -279,8 +284,9 @@ def _genotype_table(genotypes: pl.LazyFrame, samples: pl.DataFrame, markers: lis
     ).collect()
     dup = calls.filter(pl.col("subject_id").is_duplicated())
     if dup.height:
-        raise ValueError(
-            f"genotypes.parquet: subject_id {dup['subject_id'][0]} has more than one row"
+        raise InputError(
+            f"genotypes.parquet: subject_id {dup['subject_id'][0]} has more than one row",
+            fix="run `clinfuse validate COHORT` and fix the file",
         )
     keys = samples.select("subject_id").with_row_index("_sample")
     return keys.join(calls, on="subject_id", how="left").sort("_sample")
@@ -290,9 +296,10 @@ def _check_dosage(dosage: np.ndarray, mask: np.ndarray, table: pl.DataFrame, mar
     bad = mask & ((dosage < 0) | (dosage > 2))
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise ValueError(
+        raise InputError(
             f"genotypes.parquet: column {markers[col]!r} has dosage {dosage[row, col]} for "
-            f"subject_id {table['subject_id'][int(row)]}; expected 0, 1 or 2 (null = missing)"
+            f"subject_id {table['subject_id'][int(row)]}; expected 0, 1 or 2 (null = missing)",
+            fix="run `clinfuse validate COHORT` and fix the file",
         )
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import polars as pl
 
+from clinfuse.errors import NotFoundError
+
 TIME = pl.Datetime("us")
 SPLITS = ("train", "tuning", "held_out")
 
@@ -98,12 +100,14 @@ def table_paths(cohort_dir: str | Path, spec: TableSpec) -> list[Path]:
 
 
 def scan(cohort_dir: str | Path, spec: TableSpec) -> pl.LazyFrame:
-    """A lazy scan of one table. Raises FileNotFoundError naming the file when absent."""
+    """A lazy scan of one table. Raises NotFoundError (a FileNotFoundError) naming the file
+    when absent."""
     paths = table_paths(cohort_dir, spec)
     if not paths:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{Path(cohort_dir) / (spec.name + '.parquet')}: no such file "
-            f"(nor a folder {spec.name}/ of Parquet files)"
+            f"(nor a folder {spec.name}/ of Parquet files)",
+            fix="check the cohort directory (docs/cohort-format.md)",
         )
     return pl.scan_parquet([str(p) for p in paths])
 

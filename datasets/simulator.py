@@ -17,9 +17,12 @@ Generative model, per subject (site s, ancestry a):
     genotypes ~ Balding-Nichols frequencies of ancestry a
     genetic_score G = sum of main causal group scores * effects
     carrier C = modifier-group score > 0.5 (about a third of subjects)
-    logit = b0 + k * offset_s + 1.5 L + 1.1 P (1 + 1.5 C) + 1.2 G
+    logit = b0 + k * offset_s + j * offset_a + 1.5 L + 1.1 P (1 + 1.5 C) + 1.2 G
     outcome ~ Bernoulli(sigmoid(logit)), deterioration within ``horizon_hours``
-with ``k`` = 1, -1 or 0 for ``site_effect`` normal, reversed or none. The
+with ``k`` = 1, -1 or 0 for ``site_effect`` normal, reversed or none, and ``j`` the
+same for ``ancestry_effect`` (default none): a non-genetic link between ancestry and
+outcome (care pathways, environment) that a model can read off the genotypes, a
+shortcut a test cohort can reverse while the genetic signal stays as it is. The
 carrier interaction means the lactate/creatinine trend matters 2.5 times more
 in carriers, which no single modality can see. Sites differ in scanner, ancestry
 mix and baseline risk, so site and ancestry are spuriously predictive.
@@ -61,8 +64,14 @@ from clinfuse.datasets.sim_images import (
     render_films,
 )
 from clinfuse.datasets.sim_world import World, build_world
+from clinfuse.errors import config_errors
 
 SITE_EFFECTS = {"normal": 1.0, "reversed": -1.0, "none": 0.0}
+MISSING_MODES = ("random", "informative")
+ANCESTRY_SPAN = 0.8  # logit offset of the first and last ancestry group under ancestry_effect
+# Informative film missingness: P(no film) = sigmoid(a - SLOPE * z), z the standardized
+# true logit, a solved so the mean is the requested share.
+MISSING_SLOPE = 1.5
 ORACLE_GROUPS_FILE = "oracle_groups.parquet"
 CONFIG_FILE = "simulation.yaml"
 
@@ -78,7 +87,7 @@ EPOCH_START_US = 5_680_281_600_000_000  # 2150-01-01: shifted, obviously synthet
 # Independent random streams per component, so one part can change without
 # reshuffling the others.
 _STREAMS = {"people": 1, "latent": 2, "genotype": 3, "times": 4, "outcome": 5}
-_STREAMS |= {"events": 6, "films": 7, "split": 8, "calls": 9}
+_STREAMS |= {"events": 6, "films": 7, "split": 8, "calls": 9, "genotyped": 10}
 
 
 @dataclass
@@ -93,6 +102,9 @@ class SimConfig:
             causal groups); keep it fixed to simulate a test cohort of the same world.
         image_size: side of the square films in pixels.
         site_effect: ``normal``, ``reversed`` or ``none`` link between site and risk.
+        ancestry_effect: ``normal``, ``reversed`` or ``none`` (default) link between
+            ancestry and risk, outside the genotypes' causal effects: ancestry group
+            ``a`` of ``A`` adds ``ANCESTRY_SPAN * (2 a / (A - 1) - 1)`` to the logit.
         new_site: add the world's held-back site; its subjects are all held_out.
         n_ancestries: number of ancestry groups.
         fst: Balding-Nichols fixation index between ancestry groups.
@@ -100,6 +112,13 @@ class SimConfig:
         markers_per_group: markers per group.
         n_causal_groups: causal groups (one modifier, the rest main effects).
         missing_call_rate: fraction of genotype calls set to null.
+        image_missing: share of subjects with no film at all.
+        image_missing_mode: ``random`` (every subject equally likely to have no film)
+            or ``informative`` (films are ordered for sicker patients: the chance of
+            having none falls with the true risk logit, its mean still
+            ``image_missing``).
+        genotype_missing: share of subjects never genotyped (no genotypes row), drawn
+            at random.
         horizon_hours: outcome horizon after prediction_time; charting runs until its end.
         progress: show a progress bar while writing films.
     """
@@ -110,6 +129,7 @@ class SimConfig:
     world_seed: int = 0
     image_size: int = 128
     site_effect: str = "normal"
+    ancestry_effect: str = "none"
     new_site: bool = False
     n_ancestries: int = 3
     fst: float = 0.08
@@ -117,6 +137,9 @@ class SimConfig:
     markers_per_group: int = 10
     n_causal_groups: int = 4
     missing_call_rate: float = 0.02
+    image_missing: float = 0.15
+    image_missing_mode: str = "random"
+    genotype_missing: float = 0.0
     horizon_hours: float = 48.0
     progress: bool = True
 
@@ -125,11 +148,21 @@ class SimConfig:
             raise ValueError(
                 f"site_effect={self.site_effect!r}: expected one of {sorted(SITE_EFFECTS)}"
             )
+        if self.ancestry_effect not in SITE_EFFECTS:
+            raise ValueError(
+                f"ancestry_effect={self.ancestry_effect!r}: expected one of {sorted(SITE_EFFECTS)}"
+            )
         _check_range("n_subjects", self.n_subjects, 1, None)
         _check_range("image_size", self.image_size, 32, 2048)
         _check_range("n_ancestries", self.n_ancestries, 1, 26)
         _check_range("fst", self.fst, 1e-4, 0.5)
         _check_range("missing_call_rate", self.missing_call_rate, 0.0, 0.5)
+        _check_range("image_missing", self.image_missing, 0.0, 0.99)
+        _check_range("genotype_missing", self.genotype_missing, 0.0, 0.99)
+        if self.image_missing_mode not in MISSING_MODES:
+            raise ValueError(
+                f"image_missing_mode={self.image_missing_mode!r}: expected one of {MISSING_MODES}"
+            )
         _check_range("horizon_hours", self.horizon_hours, 1.0, 24.0 * 30)
         _check_range("markers_per_group", self.markers_per_group, 1, None)
 
@@ -167,6 +200,7 @@ class _Cohort:
     modifier: np.ndarray
     carrier: np.ndarray
     site_term: np.ndarray
+    ancestry_term: np.ndarray
     logit: np.ndarray
     risk: np.ndarray
     outcome: np.ndarray
@@ -190,16 +224,26 @@ def _draw_cohort(cfg: SimConfig, world: World) -> _Cohort:
     carrier = modifier > CARRIER_Z
     offsets = np.array([s.logit_offset for s in sites])
     site_term = SITE_EFFECTS[cfg.site_effect] * offsets[site]
+    span = ancestry_offsets(len(world.ancestries))
+    ancestry_term = SITE_EFFECTS[cfg.ancestry_effect] * span[ancestry]
     boost = float(world.panel.effect[np.array(world.panel.role) == MODIFIER][0])
-    logit = _logit(site_term, lung, physio, genetic, carrier * boost)
+    logit = _logit(site_term + ancestry_term, lung, physio, genetic, carrier * boost)
     risk = 1.0 / (1.0 + np.exp(-logit))
     outcome = _rng(cfg, "outcome").random(cfg.n_subjects) < risk
     admission, prediction, deterioration = _draw_times(_rng(cfg, "times"), outcome, cfg)
     return _Cohort(
         np.arange(1, cfg.n_subjects + 1, dtype=np.int64),
         site, ancestry, sex, age, lung, physio, genetic, modifier, carrier,
-        site_term, logit, risk, outcome, admission, prediction, deterioration, dosage,
+        site_term, ancestry_term, logit, risk, outcome, admission, prediction, deterioration,
+        dosage,
     )  # fmt: skip
+
+
+def ancestry_offsets(n_ancestries: int) -> np.ndarray:
+    """Logit offset of each ancestry group under ``ancestry_effect: normal`` (A,)."""
+    if n_ancestries == 1:
+        return np.zeros(1)
+    return ANCESTRY_SPAN * np.linspace(-1.0, 1.0, n_ancestries)
 
 
 def _draw_people(
@@ -226,15 +270,16 @@ def _genetic_terms(world: World, dosage: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _logit(
-    site_term: np.ndarray,
+    confound_term: np.ndarray,
     lung: np.ndarray,
     physio: np.ndarray,
     genetic: np.ndarray,
     carrier_boost: np.ndarray,
 ) -> np.ndarray:
-    """Risk logit; ``carrier_boost`` is the modifier effect for carriers, 0 otherwise."""
+    """Risk logit; ``confound_term`` the site and ancestry offsets, ``carrier_boost`` the
+    modifier effect for carriers (0 otherwise)."""
     physio_term = PHYSIO_EFFECT * physio * (1.0 + carrier_boost)
-    return INTERCEPT + site_term + LUNG_EFFECT * lung + physio_term + GENETIC_EFFECT * genetic
+    return INTERCEPT + confound_term + LUNG_EFFECT * lung + physio_term + GENETIC_EFFECT * genetic
 
 
 def _draw_times(
@@ -271,6 +316,7 @@ def _oracle_frame(c: _Cohort, world: World, cfg: SimConfig) -> pl.DataFrame:
             "modifier_score": c.modifier,
             "modifier_carrier": c.carrier,
             "site_term": c.site_term,
+            "ancestry_term": c.ancestry_term,
             "true_logit": c.logit,
             "true_risk": c.risk,
             "outcome": c.outcome,
@@ -295,13 +341,41 @@ def simulate_cohort(out_dir: str | Path, cfg: SimConfig) -> Path:
     _write(out, "subject_splits", _splits_frame(c, cfg, len(world.sites) - 1))
     _write(out, "markers", markers_frame(world.panel))
     calls = mask_calls(_rng(cfg, "calls"), c.dosage, cfg.missing_call_rate)
-    _write(out, "genotypes", genotypes_frame(world.panel, c.subject_id, calls))
+    typed = _genotyped(cfg, c.subject_id.size)  # (N,) bool
+    _write(out, "genotypes", genotypes_frame(world.panel, c.subject_id[typed], calls[typed]))
     _write(out, "events", simulate_events(_rng(cfg, "events"), _stays(c, cfg)))
     _write(out, "images", _write_films(out, c, sites, cfg))
     _oracle_frame(c, world, cfg).write_parquet(out / schema.ORACLE_FILE)
     groups_frame(world.panel).write_parquet(out / ORACLE_GROUPS_FILE)
     save_yaml(cfg, out / CONFIG_FILE)
     return out
+
+
+def _genotyped(cfg: SimConfig, n: int) -> np.ndarray:
+    """Which subjects have a genotype row (a share ``genotype_missing`` never genotyped)."""
+    if cfg.genotype_missing <= 0:
+        return np.ones(n, dtype=bool)
+    return _rng(cfg, "genotyped").random(n) >= cfg.genotype_missing
+
+
+def no_film_probability(logit: np.ndarray, share: float, mode: str) -> np.ndarray:
+    """Each subject's chance of having no film; its mean is ``share``.
+
+    ``informative``: ``sigmoid(a - MISSING_SLOPE * z)`` with ``z`` the standardized
+    true logit, so sicker subjects are more often filmed; ``a`` is found by bisection.
+
+    Shapes:
+        logit: (N,) -> (N,)
+    """
+    if mode == "random" or share <= 0:
+        return np.full(logit.shape, share)
+    z = (logit - logit.mean()) / max(float(logit.std()), 1e-12)
+    lo, hi = -30.0, 30.0
+    for _ in range(100):
+        a = 0.5 * (lo + hi)
+        mean = float(np.mean(1.0 / (1.0 + np.exp(-(a - MISSING_SLOPE * z)))))
+        lo, hi = (a, hi) if mean < share else (lo, a)
+    return 1.0 / (1.0 + np.exp(-(0.5 * (lo + hi) - MISSING_SLOPE * z)))
 
 
 def _write(out: Path, name: str, frame: pl.DataFrame) -> None:
@@ -360,10 +434,12 @@ class _Films:
 
 
 def _plan_films(rng: np.random.Generator, c: _Cohort, cfg: SimConfig) -> _Films:
-    """15% of subjects have no film; the others one before prediction_time plus Poisson(0.6)
-    more anywhere in the stay (some after prediction_time, which must never count)."""
+    """A share ``image_missing`` of subjects has no film (``no_film_probability``); the
+    others one before prediction_time plus Poisson(0.6) more anywhere in the stay (some
+    after prediction_time, which must never count)."""
     n = c.subject_id.size
-    count = np.where(rng.random(n) < 0.15, 0, 1 + rng.poisson(0.6, n))
+    none = no_film_probability(c.logit, cfg.image_missing, cfg.image_missing_mode)
+    count = np.where(rng.random(n) < none, 0, 1 + rng.poisson(0.6, n))
     subject = np.repeat(np.arange(n), count)
     number = np.arange(subject.size) - np.repeat(np.cumsum(count) - count, count)
     start, pred = c.admission[subject], c.prediction[subject]
@@ -442,7 +518,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 def main(args: argparse.Namespace) -> int:
     """``clinfuse simulate``: writes the cohort and prints a short summary."""
-    cfg = config_from_args(args)
+    with config_errors(None, "see clinfuse simulate --help"):  # SimConfig checks the options
+        cfg = config_from_args(args)
     start = time.perf_counter()
     out = simulate_cohort(args.out, cfg)
     seconds = time.perf_counter() - start

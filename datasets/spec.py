@@ -22,6 +22,10 @@ class DataSpec:
         marker_groups: group index of each marker (M), into ``groups``.
         groups: group (gene or pathway) names (G).
         marker_mean: mean dosage per marker on the train split (M), for imputation.
+        marker_pcs: the top principal axes of the train split's standardized dosages
+            (K lists of M loadings, unit norm), when ``data.genotype_pcs`` asks for
+            them: the population-structure directions a genotype encoder can project
+            out (``sgl_mlp.ancestry_pcs``).
         image_size: side of the square image tensor.
         sites: site names; the index is the code in ``confounds["site"]``.
         ancestries: ancestry names; the index is the code in ``confounds["ancestry"]``.
@@ -37,6 +41,7 @@ class DataSpec:
     marker_groups: list[int] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     marker_mean: list[float] = field(default_factory=list)
+    marker_pcs: list[list[float]] = field(default_factory=list)
     image_size: int = 128
     sites: list[str] = field(default_factory=list)
     ancestries: list[str] = field(default_factory=list)

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from clinfuse.datasets.schema import SPLITS, SUBJECT_SPLITS, has_table, scan
+from clinfuse.errors import InputError
 
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 
@@ -29,19 +30,21 @@ def read_splits(cohort_dir: str | Path) -> pl.LazyFrame | None:
 
 
 def check_splits(splits: pl.DataFrame, where: str = "subject_splits") -> None:
-    """Raises ValueError naming the row when a split name is unknown or a subject repeats."""
+    """Raises InputError (a ValueError) naming the row when a split name is unknown or a subject repeats."""
     bad = splits.with_row_index("row").filter(~pl.col("split").is_in(SPLITS))
     if bad.height:
         row = bad.row(0, named=True)
-        raise ValueError(
+        raise InputError(
             f"{where}: row {row['row']} (subject_id {row['subject_id']}) has split "
-            f"{row['split']!r}; expected one of {list(SPLITS)}"
+            f"{row['split']!r}; expected one of {list(SPLITS)}",
+            fix="run `clinfuse validate COHORT` and fix the file",
         )
     dup = splits.filter(pl.col("subject_id").is_duplicated())
     if dup.height:
-        raise ValueError(
+        raise InputError(
             f"{where}: subject_id {dup['subject_id'][0]} appears in more than one row; "
-            "a subject must be in exactly one split"
+            "a subject must be in exactly one split",
+            fix="run `clinfuse validate COHORT` and fix the file",
         )
 
 

@@ -69,8 +69,17 @@ def read_image(path: str | None) -> np.ndarray:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
+    from clinfuse.errors import NotFoundError
+
+    if args.image is not None and not Path(args.image).is_file():
+        raise NotFoundError("no such image file", args.image, "pass an existing --image")
     image = read_image(args.image)
-    info, rows = top_classes(args.model, args.weights, image, args.top)
+    try:
+        info, rows = top_classes(args.model, args.weights, image, args.top)
+    except FileNotFoundError as err:  # --weights names no source and no existing file
+        raise NotFoundError(
+            str(err), args.weights, "pass package, hub, none or an existing checkpoint file"
+        ) from err
     print(f"model    {args.model}")
     print(f"weights  {info.source} {info.path}".rstrip())
     print(f"sha256   {info.sha256}")

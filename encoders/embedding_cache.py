@@ -10,11 +10,20 @@ Concurrency: a file is written to a unique temporary name in the same directory
 and moved into place with ``os.replace`` (atomic on POSIX), so readers see either
 no file or a whole file, and two writers of the same key both write the same
 bytes. No locks are needed.
+
+Integrity: caches are checked, never trusted. Each ``EmbeddingCache`` file carries
+the sha256 of its tensors in its safetensors metadata, checked on every read (the
+files are small); each ``FileFeatureStore`` shard has a ``sha256sum``-format file
+over its arrays, checked when a process first loads the shard. An entry that fails
+is deleted, counted (``integrity.checksums.cache_failures``) and recomputed by the
+caller as a miss. Entries written before checksums (no digest at all) are misses,
+not failures; shards live under a versioned folder so old ones are never read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -24,9 +33,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
+
+from clinfuse.errors import IntegrityError
+from clinfuse.hashing import file_sha256
+from clinfuse.integrity.checksums import (
+    cache_entry_failed,
+    read_sums,
+    write_bytes_atomic,
+    write_sums,
+)
+
+_DIGEST_KEY = "sha256"  # safetensors metadata: sha256 of the tensors (``tensors_digest``)
+STORE_VERSION = "v2"  # v2: shards carry a .sha256 file
+
+
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def settings_fingerprint(settings: dict[str, Any]) -> str:
@@ -71,12 +102,21 @@ class EmbeddingCache:
         return [image_key(img, self.fingerprint) for img in images]
 
     def get(self, key: str) -> dict[str, Tensor] | None:
-        """The stored tensors for ``key``, or None (a torn or unreadable file is a miss)."""
+        """The stored tensors for ``key``, or None: a missing, torn or unreadable file is a
+        miss; a file whose tensors fail their sha256 is also deleted and counted."""
         path = self._path(key)
         try:
-            value = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                recorded = (f.metadata() or {}).get(_DIGEST_KEY)
+                value = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
         except (OSError, RuntimeError, ValueError, SafetensorError):
             self.misses += 1
+            return None
+        if recorded is None or recorded != tensors_digest(value):
+            self.misses += 1
+            if recorded is not None:  # None: written before checksums, a plain miss
+                path.unlink(missing_ok=True)
+                cache_entry_failed(path, "failed its sha256")
             return None
         self.hits += 1
         return value
@@ -89,7 +129,7 @@ class EmbeddingCache:
         os.close(fd)
         try:
             plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-            save_file(plain, tmp)
+            save_file(plain, tmp, metadata={_DIGEST_KEY: tensors_digest(plain)})
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -110,9 +150,12 @@ class FileFeatureStore:
     size, mtime and image size) under a folder per settings fingerprint, so a
     scoring chunk whose films are all stored skips decoding entirely. Each ``put``
     writes one shard ``<id>.pooled.npy`` (n, F), optionally ``<id>.tokens.npy``
-    (n, N, F), then ``<id>.keys.npy`` (n,) last: a shard exists once its keys file
-    does (each file is moved into place with ``os.replace``), so concurrent writers
-    and readers need no locks. A lookup reads rows from memory maps, one per shard.
+    (n, N, F), ``<id>.sha256`` (the three files' digests), then ``<id>.keys.npy``
+    (n,) last: a shard exists once its keys file does (each file is moved into place
+    with ``os.replace``), so concurrent writers and readers need no locks. A process
+    checks a shard's files against ``<id>.sha256`` when it first loads the shard; a
+    shard that fails is deleted and its keys become misses (recomputed by the
+    caller). A lookup reads rows from memory maps, one per shard.
 
     Args:
         root: the embedding-cache directory (the store lives in ``root/files/``).
@@ -120,7 +163,7 @@ class FileFeatureStore:
     """
 
     def __init__(self, root: str | Path, fingerprint: str) -> None:
-        self.dir = Path(root) / "files" / fingerprint[:32]
+        self.dir = Path(root) / "files" / f"{STORE_VERSION}-{fingerprint[:32]}"
         self.fingerprint = fingerprint
         self._index: dict[str, tuple[int, int]] = {}  # key -> (shard, row)
         self._shards: list[tuple[np.ndarray, np.ndarray | None]] = []  # (pooled, tokens)
@@ -173,10 +216,16 @@ class FileFeatureStore:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
-        _save_npy(self.dir / f"{name}.pooled.npy", np.ascontiguousarray(pooled, np.float32))
+        arrays = {f"{name}.pooled.npy": np.ascontiguousarray(pooled, np.float32)}
         if tokens is not None:
-            _save_npy(self.dir / f"{name}.tokens.npy", np.ascontiguousarray(tokens, np.float32))
-        _save_npy(self.dir / f"{name}.keys.npy", np.array(keys, dtype="S64"))
+            arrays[f"{name}.tokens.npy"] = np.ascontiguousarray(tokens, np.float32)
+        arrays[f"{name}.keys.npy"] = np.array(keys, dtype="S64")  # last: marks the shard whole
+        data = {file: _npy_bytes(array) for file, array in arrays.items()}
+        sums = {file: hashlib.sha256(raw).hexdigest() for file, raw in data.items()}
+        for file, raw in data.items():
+            if file.endswith(".keys.npy"):  # the digests are in place before the shard is
+                write_sums(self.dir / f"{name}.sha256", sums)
+            write_bytes_atomic(self.dir / file, raw)
 
     def _refresh(self) -> None:
         if not self.dir.is_dir():
@@ -187,6 +236,11 @@ class FileFeatureStore:
                 self._load_shard(name, keys_file)
 
     def _load_shard(self, name: str, keys_file: Path) -> None:
+        if not self._shard_intact(name):
+            for file in self.dir.glob(f"{name}.*"):
+                file.unlink(missing_ok=True)
+            cache_entry_failed(self.dir / f"{name}.keys.npy", "shard failed its sha256")
+            return
         keys = np.load(keys_file)
         pooled = np.load(self.dir / f"{name}.pooled.npy", mmap_mode="r")
         tokens_file = self.dir / f"{name}.tokens.npy"
@@ -196,6 +250,16 @@ class FileFeatureStore:
         self._loaded.add(name)
         for row, key in enumerate(keys.tolist()):
             self._index[key.decode()] = (shard, row)
+
+    def _shard_intact(self, name: str) -> bool:
+        """Whether every file of shard ``name`` matches its ``<name>.sha256`` line."""
+        try:
+            sums = read_sums(self.dir / f"{name}.sha256")
+            return bool(sums) and all(
+                file_sha256(self.dir / file) == digest for file, digest in sums.items()
+            )
+        except (OSError, IntegrityError):
+            return False
 
     def _gather(self, shard: np.ndarray, row: np.ndarray, part: int) -> np.ndarray:
         """Rows of ``part`` (0 pooled, 1 tokens) in key order; zeros where shard is -1."""
@@ -213,12 +277,7 @@ class FileFeatureStore:
 _NOWHERE = (-1, -1)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".shard-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()

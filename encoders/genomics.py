@@ -53,6 +53,12 @@ class SGLMLPConfig:
             The right ``lambda_`` depends on how much loss gradient reaches this
             layer: inside a fused model the same 0.01 zeroed every group (a
             saddle the layer never leaves), 0.002 kept the causal groups.
+        ancestry_pcs: project the top ``k`` principal axes of the training dosages
+            (``DataSpec.marker_pcs``, fitted with ``data.genotype_pcs >= k``) out of
+            the standardized dosages before the first layer: the EIGENSTRAT
+            adjustment for population structure (Price et al. 2006). The encoder can
+            then not read ancestry along those axes, while a causal marker keeps the
+            part of its dosage that is not ancestry.
     """
 
     hidden: tuple[int, ...] = (64,)
@@ -62,9 +68,12 @@ class SGLMLPConfig:
     dropout: float = 0.1
     missing: str = "impute"
     prox_lr: float = 0.0
+    ancestry_pcs: int = 0
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
+        if self.ancestry_pcs < 0:
+            raise ValueError(f"sgl_mlp: ancestry_pcs={self.ancestry_pcs} must be >= 0")
         if self.missing not in MISSING_MODES:
             raise ValueError(f"sgl_mlp: missing={self.missing!r}; choose one of {MISSING_MODES}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -95,6 +104,24 @@ def check_genotype_spec(spec: DataSpec) -> None:
             f"DataSpec.marker_mean[{out[0]}]={spec.marker_mean[out[0]]} (marker "
             f"{spec.markers[out[0]]!r}) is not a mean dosage in [0, 2]"
         )
+
+
+def ancestry_axes(spec: DataSpec, k: int) -> Tensor:
+    """The top ``k`` principal axes of ``spec.marker_pcs`` (k, M), orthonormalized.
+
+    Raises:
+        ValueError: when the spec holds fewer than ``k`` axes (``data.genotype_pcs``).
+    """
+    if k == 0:
+        return torch.zeros(0, spec.n_markers)
+    if len(spec.marker_pcs) < k:
+        raise ValueError(
+            f"sgl_mlp: ancestry_pcs={k} needs data.genotype_pcs >= {k}; the DataSpec "
+            f"holds {len(spec.marker_pcs)} principal axes"
+        )
+    axes = torch.tensor(spec.marker_pcs[:k], dtype=torch.float64)  # (k, M)
+    q, _ = torch.linalg.qr(axes.T)  # exact orthonormality after the JSON round trip
+    return q.T.float()
 
 
 def binomial_scale(marker_mean: Tensor) -> Tensor:
@@ -213,6 +240,9 @@ class SGLMLPEncoder(ModalityEncoder):
         self.register_buffer("marker_scale", binomial_scale(mean))
         self.register_buffer("column_group", groups)
         self.register_buffer("group_size", sizes)
+        # Rebuilt from the saved DataSpec, not saved: older artifacts load unchanged.
+        axes = ancestry_axes(spec, self.cfg.ancestry_pcs)
+        self.register_buffer("ancestry_axes", axes, persistent=False)
 
     @property
     def lambda_(self) -> float:
@@ -230,6 +260,8 @@ class SGLMLPEncoder(ModalityEncoder):
         """
         x, mask = read_genotype(batch, self.marker_mean.numel())
         z = standardize_genotype(x, mask, self.marker_mean, self.marker_scale)  # (B, M)
+        if self.ancestry_axes.numel():
+            z = z - (z @ self.ancestry_axes.T) @ self.ancestry_axes  # (B, M), axes removed
         if self.cfg.missing == "impute":
             z = torch.cat([z, 1 - mask], dim=1)  # (B, 2M)
         return z
@@ -339,9 +371,12 @@ def sgl_mlp(
     dropout: float = 0.1,
     missing: str = "impute",
     prox_lr: float = 0.0,
+    ancestry_pcs: int = 0,
 ) -> SGLMLPEncoder:
     """Builds the sparse-group-lasso MLP genotype encoder (see ``SGLMLPConfig``)."""
-    cfg = SGLMLPConfig(tuple(hidden), embed_dim, lambda_, alpha, dropout, missing, prox_lr)
+    cfg = SGLMLPConfig(
+        tuple(hidden), embed_dim, lambda_, alpha, dropout, missing, prox_lr, ancestry_pcs
+    )
     return SGLMLPEncoder(spec, cfg)
 
 

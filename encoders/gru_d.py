@@ -42,12 +42,18 @@ class GRUDConfig:
         dropout: dropout on the hidden states before the output projection.
         learn_mean: learn ``x_mean`` (the value a long gap decays to) instead of
             keeping the training mean, which is 0 in normalized space.
+        time_inputs: also feed each step's position in time, ``[hours before
+            prediction_time, hours since the first kept step] / 24``, to the GRU.
+            GRU-D's own inputs only say how stale each channel is (``delta``), so the
+            recurrence cannot tell an early value from a late one; a trend over the
+            stay (the change from admission to now) needs both.
     """
 
     hidden: int = 64
     embed_dim: int = 64
     dropout: float = 0.0
     learn_mean: bool = False
+    time_inputs: bool = False
 
 
 @register_encoder("gru_d")
@@ -57,9 +63,10 @@ def gru_d(
     embed_dim: int = 64,
     dropout: float = 0.0,
     learn_mean: bool = False,
+    time_inputs: bool = False,
 ) -> GRUD:
     """Builds a GRU-D encoder for ``spec.n_channels`` channels."""
-    cfg = GRUDConfig(hidden=hidden, embed_dim=embed_dim, dropout=dropout, learn_mean=learn_mean)
+    cfg = GRUDConfig(hidden, embed_dim, dropout, learn_mean, time_inputs)
     return GRUD(spec.n_channels, **asdict(cfg))
 
 
@@ -72,6 +79,8 @@ class GRUD(ModalityEncoder):
         embed_dim: D, output width.
         dropout: dropout on hidden states before the output projection.
         learn_mean: make ``x_mean`` a parameter (else a zero buffer).
+        time_inputs: add ``W_it [t_before, t_since_first] / 24`` to the input gates
+            (see ``GRUDConfig``).
 
     Shapes:
         - ts_values, ts_mask, ts_delta: (B, T, C)
@@ -89,6 +98,7 @@ class GRUD(ModalityEncoder):
         embed_dim: int = 64,
         dropout: float = 0.0,
         learn_mean: bool = False,
+        time_inputs: bool = False,
     ) -> None:
         super().__init__()
         if n_channels < 1:
@@ -107,6 +117,8 @@ class GRUD(ModalityEncoder):
         self.weight_hh = nn.Parameter(torch.empty(3 * hidden, hidden))
         self.bias_ih = nn.Parameter(torch.empty(3 * hidden))
         self.bias_hh = nn.Parameter(torch.empty(3 * hidden))
+        # Separate from weight_ih so models without time inputs keep their weights.
+        self.weight_it = nn.Parameter(torch.empty(3 * hidden, 2)) if time_inputs else None
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Linear(hidden, embed_dim)
         self.reset_parameters()
@@ -114,8 +126,9 @@ class GRUD(ModalityEncoder):
     def reset_parameters(self) -> None:
         """GRU weights as ``nn.GRUCell``; input decay rates between 1/50 h and 1/5 h."""
         bound = 1.0 / math.sqrt(self.hidden)
-        for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
-            nn.init.uniform_(p, -bound, bound)
+        for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.weight_it):
+            if p is not None:
+                nn.init.uniform_(p, -bound, bound)
         # Positive rates so every channel decays (and gets gradient) from the start.
         nn.init.uniform_(self.decay_x_weight, 0.02, 0.2)
         nn.init.zeros_(self.decay_x_bias)
@@ -165,6 +178,8 @@ class GRUD(ModalityEncoder):
         x, m, delta = (_time_major(v, order) for v in (x, m, delta))  # (T, B, C)
         x_hat = self.impute(x.transpose(0, 1), m.transpose(0, 1), delta.transpose(0, 1))
         gi_t = F.linear(torch.cat([x_hat.transpose(0, 1), m], -1), self.weight_ih, self.bias_ih)
+        if self.weight_it is not None:
+            gi_t = gi_t + F.linear(_time_features(batch, order), self.weight_it)  # (T, B, 3H)
         gamma_t = self.hidden_decay(delta)  # (T, B, H)
         active = _active_counts(lengths[order], x.shape[0])
         h_last, steps = self._loop(gi_t, gamma_t, active)
@@ -287,6 +302,19 @@ def _inputs(batch: dict[str, Any], n_channels: int) -> tuple[Tensor, Tensor, Ten
         )
     lengths = batch["ts_length"].long().clamp(0, x.shape[1])
     return x, m, delta, lengths
+
+
+def _time_features(batch: dict[str, Any], order: Tensor) -> Tensor:
+    """Per step ``[hours before prediction_time, hours since the first kept step] / 24``.
+
+    Shapes:
+        batch["ts_time"]: (B, T) hours before prediction_time -> (T, B, 2), time-major
+        in ``order``
+    """
+    t = batch["ts_time"].to(batch["ts_values"].dtype)  # (B, T)
+    since_first = (t[:, :1] - t).clamp_min(0.0)  # the first step is the earliest
+    feats = torch.stack([t, since_first], dim=-1) / 24.0  # (B, T, 2)
+    return _time_major(feats, order)
 
 
 def _time_major(x: Tensor, order: Tensor) -> Tensor:

@@ -18,8 +18,15 @@ import torch
 
 from clinfuse.datasets.schema import ORACLE_FILE
 from clinfuse.datasets.sim_oracle import FEATURE_SETS
+from clinfuse.errors import InputError
 from clinfuse.evaluation.audit import run_audit
-from clinfuse.evaluation.metrics import auroc, binary_report, ece
+from clinfuse.evaluation.metrics import (
+    auroc,
+    binary_report,
+    bootstrap_ci,
+    ece,
+    paired_auroc_delta,
+)
 from clinfuse.evaluation.model_card import write_model_card
 from clinfuse.evaluation.report import plot_curves, save_overlays, write_html
 from clinfuse.training.artifact import ModelArtifact, load_artifact
@@ -34,8 +41,15 @@ def evaluate(
     n_bootstrap: int = 1000,
     gradcam_images: int = 4,
     seed: int = 0,
+    baseline: bool = True,
 ) -> dict[str, Any]:
-    """Scores ``split`` of ``cohort_dir`` with the run's artifact; writes metrics.json and report.html."""
+    """Scores ``split`` of ``cohort_dir`` with the run's artifact; writes metrics.json and report.html.
+
+    With ``baseline``, the gradient-boosting baseline on fixed features
+    (``evaluation.baseline``) is fit on the run's own training split and scored on
+    the same samples; ``metrics["baseline"]`` holds its AUROC and the model's
+    paired-bootstrap AUROC difference from it.
+    """
     art = load_artifact(Path(run_dir) / "model")
     out = Path(out_dir) if out_dir else Path(run_dir) / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
@@ -47,6 +61,12 @@ def evaluate(
     metrics: dict[str, Any] = {"cohort": str(cohort_dir), "split": split, "model_id": art.model_id}
     metrics.update(binary_report(y, p, art.threshold, n_bootstrap=n_bootstrap, seed=seed))
     metrics.update(_oracle(cohort_dir, samples, y))
+    baseline_logit = None
+    if baseline:
+        metrics["baseline"], baseline_logit = _baseline(
+            run_dir, art, cohort_dir, samples, y, p, n_bootstrap, seed
+        )
+    _write_predictions(out / PREDICTIONS_FILE, samples, y, p, pred["logit"], baseline_logit)
     metrics["per_site"] = _subgroups(samples["site"], y, p)
     metrics["per_ancestry"] = _subgroups(samples["ancestry"], y, p)
     modality_embeddings = {
@@ -73,7 +93,9 @@ def _select_samples(cohort_dir, art: ModelArtifact, split: str | None) -> tuple[
     if split != "all":
         samples = samples.filter(pl.col("split") == split)
     if samples.height == 0:
-        raise ValueError(f"{cohort_dir}: no labelled samples in split {split!r}")
+        raise InputError(
+            f"no labelled samples in split {split!r}", cohort_dir, "pick another --split"
+        )
     return samples, split
 
 
@@ -103,6 +125,63 @@ def _oracle_rows(cohort_dir, samples: pl.DataFrame, columns: list[str]) -> pl.Da
     return samples.select("subject_id").join(
         oracle, on="subject_id", how="left", maintain_order="left"
     )
+
+
+PREDICTIONS_FILE = "predictions.parquet"
+
+
+def _write_predictions(
+    path: Path,
+    samples: pl.DataFrame,
+    y: np.ndarray,
+    risk: np.ndarray,
+    logit: np.ndarray,
+    baseline_logit: np.ndarray | None,
+) -> None:
+    """One row per evaluated sample: keys, split, label, calibrated risk and raw logit
+    (and the baseline's logit when it ran), for paired comparisons with other models."""
+    from clinfuse.integrity.checksums import write_parquet
+
+    frame = samples.select("subject_id", "prediction_time", "split").with_columns(
+        pl.Series("label", y.astype(bool)),
+        pl.Series("risk", np.asarray(risk, dtype=np.float64)),
+        pl.Series("logit", np.asarray(logit, dtype=np.float64)),
+    )
+    if baseline_logit is not None:
+        frame = frame.with_columns(pl.Series("baseline_logit", baseline_logit.astype(np.float64)))
+    write_parquet(frame, path)
+
+
+def _baseline(
+    run_dir,
+    art: ModelArtifact,
+    cohort_dir,
+    samples: pl.DataFrame,
+    y,
+    p,
+    n_bootstrap: int,
+    seed: int,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The gradient-boosting baseline's AUROC on these samples and the model's margin over
+    it, and the baseline's logits (None when it could not be fit)."""
+    from clinfuse.evaluation.baseline import fit_run_baseline
+
+    try:
+        fitted = fit_run_baseline(run_dir, art.model, seed=seed)
+    except (FileNotFoundError, ValueError) as err:  # e.g. the training cohort has moved
+        return {"skipped": f"baseline not fit: {err}"}, None
+    logit = fitted.logit(cohort_dir, samples)  # (N,)
+    delta = paired_auroc_delta(y, p, logit, n_bootstrap, seed=seed)
+    return {
+        "model": "gbdt_features",
+        "modalities": list(fitted.modalities),
+        "n_features": fitted.n_features,
+        "n_iter": fitted.n_iter,
+        "auroc": auroc(y, logit),
+        "auroc_ci": list(bootstrap_ci(auroc, y, logit, n_bootstrap, seed=seed)),
+        "delta": delta["delta"],
+        "delta_ci": delta["ci"],
+    }, logit
 
 
 def _subgroups(groups: pl.Series, y: np.ndarray, p: np.ndarray) -> dict[str, dict[str, Any]]:

@@ -58,6 +58,8 @@ def write_html(
         f"{html.escape(str(metrics.get('model_id', ''))[:16])}</p>",
         "<h2>Discrimination and calibration</h2>",
         _table_rows(_headline(metrics)),
+        "<h2>Against a gradient-boosting baseline</h2>",
+        _baseline(metrics.get("baseline", {})),
         "".join(f"<img src='{html.escape(f)}' alt='{k}'>" for k, f in plots.items()),
         "<h2>Per site</h2>",
         _subgroup_table(metrics.get("per_site", {})),
@@ -102,6 +104,37 @@ def _headline(m: dict[str, Any]) -> list[tuple[str, str]]:
                 value += f" (95% CI {_fmt(lo)}-{_fmt(hi)})"
             rows.append((key, value))
     return rows
+
+
+def _baseline(base: dict[str, Any]) -> str:
+    """The model's AUROC margin over gradient boosting on fixed features (same samples)."""
+    if not base:
+        return "<p>not run</p>"
+    if "skipped" in base:
+        return f"<p>{html.escape(base['skipped'])}</p>"
+    low, high = base["delta_ci"]
+    verdict = "above" if low > 0 else "below" if high < 0 else "not distinguishable from"
+    return (
+        "<p>scikit-learn <code>HistGradientBoostingClassifier</code> on fixed per-modality "
+        "features (per-channel last/mean/min/max/count/hours since last in the window, raw "
+        "dosages, the frozen image backbone's pooled features), fit on this run's training "
+        "split and early stopped on its tuning split "
+        f"({base['n_features']} features, {base['n_iter']} trees).</p>"
+        + _table_rows(
+            [
+                (
+                    "baseline AUROC",
+                    f"{_fmt(base['auroc'])} (95% CI {_fmt(base['auroc_ci'][0])}-"
+                    f"{_fmt(base['auroc_ci'][1])})",
+                ),
+                (
+                    "model - baseline",
+                    f"{base['delta']:+.3f} (paired bootstrap 95% CI {low:+.3f} to {high:+.3f})",
+                ),
+                ("verdict", f"the model is {verdict} the baseline"),
+            ]
+        )
+    )
 
 
 def _subgroup_table(groups: dict[str, dict[str, Any]]) -> str:

@@ -15,6 +15,13 @@ attending on its own; their outputs are concatenated and projected back to
 an additive risk (one term per modality) fits only through heads that each settle
 on one modality; k queries give the pooling room for one per modality and more.
 
+A pooled sum of token values is additive in the modalities until the FFN bends it;
+``pairwise_rank: r`` adds explicit cross-modal products, low-rank bilinear terms
+between every pair of present modalities (as in low-rank multimodal fusion, Liu et
+al. 2018): ``sum_{m<n} P[(U_m e_m) * (U_n e_n)]``, so an effect of one modality
+that depends on another (a physiological trend that matters more in carriers of a
+gene variant) is one product away instead of a curve the FFN must fit.
+
 Long token sequences give one learned query many near-duplicate keys to fit
 noise with (128 GRU-D steps for 3,500 training patients overfit within an
 epoch), so two regularizers act on the sequence tokens only, never on the
@@ -58,6 +65,8 @@ class AttentionFusion(FusionModule):
             consecutive tokens (0 = keep every token); a window's age is its
             freshest token's.
         token_dropout: training-time probability of masking each sequence token.
+        pairwise_rank: rank r of the cross-modal product terms added to the output
+            (0 = none); a pair contributes only when both modalities are present.
 
     Attributes:
         last_attention: modality (and "null") -> (B,) attention mass of the last
@@ -82,12 +91,15 @@ class AttentionFusion(FusionModule):
         max_tokens: int = 0,
         token_dropout: float = 0.0,
         queries: int = 1,
+        pairwise_rank: int = 0,
     ) -> None:
         super().__init__()
         if not in_dims:
             raise ValueError("attention fusion needs at least one modality in in_dims")
         if queries < 1:
             raise ValueError(f"attention fusion: queries={queries} must be >= 1")
+        if pairwise_rank < 0:
+            raise ValueError(f"attention fusion: pairwise_rank={pairwise_rank} must be >= 0")
         if max_tokens < 0:
             raise ValueError(f"attention fusion: max_tokens={max_tokens} must be >= 0")
         if not 0.0 <= token_dropout < 1.0:
@@ -111,6 +123,11 @@ class AttentionFusion(FusionModule):
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.pairwise = (
+            PairwiseProducts({m: in_dims[m] for m in self.modalities}, pairwise_rank, dim)
+            if pairwise_rank > 0 and len(self.modalities) > 1
+            else None
+        )
         self.last_attention: dict[str, Tensor] = {}
 
     def forward(
@@ -119,7 +136,10 @@ class AttentionFusion(FusionModule):
         tokens: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
     ) -> Tensor:
         x, valid, owner = self._tokens(embeddings, tokens or {})  # (B, L, dim), (B, L), [L]
-        return self._pool(x, valid, owner)
+        out = self._pool(x, valid, owner)  # (B, dim)
+        if self.pairwise is not None:
+            out = out + self.pairwise(embeddings)
+        return out
 
     def forward_variants(
         self,
@@ -142,9 +162,14 @@ class AttentionFusion(FusionModule):
         masks = torch.stack([valid & ~_owned_by(owner, gone, x.device) for gone in variants], 1)
         if self.encoder is not None or len(variants) == 1:  # self-attention sees the mask
             pooled = [self._pool(x, masks[:, v], owner) for v in reversed(range(len(variants)))]
-            return torch.stack(pooled[::-1], dim=1)
-        rest = self._pool_variants(x, masks[:, 1:])  # (B, V-1, dim)
-        return torch.cat([self._pool(x, masks[:, 0], owner).unsqueeze(1), rest], dim=1)
+            out = torch.stack(pooled[::-1], dim=1)
+        else:
+            rest = self._pool_variants(x, masks[:, 1:])  # (B, V-1, dim)
+            out = torch.cat([self._pool(x, masks[:, 0], owner).unsqueeze(1), rest], dim=1)
+        if self.pairwise is None:
+            return out
+        pairs = [self.pairwise(_without(embeddings, gone)) for gone in variants]
+        return out + torch.stack(pairs, dim=1)  # (B, V, dim)
 
     def _pool(self, x: Tensor, valid: Tensor, owner: list[str]) -> Tensor:
         """Self-attention (optional), learned-query pooling, FFN. x (B, L, dim) -> (B, dim)."""
@@ -226,6 +251,43 @@ class AttentionFusion(FusionModule):
         """Adds the type embedding and the age encoding. x (B, T, dim), age (B, T)."""
         age_code = self.age_mlp(torch.log1p(age.clamp_min(0).to(x.dtype)).unsqueeze(-1))
         return x + self.type_emb.weight[type_id] + age_code
+
+
+class PairwiseProducts(nn.Module):
+    """Low-rank bilinear terms between every pair of present modality embeddings.
+
+    ``y = P sum_{m<n} p_m p_n [(U_m e_m) * (U_n e_n)]`` with ``p`` the presence flags
+    (Liu et al. 2018, "Efficient Low-rank Multimodal Fusion"). ``P`` starts small, so
+    the terms enter training as a small correction to the pooled output.
+
+    Shapes:
+        embeddings[m]: (B, D_m) and present (B,) bool -> (B, out_dim)
+    """
+
+    def __init__(self, in_dims: dict[str, int], rank: int, out_dim: int) -> None:
+        super().__init__()
+        self.modalities = sorted(in_dims)
+        self.factors = nn.ModuleDict({m: nn.Linear(in_dims[m], rank) for m in self.modalities})
+        self.out = nn.Linear(rank, out_dim, bias=False)
+        nn.init.normal_(self.out.weight, std=0.02)
+
+    def forward(self, embeddings: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        z = {}
+        for m in self.modalities:
+            emb, present = embeddings[m]
+            z[m] = self.factors[m](_zero_absent(emb, present)) * present.unsqueeze(-1)  # (B, r)
+        total = 0.0
+        for i, a in enumerate(self.modalities):
+            for b in self.modalities[i + 1 :]:
+                total = total + z[a] * z[b]  # (B, r)
+        return self.out(total)  # (B, out_dim)
+
+
+def _without(
+    embeddings: dict[str, tuple[Tensor, Tensor]], gone: Collection[str]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``embeddings`` with the ``gone`` modalities marked absent."""
+    return {m: (emb, present & (m not in gone)) for m, (emb, present) in embeddings.items()}
 
 
 def pool_token_windows(

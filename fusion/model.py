@@ -45,12 +45,20 @@ class ModelConfig:
     Attributes:
         encoders: registered encoder name -> its keyword arguments, e.g.
             ``{"gru_d": {"hidden": 64}, "sgl_mlp": {}}``; one encoder per modality.
+            An entry whose value is null is removed, so the override
+            ``model.encoders.timm_image=null`` trains without images (``{}`` keeps
+            the encoder with its defaults).
         fusion: the fusion strategy.
         adversary: the confound adversary.
         modality_dropout: probability of dropping each present modality of a
             training sample (never all of them).
         head_hidden: hidden width of the risk head (0 = linear).
         head_dropout: dropout before the risk head's output layer.
+        aux_weight: weight of the auxiliary per-modality risk losses (0 = none). Each
+            encoder's embedding gets its own linear risk head, trained on the samples
+            where that modality is present (deep supervision, as in MedFuse's
+            per-modality pretraining, in one stage): every encoder keeps learning its
+            own signal even when the fused head leans on another modality.
     """
 
     encoders: dict[str, dict[str, Any]] = field(
@@ -61,6 +69,10 @@ class ModelConfig:
     modality_dropout: float = 0.0
     head_hidden: int = 0
     head_dropout: float = 0.1
+    aux_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.encoders = {k: v for k, v in self.encoders.items() if v is not None}
 
 
 def modality_dropout_mask(
@@ -128,11 +140,14 @@ class FusionModel(nn.Module):
         adversary: AdversaryConfig | None = None,
         head: nn.Module | None = None,
         modality_dropout: float = 0.0,
+        aux_weight: float = 0.0,
     ) -> None:
         super().__init__()
         _check_encoders(encoders)
         if not 0.0 <= modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        if aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
         self.spec = spec
@@ -150,6 +165,17 @@ class FusionModel(nn.Module):
             self.adversary_cfg, fusion.out_dim, confound_classes(spec), dims
         )
         self.eraser = _build_eraser(self.adversary_cfg.erase, fusion, spec)
+        self.aux_weight = aux_weight
+        self.aux_heads = (
+            nn.ModuleDict(
+                {
+                    m: risk_head(e.embed_dim, prior_logit=_prior_logit(spec))
+                    for m, e in encoders.items()
+                }
+            )
+            if aux_weight > 0
+            else None
+        )
 
     @property
     def modalities(self) -> list[str]:
@@ -163,7 +189,9 @@ class FusionModel(nn.Module):
             absent: modalities to treat as missing for every sample (attribution).
         """
         embeddings, tokens = self.encode(batch)
-        return self.fuse(embeddings, tokens, absent)
+        out = self.fuse(embeddings, tokens, absent)
+        out["encoded"] = embeddings  # before modality dropout (auxiliary losses)
+        return out
 
     def fuse(
         self, embeddings: Embeddings, tokens: Tokens, absent: Collection[str] = ()
@@ -253,6 +281,25 @@ class FusionModel(nn.Module):
         total, parts = self.adversary.loss(outputs["adversary_logits"], batch["confounds"], present)
         return self.adversary_cfg.weight * total, parts
 
+    def aux_loss(self, outputs: dict[str, Any], label: Tensor, loss_fn: Any) -> Tensor:
+        """Weighted mean over modalities of each auxiliary head's risk loss.
+
+        Each head sees its encoder's embedding before modality dropout, on the samples
+        where the modality is present; ``loss_fn(logit, label)`` is the risk loss.
+        Zero without auxiliary heads.
+        """
+        if self.aux_heads is None:
+            return outputs["logit"].new_zeros(())
+        terms = []
+        for m, head in self.aux_heads.items():
+            emb, present = outputs["encoded"][m]  # (B, D_m), (B,)
+            present = present.bool()
+            if present.any():
+                terms.append(loss_fn(head(emb[present]).squeeze(-1), label[present]))
+            else:  # keep the heads in the graph so every parameter gets a (zero) gradient
+                terms.append(head(emb[:0]).sum())
+        return self.aux_weight * torch.stack(terms).mean()
+
     def adversary_head_loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> Tensor:
         """The heads' own loss on the detached representation (head-only updates)."""
         if self.adversary is None:
@@ -324,7 +371,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> FusionModel:
         raise ValueError("model config lists no encoders; configure at least one")
     encoders: dict[str, ModalityEncoder] = {}
     for name, kwargs in cfg.encoders.items():
-        enc = create_encoder(name, spec=spec, **(kwargs or {}))
+        enc = create_encoder(name, spec=spec, **kwargs)
         if enc.modality in encoders:
             raise ValueError(
                 f"encoders {name!r} and another both encode {enc.modality!r}; keep one"
@@ -337,7 +384,9 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> FusionModel:
         **cfg.fusion.cfg,
     )
     head = risk_head(fusion.out_dim, cfg.head_hidden, cfg.head_dropout, _prior_logit(spec))
-    return FusionModel(encoders, fusion, spec, cfg.adversary, head, cfg.modality_dropout)
+    return FusionModel(
+        encoders, fusion, spec, cfg.adversary, head, cfg.modality_dropout, cfg.aux_weight
+    )
 
 
 def has_tokens(encoder: ModalityEncoder) -> bool:

@@ -76,10 +76,14 @@ def _run(args: argparse.Namespace) -> int:
             args.model, args.cohort, args.out, workers=args.workers, prefetch=args.prefetch,
             **options,
         )  # fmt: skip
+    rescored = summary.get("parts_rescored", 0)
+    again = f", {rescored} failed their checksum and were re-scored" if rescored else ""
+    if failed := summary.get("cache_entries_recomputed", 0):
+        print(f"{failed} cache entries failed their checksum and were recomputed")
     print(
         f"scored {summary['samples_scored']} samples in {summary['chunks_scored']} chunks "
-        f"({summary['chunks_skipped']} already done), {summary['error_rows']} error rows, "
-        f"{summary['seconds']:.1f} s -> {summary['out_dir']}"
+        f"({summary['chunks_skipped']} already done{again}), {summary['error_rows']} error "
+        f"rows, {summary['seconds']:.1f} s -> {summary['out_dir']}"
     )
     return 0
 

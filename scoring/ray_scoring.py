@@ -2,10 +2,13 @@
 
 The driver plans the run exactly as the local path does (``open_run``: samples,
 chunks, manifest, resume check), then builds a Ray dataset with one row per
-pending chunk and ``map_batches`` it through ``ChunkActor``: each actor loads the
-artifact once, scores whole chunks with ``ChunkScorer`` and writes its own part
-files atomically. The output layout, manifest and ``--resume`` semantics are the
-local ones, so a run started locally can be finished on a cluster and back.
+pending chunk and ``map_batches`` it through ``ChunkActor``: each actor loads (and
+so verifies) the artifact once, scores whole chunks with ``ChunkScorer`` and stages
+their part files in OUT_DIR. The driver holds the output lock for the whole run and
+commits each staged part as its row comes back (``scoring.parts``: digest into the
+manifest, then the file into place). The output layout, manifest and ``--resume``
+semantics are the local ones, so a run started locally can be finished on a cluster
+and back.
 """
 
 from __future__ import annotations
@@ -17,18 +20,20 @@ from typing import Any
 
 import numpy as np
 
+from clinfuse.integrity.checksums import cache_failures
+from clinfuse.integrity.locks import output_lock
+from clinfuse.scoring.parts import PartLedger, StagedPart, stage_part
 from clinfuse.scoring.score import (
     ChunkScorer,
     ScoringPlan,
     open_run,
     resolve_artifact_dir,
     run_summary,
-    write_part,
 )
 
 
 class ChunkActor:
-    """A Ray Data actor: loads the artifact once, scores and writes whole chunks.
+    """A Ray Data actor: loads the artifact once, scores whole chunks and stages their parts.
 
     Args:
         model_dir: the artifact directory.
@@ -57,17 +62,22 @@ class ChunkActor:
         self.plan = plan
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Scores the chunks named in ``batch["chunk"]``; returns rows and error counts."""
-        rows, errors = [], []
+        """Scores the chunks named in ``batch["chunk"]``; returns each staged part (its
+        temporary file, sha256 and rows) and error count for the driver to commit."""
+        staged, errors, failed = [], [], []
         for index in batch["chunk"].tolist():
+            failed_before = cache_failures()
             frame = self.scorer.score(self.plan.chunk(index))
-            write_part(self.out_dir, index, frame)
-            rows.append(frame.height)
+            staged.append(stage_part(self.out_dir, index, frame))
             errors.append(int(frame["error"].is_not_null().sum()))
+            failed.append(cache_failures() - failed_before)
         return {
             "chunk": np.asarray(batch["chunk"], dtype=np.int64),
-            "rows": np.asarray(rows, dtype=np.int64),
+            "tmp": np.asarray([s.tmp for s in staged], dtype=object),
+            "sha256": np.asarray([s.sha256 for s in staged], dtype=object),
+            "rows": np.asarray([s.rows for s in staged], dtype=np.int64),
             "errors": np.asarray(errors, dtype=np.int64),
+            "cache_failed": np.asarray(failed, dtype=np.int64),
         }
 
 
@@ -102,34 +112,37 @@ def score_with_ray(
 
     start = time.perf_counter()
     _init_ray(address)
-    artifact, plan, pending = open_run(
-        model, cohort_dir, out_dir, chunk_size, at, resume, target_prevalence
-    )
-    del artifact  # the driver needed only the model id; actors load their own copy
-    errors = 0
-    if pending:
-        dataset = _chunk_dataset(ray, pending).map_batches(
-            ChunkActor,
-            fn_constructor_kwargs=dict(
-                model_dir=str(resolve_artifact_dir(model)),
-                cohort_dir=str(Path(cohort_dir).resolve()),
-                out_dir=str(Path(out_dir).resolve()),
-                plan=plan,
-                scorer_kwargs=dict(
-                    target_prevalence=target_prevalence,
-                    batch_size=batch_size,
-                    image_cache=None if image_cache is None else str(image_cache),
-                    embedding_cache=None if embedding_cache is None else str(embedding_cache),
-                    threads=threads,
-                ),
-            ),
-            batch_size=1,
-            batch_format="numpy",
-            concurrency=int(num_actors),
-            **({"num_gpus": float(gpus_per_actor)} if gpus_per_actor > 0 else {}),
+    with output_lock(out_dir):  # held on the driver: actors only stage parts
+        artifact, plan, pending = open_run(
+            model, cohort_dir, out_dir, chunk_size, at, resume, target_prevalence
         )
-        errors = _drain(dataset, pending, plan.n_chunks, progress)
-    return run_summary(plan, pending, errors, time.perf_counter() - start, out_dir)
+        del artifact  # the driver needed only the model id; actors load their own copy
+        actor_kwargs = dict(
+            model_dir=str(resolve_artifact_dir(model)),
+            cohort_dir=str(Path(cohort_dir).resolve()),
+            out_dir=str(Path(out_dir).resolve()),
+            plan=plan,
+            scorer_kwargs=dict(
+                target_prevalence=target_prevalence,
+                batch_size=batch_size,
+                image_cache=None if image_cache is None else str(image_cache),
+                embedding_cache=None if embedding_cache is None else str(embedding_cache),
+                threads=threads,
+            ),
+        )
+        errors = failed = 0
+        if pending:
+            dataset = _chunk_dataset(ray, pending).map_batches(
+                ChunkActor,
+                fn_constructor_kwargs=actor_kwargs,
+                batch_size=1,
+                batch_format="numpy",
+                concurrency=int(num_actors),
+                **({"num_gpus": float(gpus_per_actor)} if gpus_per_actor > 0 else {}),
+            )
+            errors, failed = _drain(dataset, pending, plan.n_chunks, progress, PartLedger(out_dir))
+        seconds = time.perf_counter() - start
+        return run_summary(plan, pending, errors, seconds, out_dir, cache_failed=failed)
 
 
 def _init_ray(address: str | None) -> None:
@@ -145,19 +158,27 @@ def _chunk_dataset(ray: Any, pending: list[int]) -> Any:
     return ray.data.from_items([{"chunk": i} for i in pending], override_num_blocks=len(pending))
 
 
-def _drain(dataset: Any, pending: list[int], total: int, progress: bool) -> int:
-    """Runs the pipeline; checks every pending chunk came back once; returns error rows."""
+def _drain(
+    dataset: Any, pending: list[int], total: int, progress: bool, ledger: PartLedger
+) -> tuple[int, int]:
+    """Runs the pipeline, committing each staged part as its row arrives; checks every
+    pending chunk came back once; returns error rows and damaged cache entries."""
     from tqdm.auto import tqdm
 
     seen: list[int] = []
-    errors = 0
+    errors = failed = 0
     bar = tqdm(total=len(pending), disable=not progress, unit="chunk",
                desc=f"scoring on Ray ({total - len(pending)}/{total} chunks done before)")  # fmt: skip
     for row in dataset.iter_rows():
         seen.append(int(row["chunk"]))
+        staged = StagedPart(
+            int(row["chunk"]), str(row["tmp"]), str(row["sha256"]), int(row["rows"])
+        )
+        ledger.commit(staged)
         errors += int(row["errors"])
+        failed += int(row["cache_failed"])
         bar.update(1)
     bar.close()
     if sorted(seen) != sorted(pending):
         raise RuntimeError(f"Ray returned chunks {sorted(seen)}, expected {sorted(pending)}")
-    return errors
+    return errors, failed

@@ -7,10 +7,12 @@ stays bounded by the chunk size whatever the cohort size.
 
 ``OUT_DIR/``
     _manifest.json       written first: model_id, chunk_size, n_samples, n_chunks,
-                         samples_sha256, at, target_prevalence (``--resume`` checks them)
-    part-00000.parquet   one file per chunk of subjects, each written to a temporary
-    part-00001.parquet   name in OUT_DIR and moved into place with ``os.replace``
-    ...
+                         samples_sha256, at, target_prevalence (``--resume`` checks them);
+                         ``parts``: sha256 and rows of every committed part
+    part-00000.parquet   one file per chunk of subjects, written with Parquet page
+    part-00001.parquet   checksums to a temporary name in OUT_DIR, recorded in the
+    ...                  manifest, then moved into place (``scoring.parts``)
+    .clinfuse.lock       while a run writes: its pid and host (``integrity.locks``)
 
 Output columns (``OUTPUT_SCHEMA``), one row per input sample, always:
 
@@ -79,14 +81,27 @@ from clinfuse.datasets.schema import (
     scan,
 )
 from clinfuse.encoders.embedding_cache import FileFeatureStore
+from clinfuse.errors import InputError, IntegrityError, NotFoundError, OutputExistsError
+from clinfuse.integrity.checksums import cache_failures
+from clinfuse.integrity.locks import output_lock
 from clinfuse.scoring.ood import MahalanobisOOD
+from clinfuse.scoring.parts import (
+    MANIFEST,
+    PART,
+    PartLedger,
+    StagedPart,
+    part_problem,
+    recorded_parts,
+    remove_temporaries,
+    stage_part,
+    write_part,  # noqa: F401  (re-exported: benchmarks write parts without a ledger)
+)
+from clinfuse.scoring.parts import read_scores as _read_parts
 from clinfuse.training.artifact import META, ModelArtifact, load_artifact
 from clinfuse.training.calibration import prior_shift_logit
 from clinfuse.training.provenance import file_sha256
 
-MANIFEST = "_manifest.json"
 MANIFEST_VERSION = 2  # 2: events_sha256 over binary event records
-PART = "part-{:05d}.parquet"
 _MATCH_KEYS = (
     "format_version", "model_id", "chunk_size", "n_samples", "n_chunks", "samples_sha256", "at",
     "target_prevalence",
@@ -120,15 +135,16 @@ def resolve_artifact_dir(path: str | Path) -> Path:
     """The artifact directory: ``path`` itself or ``path/model`` (a run directory).
 
     Raises:
-        FileNotFoundError: when neither holds ``artifact.json``.
+        NotFoundError: when neither holds ``artifact.json``.
     """
     root = Path(path)
     for candidate in (root, root / "model"):
         if (candidate / META).is_file():
             return candidate
-    raise FileNotFoundError(
-        f"{root}: not a model artifact nor a run directory (no {META} in it or in model/)"
-    )
+    raise NotFoundError(
+        f"not a model artifact nor a run directory (no {META} in it or in model/)", root,
+        "pass the run directory of clinfuse train, or its model/ folder",
+    )  # fmt: skip
 
 
 def scoring_samples(cohort_dir: str | Path, at: datetime | None = None) -> pl.DataFrame:
@@ -165,7 +181,10 @@ def naming_file(cohort_dir: str | Path, spec: TableSpec) -> Iterator[None]:
     except (pl.exceptions.PolarsError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         where = Path(cohort_dir) / f"{spec.name}.parquet"
-        raise ValueError(f"{where}: cannot be read ({type(err).__name__}: {first})") from err
+        raise InputError(
+            f"{where}: cannot be read ({type(err).__name__}: {first})",
+            fix=f"run `clinfuse validate {cohort_dir}`",
+        ) from err
 
 
 def _sample_keys(cohort_dir: str | Path, at: datetime | None) -> pl.DataFrame:
@@ -190,7 +209,10 @@ def _check_keys(cohort_dir: str | Path, keys: pl.DataFrame, at: datetime | None)
         nulls = keys[column].is_null()
         if nulls.any():
             row = int(nulls.arg_max())
-            raise ValueError(f"{Path(cohort_dir) / name}: column {column} is null at row {row}")
+            raise InputError(
+                f"{Path(cohort_dir) / name}: column {column} is null at row {row}",
+                fix=f"run `clinfuse validate {cohort_dir}` and fix the file",
+            )
 
 
 def _subject_info(cohort_dir: str | Path) -> pl.DataFrame:
@@ -227,11 +249,14 @@ class ScoringPlan:
         samples: the samples table (see ``scoring_samples``).
         bounds: (n_chunks + 1,) row offsets; chunk i is rows bounds[i]:bounds[i+1].
         manifest: what ``_manifest.json`` holds for this run.
+        rescored: on resume, the finished parts that failed their check and are
+            scored again (part name -> why), set by ``prepare_output``.
     """
 
     samples: pl.DataFrame
     bounds: list[int]
     manifest: dict[str, Any]
+    rescored: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_chunks(self) -> int:
@@ -245,7 +270,7 @@ class ScoringPlan:
 def chunk_bounds(subject_ids: np.ndarray, chunk_size: int) -> list[int]:
     """Row offsets cutting sorted ``subject_ids`` into chunks of ``chunk_size`` subjects."""
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     if len(subject_ids) == 0:
         return [0]
     starts = np.flatnonzero(np.r_[True, subject_ids[1:] != subject_ids[:-1]])  # per subject
@@ -278,49 +303,73 @@ def plan_scoring(
 def prepare_output(out_dir: str | Path, plan: ScoringPlan, resume: bool) -> list[int]:
     """Writes (or checks, on resume) the manifest; returns the chunks still to score.
 
+    On resume a finished part counts as done only when its sha256 matches the one the
+    manifest recorded when it was committed; the others are scored again, listed in
+    ``plan.rescored`` and in a warning.
+
     Raises:
-        FileExistsError: OUT_DIR already holds a run and ``resume`` is False.
-        ValueError: on resume, naming the manifest fields that differ, or a part
-            file whose row count is not its chunk's.
+        OutputExistsError: OUT_DIR already holds a run and ``resume`` is False.
+        InputError: on resume, naming the manifest fields that differ.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     existing = manifest_path.is_file() or any(out.glob("part-*.parquet"))
     if existing and not resume:
-        raise FileExistsError(
-            f"{out}: already holds a scoring run; pass --resume to finish it or use a new OUT_DIR"
-        )
+        raise OutputExistsError(
+            "the output directory already holds a scoring run", out,
+            "pass --resume to finish it or use a new --out",
+        )  # fmt: skip
+    records: dict[str, dict[str, Any]] = {}
     if resume and manifest_path.is_file():
-        _check_manifest(manifest_path, plan.manifest)
+        records = recorded_parts(_check_manifest(manifest_path, plan.manifest))
     else:
         _write_json_atomic(manifest_path, plan.manifest)
-    _remove_temporaries(out)
-    return [i for i in range(plan.n_chunks) if not _part_done(out, i, plan)]
+    remove_temporaries(out)
+    pending = [i for i in range(plan.n_chunks) if not _part_done(out, i, records, plan)]
+    _warn_rescored(out, plan.rescored)
+    return pending
 
 
-def _check_manifest(path: Path, expected: dict[str, Any]) -> None:
-    found = json.loads(path.read_text())
+def _check_manifest(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """The manifest at ``path``, when it describes the same run as ``expected``."""
+    try:
+        found = json.loads(path.read_text())
+    except ValueError as err:
+        raise IntegrityError(
+            f"manifest is not valid JSON ({err})", path,
+            "score into a new --out (the parts cannot be checked without it)",
+        ) from err  # fmt: skip
     diff = [k for k in _MATCH_KEYS if found.get(k) != expected.get(k)]
     if diff:
         details = "; ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in diff)
-        raise ValueError(f"{path}: cannot resume, the run differs ({details})")
+        raise InputError(
+            f"cannot resume, the run differs ({details})", path,
+            "score with the same model, cohort and options, or use a new --out",
+        )  # fmt: skip
+    return found
 
 
-def _part_done(out: Path, index: int, plan: ScoringPlan) -> bool:
+def _part_done(out: Path, index: int, records: dict[str, Any], plan: ScoringPlan) -> bool:
+    """Whether chunk ``index`` has a part whose bytes are the ones committed."""
     path = out / PART.format(index)
     if not path.is_file():
         return False
-    rows = pl.scan_parquet(path).select(pl.len()).collect().item()
-    expected = plan.bounds[index + 1] - plan.bounds[index]
-    if rows != expected:
-        raise ValueError(f"{path}: has {rows} rows, its chunk has {expected} samples")
-    return True
+    problem = part_problem(path, records.get(path.name))
+    if problem is None:
+        return True
+    plan.rescored[path.name] = problem
+    return False
 
 
-def _remove_temporaries(out: Path) -> None:
-    for tmp in out.glob(".part-*.tmp"):
-        tmp.unlink(missing_ok=True)
+def _warn_rescored(out: Path, rescored: dict[str, str]) -> None:
+    if rescored:
+        first, why = next(iter(rescored.items()))
+        warnings.warn(
+            f"{out}: {len(rescored)} finished part(s) failed their check and are scored "
+            f"again (first: {first}: {why})",
+            stacklevel=3,
+        )
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
@@ -328,20 +377,6 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
-
-
-def write_part(out_dir: str | Path, index: int, frame: pl.DataFrame) -> Path:
-    """Writes one chunk's rows atomically (temporary file in OUT_DIR, then os.replace)."""
-    out = Path(out_dir)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".part-{index:05d}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.write_parquet(tmp)
-        os.replace(tmp, out / PART.format(index))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out / PART.format(index)
 
 
 # ------------------------------------------------------------------------ fingerprints
@@ -573,7 +608,7 @@ class ChunkScorer:
     ) -> None:
         if threads is not None:
             if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
+                raise InputError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(int(threads))
         self.artifact = artifact
         self.cohort_dir = Path(cohort_dir)
@@ -834,11 +869,11 @@ def _set_embedding_cache(model: torch.nn.Module, cache_dir: str | Path | None) -
     config = getattr(encoder, "config", None)
     if config is None or not hasattr(config, "cache_dir"):
         if cache_dir is not None:
-            raise ValueError("embedding_cache needs a model with the timm_image encoder")
+            raise InputError("--embedding-cache needs a model with the timm_image encoder")
         return
     if cache_dir is not None and config.transfer != "frozen":
-        raise ValueError(
-            f"embedding_cache needs a frozen image backbone; this model's transfer is "
+        raise InputError(
+            f"--embedding-cache needs a frozen image backbone; this model's transfer is "
             f"{config.transfer!r} (its backbone weights were fine-tuned)"
         )
     config.cache_dir = "" if cache_dir is None else str(cache_dir)
@@ -1002,7 +1037,7 @@ def open_run(
         The artifact, the plan, and the indices of chunks still to score.
     """
     if target_prevalence is not None and not 0.0 < target_prevalence < 1.0:
-        raise ValueError(f"target_prevalence must be in (0, 1), got {target_prevalence}")
+        raise InputError(f"target_prevalence must be in (0, 1), got {target_prevalence}")
     artifact = load_artifact(resolve_artifact_dir(model))
     samples = scoring_samples(cohort_dir, at)
     plan = plan_scoring(samples, artifact.model_id, chunk_size, at, target_prevalence)
@@ -1048,46 +1083,74 @@ def score_cohort(
             the model runs on this one (``ChunkScorer.score_chunks``). Off by default:
             on a 2-core machine shared with other jobs it did not raise throughput.
     """
-    start = time.perf_counter()
-    artifact, plan, pending = open_run(
-        model, cohort_dir, out_dir, chunk_size, at, resume, target_prevalence
-    )
-    if workers > 1 and len(pending) > 1:
-        options = (str(resolve_artifact_dir(model)), str(cohort_dir), str(out_dir),
-                   target_prevalence, batch_size, image_cache, embedding_cache, threads)  # fmt: skip
-        errors = _score_in_processes(plan, pending, workers, options, progress)
-        return run_summary(plan, pending, errors, time.perf_counter() - start, out_dir)
-    scorer = ChunkScorer(
-        artifact, cohort_dir, target_prevalence, batch_size, image_cache, embedding_cache,
-        threads=threads,
-    )  # fmt: skip
+    start, failed_before = time.perf_counter(), cache_failures()
+    with output_lock(out_dir):  # one writer per OUT_DIR, held until every part is in
+        artifact, plan, pending = open_run(
+            model, cohort_dir, out_dir, chunk_size, at, resume, target_prevalence
+        )
+        ledger = PartLedger(out_dir)
+        if workers > 1 and len(pending) > 1:
+            options = (str(resolve_artifact_dir(model)), str(cohort_dir), str(out_dir),
+                       target_prevalence, batch_size, image_cache, embedding_cache, threads)  # fmt: skip
+            errors, failed = _score_in_processes(plan, pending, workers, options, progress, ledger)
+        else:
+            scorer = ChunkScorer(
+                artifact, cohort_dir, target_prevalence, batch_size, image_cache,
+                embedding_cache, threads=threads,
+            )  # fmt: skip
+            errors = _score_here(scorer, plan, pending, prefetch, progress, ledger)
+            failed = cache_failures() - failed_before
+        seconds = time.perf_counter() - start
+        return run_summary(plan, pending, errors, seconds, out_dir, cache_failed=failed)
+
+
+def _score_here(
+    scorer: ChunkScorer,
+    plan: ScoringPlan,
+    pending: list[int],
+    prefetch: bool,
+    progress: bool,
+    ledger: PartLedger,
+) -> int:
+    """Scores ``pending`` chunks in this process, committing each part; returns error rows."""
     errors = 0
     chunks = ((index, plan.chunk(index)) for index in pending)
     scored = scorer.score_chunks(chunks, prefetch=prefetch)
     for index, frame in _progress(scored, plan.n_chunks, progress, len(pending)):
         errors += int(frame["error"].is_not_null().sum())
-        write_part(out_dir, index, frame)
-    return run_summary(plan, pending, errors, time.perf_counter() - start, out_dir)
+        ledger.commit(stage_part(ledger.out, index, frame))
+    return errors
 
 
 _WORKER: dict[str, Any] = {}  # the ChunkScorer of a worker process
 
 
 def _score_in_processes(
-    plan: ScoringPlan, pending: list[int], workers: int, options: tuple, progress: bool
-) -> int:
-    """Scores ``pending`` chunks in ``workers`` spawned processes; returns the error rows."""
+    plan: ScoringPlan,
+    pending: list[int],
+    workers: int,
+    options: tuple,
+    progress: bool,
+    ledger: PartLedger,
+) -> tuple[int, int]:
+    """Scores ``pending`` chunks in ``workers`` spawned processes; returns the error rows
+    and the cache entries the workers found damaged (and recomputed).
+
+    Workers stage their parts; this process (the lock holder) commits them.
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch
-    errors = 0
+    errors = failed = 0
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=options) as pool:  # fmt: skip
         futures = [pool.submit(_worker_score, i, plan.chunk(i)) for i in pending]
         for future in _progress(as_completed(futures), plan.n_chunks, progress, len(pending)):
-            errors += future.result()
-    return errors
+            staged, n_errors, n_failed = future.result()
+            ledger.commit(staged)
+            errors, failed = errors + n_errors, failed + n_failed
+    return errors, failed
 
 
 def _init_worker(model_dir, cohort_dir, out_dir, target_prevalence, batch_size,
@@ -1100,10 +1163,11 @@ def _init_worker(model_dir, cohort_dir, out_dir, target_prevalence, batch_size,
     )  # fmt: skip
 
 
-def _worker_score(index: int, samples: pl.DataFrame) -> int:
+def _worker_score(index: int, samples: pl.DataFrame) -> tuple[StagedPart, int, int]:
+    failed_before = cache_failures()
     frame = _WORKER["scorer"].score(samples)
-    write_part(_WORKER["out_dir"], index, frame)
-    return int(frame["error"].is_not_null().sum())
+    staged = stage_part(_WORKER["out_dir"], index, frame)
+    return staged, int(frame["error"].is_not_null().sum()), cache_failures() - failed_before
 
 
 def _progress(pending, total: int, enabled: bool, n: int | None = None):
@@ -1117,9 +1181,19 @@ def _progress(pending, total: int, enabled: bool, n: int | None = None):
 
 
 def run_summary(
-    plan: ScoringPlan, pending: list[int], errors: int, seconds: float, out_dir: str | Path
+    plan: ScoringPlan,
+    pending: list[int],
+    errors: int,
+    seconds: float,
+    out_dir: str | Path,
+    cache_failed: int = 0,
 ) -> dict[str, Any]:
-    """What a scoring run reports when it ends."""
+    """What a scoring run reports when it ends.
+
+    ``parts_rescored``: finished parts that failed their check on ``--resume``;
+    ``cache_entries_recomputed``: image or feature cache entries that failed their
+    checksum while scoring, dropped and recomputed.
+    """
     scored = sum(plan.bounds[i + 1] - plan.bounds[i] for i in pending)
     return {
         "out_dir": str(out_dir),
@@ -1128,14 +1202,18 @@ def run_summary(
         "chunks_scored": len(pending),
         "chunks_skipped": plan.n_chunks - len(pending),
         "samples_scored": scored,
+        "parts_rescored": len(plan.rescored),
+        "cache_entries_recomputed": cache_failed,
         "error_rows": errors,
         "seconds": seconds,
     }
 
 
 def read_scores(out_dir: str | Path) -> pl.DataFrame:
-    """Every part file of a scoring run, in chunk order."""
-    parts = sorted(Path(out_dir).glob("part-*.parquet"))
-    if not parts:
-        return pl.DataFrame(schema=OUTPUT_SCHEMA)
-    return pl.read_parquet([str(p) for p in parts])
+    """Every part file of a scoring run, in chunk order, each verified against its
+    recorded sha256 and its Parquet page checksums (``scoring.parts.read_scores``).
+
+    Raises:
+        IntegrityError: naming the first damaged part.
+    """
+    return _read_parts(out_dir, OUTPUT_SCHEMA)

@@ -102,7 +102,7 @@ def _fusion_model(name: str, encoders: dict, spec) -> FusionModel:
     )
     assert fusion.out_dim > 0
     adversary = AdversaryConfig(enabled=True, on_modalities=True)
-    return FusionModel(encoders, fusion, spec, adversary, modality_dropout=0.25)
+    return FusionModel(encoders, fusion, spec, adversary, modality_dropout=0.25, aux_weight=0.5)
 
 
 def _forward_backward(model: FusionModel, batch: dict) -> dict:
@@ -113,7 +113,9 @@ def _forward_backward(model: FusionModel, batch: dict) -> dict:
     assert torch.isfinite(out["logit"]).all() and torch.isfinite(out["fused"]).all()
     risk = torch.nn.functional.binary_cross_entropy_with_logits(out["logit"], batch["label"])
     adv, _ = model.adversary_loss(out, batch)
-    (risk + adv + model.regularization_loss()).backward()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    aux = model.aux_loss(out, batch["label"], bce)
+    (risk + adv + aux + model.regularization_loss()).backward()
     return out
 
 

@@ -54,11 +54,23 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (default RUN_DIR/evaluation)")
     p.add_argument("--split", help="held_out (default when present), tuning, train or all")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the gradient-boosting baseline fit on the run's training split",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from clinfuse.evaluation.evaluate import evaluate
 
-        m = evaluate(args.run_dir, args.cohort, args.out, args.split, n_bootstrap=args.bootstrap)
+        m = evaluate(
+            args.run_dir,
+            args.cohort,
+            args.out,
+            args.split,
+            n_bootstrap=args.bootstrap,
+            baseline=not args.no_baseline,
+        )
         out = Path(args.out) if args.out else Path(args.run_dir) / "evaluation"
         print(_summary_line(m))
         print(f"report: {out / 'report.html'}")
@@ -90,6 +102,13 @@ def _summary_line(m: dict) -> str:
     parts = [f"AUROC {m['auroc']:.3f}"]
     if "oracle_auroc" in m:
         parts.append(f"oracle AUROC {m['oracle_auroc']:.3f}")
+    base = m.get("baseline", {})
+    if "delta" in base:
+        low, high = base["delta_ci"]
+        parts.append(
+            f"gradient-boosting baseline {base['auroc']:.3f} "
+            f"(model {base['delta']:+.3f} [{low:+.3f}, {high:+.3f}])"
+        )
     audit = m.get("audit", {})
     for name in ("site", "ancestry"):
         if name in audit:

@@ -13,6 +13,7 @@ from typing import Any
 
 from clinfuse.config import apply_overrides, from_dict, load_yaml
 from clinfuse.datasets.datamodule import DataConfig
+from clinfuse.errors import config_errors
 from clinfuse.fusion.model import ModelConfig
 
 
@@ -69,4 +70,6 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     """Builds a RunConfig from a YAML preset (optional) and ``key=value`` overrides."""
     data = load_yaml(path) if path else {}
     data = apply_overrides(data, overrides or [])
-    return from_dict(RunConfig, data)
+    # Dataclass __post_init__ checks (e.g. DataConfig) raise ValueError on bad values.
+    with config_errors(path, "fix the preset or the key=value override"):
+        return from_dict(RunConfig, data)

@@ -3,6 +3,7 @@
 Loss per step::
 
     L = risk_loss(logit, label) + adversary_loss(site, ancestry) + model.regularization_loss()
+        + aux_weight * mean_m risk_loss(aux_head_m(embedding_m), label)   (when aux_weight > 0)
 
 where the adversary's gradient reaches the representation through gradient
 reversal scaled by the DANN schedule lambda(p), p = training progress in [0, 1]
@@ -81,10 +82,12 @@ class RiskModule(L.LightningModule):
         risk = self._risk_loss(out["logit"], batch["label"])
         adversary, parts = self.model.adversary_loss(out, batch)
         reg = self.model.regularization_loss()
-        loss = risk + adversary + reg
+        aux = self.model.aux_loss(out, batch["label"], self._risk_loss)
+        loss = risk + adversary + reg + aux
         logs = {
             "train_loss": loss,
             "train_risk_loss": risk,
+            "train_aux_loss": aux,
             "train_adversary_loss": adversary,
             "adversary_lambda": lambd,
         }

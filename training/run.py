@@ -7,7 +7,8 @@
     checkpoints/         best.ckpt and last.ckpt (Lightning; load with weights_only=True);
                          erased.ckpt when confounds are erased (best + eraser + refitted head)
     logs/                metrics.csv and TensorBoard events
-    model/               the exported artifact (model.safetensors + artifact.json)
+    model/               the exported artifact (model.safetensors, artifact.json, artifact.sha256)
+    .clinfuse.lock       while a process writes the run: its pid and host (integrity.locks)
     summary.json         best validation AUROC, epochs, temperature, threshold
 """
 
@@ -29,9 +30,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from clinfuse.config import save_yaml, to_dict
 from clinfuse.datasets.datamodule import CohortDataModule
 from clinfuse.datasets.spec import DataSpec
+from clinfuse.errors import InputError, config_errors
 from clinfuse.evaluation.metrics import auroc, choose_threshold
 from clinfuse.fusion.erasure import one_hot_concept
 from clinfuse.fusion.model import confound_classes
+from clinfuse.integrity.checksums import cache_failures
+from clinfuse.integrity.locks import output_lock
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import save_artifact
 from clinfuse.training.calibration import apply_temperature, fit_temperature
@@ -59,11 +63,18 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         cfg: the resolved run config (``cfg.cohort`` is the cohort directory).
         run_dir: where everything is written.
         resume: continue from ``checkpoints/last.ckpt`` when it exists.
+
+    Raises:
+        LockHeldError: another process is writing ``run_dir``.
     """
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    with output_lock(run_dir):  # one writer per run directory
+        return _train(cfg, Path(run_dir), resume)
+
+
+def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
+    failed_before = cache_failures()  # damaged cache entries, recomputed, in this process
     if not cfg.cohort:
-        raise ValueError("cohort is not set: pass --cohort DIR or cohort=DIR")
+        raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
     _check_selection_window(cfg)
     if cfg.validate:
         _check_cohort(cfg.cohort)
@@ -75,7 +86,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     _default_embedding_cache(cfg, run)
     dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
     dm.setup("fit")
-    module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
+    with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
+        module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
     trainer, checkpoint = build_trainer(cfg, run)
     last = run / "checkpoints" / "last.ckpt"
     resuming = resume and last.is_file()
@@ -94,6 +106,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     summary.update(
         best_checkpoint=best, best_val_auroc=_score(checkpoint), epochs=trainer.current_epoch
     )
+    summary["cache_entries_recomputed"] = cache_failures() - failed_before
     summary["warnings"] = unused_modality_warnings(module.model)
     for message in summary["warnings"]:
         warnings.warn(message, stacklevel=2)
@@ -202,10 +215,14 @@ def _check_cohort(cohort: str | Path) -> None:
 
     report = validate_cohort(cohort, pixels=False)
     if not report.ok:
-        lines = "\n".join(str(p) for p in report.errors[:20])
-        more = len(report.errors) - 20
-        tail = f"\n... and {more} more (run `clinfuse validate {cohort}`)" if more > 0 else ""
-        raise ValueError(f"cohort {cohort} breaks the contract:\n{lines}{tail}")
+        # One line: the first problem names the file, column and row; validate lists all.
+        n = len(report.errors)
+        raise InputError(
+            f"the cohort breaks the contract ({n} error{'s' if n > 1 else ''}; first: "
+            f"{report.errors[0]})",
+            cohort,
+            f"run `clinfuse validate {cohort}` for every problem, or set validate=false",
+        )
 
 
 def _keep_earlier_metrics(run: Path) -> None:
@@ -289,7 +306,7 @@ def _check_selection_window(cfg: RunConfig) -> None:
     """
     start = selection_start(cfg)
     if 0 < cfg.optim.max_epochs <= start:
-        raise ValueError(
+        raise InputError(
             f"optim.max_epochs={cfg.optim.max_epochs} ends before model selection starts "
             f"at epoch {start} (optim.select_from_epoch={cfg.optim.select_from_epoch}, "
             f"model.adversary.ramp_epochs={cfg.model.adversary.ramp_epochs}): no epoch "

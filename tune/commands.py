@@ -1,8 +1,9 @@
 """``clinfuse tune``: a Ray Tune sweep over fusion strategies and hyperparameters.
 
 Exit status: 0 when every trial finished; 1 when a trial ended in error (with a
-summary) or the preflight found a problem; 130 (SIGINT) or 143 (SIGTERM) when the
-sweep was paused, with the ``--resume`` command that continues it.
+summary); 2 when the preflight found a problem (a ``UserError``, as for any bad
+input); 130 (SIGINT) or 143 (SIGTERM) when the sweep was paused, with the
+``--resume`` command that continues it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "artifact in SWEEP_DIR/best/model. Frozen-backbone image features are computed "
         "once and shared by all trials. Ctrl-C (or SIGTERM) pauses the sweep: "
         "results.parquet marks the unfinished trials and --resume continues them. Exits "
-        "1 when a trial ended in error, 130/143 when paused.",
+        "1 when a trial ended in error, 2 when the preflight refused, 130/143 when paused.",
     )
     p.add_argument("--config", help="base YAML preset, e.g. configs/sweep.yaml")
     p.add_argument("--cohort", help="cohort directory (overrides cohort= in the config)")
@@ -46,7 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from clinfuse.training.config import load_run_config
-    from clinfuse.tune.preflight import PreflightError
     from clinfuse.tune.stops import SweepError, SweepInterrupted, resume_command
     from clinfuse.tune.sweep import SweepOptions, run_sweep
 
@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     except SweepInterrupted as err:  # a pause, not an error
         print(f"clinfuse tune: {err}", file=sys.stderr)
         return err.exit_code
-    except (SweepError, PreflightError) as err:
+    except SweepError as err:  # trials ended in error; a PreflightError is a UserError
         print(f"clinfuse tune: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C cut Tune's last save short

@@ -32,6 +32,7 @@ from typing import Any
 import polars as pl
 
 from clinfuse.datasets.schema import IMAGES, has_table, scan
+from clinfuse.errors import UserError
 
 PROBE_IMAGES = 8  # images each node decodes
 PROBE_FILES = 8  # Parquet files per table folder (events/*.parquet) each node opens
@@ -40,8 +41,11 @@ SHOWN_PROBLEMS = 8  # lines of a preflight error; the rest are counted
 _MARKER = ".clinfuse-preflight-"
 
 
-class PreflightError(RuntimeError):
-    """A node cannot do a trial's work; the message names the node and path or resource."""
+class PreflightError(UserError, RuntimeError):
+    """A node cannot do a trial's work; the message names the node and path or resource.
+
+    A ``UserError``: the CLI prints it as ``clinfuse tune: error: ...`` and exits 2.
+    """
 
 
 def preflight(

@@ -11,6 +11,7 @@
     results.parquet         one row per trial, finished or not (``tune.results``)
     auroc_by_strategy.png   best validation AUROC of each trial by fusion strategy
     best/model              the best trial's exported artifact (``load_artifact``)
+    .clinfuse.lock          while the sweep driver runs: its pid and host (``integrity.locks``)
 
 Scheduling: ASHA stops weak trials at epochs ``grace_period * reduction_factor**k``;
 Optuna (TPE, define-by-run over the conditional space) proposes trials, at most
@@ -43,6 +44,9 @@ from clinfuse.config import load_yaml, save_yaml, to_dict
 from clinfuse.datasets.datamodule import CohortDataModule, save_spec
 from clinfuse.datasets.schema import SPLITS
 from clinfuse.encoders import create_encoder
+from clinfuse.errors import InputError, IntegrityError, NotFoundError
+from clinfuse.integrity.checksums import write_parquet
+from clinfuse.integrity.locks import output_lock
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import export_artifact, first_selected_epoch
@@ -266,7 +270,7 @@ def restore_tuner(path: str, trainable: Any) -> Any:
     from ray import tune
 
     if not tune.Tuner.can_restore(path):
-        raise FileNotFoundError(f"{path}: no Tune experiment to resume (run without --resume)")
+        raise NotFoundError("no Tune experiment to resume", path, "run without --resume")
     _check_snapshot(path)
     return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
 
@@ -286,9 +290,10 @@ def _check_snapshot(path: str) -> None:
     try:
         json.loads(states[-1].read_text())
     except ValueError as err:
-        raise RuntimeError(
-            f"{states[-1]}: the experiment snapshot is torn (the sweep was killed while "
-            "Tune wrote it); it cannot be resumed, start the sweep again"
+        raise IntegrityError(
+            "the experiment snapshot is torn (the sweep was killed while Tune wrote it)",
+            states[-1],
+            "it cannot be resumed; start the sweep again in a new --out",
         ) from err
 
 
@@ -388,8 +393,16 @@ def run_sweep(
             every trial so far and the message names the ``--resume`` command.
         SweepFailed: a trial ended in error; results.parquet is written, and the best
             model too when another trial finished.
+        LockHeldError: another process is writing ``out``.
     """
     out = Path(out).resolve()
+    # One sweep driver per directory; a directory the lock created is removed again
+    # when the sweep writes nothing in it (a failed preflight, a bad option).
+    with output_lock(out):
+        return _run_sweep(cfg, out, opts, resume)
+
+
+def _run_sweep(cfg: RunConfig | None, out: Path, opts: SweepOptions, resume: bool) -> pl.DataFrame:
     if resume:
         base, opts = _resume_dir(out), _read_options(out, opts)
     else:
@@ -444,7 +457,7 @@ def _finish(
     signum: int | None,
 ) -> pl.DataFrame:  # fmt: skip
     table = results_table(load_trials(experiment_path(opts)), int(base["optim"]["max_epochs"]))
-    table.write_parquet(out / RESULTS_FILE)
+    write_parquet(table, out / RESULTS_FILE)  # with page checksums
     with pl.Config(tbl_rows=-1, tbl_cols=8, fmt_str_lengths=24):
         print(table.select("trial_id", "strategy", "best_val_auroc", "epochs", "status", "retries"))
     plot_by_strategy(table, out / PLOT_FILE)
@@ -471,7 +484,7 @@ def _finish(
 def _new_sweep(cfg: RunConfig | None, out: Path, opts: SweepOptions) -> tuple[dict, SweepOptions]:
     """The base config and options of a new sweep (nothing written yet)."""
     if cfg is None or not cfg.cohort:
-        raise ValueError("cohort is not set: pass --cohort DIR or cohort=DIR")
+        raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
     opts = replace(opts, storage_path=opts.storage_path or str(out / "ray"))
     return sweep_base_config(cfg, out), opts
 
@@ -487,7 +500,7 @@ def _resume_dir(out: Path) -> dict[str, Any]:
     """The interrupted sweep's base config (the one its trials were sampled against)."""
     path = out / BASE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no sweep to resume in {out}")
+        raise NotFoundError("no sweep to resume", path, "run without --resume")
     return load_yaml(path)
 
 

@@ -8,6 +8,7 @@ may reach a batch or the fitted statistics.
 from __future__ import annotations
 
 import datetime as dt
+import io
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from clinfuse.datasets.datamodule import (
 )
 from clinfuse.datasets.images import ImageLoader, resize_square
 from clinfuse.datasets.samples import load_samples
+from clinfuse.integrity.checksums import cache_failures, seal, unseal
 
 T0 = dt.datetime(2024, 3, 1)
 PT_HOURS = 48.0
@@ -303,13 +305,42 @@ def test_image_cache_is_read_instead_of_decoding_again(cohort, tmp_path):
     dm.setup("fit")
     with pytest.warns(UserWarning, match=f"{CORRUPT}_before.dcm"):
         first = [dm.datasets["train"][i]["image"] for i in range(6)]
-    entries = sorted((tmp_path / "cache").glob("*.npy"))
+    entries = sorted((tmp_path / "cache").glob("*.npyc"))
     assert len(entries) == 5  # one per readable earlier image of a train subject
-    for entry in entries:  # overwrite the cached pixels: later loads must return them
-        np.save(entry, np.full((1, 16, 16), 0.25, np.float32))
+    for entry in entries:  # replace the cached pixels, checksum and all: loads return them
+        entry.write_bytes(seal(_npy_bytes(np.full((1, 16, 16), 0.25, np.float32))))
     again = dm.datasets["train"][0]["image"]
     assert not torch.allclose(first[0], torch.tensor(0.25))
     assert torch.allclose(again, torch.tensor(0.25))
+
+
+def test_image_cache_entry_that_fails_its_checksum_is_decoded_again(cohort, tmp_path):
+    cfg = DataConfig(image_size=16, cache_dir=str(tmp_path / "cache"))
+    dm = CohortDataModule(cohort, cfg)
+    dm.setup("fit")
+    first = dm.datasets["train"][0]["image"]
+    assert first.abs().sum() > 0  # a readable film, cached in one entry
+    (entry,) = [e for e in (tmp_path / "cache").glob("*.npyc") if _holds(e, first)]
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one flipped bit in the pixels
+    entry.write_bytes(bytes(data))
+    failed = cache_failures()
+    with pytest.warns(UserWarning, match="failed its sha256; dropped and recomputed"):
+        again = dm.datasets["train"][0]["image"]
+    assert cache_failures() == failed + 1
+    torch.testing.assert_close(again, first)  # decoded again, not the flipped value
+    assert _holds(entry, first)  # and stored again, intact
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _holds(entry, image: torch.Tensor) -> bool:
+    payload = unseal(entry.read_bytes())
+    return payload is not None and np.array_equal(np.load(io.BytesIO(payload)), image.numpy())
 
 
 def test_resize_square_pads_to_keep_aspect():
@@ -353,3 +384,16 @@ def test_image_loader_warns_once_with_file_name(tmp_path):
     with pytest.warns(UserWarning, match="broken.dcm"):
         images, present = loader.load_many([str(bad), None])
     assert present.tolist() == [False, False] and images.abs().sum() == 0
+
+
+def test_genotype_pcs_are_fitted_on_train_and_survive_the_spec_file(cohort, tmp_path):
+    train = load_samples(cohort).filter(pl.col("split") == "train")
+    assert fit_spec(cohort, train, DataConfig(image_size=16)).marker_pcs == []
+    spec = fit_spec(cohort, train, DataConfig(image_size=16, genotype_pcs=2))
+    assert len(spec.marker_pcs) == 2 and all(len(a) == spec.n_markers for a in spec.marker_pcs)
+    axes = np.array(spec.marker_pcs)
+    np.testing.assert_allclose(axes @ axes.T, np.eye(2), atol=1e-9)
+    from clinfuse.datasets.datamodule import save_spec
+
+    save_spec(spec, tmp_path / "spec.yaml")
+    np.testing.assert_allclose(np.array(load_spec(tmp_path / "spec.yaml").marker_pcs), axes)

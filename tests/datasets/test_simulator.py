@@ -316,3 +316,67 @@ def test_bad_config_is_refused_with_the_field_named():
         SimConfig(site_effect="upside-down")
     with pytest.raises(ValueError, match="n_sites"):
         build_world_for(SimConfig(n_sites=0))
+
+
+def _film_and_genotype_flags(root) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per subject (oracle order): has any film, has a genotypes row, true risk."""
+    oracle = pl.read_parquet(root / "oracle.parquet")
+    ids = oracle["subject_id"]
+    filmed = ids.is_in(_read(root, "images")["subject_id"].implode()).to_numpy()
+    typed = ids.is_in(_read(root, "genotypes")["subject_id"].implode()).to_numpy()
+    return filmed, typed, oracle["true_risk"].to_numpy()
+
+
+def test_modality_missingness_shares_and_informative_films(tmp_path):
+    n = 400
+    common = {"n_subjects": n, "image_size": 32, "seed": 2, "progress": False}
+    random_root = simulate_cohort(
+        tmp_path / "random", SimConfig(image_missing=0.5, genotype_missing=0.9, **common)
+    )
+    filmed, typed, _ = _film_and_genotype_flags(random_root)
+    # binomial s.d. of a share at n = 400 is at most 0.025: 4 s.d. of room
+    assert abs((~filmed).mean() - 0.5) < 0.1
+    assert abs((~typed).mean() - 0.9) < 0.1
+    informative = simulate_cohort(
+        tmp_path / "informative",
+        SimConfig(image_missing=0.5, image_missing_mode="informative", **common),
+    )
+    filmed, typed, risk = _film_and_genotype_flags(informative)
+    assert abs((~filmed).mean() - 0.5) < 0.1 and typed.all()
+    # films are ordered for sicker patients
+    assert risk[filmed].mean() > risk[~filmed].mean() + 0.1
+
+
+def test_no_film_probability_has_the_requested_mean_and_falls_with_risk():
+    from clinfuse.datasets.simulator import no_film_probability
+
+    logit = np.random.default_rng(0).normal(-1.0, 2.0, 5000)
+    p = no_film_probability(logit, 0.75, "informative")
+    assert p.mean() == pytest.approx(0.75, abs=1e-6)
+    order = np.argsort(logit)
+    assert np.all(np.diff(p[order]) <= 0)  # monotone: sicker, more often filmed
+    np.testing.assert_allclose(no_film_probability(logit, 0.25, "random"), 0.25)
+
+
+def test_unknown_missing_mode_is_named():
+    with pytest.raises(ValueError, match="image_missing_mode='sometimes'"):
+        SimConfig(image_missing_mode="sometimes")
+
+
+def test_ancestry_effect_links_ancestry_to_outcome_and_flips_when_reversed():
+    by = {}
+    for effect in ("normal", "reversed", "none"):
+        o = sample_oracle(SimConfig(n_subjects=6000, seed=5, ancestry_effect=effect))
+        rate = o.group_by("ancestry").agg(pl.col("outcome").mean()).sort("ancestry")
+        by[effect] = (o, dict(zip(rate["ancestry"], rate["outcome"], strict=True)))
+    first, last = sorted(by["none"][1])[0], sorted(by["none"][1])[-1]
+    normal, reversed_, none = (by[e][1] for e in ("normal", "reversed", "none"))
+    # 0.8 logits either way: far beyond the sampling error of ~2,000 subjects per group
+    assert normal[last] - normal[first] > none[last] - none[first] + 0.1
+    assert reversed_[last] - reversed_[first] < none[last] - none[first] - 0.1
+    # the genetic signal itself does not move: same dosages, same scores, same carriers
+    for effect in ("normal", "reversed"):
+        o = by[effect][0]
+        for col in ("genetic_score", "modifier_carrier", "physio_severity"):
+            assert o[col].equals(by["none"][0][col]), (effect, col)
+    np.testing.assert_array_equal(by["none"][0]["ancestry_term"].to_numpy(), 0.0)

@@ -259,3 +259,64 @@ def test_prox_lr_makes_the_step_exact_proximal_gradient_descent():
     )  # fmt: skip
     enc.after_optimizer_step(lr=1e-3)  # the optimizer's lr is ignored for this layer
     torch.testing.assert_close(enc.first.weight.detach(), expected)
+
+
+# --- ancestry adjustment: principal axes of the training dosages projected out
+
+
+def _two_populations(n: int = 1200, m: int = 60, seed: int = 0):
+    """Two ancestry groups with diverged allele frequencies at every marker but the last,
+    a causal marker of the same frequency in both groups. Returns calls, ancestry, carrier."""
+    rng = np.random.default_rng(seed)
+    ancestry = rng.integers(0, 2, n)
+    base = rng.uniform(0.1, 0.5, m)
+    shift = rng.choice([-1.0, 1.0], m) * 0.15
+    shift[-1] = 0.0  # the causal marker does not differ between the groups
+    freq = np.clip(base + np.where(ancestry[:, None] == 1, shift, -shift), 0.02, 0.98)
+    dosage = rng.binomial(2, freq).astype(np.float32)  # (N, M)
+    calls = {
+        "genotype": torch.from_numpy(dosage),
+        "genotype_mask": torch.ones(n, m),
+        "genotype_present": torch.ones(n, dtype=torch.bool),
+    }
+    return calls, ancestry, dosage[:, -1] > 0
+
+
+def _probe_accuracy(x: np.ndarray, y: np.ndarray) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    return float(cross_val_score(LogisticRegression(max_iter=2000), x, y, cv=5).mean())
+
+
+def test_principal_axes_find_ancestry_and_their_projection_removes_it() -> None:
+    from clinfuse.datasets.datamodule import genotype_principal_axes
+
+    calls, ancestry, carrier = _two_populations()
+    m = calls["genotype"].shape[1]
+    mean = calls["genotype"].mean(0)
+    axes = torch.tensor(genotype_principal_axes(calls, mean, 3))  # (3, M)
+    torch.testing.assert_close(axes @ axes.T, torch.eye(3, dtype=axes.dtype), atol=1e-6, rtol=0)
+    spec = DataSpec(
+        markers=[f"rs{i}" for i in range(m)], marker_groups=[0] * m, groups=["G0"],
+        marker_mean=mean.tolist(), marker_pcs=axes.tolist(),
+    )  # fmt: skip
+    plain = create_encoder("sgl_mlp", spec=spec, missing="mask")
+    adjusted = create_encoder("sgl_mlp", spec=spec, missing="mask", ancestry_pcs=1)
+    z_plain, z_adj = plain.inputs(calls).numpy(), adjusted.inputs(calls).numpy()
+    # population structure: 60 diverged markers give the ancestry away; along PC1 it goes
+    assert _probe_accuracy(z_plain, ancestry) > 0.95
+    assert _probe_accuracy(z_adj, ancestry) < 0.65
+    torch.testing.assert_close(
+        torch.from_numpy(z_adj).double() @ axes[:1].T.double(),
+        torch.zeros(len(ancestry), 1, dtype=torch.float64),
+        atol=1e-4, rtol=0,
+    )  # fmt: skip
+    # the causal marker, not diverged, keeps its carrier signal
+    assert _probe_accuracy(z_adj[:, -1:], carrier) > 0.95
+
+
+def test_ancestry_pcs_without_fitted_axes_is_refused_by_name() -> None:
+    spec = _spec()
+    with pytest.raises(ValueError, match="data.genotype_pcs"):
+        create_encoder("sgl_mlp", spec=spec, ancestry_pcs=2)

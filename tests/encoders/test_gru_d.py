@@ -168,8 +168,9 @@ def test_fully_observed_reduces_to_gru_cell():
         assert torch.allclose(emb[i], enc.proj(h)[0], atol=1e-6)
 
 
-def test_padding_invariance():
-    enc = _encoder()
+@pytest.mark.parametrize("time_inputs", [False, True])
+def test_padding_invariance(time_inputs):
+    enc = _encoder(time_inputs=time_inputs)
     short = _batch([3, 1, 0], t_max=3, seed=2)
     long = _batch([3, 1, 0], t_max=7, seed=9)  # different garbage in the padding
     for key in ("ts_values", "ts_mask", "ts_delta", "ts_time"):
@@ -182,8 +183,9 @@ def test_padding_invariance():
     assert torch.allclose(tok_s[:, :3][mask_l[:, :3]], tok_l[:, :3][mask_l[:, :3]], atol=1e-6)
 
 
-def test_batch_order_does_not_matter():
-    enc = _encoder()
+@pytest.mark.parametrize("time_inputs", [False, True])
+def test_batch_order_does_not_matter(time_inputs):
+    enc = _encoder(time_inputs=time_inputs)
     batch = _batch([2, 5, 0, 4, 5], t_max=5, seed=4)
     perm = torch.tensor([3, 0, 4, 2, 1])
     permuted = {k: v[perm] for k, v in batch.items()}
@@ -192,8 +194,9 @@ def test_batch_order_does_not_matter():
     assert torch.allclose(emb[perm], emb_p, atol=1e-6)
 
 
-def test_gradient_reaches_every_parameter():
-    enc = _encoder(learn_mean=True)
+@pytest.mark.parametrize("time_inputs", [False, True])
+def test_gradient_reaches_every_parameter(time_inputs):
+    enc = _encoder(learn_mean=True, time_inputs=time_inputs)
     batch = _batch([6, 4, 0, 6], t_max=6, p_obs=0.4, seed=6)
     emb, _ = enc(batch)
     tokens, mask, _ = enc.forward_tokens(batch)
@@ -222,3 +225,21 @@ def test_wrong_channel_count_names_the_tensor():
     batch["ts_values"] = batch["ts_values"][..., :2]
     with pytest.raises(ValueError, match="ts_values"):
         enc(batch)
+
+
+def test_time_inputs_tell_when_the_same_values_were_charted():
+    batch = _batch([5, 5], t_max=5, p_obs=1.0, seed=3)
+    later = dict(batch, ts_time=batch["ts_time"] - 12.0)  # same values, 12 h closer to pt
+    plain = _encoder().eval()
+    torch.testing.assert_close(plain(batch)[0], plain(later)[0])  # GRU-D alone cannot tell
+    timed = _encoder(time_inputs=True).eval()
+    assert not torch.allclose(timed(batch)[0], timed(later)[0], atol=1e-4)
+
+
+def test_zero_time_weights_reduce_to_plain_gru_d():
+    plain = _encoder().eval()
+    timed = _encoder(time_inputs=True).eval()
+    state = dict(plain.state_dict(), weight_it=torch.zeros_like(timed.weight_it))
+    timed.load_state_dict(state)
+    batch = _batch([4, 2, 0], t_max=4, seed=5)
+    torch.testing.assert_close(timed(batch)[0], plain(batch)[0])

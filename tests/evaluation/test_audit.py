@@ -70,6 +70,20 @@ def test_mlp_probe_reads_a_site_code_the_linear_probe_cannot():
     assert res["mlp_probe_accuracy"] > 0.95
 
 
+def test_gbt_probe_reads_a_site_hidden_in_a_threshold_interaction():
+    # Site 1 is where two features are BOTH above 0 (an AND of two thresholds, a
+    # quarter of the patients); trees read it exactly.
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(1200, 6))
+    site = ((z[:, 0] > 0) & (z[:, 1] > 0)).astype(int)  # a quarter of the patients
+    res = probe_confound(z, site)
+    assert res["majority_rate"] == pytest.approx(0.75, abs=0.04)
+    assert res["gbt_probe_accuracy"] > 0.95
+    # The probe that learned nothing stays at the majority rate on pure noise.
+    noise = probe_confound(rng.normal(size=(900, 6)), (rng.uniform(size=900) < 0.7).astype(int))
+    assert noise["gbt_probe_accuracy"] == pytest.approx(noise["majority_rate"], abs=0.06)
+
+
 def test_risk_factor_floor_matches_the_bayes_accuracy_of_the_factors():
     # Two equally common sites; one risk factor is shifted by d = 1.5 at site 1, so
     # the best any probe can do from the factors is Phi(d / 2) = 0.7734. The
@@ -95,6 +109,7 @@ def test_run_audit_passes_the_floor_to_every_confound():
     res = run_audit(z, y, {"site": site, "ancestry": anc}, {}, risk_factors=z[:, :2])
     assert "risk_factor_probe_accuracy" in res["site"]
     assert "risk_factor_mlp_probe_accuracy" in res["ancestry"]
+    assert "risk_factor_gbt_probe_accuracy" in res["ancestry"]
 
 
 def test_by_modality_names_the_embedding_that_carries_the_site():
@@ -120,5 +135,5 @@ def test_by_modality_names_the_embedding_that_carries_the_site():
     assert by["image"]["n"] == int(has_image.sum()) and by["genomics"]["n"] == n
     assert by["image"]["probe_accuracy"] > 0.9
     # No site in the genotype embedding: both probes within CV noise of the majority rate.
-    for key in ("probe_accuracy", "mlp_probe_accuracy"):
+    for key in ("probe_accuracy", "mlp_probe_accuracy", "gbt_probe_accuracy"):
         assert by["genomics"][key] < by["genomics"]["majority_rate"] + 0.06

@@ -79,3 +79,67 @@ def test_eval_output_does_not_depend_on_token_dropout():
 def test_bad_settings_are_refused_by_name(cfg):
     with pytest.raises(ValueError, match=next(iter(cfg))):
         _build(**cfg)
+
+
+# --- pairwise_rank: low-rank cross-modal products
+
+
+def _three(b: int = 4):
+    g = torch.Generator().manual_seed(2)
+    dims = {"genomics": 3, "image": 6, "timeseries": 5}
+    emb = {
+        m: (torch.randn(b, d, generator=g), torch.ones(b, dtype=torch.bool))
+        for m, d in dims.items()
+    }
+    return dims, emb
+
+
+def _pairwise_fusion(dims, rank=4):
+    torch.manual_seed(0)
+    return create_fusion("attention", in_dims=dims, use_tokens=False, pairwise_rank=rank)
+
+
+def test_pairwise_terms_are_the_products_of_every_present_pair():
+    dims, emb = _three()
+    fusion = _pairwise_fusion(dims).eval()
+    pw = fusion.pairwise
+    z = {m: pw.factors[m](e) for m, (e, _) in emb.items()}
+    want = pw.out(
+        z["genomics"] * z["image"] + z["genomics"] * z["timeseries"] + z["image"] * z["timeseries"]
+    )
+    torch.testing.assert_close(pw(emb), want)
+    # the whole output is the pooled attention plus these terms
+    fusion.pairwise = None
+    pooled = fusion(emb)
+    fusion.pairwise = pw
+    torch.testing.assert_close(fusion(emb), pooled + want)
+
+
+def test_a_missing_modality_contributes_no_pairwise_term():
+    dims, emb = _three()
+    fusion = _pairwise_fusion(dims).eval()
+    gone = dict(emb, image=(emb["image"][0], torch.tensor([False, True, False, True])))
+    changed = dict(gone, image=(gone["image"][0] * 100.0 + 7.0, gone["image"][1]))
+    out, out_changed = fusion(gone), fusion(changed)
+    absent = ~gone["image"][1]
+    # rows without an image do not see its (changed) embedding at all
+    torch.testing.assert_close(out[absent], out_changed[absent])
+    assert not torch.allclose(out[~absent], out_changed[~absent])
+    # and with one modality left, no pair remains: the pairwise output is exactly zero
+    alone = {m: (e, torch.zeros_like(p)) if m != "image" else (e, p) for m, (e, p) in emb.items()}
+    assert fusion.pairwise(alone).abs().max().item() == 0.0
+
+
+def test_pairwise_parameters_all_get_gradients_and_variants_match_fuse():
+    dims, emb = _three()
+    fusion = _pairwise_fusion(dims).train()
+    fusion(emb).pow(2).sum().backward()
+    for name, p in fusion.pairwise.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    fusion.eval()
+    variants = [(), ("image",), ("genomics", "timeseries")]
+    with torch.no_grad():
+        together = fusion.forward_variants(emb, None, variants)  # (B, V, dim)
+        for v, gone in enumerate(variants):
+            one = {m: (e, p & (m not in gone)) for m, (e, p) in emb.items()}
+            torch.testing.assert_close(together[:, v], fusion(one), rtol=1e-5, atol=1e-6)

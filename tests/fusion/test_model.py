@@ -251,3 +251,51 @@ def test_late_fusion_prior_starts_at_the_training_prevalence(
     for m in model.modalities:
         nothing = mask_modality(nothing, m)
     torch.testing.assert_close(model(nothing)["logit"], torch.full((4,), -math.log(3.0)))
+
+
+def _aux_model(encoders, spec, weight: float = 0.5) -> FusionModel:
+    torch.manual_seed(0)
+    fus = create_fusion("early", in_dims={m: e.embed_dim for m, e in encoders.items()})
+    return FusionModel(encoders, fus, spec, None, modality_dropout=0.5, aux_weight=weight)
+
+
+def test_aux_loss_is_the_weighted_mean_of_each_modalitys_loss_on_present_samples(
+    tiny_spec, tiny_batch, toy_encoders
+) -> None:
+    model = _aux_model(toy_encoders, tiny_spec).train()
+    out = model(tiny_batch)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    label = tiny_batch["label"].float()
+    expected = []
+    for m, head in model.aux_heads.items():
+        emb, present = model.encoders[m](tiny_batch)  # before modality dropout
+        present = present.bool()
+        expected.append(bce(head(emb[present]).squeeze(-1), label[present]))
+    got = model.aux_loss(out, label, bce)
+    torch.testing.assert_close(got, 0.5 * torch.stack(expected).mean())
+
+
+def test_aux_loss_of_a_modality_absent_from_every_sample_is_zero(
+    tiny_spec, tiny_batch, toy_encoders, mask_modality
+) -> None:
+    model = _aux_model(toy_encoders, tiny_spec, weight=1.0).eval()
+    batch = mask_modality(tiny_batch, "image")
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    label = batch["label"].float()
+    others = []
+    for m in ("timeseries", "genomics"):
+        emb, present = model.encoders[m](batch)
+        present = present.bool()
+        others.append(bce(model.aux_heads[m](emb[present]).squeeze(-1), label[present]))
+    # mean over three modalities, the image term being exactly zero
+    want = torch.stack(others).sum() / 3
+    torch.testing.assert_close(model.aux_loss(model(batch), label, bce), want)
+
+
+def test_aux_heads_leave_the_risk_logit_unchanged(tiny_spec, tiny_batch, toy_encoders) -> None:
+    with_aux = _aux_model(toy_encoders, tiny_spec).eval()
+    without = _aux_model(toy_encoders, tiny_spec, weight=0.0).eval()
+    assert without.aux_heads is None
+    state = {k: v for k, v in with_aux.state_dict().items() if not k.startswith("aux_heads.")}
+    without.load_state_dict(state)
+    torch.testing.assert_close(with_aux(tiny_batch)["logit"], without(tiny_batch)["logit"])

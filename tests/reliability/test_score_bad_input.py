@@ -134,7 +134,7 @@ def test_empty_cohort_is_an_error_naming_labels_for_score_train_and_evaluate(
     labels = cohort_copy / "labels.parquet"
     out = tmp_path / "scores"
     assert main(["score", str(trained.model_dir), "--cohort", str(cohort_copy),
-                 "--out", str(out), "--no-progress"]) == 1  # fmt: skip
+                 "--out", str(out), "--no-progress"]) == 2  # fmt: skip
     assert (
         f"clinfuse score: error: {labels}: no label rows (empty cohort)" in capsys.readouterr().err
     )

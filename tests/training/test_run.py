@@ -81,6 +81,27 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
     for png in ("roc.png", "pr.png", "calibration.png", "gradcam_0.png"):
         assert (out / png).is_file() and png in html
     assert "Where the confound enters" in html
+    # The gradient-boosting baseline, fit on the run's training split, on the same samples.
+    base = m["baseline"]
+    assert base["model"] == "gbdt_features"
+    assert base["modalities"] == art.model.modalities
+    image_width = art.model.encoders["image"].num_features  # the frozen backbone's features
+    assert base["n_features"] == 6 * art.spec.n_channels + art.spec.n_markers + image_width
+    assert base["delta"] == pytest.approx(m["auroc"] - base["auroc"], abs=1e-12)
+    lo, hi = base["delta_ci"]
+    assert lo <= base["delta"] <= hi
+    assert "Against a gradient-boosting baseline" in html
+    # Per-sample predictions beside metrics.json, in the evaluated samples' order.
+    preds = pl.read_parquet(out / "predictions.parquet")
+    assert preds.columns == [
+        "subject_id", "prediction_time", "split", "label", "risk", "logit", "baseline_logit"
+    ]  # fmt: skip
+    assert preds.height == m["n"]
+    from clinfuse.evaluation.metrics import auroc
+
+    assert auroc(preds["label"].to_numpy(), preds["risk"].to_numpy()) == pytest.approx(m["auroc"])
+    bl = auroc(preds["label"].to_numpy(), preds["baseline_logit"].to_numpy())
+    assert bl == pytest.approx(base["auroc"])
 
 
 def test_cli_train_applies_overrides_and_resolves_config(tiny_cohort, tmp_path):
@@ -100,7 +121,7 @@ def test_cli_train_applies_overrides_and_resolves_config(tiny_cohort, tmp_path):
 def test_unknown_config_key_is_named(tiny_cohort, tmp_path, capsys):
     code = cli_main(["train", "--cohort", str(tiny_cohort), "--run-dir", str(tmp_path / "r"),
                      "optim.learning_rate=1"])  # fmt: skip
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert "clinfuse train: error: unknown config key(s) ['learning_rate'] in optim" in err
     assert "Traceback" not in err
@@ -163,3 +184,15 @@ def test_a_zeroed_genotype_layer_is_reported_not_silent(tiny_run):
         model.encoders["genomics"].first.weight.zero_()
     (message,) = unused_modality_warnings(model)
     assert message.startswith("genomics: the sparse-group-lasso penalty zeroed every group")
+
+
+def test_a_null_encoder_override_trains_without_that_modality(tiny_cohort, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", "configs/demo.yaml", "--cohort", str(tiny_cohort),
+            "--run-dir", str(run_dir), "model.encoders.timm_image=null",
+            "model.encoders.sgl_mlp=null", "optim.max_epochs=1", "optim.progress_bar=false",
+            "data.image_size=32", "model.encoders.gru_d={hidden: 8, embed_dim: 8}"]  # fmt: skip
+    assert cli_main(args) == 0
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert set(config["model"]["encoders"]) == {"gru_d"}
+    assert load_artifact(run_dir / "model").model.modalities == ["timeseries"]

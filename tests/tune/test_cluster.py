@@ -194,7 +194,7 @@ def test_gpu_request_no_node_can_meet_fails_before_anything_is_written(
         _tune(address, cohort, out, config, "--gpus-per-trial", "0.25"),
         env=_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     assert (
         "clinfuse tune: error: no alive node can hold one trial, which needs 1 CPU and "
         "0.25 GPU" in run.stderr
@@ -217,7 +217,7 @@ def test_a_node_that_cannot_see_the_cohort_stops_the_sweep_before_it_starts(
         _tune(address, shared, out, config), env=_env(), capture_output=True, text=True,
         timeout=180,
     )  # fmt: skip
-    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     # The worker names each file it cannot read; the head (same IP here) reads them all.
     missing = re.findall(r"node \S+ \(([0-9a-f]{12})\): cannot read (?:image )?(\S+)", run.stderr)
     assert {node for node, _ in missing} == {_node_id(worker)[:12]}, run.stderr[-3000:]
@@ -242,7 +242,7 @@ def test_a_node_that_cannot_see_the_sweep_folder_stops_the_sweep_before_it_start
         _tune(address, cohort, out, config), env=_env(), capture_output=True, text=True,
         timeout=180,
     )  # fmt: skip
-    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     worker_id = _node_id(worker)[:12]
     # --out, and Tune's storage under it: the driver's marker files are not there.
     for folder in (out, out / "ray"):

@@ -1,0 +1,142 @@
+"""A scoring run's part files on disk: written, committed, checked, read back.
+
+Each chunk's rows are written to a temporary file in OUT_DIR with Parquet page
+checksums (``integrity.checksums.write_parquet``) and hashed; the process holding
+the output lock (the driver) then *commits* the part: it records the part's sha256
+and row count under ``parts`` in ``_manifest.json`` first, and only then moves the
+file into place with ``os.replace``. So a ``part-*.parquet`` that is visible always
+has its digest recorded, whatever moment a ``kill -9`` lands at, and ``--resume``
+can hold every finished part to its digest: a part whose bytes changed since (or
+that was never recorded, e.g. written by a version without digests) is scored again.
+Workers and Ray actors only stage parts; they never write the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from clinfuse.errors import IntegrityError
+from clinfuse.hashing import file_sha256
+from clinfuse.integrity.checksums import read_parquet_verified, write_parquet, write_text_atomic
+
+MANIFEST = "_manifest.json"
+PART = "part-{:05d}.parquet"
+RESCORE = "run clinfuse score again with --resume to re-score it"
+
+
+@dataclass(frozen=True)
+class StagedPart:
+    """A chunk's rows written to a temporary file in OUT_DIR, not yet committed."""
+
+    index: int
+    tmp: str
+    sha256: str
+    rows: int
+
+    @property
+    def name(self) -> str:
+        return PART.format(self.index)
+
+
+def stage_part(out_dir: str | Path, index: int, frame: pl.DataFrame) -> StagedPart:
+    """Writes one chunk's rows to a temporary file beside its final name and hashes it."""
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".part-{index:05d}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_parquet(frame, tmp)
+        return StagedPart(index, tmp, file_sha256(tmp), frame.height)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_part(out_dir: str | Path, index: int, frame: pl.DataFrame) -> Path:
+    """Writes one chunk's rows atomically, without recording them in the manifest.
+
+    For callers that keep no manifest (benchmarks); a scoring run commits its parts
+    through ``PartLedger`` so that ``--resume`` can check them.
+    """
+    staged = stage_part(out_dir, index, frame)
+    os.replace(staged.tmp, Path(out_dir) / staged.name)
+    return Path(out_dir) / staged.name
+
+
+class PartLedger:
+    """The manifest's record of committed parts; only the lock holder uses one.
+
+    Args:
+        out_dir: the run's output directory, whose manifest already exists.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out = Path(out_dir)
+        self.manifest = json.loads((self.out / MANIFEST).read_text())
+        self.manifest.setdefault("parts", {})
+
+    def commit(self, staged: StagedPart) -> Path:
+        """Records the part's digest in the manifest, then moves the part into place."""
+        self.manifest["parts"][staged.name] = {"sha256": staged.sha256, "rows": staged.rows}
+        self.manifest["parts"] = dict(sorted(self.manifest["parts"].items()))  # stable text
+        write_text_atomic(self.out / MANIFEST, json.dumps(self.manifest, indent=2))
+        os.replace(staged.tmp, self.out / staged.name)
+        return self.out / staged.name
+
+
+def recorded_parts(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``part name -> {"sha256", "rows"}`` from a manifest (empty for older runs)."""
+    parts = manifest.get("parts")
+    return parts if isinstance(parts, dict) else {}
+
+
+def part_problem(path: Path, record: dict[str, Any] | None) -> str | None:
+    """Why a finished part cannot be trusted, or None when it matches its record."""
+    if record is None:
+        return "no recorded sha256 (written before parts were recorded)"
+    try:
+        found = file_sha256(path)
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    if found != record.get("sha256"):
+        return f"sha256 differs (expected {record.get('sha256')}, found {found})"
+    return None
+
+
+def remove_temporaries(out: Path) -> None:
+    """Deletes staged parts a killed run left behind (never committed, never visible)."""
+    for tmp in out.glob(".part-*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def read_scores(out_dir: str | Path, schema: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
+    """Every part file of a scoring run, in chunk order, verified before it is returned.
+
+    Each part is held to its sha256 in the manifest (when recorded) and its Parquet
+    page checksums (when written with them), so a damaged part raises instead of
+    returning wrong risks.
+
+    Raises:
+        IntegrityError: naming the first part that fails.
+    """
+    out = Path(out_dir)
+    parts = sorted(out.glob("part-*.parquet"))
+    if not parts:
+        return pl.DataFrame(schema=schema)
+    records = _manifest_parts(out)
+    for path in parts:
+        if path.name in records and (problem := part_problem(path, records[path.name])):
+            raise IntegrityError(problem, path, RESCORE)
+    return read_parquet_verified(parts, RESCORE)
+
+
+def _manifest_parts(out: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return recorded_parts(json.loads((out / MANIFEST).read_text()))
+    except (OSError, ValueError):
+        return {}
