@@ -181,12 +181,19 @@ def _subjects(cohort_dir: str | Path) -> pl.LazyFrame:
     )
 
 
+def check_not_empty(path: str | Path, rows: pl.DataFrame, what: str = "label") -> None:
+    """Raises an InputError naming ``path`` when ``rows`` is empty.
+
+    An empty labels.parquet (or subjects.parquet for ``score --at``) leaves nothing to
+    train, evaluate or score; an empty output with exit 0 would hide that.
+    """
+    if rows.height == 0:
+        fix = "add label rows or score with --at" if what == "label" else f"add {what} rows"
+        raise InputError(f"{path}: no {what} rows (empty cohort)", fix=fix)
+
+
 def _check_subjects(cohort_dir: str | Path, samples: pl.DataFrame) -> None:
-    if samples.height == 0:
-        raise InputError(
-            f"{Path(cohort_dir) / 'labels.parquet'}: no label rows (empty cohort)",
-            fix="add label rows or score with --at",
-        )
+    check_not_empty(Path(cohort_dir) / "labels.parquet", samples)
     missing = samples.filter(pl.col("_has_subject").is_null()).sort("_label_row")
     if missing.height:
         row = missing.row(0, named=True)

@@ -62,6 +62,7 @@ from clinfuse.datasets.batch import MODALITIES
 from clinfuse.datasets.events import channel_observations, pad_observations
 from clinfuse.datasets.images import ImageLoader, file_identity
 from clinfuse.datasets.samples import (
+    check_not_empty,
     genotype_tensors,
     latest_images,
     sample_tensors,
@@ -154,7 +155,8 @@ def scoring_samples(cohort_dir: str | Path, at: datetime | None = None) -> pl.Da
     prediction_time, label (null: scoring needs none), site, ancestry, known_subject.
 
     Raises:
-        ValueError: naming the file and row of a null subject_id or prediction_time.
+        ValueError: naming the file and row of a null subject_id or prediction_time,
+            or naming the file when it has no row.
     """
     with naming_file(cohort_dir, SUBJECTS if at is not None else LABELS):
         keys = _sample_keys(cohort_dir, at)
@@ -202,6 +204,7 @@ def _naive_utc(at: datetime) -> datetime:
 
 def _check_keys(cohort_dir: str | Path, keys: pl.DataFrame, at: datetime | None) -> None:
     name = "subjects.parquet" if at is not None else "labels.parquet"
+    check_not_empty(Path(cohort_dir) / name, keys, "subject" if at is not None else "label")
     for column in ("subject_id", "prediction_time"):
         nulls = keys[column].is_null()
         if nulls.any():

@@ -1,8 +1,16 @@
-"""``clinfuse tune``: a Ray Tune sweep over fusion strategies and hyperparameters."""
+"""``clinfuse tune``: a Ray Tune sweep over fusion strategies and hyperparameters.
+
+Exit status: 0 when every trial finished; 1 when a trial ended in error (with a
+summary); 2 when the preflight found a problem (a ``UserError``, as for any bad
+input); 130 (SIGINT) or 143 (SIGTERM) when the sweep was paused, with the
+``--resume`` command that continues it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "clinfuse.tune.space), train trials in parallel with ASHA early stopping, write "
         "SWEEP_DIR/results.parquet, auroc_by_strategy.png and the best trial's model "
         "artifact in SWEEP_DIR/best/model. Frozen-backbone image features are computed "
-        "once and shared by all trials.",
+        "once and shared by all trials. Ctrl-C (or SIGTERM) pauses the sweep: "
+        "results.parquet marks the unfinished trials and --resume continues them. Exits "
+        "1 when a trial ended in error, 2 when the preflight refused, 130/143 when paused.",
     )
     p.add_argument("--config", help="base YAML preset, e.g. configs/sweep.yaml")
     p.add_argument("--cohort", help="cohort directory (overrides cohort= in the config)")
@@ -37,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from clinfuse.training.config import load_run_config
+    from clinfuse.tune.stops import SweepError, SweepInterrupted, resume_command
     from clinfuse.tune.sweep import SweepOptions, run_sweep
 
     opts = SweepOptions(
@@ -57,5 +68,19 @@ def _run(args: argparse.Namespace) -> int:
     if not args.resume:
         overrides = list(args.overrides) + ([f"cohort={args.cohort}"] if args.cohort else [])
         cfg = load_run_config(args.config, overrides)
-    run_sweep(cfg, args.out, opts, resume=args.resume)
+    try:
+        run_sweep(cfg, args.out, opts, resume=args.resume)
+    except SweepInterrupted as err:  # a pause, not an error
+        print(f"clinfuse tune: {err}", file=sys.stderr)
+        return err.exit_code
+    except SweepError as err:  # trials ended in error; a PreflightError is a UserError
+        print(f"clinfuse tune: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C cut Tune's last save short
+        print(
+            "clinfuse tune: stopped at once; the sweep continues from Tune's last saved "
+            f"state with: {resume_command(Path(args.out).resolve())}",
+            file=sys.stderr,
+        )
+        return 130
     return 0

@@ -7,7 +7,8 @@
     cache/images/           decoded films, shared by all trials
     cache/embeddings/       frozen-backbone features, computed once before the Tuner starts
     ray/<name>/             Tune's experiment (default storage; ``storage_path`` moves it)
-    results.parquet         one row per trial
+    asha_state.json         ASHA's rungs, read back by ``--resume`` (``tune.asha``)
+    results.parquet         one row per trial, finished or not (``tune.results``)
     auroc_by_strategy.png   best validation AUROC of each trial by fusion strategy
     best/model              the best trial's exported artifact (``load_artifact``)
     .clinfuse.lock          while the sweep driver runs: its pid and host (``integrity.locks``)
@@ -15,12 +16,22 @@
 Scheduling: ASHA stops weak trials at epochs ``grace_period * reduction_factor**k``;
 Optuna (TPE, define-by-run over the conditional space) proposes trials, at most
 ``max_concurrent`` at a time.
+
+Before anything is written, ``tune.preflight`` checks that the cluster can hold a
+trial and that every node can read the cohort and write the shared folders.
+
+Stopping (``tune.stops``): SIGINT (Ctrl-C) or SIGTERM pauses the sweep. Tune saves
+its state, the sweep writes results.parquet with the unfinished trials marked
+``interrupted`` or ``pending`` and raises ``SweepInterrupted``, whose message is the
+``--resume`` command. A sweep where any trial ended in error raises ``SweepFailed``
+after writing its results (and the best model, when a trial finished).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,14 +50,31 @@ from clinfuse.integrity.locks import output_lock
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import export_artifact, first_selected_epoch
-from clinfuse.tune.space import define_by_run, get_space, plain_paths
-from clinfuse.tune.trainable import BACKBONE_METRIC, METRIC, first_conv, train_fn, trial_config
+from clinfuse.tune.asha import ResumableASHA
+from clinfuse.tune.preflight import preflight
+from clinfuse.tune.results import (
+    RESULTS_FILE,
+    UNFINISHED,
+    describe,
+    load_trials,
+    outcome,
+    results_table,
+)
+from clinfuse.tune.space import define_by_run, get_space
+from clinfuse.tune.stops import (
+    StopSignals,
+    SweepFailed,
+    SweepInterrupted,
+    failure_summary,
+    resume_command,
+    stopped_before_fit,
+)
+from clinfuse.tune.trainable import METRIC, first_conv, train_fn, trial_config
 
 OPTIONS_FILE = "sweep.json"
 BASE_FILE = "base_config.yaml"
-RESULTS_FILE = "results.parquet"
 PLOT_FILE = "auroc_by_strategy.png"
-STRATEGY_KEY = "model.fusion.name"
+ASHA_FILE = "asha_state.json"
 
 
 @dataclass
@@ -164,11 +192,18 @@ def experiment_path(opts: SweepOptions) -> str:
     return f"{str(opts.storage_path).rstrip('/')}/{opts.name}"
 
 
-def make_trainable(base: dict[str, Any], dm: CohortDataModule, opts: SweepOptions) -> Any:
-    """``train_fn`` with the shared data in the object store and per-trial resources."""
+def make_trainable(
+    base: dict[str, Any], dm: CohortDataModule, opts: SweepOptions, image_probe: list[str]
+) -> Any:
+    """``train_fn`` with the shared data in the object store and per-trial resources.
+
+    ``image_probe``: images the driver read, which each trial checks on its node.
+    """
     from ray import tune
 
-    trainable = tune.with_parameters(train_fn, base_cfg=base, data=dm)
+    trainable = tune.with_parameters(
+        train_fn, base_cfg=base, data=dm, image_probe=list(image_probe)
+    )
     return tune.with_resources(trainable, {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
 
 
@@ -187,10 +222,10 @@ def asha_grace_period(requested: int, base: dict[str, Any], max_epochs: int) -> 
     return min(max(requested, start + 1), max(max_epochs, 1))
 
 
-def make_tuner(trainable: Any, max_epochs: int, opts: SweepOptions) -> Any:
-    """A fresh Tuner: OptunaSearch behind a ConcurrencyLimiter, ASHA, retries, checkpoints."""
+def make_tuner(trainable: Any, max_epochs: int, opts: SweepOptions, asha_file: Path) -> Any:
+    """A fresh Tuner: OptunaSearch behind a ConcurrencyLimiter, ASHA (its rungs kept in
+    ``asha_file``), retries, checkpoints."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -199,7 +234,8 @@ def make_tuner(trainable: Any, max_epochs: int, opts: SweepOptions) -> Any:
     searcher = OptunaSearch(
         space=define_by_run(get_space(opts.space)), metric=METRIC, mode="max", seed=opts.seed
     )
-    scheduler = ASHAScheduler(
+    scheduler = ResumableASHA(
+        asha_file,
         time_attr="training_iteration",
         metric=METRIC,
         mode="max",
@@ -264,41 +300,6 @@ def _check_snapshot(path: str) -> None:
 # ------------------------------------------------------------------------ results
 
 
-def results_table(results: Any, max_epochs: int) -> pl.DataFrame:
-    """One row per trial: id, strategy, best val_auroc, epochs, status, CNN images, parameters."""
-    rows = [_result_row(r, max_epochs) for r in results]
-    table = pl.DataFrame(rows, infer_schema_length=None)
-    return table.sort(["best_val_auroc", "trial_id"], descending=[True, False], nulls_last=True)
-
-
-def _result_row(result: Any, max_epochs: int) -> dict[str, Any]:
-    history = result.metrics_dataframe
-    scores = history[METRIC].dropna() if history is not None and METRIC in history else []
-    epochs = int(result.metrics.get("training_iteration", 0) or 0)
-    row = {
-        "trial_id": result.metrics.get("trial_id") or Path(result.path).name,
-        "strategy": result.config.get(STRATEGY_KEY),
-        "best_val_auroc": float(np.max(scores)) if len(scores) else None,
-        "epochs": epochs,
-        "status": _status(result, epochs, max_epochs),
-        # Images the trial ran through the CNN itself (0 = all from the shared cache).
-        "cnn_images": result.metrics.get(BACKBONE_METRIC),
-    }
-    row.update({k: _cell(v) for k, v in sorted(plain_paths(result.config).items())})
-    return row
-
-
-def _status(result: Any, epochs: int, max_epochs: int) -> str:
-    if result.error is not None:
-        return "error"
-    return "completed" if epochs >= max_epochs else "stopped"
-
-
-def _cell(value: Any) -> Any:
-    """Parquet needs one type per column: bools and numbers stay, anything else is text."""
-    return value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
-
-
 def plot_by_strategy(table: pl.DataFrame, path: Path) -> None:
     """Best validation AUROC of every trial, one column of points per fusion strategy."""
     import matplotlib
@@ -307,6 +308,8 @@ def plot_by_strategy(table: pl.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     done = table.filter(pl.col("best_val_auroc").is_not_null())
+    if done.height == 0:
+        return
     strategies = sorted(done["strategy"].unique().to_list())
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, name in enumerate(strategies):
@@ -384,56 +387,113 @@ def run_sweep(
     Returns the results table (one row per trial).
 
     Raises:
+        PreflightError: no node can hold a trial, or a node cannot read the cohort or
+            write the shared folders; nothing was written.
+        SweepInterrupted: SIGINT or SIGTERM paused the sweep; results.parquet holds
+            every trial so far and the message names the ``--resume`` command.
+        SweepFailed: a trial ended in error; results.parquet is written, and the best
+            model too when another trial finished.
         LockHeldError: another process is writing ``out``.
     """
     out = Path(out).resolve()
-    with output_lock(out):  # one sweep driver per directory; trials write under ray/
+    # One sweep driver per directory; a directory the lock created is removed again
+    # when the sweep writes nothing in it (a failed preflight, a bad option).
+    with output_lock(out):
         return _run_sweep(cfg, out, opts, resume)
 
 
 def _run_sweep(cfg: RunConfig | None, out: Path, opts: SweepOptions, resume: bool) -> pl.DataFrame:
-    base = _resume_dir(out) if resume else _prepare_dir(cfg, out, opts)
-    opts = _read_options(out, opts) if resume else opts
+    if resume:
+        base, opts = _resume_dir(out), _read_options(out, opts)
+    else:
+        base, opts = _new_sweep(cfg, out, opts)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    start_ray(opts)
+    with StopSignals() as stop:
+        try:
+            tuner, dm = _setup(base, out, opts, resume)
+        except KeyboardInterrupt:
+            raise SweepInterrupted(
+                stopped_before_fit(out, resume), None, stop.signum or signal.SIGINT
+            ) from None
+        results = tuner.fit()
+    return _finish(results, base, dm, out, opts, stop.signum)
+
+
+def _setup(base: dict, out: Path, opts: SweepOptions, resume: bool) -> tuple[Any, Any]:
+    """Preflight, then the sweep's files, data, embedding cache and Tuner."""
+    cfg = trial_config(base, {})
+    probe = preflight(
+        cfg.cohort,
+        _shared_dirs(out, opts),
+        cfg.data.image_size,
+        opts.cpus_per_trial,
+        opts.gpus_per_trial,
+        cluster=bool(opts.address),
+        needs_images="timm_image" in base["model"]["encoders"],
+    )
+    if not resume:
+        _write_sweep(out, base, opts)
     dm = prepare_data(base, out)
     warmed = warm_embedding_cache(base, dm)
     print(f"embedding cache: {warmed} images through the CNN before the sweep")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    start_ray(opts)
-    trainable = make_trainable(base, dm, opts)
-    max_epochs = int(base["optim"]["max_epochs"])
+    trainable = make_trainable(base, dm, opts, probe)
     if resume:
-        tuner = restore_tuner(experiment_path(opts), trainable)
-    else:
-        grace = asha_grace_period(opts.grace_period, base, max_epochs)
-        tuner = make_tuner(trainable, max_epochs, replace(opts, grace_period=grace))
-    return _finish(tuner.fit(), base, dm, out, max_epochs)
+        return restore_tuner(experiment_path(opts), trainable), dm
+    max_epochs = int(base["optim"]["max_epochs"])
+    grace = asha_grace_period(opts.grace_period, base, max_epochs)
+    tuner = make_tuner(trainable, max_epochs, replace(opts, grace_period=grace), out / ASHA_FILE)
+    return tuner, dm
+
+
+def _shared_dirs(out: Path, opts: SweepOptions) -> list[str]:
+    """Local folders trials on any node write to: the sweep's caches and Tune's storage."""
+    storage = str(opts.storage_path)
+    return [str(out)] + ([] if "://" in storage else [storage])
 
 
 def _finish(
-    results: Any, base: dict, dm: CohortDataModule, out: Path, max_epochs: int
-) -> pl.DataFrame:
-    table = results_table(results, max_epochs)
+    results: Any, base: dict, dm: CohortDataModule, out: Path, opts: SweepOptions,
+    signum: int | None,
+) -> pl.DataFrame:  # fmt: skip
+    table = results_table(load_trials(experiment_path(opts)), int(base["optim"]["max_epochs"]))
     write_parquet(table, out / RESULTS_FILE)  # with page checksums
     with pl.Config(tbl_rows=-1, tbl_cols=8, fmt_str_lengths=24):
-        print(table.select("trial_id", "strategy", "best_val_auroc", "epochs", "status"))
+        print(table.select("trial_id", "strategy", "best_val_auroc", "epochs", "status", "retries"))
     plot_by_strategy(table, out / PLOT_FILE)
-    summary = export_best(results, base, dm, out / "best")
-    print(
-        f"best trial {summary['trial']}: val AUROC {summary['best_val_auroc']:.3f}; "
-        f"artifact in {out / 'best' / 'model'}"
-    )
+    counts = outcome(table, opts.num_samples)
+    if sum(counts[s] for s in (*UNFINISHED, "unsampled")):
+        raise SweepInterrupted(
+            f"sweep paused ({describe(counts)}); the trials so far are in "
+            f"{out / RESULTS_FILE}. Continue with: {resume_command(out)}",
+            table,
+            signum or signal.SIGINT,
+        )
+    finished = counts["completed"] + counts["stopped"]
+    if finished:
+        summary = export_best(results, base, dm, out / "best")
+        print(
+            f"best trial {summary['trial']}: val AUROC {summary['best_val_auroc']:.3f}; "
+            f"artifact in {out / 'best' / 'model'}"
+        )
+    if counts["error"]:
+        raise SweepFailed(failure_summary(table, counts, finished, out), table)
     return table
 
 
-def _prepare_dir(cfg: RunConfig | None, out: Path, opts: SweepOptions) -> dict[str, Any]:
+def _new_sweep(cfg: RunConfig | None, out: Path, opts: SweepOptions) -> tuple[dict, SweepOptions]:
+    """The base config and options of a new sweep (nothing written yet)."""
     if cfg is None or not cfg.cohort:
         raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
+    opts = replace(opts, storage_path=opts.storage_path or str(out / "ray"))
+    return sweep_base_config(cfg, out), opts
+
+
+def _write_sweep(out: Path, base: dict[str, Any], opts: SweepOptions) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    opts.storage_path = opts.storage_path or str(out / "ray")
-    base = sweep_base_config(cfg, out)
+    (out / ASHA_FILE).unlink(missing_ok=True)  # an earlier sweep's rungs are not this one's
     save_yaml(base, out / BASE_FILE)
     (out / OPTIONS_FILE).write_text(json.dumps(asdict(opts), indent=2))
-    return base
 
 
 def _resume_dir(out: Path) -> dict[str, Any]:

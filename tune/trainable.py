@@ -3,22 +3,28 @@
 Each trial writes its sampled ``{dotted.path: value}`` config onto the sweep's
 base config, trains with the run's Lightning Trainer (``training.run.build_trainer``)
 and reports every validation epoch to Tune with a Lightning checkpoint through
-Ray's ``TuneReportCheckpointCallback``. A trial that is restarted (a retried
+Ray's ``TuneReportCheckpointCallback`` (each report also names the node, so
+results.parquet can say where a trial ran). A trial that is restarted (a retried
 failure, a resumed sweep) continues from its last reported checkpoint.
 
 The prepared data (samples, DataSpec, tabular tensors) arrive through
 ``tune.with_parameters`` as one ``CohortDataModule`` that the driver set up once;
-trials never re-read the cohort.
+trials never re-read the cohort. They do read the images, on whatever node they
+land: a trial configured with an image encoder first reads the films the driver
+sampled and read (``preflight.sample_images``) and fails, naming the node, when
+any is unreadable here, instead of training on masked images.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import ray
 import torch
 from lightning.pytorch.callbacks import Callback
 from ray import tune
@@ -35,6 +41,7 @@ from clinfuse.tune.space import apply_sampled
 CHECKPOINT_FILE = "lightning.ckpt"
 METRIC = "val_auroc"
 BACKBONE_METRIC = "image_backbone_images"
+NODE_KEY = "node_id"
 # DataConfig fields a trial may change on the shared, already prepared data.
 _LOADER_FIELDS = ("batch_size", "num_workers")
 
@@ -44,22 +51,35 @@ def trial_config(base_cfg: dict[str, Any], sampled: dict[str, Any]) -> RunConfig
     return from_dict(RunConfig, apply_sampled(base_cfg, sampled))
 
 
-def train_fn(config: dict[str, Any], base_cfg: dict[str, Any], data: CohortDataModule) -> None:
+def train_fn(
+    config: dict[str, Any],
+    base_cfg: dict[str, Any],
+    data: CohortDataModule,
+    image_probe: Sequence[str] = (),
+) -> None:
     """Trains one trial and reports ``val_auroc`` (plus every logged metric) each epoch.
 
     Args:
         config: the sampled ``{dotted.path: value}`` overrides of this trial.
         base_cfg: the sweep's resolved RunConfig as a plain dict.
         data: the set-up DataModule shared by all trials (``tune.with_parameters``).
+        image_probe: image files the driver read; a trial with an image encoder
+            checks them on its node first.
+
+    Raises:
+        RuntimeError: naming the node and a file, when this node cannot read an
+            image of ``image_probe`` (a trial without its images is not a result).
     """
     cfg = trial_config(base_cfg, config)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = datamodule_for(data, cfg.data)
     module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
+    if _has_image(module):
+        require_images(image_probe, dm.spec.image_size)
     callbacks = [
         BackboneCounter(),
         EpochMetricsCarry(),  # before the Tune callback: its state rides in the checkpoint
-        TuneReportCheckpointCallback(filename=CHECKPOINT_FILE),
+        ReportWithNode(filename=CHECKPOINT_FILE),
     ]
     trainer, _ = build_trainer(cfg, _trial_dir(), callbacks)
     checkpoint = tune.get_checkpoint()
@@ -68,6 +88,38 @@ def train_fn(config: dict[str, Any], base_cfg: dict[str, Any], data: CohortDataM
         return
     with checkpoint.as_directory() as folder:
         trainer.fit(module, datamodule=dm, ckpt_path=str(Path(folder) / CHECKPOINT_FILE))
+
+
+def require_images(paths: Sequence[str], image_size: int) -> None:
+    """Raises, naming this node, when any of ``paths`` cannot be read here.
+
+    The image loader masks an unreadable film and trains on: right for one broken
+    file, silent loss when a node cannot see the cohort at all.
+    """
+    from clinfuse.tune.preflight import image_problems, node_label
+
+    problems = image_problems(paths, image_size)
+    if problems:
+        path, reason = next(iter(problems.items()))
+        raise RuntimeError(
+            f"{node_label()}: {len(problems)} of {len(paths)} sampled images that the driver "
+            f"read are unreadable here, e.g. {path} ({reason}); the trial stops instead of "
+            "training without its image modality"
+        )
+
+
+class ReportWithNode(TuneReportCheckpointCallback):
+    """Ray's Lightning report-and-checkpoint callback, adding this node's id to each report.
+
+    Tune records ``node_ip`` with every result, which two nodes of one machine (or
+    behind one NAT) share; the node id tells them apart.
+    """
+
+    def _get_report_dict(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        report = super()._get_report_dict(trainer, pl_module)
+        if report:
+            report[NODE_KEY] = ray.get_runtime_context().get_node_id()
+        return report
 
 
 def datamodule_for(shared: CohortDataModule, cfg: DataConfig) -> CohortDataModule:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
@@ -72,7 +73,7 @@ def test_validate_names_file_and_row(cohort_copy: Path, case: str) -> None:
         assert str(planted.extra["path"]) in hit.message
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"empty_cohort"}))  # refused: test below
 def test_score_keeps_every_sample(trained, cohort_copy: Path, tmp_path: Path, case: str) -> None:
     planted = CASES[case](cohort_copy)
     scores = _score(trained, cohort_copy, tmp_path / "scores")
@@ -121,12 +122,38 @@ def test_wrong_dtype_errors_only_the_subject_with_the_bad_value(trained, cohort_
     assert "expected Float32, found String" in dtype.message
 
 
-def test_empty_cohort_scores_nothing_and_validate_says_why(trained, cohort_copy, tmp_path):
+def test_empty_cohort_is_an_error_naming_labels_for_score_train_and_evaluate(
+    trained, cohort_copy, tmp_path, tiny_run_config, capsys
+) -> None:
+    """An empty labels.parquet: one clear error naming it, not an empty output with exit 0."""
+    from clinfuse.cli import main
+    from clinfuse.evaluation.evaluate import evaluate
+    from clinfuse.training.run import train
+
     CASES["empty_cohort"](cohort_copy)
-    scores = _score(trained, cohort_copy, tmp_path / "scores")
-    assert scores.height == 0
+    labels = cohort_copy / "labels.parquet"
+    out = tmp_path / "scores"
+    assert main(["score", str(trained.model_dir), "--cohort", str(cohort_copy),
+                 "--out", str(out), "--no-progress"]) == 2  # fmt: skip
+    assert (
+        f"clinfuse score: error: {labels}: no label rows (empty cohort)" in capsys.readouterr().err
+    )
+    assert not out.exists()
+    with pytest.raises(ValueError, match=f"{labels}: no label rows"):
+        train(tiny_run_config(cohort_copy, "validate=false"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"labels\.parquet +empty cohort: no label rows"):
+        train(tiny_run_config(cohort_copy), tmp_path / "run2")  # validate names it first
+    with pytest.raises(ValueError, match=f"{labels}: no label rows"):
+        evaluate(trained.run_dir, cohort_copy, tmp_path / "eval")
     (empty,) = [p for p in validate_cohort(cohort_copy) if p.check == "empty"]
     assert (empty.severity, empty.file) == ("error", "labels.parquet")
+
+
+def test_empty_subjects_is_an_error_for_score_at(trained, cohort_copy, tmp_path) -> None:
+    write(cohort_copy, "subjects", read(cohort_copy, "subjects").clear())
+    with pytest.raises(ValueError, match=r"subjects\.parquet: no subject rows \(empty cohort\)"):
+        score_cohort(trained.model_dir, cohort_copy, tmp_path / "s", at=datetime(2150, 1, 1),
+                     progress=False)  # fmt: skip
 
 
 def test_truncated_labels_refuse_to_score_naming_the_file(trained, cohort_copy, tmp_path):
