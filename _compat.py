@@ -9,12 +9,18 @@ registrations refer to op schemas that the library would have defined.
 When, and only when, the compiled library fails to load, we define the two op
 schemas it registers fakes for. When it loads, we do nothing: defining them a
 second time would clash with the library's own definitions.
+
+``import clinfuse`` does not run the check (it needs torch, which would make the
+package import slow); ``install_torchvision_hook`` arranges for it to run just before
+the first ``import torchvision``, whoever imports it (timm, grad-cam, a user).
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import os
+import sys
 
 _LIBRARY = None  # keeps the torch.library.Library alive for the process
 
@@ -37,10 +43,9 @@ def ensure_torchvision_importable() -> bool:
         True when the op schemas had to be defined here.
     """
     global _LIBRARY
+    _remove_hook()  # find_spec("torchvision") below must not re-enter the hook
     if _LIBRARY is not None:
         return True
-    import sys
-
     if "torchvision" in sys.modules:
         return False
     path = _torchvision_library_path()
@@ -58,3 +63,27 @@ def ensure_torchvision_importable() -> bool:
     lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
     _LIBRARY = lib
     return True
+
+
+class _BeforeTorchvision(importlib.abc.MetaPathFinder):
+    """Runs ``ensure_torchvision_importable`` when ``torchvision`` is first imported,
+    then lets the regular finders import it."""
+
+    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001
+        if fullname == "torchvision":
+            ensure_torchvision_importable()
+        return None
+
+
+_HOOK = _BeforeTorchvision()
+
+
+def install_torchvision_hook() -> None:
+    """Defers ``ensure_torchvision_importable`` to the first ``import torchvision``."""
+    if "torchvision" not in sys.modules and _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
+
+
+def _remove_hook() -> None:
+    if _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)

@@ -70,3 +70,28 @@ def config_errors(path: str | Path | None, fix: str) -> Iterator[None]:
     except (ValueError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         raise InputError(f"invalid config ({message})", path, fix) from err
+
+
+class CohortError(InputError):
+    """A cohort directory that breaks the contract (``docs/cohort-format.md``).
+
+    The message lists every error ``datasets.validate.validate_cohort`` found, in one
+    line; ``problems`` holds them one per item, with file, column, row and subject.
+
+    Args:
+        what: the summary, e.g. ``"the cohort breaks the contract (2 errors)"``.
+        path: the cohort directory.
+        fix: what to do about it.
+        problems: every error, as printed by ``clinfuse validate``.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        path: str | Path | None = None,
+        fix: str | None = None,
+        problems: tuple[str, ...] | list[str] = (),
+    ) -> None:
+        self.problems = tuple(problems)
+        listed = f"{what}: {'; '.join(self.problems)}" if self.problems else what
+        super().__init__(listed, path, fix)

@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
 from clinfuse.config import save_yaml
 from clinfuse.datasets import schema
@@ -65,6 +64,7 @@ from clinfuse.datasets.sim_images import (
 )
 from clinfuse.datasets.sim_world import World, build_world
 from clinfuse.errors import config_errors
+from clinfuse.progress import progress
 
 SITE_EFFECTS = {"normal": 1.0, "reversed": -1.0, "none": 0.0}
 MISSING_MODES = ("random", "informative")
@@ -464,7 +464,9 @@ def _write_films(out: Path, c: _Cohort, sites: list, cfg: SimConfig) -> pl.DataF
         for s, k in zip(films.subject, films.number, strict=True)
     ]
     bank = AnatomyBank.draw(rng, cfg.image_size)
-    with tqdm(total=len(paths), unit="film", desc="films", disable=not cfg.progress) as bar:
+    bar = progress(total=len(paths), unit="film", desc="films", enabled=cfg.progress,
+                   min_interval=10.0)  # fmt: skip
+    with bar:
         for k, profile in enumerate(sites):
             writer = DicomWriter(profile, cfg.image_size)
             for chunk in _chunks(np.nonzero(site_of == k)[0], 64):
@@ -520,8 +522,10 @@ def main(args: argparse.Namespace) -> int:
     """``clinfuse simulate``: writes the cohort and prints a short summary."""
     with config_errors(None, "see clinfuse simulate --help"):  # SimConfig checks the options
         cfg = config_from_args(args)
+    from clinfuse.api import simulate_config
+
     start = time.perf_counter()
-    out = simulate_cohort(args.out, cfg)
+    out = simulate_config(args.out, cfg).path
     seconds = time.perf_counter() - start
     oracle = pl.read_parquet(out / schema.ORACLE_FILE)
     print(

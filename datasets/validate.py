@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -25,10 +24,10 @@ from typing import Any, Literal
 import polars as pl
 import pydicom
 from pydicom.errors import InvalidDicomError
-from tqdm import tqdm
 
 from clinfuse.datasets import schema
 from clinfuse.datasets.schema import TableSpec
+from clinfuse.progress import progress
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
@@ -806,13 +805,13 @@ def _check_images(c: _Cohort) -> None:
     )
     df = per_path.agg(pl.col(cols).first()).collect()
     bad = []
-    for rec in tqdm(
+    for rec in progress(
         df.iter_rows(named=True),
         total=df.height,
         desc="DICOM",
         unit="file",
-        file=sys.stderr,
-        disable=df.height < _PROGRESS_MIN_FILES,
+        enabled=df.height >= _PROGRESS_MIN_FILES,
+        min_interval=10.0,
         leave=False,
     ):
         msg = dicom_problem(c.root / rec["path"], c.pixels)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import yaml
 
 from clinfuse.datasets.batch import MODALITIES
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "docs" / "model-card-template.md"
+TEMPLATE = files("clinfuse") / "docs" / "model-card-template.md"  # package data
 CARD_FILE = "model_card.md"
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _COMMENT = re.compile(r"\n*<!--.*?-->\n*", re.DOTALL)

@@ -83,9 +83,43 @@ def check_digest(path: Path, expected: str | None, fix: str = RESTORE) -> str:
     return found
 
 
+def temp_file_beside(folder: str | Path, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder``, with the mode ``open(path, "w")`` would give.
+
+    mkstemp creates files 0600; ours are renamed into place as outputs (artifacts,
+    score parts, cache entries), so they get ``0666 & ~umask`` like any other file
+    the user writes.
+
+    Returns:
+        The open file descriptor and the temporary file's path.
+    """
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:  # Linux: no window in which another thread would create files with umask 0
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes ``text`` to a temporary file beside ``path``, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -180,7 +214,7 @@ def unseal(data: bytes) -> bytes | None:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Writes ``data`` to a temporary file beside ``path``, then ``os.replace``: readers
     see the old file, or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:16]}-", suffix=".tmp")
+    fd, tmp = temp_file_beside(path.parent, prefix=f".{path.name[:16]}-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,12 @@ import polars as pl
 
 from clinfuse.errors import IntegrityError
 from clinfuse.hashing import file_sha256
-from clinfuse.integrity.checksums import read_parquet_verified, write_parquet, write_text_atomic
+from clinfuse.integrity.checksums import (
+    read_parquet_verified,
+    temp_file_beside,
+    write_parquet,
+    write_text_atomic,
+)
 
 MANIFEST = "_manifest.json"
 PART = "part-{:05d}.parquet"
@@ -47,7 +51,7 @@ class StagedPart:
 
 def stage_part(out_dir: str | Path, index: int, frame: pl.DataFrame) -> StagedPart:
     """Writes one chunk's rows to a temporary file beside its final name and hashes it."""
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".part-{index:05d}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(out_dir, prefix=f".part-{index:05d}.")
     os.close(fd)
     try:
         write_parquet(frame, tmp)

@@ -163,11 +163,11 @@ def _drain(
 ) -> tuple[int, int]:
     """Runs the pipeline, committing each staged part as its row arrives; checks every
     pending chunk came back once; returns error rows and damaged cache entries."""
-    from tqdm.auto import tqdm
+    from clinfuse.progress import progress as progress_bar
 
     seen: list[int] = []
     errors = failed = 0
-    bar = tqdm(total=len(pending), disable=not progress, unit="chunk",
+    bar = progress_bar(total=len(pending), enabled=progress, unit="chunk",
                desc=f"scoring on Ray ({total - len(pending)}/{total} chunks done before)")  # fmt: skip
     for row in dataset.iter_rows():
         seen.append(int(row["chunk"]))

@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import uuid
 import warnings
@@ -82,7 +81,7 @@ from clinfuse.datasets.schema import (
 )
 from clinfuse.encoders.embedding_cache import FileFeatureStore
 from clinfuse.errors import InputError, IntegrityError, NotFoundError, OutputExistsError
-from clinfuse.integrity.checksums import cache_failures
+from clinfuse.integrity.checksums import cache_failures, temp_file_beside
 from clinfuse.integrity.locks import output_lock
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.scoring.parts import (
@@ -373,7 +372,7 @@ def _warn_rescored(out: Path, rescored: dict[str, str]) -> None:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
@@ -518,7 +517,7 @@ class HeaderStore:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"{uuid.uuid4().hex}.jsonl"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".tmp")
+        fd, tmp = temp_file_beside(self.dir, prefix=f".{name}.")
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
         os.replace(tmp, self.dir / name)
@@ -1171,11 +1170,12 @@ def _worker_score(index: int, samples: pl.DataFrame) -> tuple[StagedPart, int, i
 
 
 def _progress(pending, total: int, enabled: bool, n: int | None = None):
-    from tqdm.auto import tqdm
+    """A bar over chunks on a terminal, one line per chunk in a log (``clinfuse.progress``)."""
+    from clinfuse.progress import progress
 
     n = len(pending) if n is None else n
-    return tqdm(
-        pending, total=n, initial=0, disable=not enabled, unit="chunk",
+    return progress(
+        pending, total=n, enabled=enabled, unit="chunk",
         desc=f"scoring ({total - n}/{total} chunks done before)",
     )  # fmt: skip
 

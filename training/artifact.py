@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import nn
 from clinfuse.config import from_dict, to_dict
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.errors import IntegrityError, NotFoundError
-from clinfuse.integrity.checksums import check_digest, read_sums, write_sums
+from clinfuse.integrity.checksums import check_digest, read_sums, write_sums, write_text_atomic
 from clinfuse.training.provenance import file_sha256
 
 FORMAT_VERSION = 1
@@ -193,10 +192,7 @@ def _no_sums(root: Path, meta: dict[str, Any]) -> None:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,21 +20,20 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         "config, metrics (CSV, TensorBoard), checkpoints, data hashes, code version and "
         "the exported model artifact.",
     )
-    p.add_argument("--config", help="YAML preset, e.g. configs/demo.yaml")
+    p.add_argument("--config", help="YAML file, or the name of a packaged preset (demo)")
     p.add_argument("--cohort", help="cohort directory (overrides cohort= in the config)")
     p.add_argument("--run-dir", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last.ckpt")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     def run(args: argparse.Namespace) -> int:
-        from clinfuse.training.config import load_run_config
-        from clinfuse.training.run import train
+        from clinfuse.api import train
 
-        overrides = list(args.overrides) + ([f"cohort={args.cohort}"] if args.cohort else [])
-        summary = train(load_run_config(args.config, overrides), args.run_dir, resume=args.resume)
-        print(
-            f"best val AUROC {summary['best_val_auroc']}; artifact in {Path(args.run_dir) / 'model'}"
-        )
+        run = train(
+            args.cohort, args.config, run_dir=args.run_dir, overrides=args.overrides,
+            resume=args.resume,
+        )  # fmt: skip
+        print(f"best val AUROC {run.summary['best_val_auroc']}; artifact in {run.model_dir}")
         return 0
 
     p.set_defaults(func=run)
@@ -61,19 +59,14 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from clinfuse.evaluation.evaluate import evaluate
+        from clinfuse.api import evaluate
 
-        m = evaluate(
-            args.run_dir,
-            args.cohort,
-            args.out,
-            args.split,
-            n_bootstrap=args.bootstrap,
+        report = evaluate(
+            args.run_dir, args.cohort, args.out, split=args.split, bootstrap=args.bootstrap,
             baseline=not args.no_baseline,
-        )
-        out = Path(args.out) if args.out else Path(args.run_dir) / "evaluation"
-        print(_summary_line(m))
-        print(f"report: {out / 'report.html'}")
+        )  # fmt: skip
+        print(_summary_line(report.metrics))
+        print(f"report: {report.html}")
         return 0
 
     p.set_defaults(func=run)

@@ -7,13 +7,15 @@ the resolved config is saved as ``config.yaml`` in the run directory.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
 from clinfuse.config import apply_overrides, from_dict, load_yaml
 from clinfuse.datasets.datamodule import DataConfig
-from clinfuse.errors import config_errors
+from clinfuse.errors import NotFoundError, config_errors
 from clinfuse.fusion.model import ModelConfig
 
 
@@ -67,9 +69,45 @@ class RunConfig:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Builds a RunConfig from a YAML preset (optional) and ``key=value`` overrides."""
-    data = load_yaml(path) if path else {}
+    """Builds a RunConfig from a YAML file or preset (optional) and ``key=value`` overrides.
+
+    Args:
+        path: a YAML file, or the name of a preset shipped in the package (``"demo"``,
+            see ``preset_names``); None for the defaults alone.
+        overrides: ``dotted.key=value`` items applied in order.
+    """
+    data = load_config_file(path) if path else {}
     data = apply_overrides(data, overrides or [])
     # Dataclass __post_init__ checks (e.g. DataConfig) raise ValueError on bad values.
     with config_errors(path, "fix the preset or the key=value override"):
         return from_dict(RunConfig, data)
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in the package (``configs/*.yaml``), by name."""
+    folder = files("clinfuse") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config_file(config: str | Path) -> dict[str, Any]:
+    """The mapping of a YAML file, or of the packaged preset named ``config``.
+
+    A bare name (no folder, no ``.yaml``) that is not a file in the working directory
+    is a preset; presets are package data, read through ``importlib.resources`` so an
+    installed wheel has them too.
+
+    Raises:
+        NotFoundError: neither a file nor a preset, naming the presets.
+    """
+    text = str(config)
+    if Path(text).is_file() or "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+        return load_yaml(config)
+    resource = files("clinfuse") / "configs" / f"{text}.yaml"
+    if not resource.is_file():
+        raise NotFoundError(
+            f"no config file or preset named {text!r}",
+            None,
+            f"pass a YAML path or one of the presets {preset_names()}",
+        )
+    with as_file(resource) as path:
+        return load_yaml(path)

@@ -3,36 +3,34 @@
 from __future__ import annotations
 
 import time
+from importlib.resources import files
 from pathlib import Path
 
 from clinfuse.config import save_yaml
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = files("clinfuse") / "configs" / "demo.yaml"  # package data
 
 
 def run_demo(out: str | Path, subjects: int, config: str | None, overrides: list[str]) -> int:
-    from clinfuse.datasets.simulator import SimConfig, simulate_cohort
-    from clinfuse.evaluation.evaluate import evaluate
+    from clinfuse.api import evaluate, simulate, train
     from clinfuse.training.commands import _summary_line
     from clinfuse.training.config import load_run_config
-    from clinfuse.training.run import train
 
     root = Path(out)
     cohort, run_dir = root / "cohort", root / "run"
     start = time.perf_counter()
-    cfg = load_run_config(config or DEMO_CONFIG, [*overrides, f"cohort={cohort}"])
+    config = config or "demo"
+    cfg = load_run_config(config, [*overrides, f"cohort={cohort}"])
     print(f"[1/3] simulating {subjects} subjects into {cohort}")
-    simulate_cohort(
-        cohort, SimConfig(n_subjects=subjects, image_size=cfg.data.image_size, seed=cfg.seed)
-    )
+    simulate(cohort, subjects=subjects, seed=cfg.seed, image_size=cfg.data.image_size)
     print(f"[2/3] training {cfg.model.fusion.name} fusion -> {run_dir}")
     save_yaml(cfg, root / "demo_config.yaml")
-    summary = train(cfg, run_dir)
+    summary = train(cohort, config, run_dir=run_dir, overrides=overrides).summary
     print(
         f"      best validation AUROC {summary['best_val_auroc']:.3f} after {summary['epochs']} epochs"
     )
     print("[3/3] evaluating on the held-out split")
-    metrics = evaluate(run_dir, cohort, run_dir / "evaluation", n_bootstrap=200)
+    metrics = evaluate(run_dir, cohort, run_dir / "evaluation", bootstrap=200).metrics
     print(_summary_line(metrics))
     print(f"done in {time.perf_counter() - start:.0f} s")
     print(f"report:  {run_dir / 'evaluation' / 'report.html'}")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from clinfuse.fusion.erasure import one_hot_concept
 from clinfuse.fusion.model import confound_classes
 from clinfuse.integrity.checksums import cache_failures
 from clinfuse.integrity.locks import output_lock
+from clinfuse.progress import format_seconds, interactive
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import save_artifact
 from clinfuse.training.calibration import apply_temperature, fit_temperature
@@ -47,6 +50,36 @@ from clinfuse.training.provenance import code_version, cohort_hashes, package_ve
 # A frozen image backbone is kept in eval mode on purpose (its BatchNorm statistics
 # must not move); Lightning warns about every such module at the start of fit.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+class EpochLines(Callback):
+    """One plain line per epoch, for logs where Lightning's redrawn bar would be frames
+    joined by carriage returns (``clinfuse.progress.interactive``): the epoch's
+    metrics, seconds per epoch and the time left if every epoch up to ``max_epochs``
+    runs (early stopping may end sooner)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream
+        self._start, self._first = time.monotonic(), 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._first = time.monotonic(), trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(self.line(trainer), file=self.stream or sys.stdout, flush=True)
+
+    def line(self, trainer: L.Trainer) -> str:
+        epoch, last = trainer.current_epoch + 1, trainer.max_epochs
+        per_epoch = (time.monotonic() - self._start) / max(epoch - self._first, 1)
+        shown = ("train_loss", "val_loss", "val_auroc")
+        metrics = trainer.callback_metrics
+        parts = [f"{k} {float(metrics[k]):.4f}" for k in shown if k in metrics]
+        text = f"epoch {epoch}/{last}: {', '.join(parts)}" if parts else f"epoch {epoch}/{last}"
+        text += f", {format_seconds(per_epoch)}/epoch"
+        if last is not None and last > epoch:
+            text += f", ETA {format_seconds(per_epoch * (last - epoch))}"
+        return text
 
 
 class GradualUnfreezing(Callback):
@@ -261,6 +294,10 @@ def build_trainer(
     o = cfg.optim
     checkpoint, stopping = _selection_callbacks(o, selection_start(cfg), run / "checkpoints")
     callbacks = [checkpoint, stopping, GradualUnfreezing(), *(extra_callbacks or [])]
+    # A bar where it redraws in place; in a log file, one line per epoch instead.
+    bars = o.progress_bar and interactive(sys.stdout)  # Lightning's bar writes to stdout
+    if o.progress_bar and not bars:
+        callbacks.append(EpochLines())
     loggers = [
         CSVLogger(run, name="logs", version=""),
         TensorBoardLogger(run, name="logs", version="tensorboard"),
@@ -276,7 +313,7 @@ def build_trainer(
         callbacks=callbacks,
         logger=loggers,
         log_every_n_steps=o.log_every_n_steps,
-        enable_progress_bar=o.progress_bar,
+        enable_progress_bar=bars,
         enable_model_summary=False,
         default_root_dir=run,
     )

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
+
+from clinfuse.integrity.checksums import temp_file_beside
 
 
 class ResumableASHA(ASHAScheduler):
@@ -60,7 +61,7 @@ class ResumableASHA(ASHAScheduler):
         payload = {"rungs": self.rungs(), "num_stopped": self._num_stopped}
         folder = os.path.dirname(self._state_file) or "."
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        fd, tmp = temp_file_beside(folder, prefix="tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f)
         os.replace(tmp, self._state_file)

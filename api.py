@@ -1,0 +1,272 @@
+"""The Python API: simulate, open, train, evaluate and score, as the CLI does.
+
+Re-exported by the package (``clinfuse.train`` ...). Each function imports the
+heavy libraries (torch, Lightning) when called, so ``import clinfuse`` stays quick.
+The command line calls these same functions (``training/commands.py``,
+``training/demo.py``), so a notebook and a terminal run the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clinfuse.errors import CohortError, InputError, NotFoundError, config_errors
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from clinfuse.datasets.simulator import SimConfig
+
+PathLike = str | Path
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A cohort directory (``docs/cohort-format.md``); get one from ``Cohort.open`` or
+    ``simulate``.
+
+    Attributes:
+        path: the directory.
+    """
+
+    path: Path
+
+    @classmethod
+    def open(cls, path: PathLike, *, pixels: bool = False) -> Cohort:
+        """Checks a cohort directory against the contract and returns it.
+
+        Args:
+            path: the cohort directory.
+            pixels: also decode every DICOM film (slow); by default headers only, as
+                training does.
+
+        Raises:
+            CohortError: listing every error (``.problems``); warnings do not raise.
+        """
+        from clinfuse.datasets.validate import validate_cohort
+
+        report = validate_cohort(path, pixels=pixels)
+        if not report.ok:
+            n = len(report.errors)
+            raise CohortError(
+                f"the cohort breaks the contract ({n} error{'s' if n > 1 else ''})",
+                path,
+                "fix the files named, see docs/cohort-format.md",
+                problems=[" ".join(str(p).split()) for p in report.errors],
+            )
+        return cls(Path(path))
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A training run directory (``training/run.py`` lists its files).
+
+    Attributes:
+        path: the run directory.
+        summary: ``summary.json``: best validation AUROC, epochs, temperature...
+    """
+
+    path: Path
+    summary: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def load(cls, path: PathLike) -> Run:
+        """Opens a run directory written by ``train``.
+
+        Raises:
+            NotFoundError: the directory holds no exported model (``model/``).
+        """
+        path = Path(path)
+        if not (path / "model" / "artifact.json").is_file():
+            raise NotFoundError(
+                "no trained model in this run directory (model/artifact.json)",
+                path,
+                "pass a directory written by clinfuse.train or clinfuse train",
+            )
+        summary = path / "summary.json"
+        return cls(path, json.loads(summary.read_text()) if summary.is_file() else {})
+
+    @property
+    def model_dir(self) -> Path:
+        """The exported model artifact, ``path/model``."""
+        return self.path / "model"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What ``evaluate`` wrote.
+
+    Attributes:
+        path: the evaluation directory.
+        metrics: the content of ``metrics.json``.
+    """
+
+    path: Path
+    metrics: dict[str, Any] = field(compare=False)
+
+    @property
+    def html(self) -> Path:
+        """``report.html``: plots, subgroup tables, the confound audit."""
+        return self.path / "report.html"
+
+    @property
+    def predictions(self) -> pl.DataFrame:
+        """``predictions.parquet``: one row per evaluated sample (keys, label, risk, split)."""
+        import polars as pl
+
+        from clinfuse.evaluation.evaluate import PREDICTIONS_FILE
+
+        return pl.read_parquet(self.path / PREDICTIONS_FILE)
+
+
+def simulate(path: PathLike, subjects: int = 500, seed: int = 0, **sim_options: Any) -> Cohort:
+    """Writes a synthetic cohort with known true risk (``oracle.parquet`` beside it).
+
+    Args:
+        path: the cohort directory to write.
+        subjects: number of subjects.
+        seed: draws the subjects (``world_seed`` draws the population).
+        **sim_options: any other ``SimConfig`` field, e.g. ``image_size=32``,
+            ``n_sites=4``, ``site_effect="reversed"``, ``progress=False``.
+
+    Raises:
+        InputError: an unknown option or a value out of range.
+    """
+    from clinfuse.datasets.simulator import SimConfig
+
+    with config_errors(None, "see clinfuse.datasets.simulator.SimConfig"):
+        try:
+            cfg = SimConfig(n_subjects=subjects, seed=seed, **sim_options)
+        except TypeError as err:  # an unknown keyword
+            raise InputError(f"unknown simulator option ({err})") from err
+    return simulate_config(path, cfg)
+
+
+def simulate_config(path: PathLike, cfg: SimConfig) -> Cohort:
+    """``simulate`` from a ``SimConfig`` (what ``clinfuse simulate`` builds)."""
+    from clinfuse.datasets.simulator import simulate_cohort
+
+    return Cohort(simulate_cohort(path, cfg))
+
+
+def train(
+    cohort: Cohort | PathLike | None,
+    config: PathLike | None = "demo",
+    *,
+    run_dir: PathLike,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    resume: bool = False,
+) -> Run:
+    """Trains, calibrates and exports a model into ``run_dir``.
+
+    Args:
+        cohort: the training cohort (its ``subject_splits`` give train and tuning);
+            None takes ``cohort`` from the config.
+        config: a preset shipped with the package (``"demo"``), a YAML path, or
+            None for the defaults of ``RunConfig``.
+        run_dir: the run directory to write.
+        overrides: config fields by dotted path, ``{"optim.max_epochs": 2}`` or
+            ``["optim.max_epochs=2"]``; ``{"model.encoders.timm_image": None}``
+            drops that encoder.
+        resume: continue from ``checkpoints/last.ckpt`` when it exists.
+
+    Raises:
+        InputError: a bad config or a cohort that breaks the contract.
+        LockHeldError: another process is writing ``run_dir``.
+    """
+    from clinfuse.training.config import load_run_config
+    from clinfuse.training.run import train as train_run
+
+    cfg = load_run_config(config, override_items(overrides))
+    if cohort is not None:
+        cfg.cohort = str(Path(cohort))
+    train_run(cfg, run_dir, resume=resume)
+    return Run.load(run_dir)
+
+
+def evaluate(
+    run: Run | PathLike,
+    cohort: Cohort | PathLike,
+    out: PathLike | None = None,
+    *,
+    split: str | None = None,
+    bootstrap: int = 1000,
+    baseline: bool = True,
+    seed: int = 0,
+) -> Report:
+    """Metrics with bootstrap CIs, the confound audit, ``report.html`` and
+    ``predictions.parquet`` for a run on a cohort.
+
+    Args:
+        run: the trained run.
+        cohort: the cohort to evaluate on (the training cohort, or another one).
+        out: output directory (default ``RUN/evaluation``).
+        split: ``held_out`` (the default when present), ``tuning``, ``train`` or ``all``.
+        bootstrap: bootstrap resamples for the confidence intervals.
+        baseline: also fit the gradient-boosting baseline on the run's training split.
+        seed: seeds the bootstrap and the audit probes.
+    """
+    from clinfuse.evaluation.evaluate import evaluate as evaluate_run
+
+    run_dir = Path(run)
+    out_dir = Path(out) if out else run_dir / "evaluation"
+    metrics = evaluate_run(
+        run_dir, Path(cohort), out_dir, split, n_bootstrap=bootstrap, seed=seed,
+        baseline=baseline,
+    )  # fmt: skip
+    return Report(out_dir, metrics)
+
+
+def score(
+    run: Run | PathLike,
+    cohort: Cohort | PathLike,
+    out: PathLike | None = None,
+    **options: Any,
+) -> pl.DataFrame:
+    """Calibrated risk, OOD score and flags for every sample of a cohort.
+
+    Args:
+        run: the trained run (or its ``model/`` directory).
+        cohort: the cohort to score (each labels.parquet row, or every subject at ``at``).
+        out: a directory to keep the Parquet part files in (resumable, for large
+            cohorts); None scores into a temporary directory removed afterwards.
+        **options: ``scoring.score.score_cohort`` options, e.g. ``at=datetime(...)``,
+            ``chunk_size``, ``workers``, ``target_prevalence``, ``progress=False``.
+
+    Returns:
+        Every scored row, read back through the checksum-verifying reader.
+    """
+    from clinfuse.scoring.score import read_scores, score_cohort
+
+    if out is not None:
+        score_cohort(Path(run), Path(cohort), out, **options)
+        return read_scores(out)
+    with tempfile.TemporaryDirectory(prefix="clinfuse-score-") as tmp:
+        score_cohort(Path(run), Path(cohort), tmp, **options)
+        return read_scores(tmp)
+
+
+def override_items(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
+    """``key=value`` items from a mapping of typed values or a list of items.
+
+    Mapping values are written as JSON, which the override parser (YAML) reads back
+    unchanged: ``None`` -> null, ``[16]`` -> [16], ``"gated"`` -> gated.
+    """
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        raise InputError(f"overrides {overrides!r}: expected a dict or a list of key=value")
+    if isinstance(overrides, Mapping):
+        return [f"{k}={json.dumps(v, default=str)}" for k, v in overrides.items()]
+    return [str(item) for item in overrides]
