@@ -137,3 +137,13 @@ def test_by_modality_names_the_embedding_that_carries_the_site():
     # No site in the genotype embedding: both probes within CV noise of the majority rate.
     for key in ("probe_accuracy", "mlp_probe_accuracy", "gbt_probe_accuracy"):
         assert by["genomics"][key] < by["genomics"]["majority_rate"] + 0.06
+
+
+def test_probes_run_on_a_small_held_out_split():
+    # 18 patients, the rarest class with 3: every probe must still give an accuracy
+    # (an internal early-stopping split inside a fold once left a class out and raised).
+    rng = np.random.default_rng(7)
+    site = np.array([0] * 9 + [1] * 6 + [2] * 3)
+    res = probe_confound(rng.normal(size=(18, 4)), site)
+    for key in ("probe_accuracy", "mlp_probe_accuracy", "gbt_probe_accuracy"):
+        assert 0.0 <= res[key] <= 1.0, key
