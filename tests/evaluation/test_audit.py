@@ -79,9 +79,10 @@ def test_gbt_probe_reads_a_site_hidden_in_a_threshold_interaction():
     res = probe_confound(z, site)
     assert res["majority_rate"] == pytest.approx(0.75, abs=0.04)
     assert res["gbt_probe_accuracy"] > 0.95
-    # The probe that learned nothing stays at the majority rate on pure noise.
+    # On pure noise it reports no leak: never above the majority rate (trees fitted to
+    # noise fall below it, which is no evidence of a confound either).
     noise = probe_confound(rng.normal(size=(900, 6)), (rng.uniform(size=900) < 0.7).astype(int))
-    assert noise["gbt_probe_accuracy"] == pytest.approx(noise["majority_rate"], abs=0.06)
+    assert noise["gbt_probe_accuracy"] <= noise["majority_rate"] + 0.03
 
 
 def test_risk_factor_floor_matches_the_bayes_accuracy_of_the_factors():
