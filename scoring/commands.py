@@ -114,6 +114,8 @@ def _score(args: argparse.Namespace) -> dict:
 def _report(summary: dict) -> None:
     rescored = summary.get("parts_rescored", 0)
     again = f", {rescored} failed their checksum and were re-scored" if rescored else ""
+    if retried := summary.get("parts_retried", 0):
+        again += f", {retried} with failed rows scored again"
     if failed := summary.get("cache_entries_recomputed", 0):
         print(f"{failed} cache entries failed their checksum and were recomputed")
     print(

@@ -44,7 +44,8 @@ class PauseSignals:
     """SIGINT and SIGTERM raise ``KeyboardInterrupt`` now, or at the end of a ``held`` block.
 
     Only the main thread can set signal handlers; elsewhere this does nothing and a
-    signal does what it did before.
+    signal does what it did before. A signal that is ignored when the run starts stays
+    ignored.
 
     Attributes:
         signum: the first signal received, or None.
@@ -58,7 +59,9 @@ class PauseSignals:
 
     def __enter__(self) -> PauseSignals:
         if threading.current_thread() is threading.main_thread():
-            self._saved = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+            # A signal the parent ignores (``nohup``, ``cmd &`` in a script) stays ignored.
+            mine = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+            self._saved = {s: signal.signal(s, self._on_signal) for s in mine}
         return self
 
     def __exit__(self, *exc: Any) -> None:
