@@ -1,8 +1,19 @@
-"""``clinfuse score``: batch risk scoring of a cohort into a Parquet dataset."""
+"""``clinfuse score``: batch risk scoring of a cohort into a Parquet dataset.
+
+Exit status: 0 when every sample was scored or got an error row for its own input;
+1 when rows failed for another reason (a cohort file this machine or a node cannot
+read, ``scoring.failures``): their chunks are recorded as failed and the message
+names the ``--resume`` command that scores them again; 2 for a bad input, option or
+output, or a failed preflight (a ``UserError``); 130 (SIGINT) or 143 (SIGTERM) when
+the run was paused, with the ``--resume`` command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
+import sys
 from datetime import datetime
 
 
@@ -13,7 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Score every sample (each labels.parquet row, or every subject at --at) "
         "with a model artifact: calibrated risk, modalities used, OOD score, top modality, "
         "input fingerprints, flags and per-sample errors. Streams chunks of subjects and "
-        "writes one part file per chunk atomically; --resume finishes an interrupted run.",
+        "writes one part file per chunk atomically; --resume finishes an interrupted run. "
+        "Ctrl-C (or SIGTERM) pauses the run (exit 130/143). Exits 1 when rows failed for a "
+        "reason other than their input (e.g. a cohort file that cannot be read): --resume "
+        "scores those chunks again.",
     )
     p.add_argument("model", help="model artifact directory (run_dir/model) or a run directory")
     p.add_argument("--cohort", required=True, help="cohort directory to score")
@@ -51,6 +65,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from clinfuse.scoring.stops import ScoringPaused
+
+    try:
+        summary = _score(args)
+    except ScoringPaused as paused:
+        print(f"clinfuse score: {_paused_message(paused, args)}", file=sys.stderr)
+        return paused.exit_code
+    except KeyboardInterrupt:  # before the run could write anything
+        print("clinfuse score: stopped before scoring started", file=sys.stderr)
+        return 130
+    _report(summary)
+    if summary["failed_rows"]:
+        print(f"clinfuse score: error: {_failed_message(summary, args)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _score(args: argparse.Namespace) -> dict:
     options = dict(
         at=args.at,
         chunk_size=args.chunk_size,
@@ -76,8 +108,14 @@ def _run(args: argparse.Namespace) -> int:
             args.model, args.cohort, args.out, workers=args.workers, prefetch=args.prefetch,
             **options,
         )  # fmt: skip
+    return summary
+
+
+def _report(summary: dict) -> None:
     rescored = summary.get("parts_rescored", 0)
     again = f", {rescored} failed their checksum and were re-scored" if rescored else ""
+    if retried := summary.get("parts_retried", 0):
+        again += f", {retried} with failed rows scored again"
     if failed := summary.get("cache_entries_recomputed", 0):
         print(f"{failed} cache entries failed their checksum and were recomputed")
     print(
@@ -85,7 +123,54 @@ def _run(args: argparse.Namespace) -> int:
         f"({summary['chunks_skipped']} already done{again}), {summary['error_rows']} error "
         f"rows, {summary['seconds']:.1f} s -> {summary['out_dir']}"
     )
-    return 0
+
+
+def _paused_message(paused, args: argparse.Namespace) -> str:
+    if not paused.manifest:
+        return "stopped before scoring started; nothing was written: run the same command again"
+    return (
+        f"paused by {signal.Signals(paused.signum).name} with {paused.done} of {paused.total} chunks "
+        f"done (finished parts are kept). Continue with: {resume_command(args)}"
+    )
+
+
+def _failed_message(summary: dict, args: argparse.Namespace) -> str:
+    return (
+        f"{summary['failed_rows']} of {summary['n_samples']} rows were not scored for a "
+        f"reason other than their input, in {summary['failed_chunks']} chunk(s) recorded "
+        f"as failed (first: {summary['failure']}). Fix the cause, then score them with: "
+        f"{resume_command(args)}"
+    )
+
+
+# Options that are the same run (the manifest checks them) or how it runs; in this order.
+_RESUME_OPTIONS = (
+    "at", "chunk_size", "target_prevalence", "batch_size", "image_cache", "embedding_cache",
+    "threads", "workers", "prefetch", "ray_address", "num_actors", "gpus_per_actor", "progress",
+)  # fmt: skip
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The ``clinfuse score ... --resume`` command that continues the run ``args`` describe:
+    the model, cohort and output, and every option not at its default."""
+    words = ["clinfuse", "score", args.model, "--cohort", args.cohort, "--out", args.out]
+    defaults = _defaults()
+    for name in _RESUME_OPTIONS:
+        value = getattr(args, name)
+        if value == defaults[name]:
+            continue
+        flag = "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag)
+        else:
+            words += [flag, value.isoformat() if isinstance(value, datetime) else str(value)]
+    return shlex.join([*words, "--resume"])
+
+
+def _defaults() -> dict:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return vars(parser.parse_args(["score", "M", "--cohort", "C", "--out", "O"]))
 
 
 def _timestamp(text: str) -> datetime:

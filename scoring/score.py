@@ -81,14 +81,21 @@ from clinfuse.datasets.schema import (
 )
 from clinfuse.encoders.embedding_cache import FileFeatureStore
 from clinfuse.errors import InputError, IntegrityError, NotFoundError, OutputExistsError
-from clinfuse.integrity.checksums import cache_failures, temp_file_beside
+from clinfuse.integrity.checksums import cache_failures, temp_file_beside, write_text_atomic
 from clinfuse.integrity.locks import output_lock
+from clinfuse.scoring.failures import (
+    CohortUnreadable,
+    ScoredChunk,
+    is_file_level,
+    is_input_fault,
+)
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.scoring.parts import (
     MANIFEST,
     PART,
     PartLedger,
     StagedPart,
+    failed_rows,
     part_problem,
     recorded_parts,
     remove_temporaries,
@@ -96,6 +103,7 @@ from clinfuse.scoring.parts import (
     write_part,  # noqa: F401  (re-exported: benchmarks write parts without a ledger)
 )
 from clinfuse.scoring.parts import read_scores as _read_parts
+from clinfuse.scoring.stops import PauseSignals, ScoringPaused
 from clinfuse.training.artifact import META, ModelArtifact, load_artifact
 from clinfuse.training.calibration import prior_shift_logit
 from clinfuse.training.provenance import file_sha256
@@ -173,14 +181,15 @@ def naming_file(cohort_dir: str | Path, spec: TableSpec) -> Iterator[None]:
     """Re-raises a read or cast failure of one table as a ValueError naming its file.
 
     Polars messages name the column and the expression, never the file; a nightly
-    run's error rows must say which file to fix.
+    run's error rows must say which file to fix. A file that cannot be read at all
+    raises ``CohortUnreadable`` (not the input rows' fault, see ``scoring.failures``).
     """
     try:
         yield
     except (pl.exceptions.PolarsError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         where = Path(cohort_dir) / f"{spec.name}.parquet"
-        raise InputError(
+        raise (CohortUnreadable if is_file_level(err) else InputError)(
             f"{where}: cannot be read ({type(err).__name__}: {first})",
             fix=f"run `clinfuse validate {cohort_dir}`",
         ) from err
@@ -250,12 +259,15 @@ class ScoringPlan:
         manifest: what ``_manifest.json`` holds for this run.
         rescored: on resume, the finished parts that failed their check and are
             scored again (part name -> why), set by ``prepare_output``.
+        retried: on resume, the parts whose rows failed for a reason other than their
+            input and are scored again (part name -> the recorded failure).
     """
 
     samples: pl.DataFrame
     bounds: list[int]
     manifest: dict[str, Any]
     rescored: dict[str, str] = field(default_factory=dict)
+    retried: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_chunks(self) -> int:
@@ -304,7 +316,8 @@ def prepare_output(out_dir: str | Path, plan: ScoringPlan, resume: bool) -> list
 
     On resume a finished part counts as done only when its sha256 matches the one the
     manifest recorded when it was committed; the others are scored again, listed in
-    ``plan.rescored`` and in a warning.
+    ``plan.rescored`` and in a warning. A part recorded with failed rows (not their
+    input's fault) is scored again too, listed in ``plan.retried``.
 
     Raises:
         OutputExistsError: OUT_DIR already holds a run and ``resume`` is False.
@@ -354,11 +367,15 @@ def _part_done(out: Path, index: int, records: dict[str, Any], plan: ScoringPlan
     path = out / PART.format(index)
     if not path.is_file():
         return False
-    problem = part_problem(path, records.get(path.name))
-    if problem is None:
-        return True
-    plan.rescored[path.name] = problem
-    return False
+    record = records.get(path.name)
+    problem = part_problem(path, record)
+    if problem is not None:
+        plan.rescored[path.name] = problem
+        return False
+    if failed_rows(record):
+        plan.retried[path.name] = str(record.get("failure"))
+        return False
+    return True
 
 
 def _warn_rescored(out: Path, rescored: dict[str, str]) -> None:
@@ -372,10 +389,7 @@ def _warn_rescored(out: Path, rescored: dict[str, str]) -> None:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    fd, tmp = temp_file_beside(path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2))  # no temporary left on Ctrl-C
 
 
 # ------------------------------------------------------------------------ fingerprints
@@ -629,7 +643,12 @@ class ChunkScorer:
         A failing chunk is retried subject by subject; a subject that still fails
         gets error rows (risk null) carrying the reason.
         """
-        return self.finish(samples, self.prepare(samples))
+        return self.score_chunk(samples).rows
+
+    def score_chunk(self, samples: pl.DataFrame) -> ScoredChunk:
+        """``score``, with the count of rows that failed for a reason other than their
+        input (``scoring.failures``): a chunk with any is not done."""
+        return self.finish_chunk(samples, self.prepare(samples))
 
     def score_strict(self, samples: pl.DataFrame) -> pl.DataFrame:
         """Scores ``samples``; raises on the first subject whose inputs cannot be built."""
@@ -650,20 +669,41 @@ class ChunkScorer:
 
     def finish(self, samples: pl.DataFrame, prepared: _Prepared) -> pl.DataFrame:
         """The model half of ``score``: forward passes and output rows of a prepared chunk."""
+        return self.finish_chunk(samples, prepared).rows
+
+    def finish_chunk(self, samples: pl.DataFrame, prepared: _Prepared) -> ScoredChunk:
+        """``finish`` with its failed-row count (see ``score_chunk``).
+
+        A cohort file that cannot be read fails every row of the chunk at once; any
+        other error is narrowed down subject by subject.
+        """
         try:
             if prepared.error is not None:
                 raise prepared.error
-            return self._forward_rows(samples, prepared.inputs, prepared.batch)
+            return ScoredChunk(self._forward_rows(samples, prepared.inputs, prepared.batch))
         except Exception as err:  # noqa: BLE001 - isolate the bad subject(s), keep going
-            if samples["subject_id"].n_unique() <= 1:
-                return error_rows(samples, err, self.artifact.model_id)
+            if isinstance(err, CohortUnreadable) or samples["subject_id"].n_unique() <= 1:
+                return self._error_chunk(samples, err)
             groups = samples.partition_by("subject_id", maintain_order=True)
-            return pl.concat([self.score(group) for group in groups])
+            return ScoredChunk.concat([self.score_chunk(group) for group in groups])
+
+    def _error_chunk(self, samples: pl.DataFrame, err: BaseException) -> ScoredChunk:
+        rows = error_rows(samples, err, self.artifact.model_id)
+        if is_input_fault(err):
+            return ScoredChunk(rows)
+        return ScoredChunk(rows, rows.height, rows["error"][0] if rows.height else None)
 
     def score_chunks(
         self, chunks: Iterable[tuple[int, pl.DataFrame]], prefetch: bool = True
     ) -> Iterator[tuple[int, pl.DataFrame]]:
-        """Scores ``(index, samples)`` chunks in order, yielding ``(index, rows)``.
+        """Scores ``(index, samples)`` chunks in order, yielding ``(index, rows)``
+        (``scored_chunks`` without the failed-row counts)."""
+        return ((index, scored.rows) for index, scored in self.scored_chunks(chunks, prefetch))
+
+    def scored_chunks(
+        self, chunks: Iterable[tuple[int, pl.DataFrame]], prefetch: bool = True
+    ) -> Iterator[tuple[int, ScoredChunk]]:
+        """Scores ``(index, samples)`` chunks in order, yielding ``(index, ScoredChunk)``.
 
         With ``prefetch``, one helper thread reads and builds chunk i + 1 (polars,
         numpy, DICOM decoding: mostly outside the GIL) while this thread runs the
@@ -671,7 +711,7 @@ class ChunkScorer:
         same as with ``score``.
         """
         if not prefetch:
-            yield from ((index, self.score(samples)) for index, samples in chunks)
+            yield from ((index, self.score_chunk(samples)) for index, samples in chunks)
             return
         from concurrent.futures import ThreadPoolExecutor
 
@@ -682,7 +722,7 @@ class ChunkScorer:
                 index, samples, future = ahead
                 prepared = future.result()
                 ahead = _submit_next(pool, self, queue)
-                yield index, self.finish(samples, prepared)
+                yield index, self.finish_chunk(samples, prepared)
 
     def _prepare_strict(self, samples: pl.DataFrame) -> tuple[_ChunkInputs, dict[str, Any]]:
         """Inputs, batch, and the fingerprints and flags that need no model output."""
@@ -1021,6 +1061,21 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ runs
 
 
+def plan_run(
+    model: str | Path,
+    cohort_dir: str | Path,
+    chunk_size: int = 1000,
+    at: datetime | None = None,
+    target_prevalence: float | None = None,
+) -> tuple[ModelArtifact, ScoringPlan]:
+    """Loads the artifact and plans the chunks; writes nothing."""
+    if target_prevalence is not None and not 0.0 < target_prevalence < 1.0:
+        raise InputError(f"target_prevalence must be in (0, 1), got {target_prevalence}")
+    artifact = load_artifact(resolve_artifact_dir(model))
+    samples = scoring_samples(cohort_dir, at)
+    return artifact, plan_scoring(samples, artifact.model_id, chunk_size, at, target_prevalence)
+
+
 def open_run(
     model: str | Path,
     cohort_dir: str | Path,
@@ -1035,11 +1090,7 @@ def open_run(
     Returns:
         The artifact, the plan, and the indices of chunks still to score.
     """
-    if target_prevalence is not None and not 0.0 < target_prevalence < 1.0:
-        raise InputError(f"target_prevalence must be in (0, 1), got {target_prevalence}")
-    artifact = load_artifact(resolve_artifact_dir(model))
-    samples = scoring_samples(cohort_dir, at)
-    plan = plan_scoring(samples, artifact.model_id, chunk_size, at, target_prevalence)
+    artifact, plan = plan_run(model, cohort_dir, chunk_size, at, target_prevalence)
     return artifact, plan, prepare_output(out_dir, plan, resume)
 
 
@@ -1081,26 +1132,82 @@ def score_cohort(
         prefetch: in-process, read and build the next chunk in a helper thread while
             the model runs on this one (``ChunkScorer.score_chunks``). Off by default:
             on a 2-core machine shared with other jobs it did not raise throughput.
+
+    Rows that failed for a reason other than their input (``scoring.failures``) are
+    counted in ``failed_rows``; their chunks are scored again by ``resume``.
+
+    Raises:
+        ScoringPaused: SIGINT or SIGTERM stopped the run; every committed part is valid.
     """
     start, failed_before = time.perf_counter(), cache_failures()
-    with output_lock(out_dir):  # one writer per OUT_DIR, held until every part is in
+    # One writer per OUT_DIR, held until every part is in; signals wait for a commit.
+    with output_lock(out_dir), PauseSignals() as stop, paused_as(stop, out_dir) as run:
         artifact, plan, pending = open_run(
             model, cohort_dir, out_dir, chunk_size, at, resume, target_prevalence
         )
-        ledger = PartLedger(out_dir)
+        ledger = run.ledger = PartLedger(out_dir, guard=stop.held)
+        run.plan, run.pending = plan, pending
         if workers > 1 and len(pending) > 1:
             options = (str(resolve_artifact_dir(model)), str(cohort_dir), str(out_dir),
                        target_prevalence, batch_size, image_cache, embedding_cache, threads)  # fmt: skip
-            errors, failed = _score_in_processes(plan, pending, workers, options, progress, ledger)
+            tally, failed = _score_in_processes(plan, pending, workers, options, progress, ledger)
         else:
             scorer = ChunkScorer(
                 artifact, cohort_dir, target_prevalence, batch_size, image_cache,
                 embedding_cache, threads=threads,
             )  # fmt: skip
-            errors = _score_here(scorer, plan, pending, prefetch, progress, ledger)
+            tally = _score_here(scorer, plan, pending, prefetch, progress, ledger)
             failed = cache_failures() - failed_before
         seconds = time.perf_counter() - start
-        return run_summary(plan, pending, errors, seconds, out_dir, cache_failed=failed)
+        return run_summary(plan, pending, tally, seconds, out_dir, cache_failed=failed)
+
+
+@dataclass
+class _RunState:
+    """What ``paused_as`` needs to say how far a stopped run got."""
+
+    plan: ScoringPlan | None = None
+    pending: list[int] = field(default_factory=list)
+    ledger: PartLedger | None = None
+
+
+@contextmanager
+def paused_as(stop: PauseSignals, out_dir: str | Path) -> Iterator[_RunState]:
+    """Turns a ``KeyboardInterrupt`` inside the block into ``ScoringPaused``.
+
+    Staged parts this process was writing are removed (``stage_part`` does that
+    itself); committed ones stay.
+    """
+    run = _RunState()
+    try:
+        yield run
+    except KeyboardInterrupt:
+        total = 0 if run.plan is None else run.plan.n_chunks
+        before = total - len(run.pending)
+        done = before + (0 if run.ledger is None else run.ledger.committed)
+        manifest = (Path(out_dir) / MANIFEST).is_file()
+        raise ScoringPaused(stop.signum or 2, done, total, manifest) from None
+
+
+@dataclass
+class Tally:
+    """Rows and chunks a run has scored so far."""
+
+    errors: int = 0  # rows without a risk, for any reason
+    failed: int = 0  # rows that failed for a reason other than their input
+    failed_chunks: int = 0
+    failure: str | None = None  # the first such failure
+
+    def add(self, errors: int, staged: StagedPart) -> None:
+        self.errors += errors
+        if staged.failed:
+            self.failed += staged.failed
+            self.failed_chunks += 1
+            self.failure = self.failure or f"{staged.name}: {staged.failure}"
+
+
+def _stage(out_dir: str | Path, index: int, scored: ScoredChunk) -> StagedPart:
+    return stage_part(out_dir, index, scored.rows, scored.failed, scored.failure)
 
 
 def _score_here(
@@ -1110,15 +1217,16 @@ def _score_here(
     prefetch: bool,
     progress: bool,
     ledger: PartLedger,
-) -> int:
-    """Scores ``pending`` chunks in this process, committing each part; returns error rows."""
-    errors = 0
+) -> Tally:
+    """Scores ``pending`` chunks in this process, committing each part; returns the tally."""
+    tally = Tally()
     chunks = ((index, plan.chunk(index)) for index in pending)
-    scored = scorer.score_chunks(chunks, prefetch=prefetch)
-    for index, frame in _progress(scored, plan.n_chunks, progress, len(pending)):
-        errors += int(frame["error"].is_not_null().sum())
-        ledger.commit(stage_part(ledger.out, index, frame))
-    return errors
+    scored = scorer.scored_chunks(chunks, prefetch=prefetch)
+    for index, chunk in _progress(scored, plan.n_chunks, progress, len(pending)):
+        staged = _stage(ledger.out, index, chunk)
+        ledger.commit(staged)
+        tally.add(chunk.errors, staged)
+    return tally
 
 
 _WORKER: dict[str, Any] = {}  # the ChunkScorer of a worker process
@@ -1131,29 +1239,48 @@ def _score_in_processes(
     options: tuple,
     progress: bool,
     ledger: PartLedger,
-) -> tuple[int, int]:
-    """Scores ``pending`` chunks in ``workers`` spawned processes; returns the error rows
-    and the cache entries the workers found damaged (and recomputed).
+) -> tuple[Tally, int]:
+    """Scores ``pending`` chunks in ``workers`` spawned processes; returns the tally and
+    the cache entries the workers found damaged (and recomputed).
 
-    Workers stage their parts; this process (the lock holder) commits them.
+    Workers stage their parts; this process (the lock holder) commits them. On a
+    pause, chunks not started are cancelled, the ones running finish and are committed.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch
-    errors = failed = 0
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=options) as pool:  # fmt: skip
-        futures = [pool.submit(_worker_score, i, plan.chunk(i)) for i in pending]
+    tally, failed, committed = Tally(), 0, set()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=options)  # fmt: skip
+    futures = [pool.submit(_worker_score, i, plan.chunk(i)) for i in pending]
+    try:
         for future in _progress(as_completed(futures), plan.n_chunks, progress, len(pending)):
             staged, n_errors, n_failed = future.result()
             ledger.commit(staged)
-            errors, failed = errors + n_errors, failed + n_failed
-    return errors, failed
+            committed.add(future)
+            tally.add(n_errors, staged)
+            failed += n_failed
+    except KeyboardInterrupt:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for future in futures:  # finished while we waited: keep them
+            if future not in committed and _succeeded(future):
+                ledger.commit(future.result()[0])
+        raise
+    pool.shutdown(wait=True)
+    return tally, failed
+
+
+def _succeeded(future: Any) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _init_worker(model_dir, cohort_dir, out_dir, target_prevalence, batch_size,
                  image_cache, embedding_cache, threads) -> None:  # fmt: skip
+    import signal
+
+    # Ctrl-C reaches the whole process group: the driver pauses, workers finish their chunk.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     artifact = load_artifact(model_dir)
     _WORKER["out_dir"] = out_dir
     _WORKER["scorer"] = ChunkScorer(
@@ -1164,9 +1291,9 @@ def _init_worker(model_dir, cohort_dir, out_dir, target_prevalence, batch_size,
 
 def _worker_score(index: int, samples: pl.DataFrame) -> tuple[StagedPart, int, int]:
     failed_before = cache_failures()
-    frame = _WORKER["scorer"].score(samples)
-    staged = stage_part(_WORKER["out_dir"], index, frame)
-    return staged, int(frame["error"].is_not_null().sum()), cache_failures() - failed_before
+    scored = _WORKER["scorer"].score_chunk(samples)
+    staged = _stage(_WORKER["out_dir"], index, scored)
+    return staged, scored.errors, cache_failures() - failed_before
 
 
 def _progress(pending, total: int, enabled: bool, n: int | None = None):
@@ -1183,7 +1310,7 @@ def _progress(pending, total: int, enabled: bool, n: int | None = None):
 def run_summary(
     plan: ScoringPlan,
     pending: list[int],
-    errors: int,
+    tally: Tally,
     seconds: float,
     out_dir: str | Path,
     cache_failed: int = 0,
@@ -1191,8 +1318,11 @@ def run_summary(
     """What a scoring run reports when it ends.
 
     ``parts_rescored``: finished parts that failed their check on ``--resume``;
+    ``parts_retried``: parts with failed rows from an earlier run, scored again;
     ``cache_entries_recomputed``: image or feature cache entries that failed their
-    checksum while scoring, dropped and recomputed.
+    checksum while scoring, dropped and recomputed; ``failed_rows``: rows that failed
+    for a reason other than their input (``scoring.failures``), in ``failed_chunks``
+    chunks that ``--resume`` scores again, ``failure`` the first reason.
     """
     scored = sum(plan.bounds[i + 1] - plan.bounds[i] for i in pending)
     return {
@@ -1203,8 +1333,12 @@ def run_summary(
         "chunks_skipped": plan.n_chunks - len(pending),
         "samples_scored": scored,
         "parts_rescored": len(plan.rescored),
+        "parts_retried": len(plan.retried),
         "cache_entries_recomputed": cache_failed,
-        "error_rows": errors,
+        "error_rows": tally.errors,
+        "failed_rows": tally.failed,
+        "failed_chunks": tally.failed_chunks,
+        "failure": tally.failure,
         "seconds": seconds,
     }
 

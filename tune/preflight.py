@@ -1,4 +1,5 @@
-"""Preflight: before any trial starts, every node that may run one shows it can.
+"""Preflight: before any trial (or scoring task) starts, every node that may run one
+shows it can.
 
 A sweep on a cluster fails in ways a laptop never shows: a node that does not mount
 the cohort trains its trials without images, one that cannot write the storage path
@@ -18,6 +19,9 @@ nodes offer, then runs one tiny task pinned to each node that can hold a trial
 Every problem names the node and the path or resource; they are raised together as
 one ``PreflightError`` before anything of the sweep is written (the markers, and
 folders created only to hold them, are removed again).
+
+``clinfuse score --ray-address`` runs the same checks for the nodes its actors may
+land on (``Work`` says what the work is called in the messages: ``TRIAL``, ``SCORING``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,28 @@ PROBE_FILES = 8  # Parquet files per table folder (events/*.parquet) each node o
 ANSWER_TIMEOUT_S = 120.0
 SHOWN_PROBLEMS = 8  # lines of a preflight error; the rest are counted
 _MARKER = ".clinfuse-preflight-"
+
+
+@dataclass(frozen=True)
+class Work:
+    """What the checked nodes will run, as the messages name it.
+
+    Attributes:
+        unit: one piece of work, e.g. ``trial``.
+        options: the options that set one unit's resources.
+        without_images: what happens when no image can be read.
+    """
+
+    unit: str
+    options: str
+    without_images: str
+
+
+TRIAL = Work("trial", "--cpus-per-trial, --gpus-per-trial", "the sweep would train without images")
+SCORING = Work(
+    "scoring task", "one CPU per actor, --gpus-per-actor",
+    "every sample would be scored without its image",
+)  # fmt: skip
 
 
 class PreflightError(UserError, RuntimeError):
@@ -56,6 +83,7 @@ def preflight(
     gpus: float,
     cluster: bool,
     needs_images: bool = True,
+    work: Work = TRIAL,
 ) -> list[str]:
     """Checks resources and every trial node; returns the sampled images the driver read.
 
@@ -64,23 +92,24 @@ def preflight(
         shared_dirs: local folders every node must share with the driver (created
             for the check when missing, and removed again if the check fails).
         image_size: the side images are decoded to, as in training.
-        cpus, gpus: one trial's request.
+        cpus, gpus: one unit of work's request (a trial's, an actor's).
         cluster: False for a Ray started inside this process: its only node is
             this machine, so the checks run here without a task.
         needs_images: the model has an image encoder (a cohort whose sampled images
             the driver cannot read at all is then an error too).
+        work: what the nodes will run, for the messages.
 
     Raises:
         PreflightError: listing every problem, each naming its node.
     """
-    nodes = trial_nodes(cpus, gpus)
+    nodes = trial_nodes(cpus, gpus, work)
     images = sample_images(cohort_dir, PROBE_IMAGES)
     broken = image_problems(images, image_size)
     if needs_images and images and len(broken) == len(images):
         path, reason = next(iter(broken.items()))
         raise PreflightError(
             f"{node_label()} (driver): none of {len(images)} sampled images of the cohort "
-            f"can be read, e.g. {path} ({reason}); the sweep would train without images"
+            f"can be read, e.g. {path} ({reason}); {work.without_images}"
         )
     readable = [p for p in images if p not in broken]
     files = cohort_files(cohort_dir)
@@ -91,7 +120,7 @@ def preflight(
             shown = problems[:SHOWN_PROBLEMS]
             more = len(problems) - len(shown)
             raise PreflightError(
-                f"preflight: {len(problems)} problem(s) before any trial started "
+                f"preflight: {len(problems)} problem(s) before any {work.unit} started "
                 "(nothing was written):\n  "
                 + "\n  ".join(shown + ([f"... and {more} more"] if more else []))
             )
@@ -101,8 +130,8 @@ def preflight(
 # ----------------------------------------------------------------------- resources
 
 
-def trial_nodes(cpus: float, gpus: float) -> list[dict[str, Any]]:
-    """The alive nodes whose resources can hold one trial.
+def trial_nodes(cpus: float, gpus: float, work: Work = TRIAL) -> list[dict[str, Any]]:
+    """The alive nodes whose resources can hold one trial (or other unit of ``work``).
 
     Raises:
         PreflightError: when none can, listing what each node offers; Ray would
@@ -118,8 +147,8 @@ def trial_nodes(cpus: float, gpus: float) -> list[dict[str, Any]]:
         f"{_label(n)}: {_offers(n, 'CPU'):g} CPU, {_offers(n, 'GPU'):g} GPU" for n in alive
     )
     raise PreflightError(
-        f"no alive node can hold one trial, which needs {cpus:g} CPU and {gpus:g} GPU "
-        f"(--cpus-per-trial, --gpus-per-trial); the cluster offers: {offered or 'no node'}"
+        f"no alive node can hold one {work.unit}, which needs {cpus:g} CPU and {gpus:g} GPU "
+        f"({work.options}); the cluster offers: {offered or 'no node'}"
     )
 
 

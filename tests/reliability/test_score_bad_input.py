@@ -102,12 +102,18 @@ def test_inf_value_is_flagged_and_ignored(trained, cohort_copy: Path, tmp_path: 
 
 
 def test_unreadable_file_gives_error_rows_naming_it(trained, cohort_copy, tmp_path) -> None:
-    """A truncated events.parquet: every sample gets an error row naming the file."""
+    """A truncated events.parquet: every sample gets an error row naming the file, and
+    the rows are failed (the file, not the rows): --resume will score them again."""
     CASES["truncated_parquet"](cohort_copy)
-    scores = _score(trained, cohort_copy, tmp_path / "scores")
+    out = tmp_path / "scores"
+    summary = score_cohort(trained.model_dir, cohort_copy, out, chunk_size=8, progress=False)
+    assert summary["failed_rows"] == summary["error_rows"] == N_SUBJECTS
+    with pytest.warns(UserWarning, match="were not scored for a reason other than their input"):
+        scores = read_scores(out)
     _assert_one_row_per_sample(cohort_copy, scores)
     assert scores["risk"].null_count() == scores.height
-    assert all("events.parquet: cannot be read" in e for e in scores["error"])
+    assert all("CohortUnreadable" in e for e in scores["error"])
+    assert all("events.parquet: cannot be read (ComputeError" in e for e in scores["error"])
 
 
 def test_wrong_dtype_errors_only_the_subject_with_the_bad_value(trained, cohort_copy, tmp_path):

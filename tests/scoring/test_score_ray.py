@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -46,3 +48,32 @@ def test_ray_actor_pool_matches_the_local_path(scoring_run, tmp_path, local_ray)
     same = pl.all().exclude("risk", "risk_raw", "ood_score", "top_modality_delta")
     assert remote.select(same).equals(local.select(same))
     assert not list(ray_out.glob(".part-*"))
+
+
+def test_preflight_names_the_node_and_path_before_anything_is_written(
+    scoring_run, tmp_path, local_ray, capsys
+):
+    """A cohort file a node cannot read, a GPU request no node can hold: one error each
+    (exit 2), naming the node and path or resource, no output."""
+    from clinfuse.cli import main
+
+    cohort = Path(shutil.copytree(scoring_run.cohort, tmp_path / "cohort"))
+    events = cohort / "events.parquet"
+    events.write_bytes(events.read_bytes()[:100])  # the driver never opens it; the node does
+    out = tmp_path / "scores"
+    node = local_ray.get_runtime_context().get_node_id()[:12]
+
+    def score(*extra: str, cohort: Path = cohort) -> str:
+        argv = ["score", str(scoring_run.run_dir), "--cohort", str(cohort), "--out", str(out),
+                "--ray-address", "auto", "--no-progress", *extra]  # fmt: skip
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    err = score()
+    assert "clinfuse score: error: preflight: 1 problem(s) before any scoring task started" in err
+    assert re.search(rf"node [\d.]+ \({node}\): cannot read {events} \(ArrowInvalid", err), err
+    assert not out.exists()
+
+    err = score("--gpus-per-actor", "0.5", cohort=scoring_run.cohort)
+    assert "no alive node can hold one scoring task, which needs 1 CPU and 0.5 GPU" in err
+    assert not out.exists()
