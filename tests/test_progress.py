@@ -28,7 +28,9 @@ def test_a_log_gets_one_line_per_step_with_rate_and_eta():
     items = list(progress(range(4), total=4, desc="scoring", unit="chunk", stream=log))
     assert items == [0, 1, 2, 3]
     lines = log.getvalue().splitlines()
-    assert [line.split(",")[0] for line in lines] == [f"scoring: {k}/4 chunks" for k in (1, 2, 3, 4)]
+    assert [line.split(",")[0] for line in lines] == [
+        f"scoring: {k}/4 chunks" for k in (1, 2, 3, 4)
+    ]
     assert "\r" not in log.getvalue()
     assert all("ETA" in line for line in lines[:-1]) and "done in" in lines[-1]
 
@@ -75,6 +77,8 @@ def test_train_and_score_write_plain_lines_when_redirected(tmp_path):
     assert len(epoch2) == 1 and "val_auroc" in epoch2[0] and "/epoch" in epoch2[0]
     chunks = [line for line in lines if line.startswith("scoring (0/3 chunks done before): ")]
     assert [line.split(": ")[1].split(",")[0] for line in chunks] == [
-        "1/3 chunks", "2/3 chunks", "3/3 chunks"
+        "1/3 chunks",
+        "2/3 chunks",
+        "3/3 chunks",
     ]
     assert any(line.startswith("films: ") for line in lines)
