@@ -377,8 +377,6 @@ def gbdt_features(ctx: Context, seed: int, ceiling: float) -> dict[str, Any]:
     """
     import numpy as np
 
-    from clinfuse.datasets.datamodule import fit_spec
-    from clinfuse.datasets.samples import load_samples
     from clinfuse.evaluation.baseline import ImageFeatureSource, fit_baseline
     from clinfuse.evaluation.evaluate import _oracle
     from clinfuse.evaluation.metrics import auroc, bootstrap_ci
@@ -388,9 +386,7 @@ def gbdt_features(ctx: Context, seed: int, ceiling: float) -> dict[str, Any]:
     if (run_dir / RESULT_FILE).is_file():
         return json.loads((run_dir / RESULT_FILE).read_text())
     cohort, caches = ctx.cohorts["train"], ctx.caches
-    cfg = build_config(Variant("fusion_early"), ctx.base, cohort, caches)
-    samples = load_samples(cohort, cfg.data.split_fractions, cfg.data.split_seed)
-    spec = fit_spec(cohort, samples.filter(_split_filter("train")), cfg.data)
+    samples, spec, cfg = samples_and_spec(ctx, Variant("fusion_early"))
     image_cfg = cfg.model.encoders["timm_image"]
     keep = ("model_name", "weights", "grayscale", "cache_dir")
     image = ImageFeatureSource(
@@ -427,17 +423,33 @@ def gbdt_features(ctx: Context, seed: int, ceiling: float) -> dict[str, Any]:
     return row
 
 
+def samples_and_spec(ctx: Context, variant: Variant) -> tuple[Any, Any, RunConfig]:
+    """The training cohort's samples, the DataSpec a run of ``variant`` fits on its train
+    split, and the variant's config: what the non-neural rows (gradient boosting, the
+    PyPOTS grid) read so they see the same split and the same channels and markers."""
+    from clinfuse.datasets.datamodule import fit_spec
+    from clinfuse.datasets.samples import load_samples
+
+    cohort = ctx.cohorts["train"]
+    cfg = build_config(variant, ctx.base, cohort, ctx.caches)
+    samples = load_samples(cohort, cfg.data.split_fractions, cfg.data.split_seed)
+    return samples, fit_spec(cohort, samples.filter(_split_filter("train")), cfg.data), cfg
+
+
 def paired_rows(ctx: Context, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
     """AUROC(a) - AUROC(b) on the held-out subjects with a paired bootstrap 95% CI, per seed."""
     from clinfuse.evaluation.metrics import paired_auroc_delta
 
-    rows = []
+    rows, logits = [], {}  # a run in several pairs is scored once
     for seed in seeds:
         for a, b in PAIRS:
             runs = [r if seed == 0 else f"{r}_seed{seed}" for r in (a, b)]
             if not all((ctx.out / "runs" / r / RESULT_FILE).is_file() for r in runs):
                 continue
-            (la, y), (lb, _) = (_held_out_logits(ctx, r) for r in runs)
+            for r in runs:
+                if r not in logits:
+                    logits[r] = _held_out_logits(ctx, r)
+            (la, y), (lb, _) = (logits[r] for r in runs)
             d = paired_auroc_delta(y, la, lb, ctx.n_bootstrap)
             rows.append(
                 {

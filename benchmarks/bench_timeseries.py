@@ -42,15 +42,18 @@ import clinfuse  # noqa: F401  (installs the compat shim before timm/torch impor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fusion as bf  # noqa: E402  (the same cohort, presets and run machinery)
 
-from clinfuse.datasets.datamodule import fit_spec  # noqa: E402
-from clinfuse.datasets.samples import load_samples, scan_events, window_events  # noqa: E402
+from clinfuse.datasets.samples import (  # noqa: E402
+    US_PER_HOUR,
+    scan_events,
+    window_events,
+)
 from clinfuse.datasets.spec import DataSpec  # noqa: E402
 from clinfuse.evaluation.metrics import auroc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+VITALS_ONLY = bf.Variant("only_vitals", ("vitals/labs",), "early")
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "pypots_peer.py"
-US_PER_HOUR = 3_600_000_000
 
 
 def hourly_grid(cohort: Path, samples: pl.DataFrame, spec: DataSpec) -> np.ndarray:
@@ -86,10 +89,7 @@ def hourly_grid(cohort: Path, samples: pl.DataFrame, spec: DataSpec) -> np.ndarr
 def export_grid(ctx: bf.Context, path: Path) -> dict[str, np.ndarray]:
     """Writes the train/tuning/held_out grids and labels to ``path`` (npz); returns them."""
     cohort = ctx.cohorts["train"]
-    cfg = bf.build_config(bf.Variant("only_vitals", ("vitals/labs",), "early"), ctx.base,
-                          cohort, ctx.caches)  # fmt: skip
-    samples = load_samples(cohort, cfg.data.split_fractions, cfg.data.split_seed)
-    spec = fit_spec(cohort, samples.filter(pl.col("split") == "train"), cfg.data)
+    samples, spec, _ = bf.samples_and_spec(ctx, VITALS_ONLY)
     arrays = {}
     for split in ("train", "tuning", "held_out"):
         rows = samples.filter(pl.col("split") == split)
@@ -137,10 +137,7 @@ def gbdt_row(ctx: bf.Context) -> dict[str, Any]:
     from clinfuse.evaluation.baseline import fit_baseline
 
     cohort = ctx.cohorts["train"]
-    cfg = bf.build_config(bf.Variant("only_vitals", ("vitals/labs",), "early"), ctx.base,
-                          cohort, ctx.caches)  # fmt: skip
-    samples = load_samples(cohort, cfg.data.split_fractions, cfg.data.split_seed)
-    spec = fit_spec(cohort, samples.filter(pl.col("split") == "train"), cfg.data)
+    samples, spec, _ = bf.samples_and_spec(ctx, VITALS_ONLY)
     start = time.perf_counter()
     fitted = fit_baseline(cohort, samples, spec, ("timeseries",))
     seconds = time.perf_counter() - start

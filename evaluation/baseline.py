@@ -29,6 +29,7 @@ import torch
 
 from clinfuse.datasets.images import ImageLoader
 from clinfuse.datasets.samples import (
+    US_PER_HOUR,
     genotype_tensors,
     latest_images,
     scan_events,
@@ -39,7 +40,6 @@ from clinfuse.datasets.spec import DataSpec
 
 # Per-channel statistics of the time-series features, in column order.
 TS_STATS = ("last", "mean", "min", "max", "count", "hours_since_last")
-US_PER_HOUR = 3_600_000_000
 
 
 @dataclass
@@ -277,19 +277,19 @@ def fit_baseline(
     Raises:
         ValueError: when either split is empty or holds one class only.
     """
-    fit = {}
+    rows = samples.filter(pl.col("split").is_in(["train", "tuning"]))
     for split in ("train", "tuning"):
-        rows = samples.filter(pl.col("split") == split)
-        y = rows["label"].cast(pl.Int64).to_numpy()
-        if rows.height == 0 or y.min() == y.max():
+        y = rows.filter(pl.col("split") == split)["label"].cast(pl.Int64).to_numpy()
+        if y.size == 0 or y.min() == y.max():
             raise ValueError(
                 f"{cohort_dir}: the {split} split needs both outcomes to fit a baseline"
             )
-        fit[split] = (baseline_features(cohort_dir, rows, spec, modalities, image)[0], y)
-    model = fit_gbdt(*fit["train"], *fit["tuning"], cfg, seed)
-    return FittedBaseline(
-        model, spec, modalities, image, int(model.n_iter_), int(fit["train"][0].shape[1])
-    )
+    # One pass over both splits: the image backbone is built and run once.
+    x, _ = baseline_features(cohort_dir, rows, spec, modalities, image)  # (N, F)
+    y = rows["label"].cast(pl.Int64).to_numpy()
+    train = (rows["split"] == "train").to_numpy()
+    model = fit_gbdt(x[train], y[train], x[~train], y[~train], cfg, seed)
+    return FittedBaseline(model, spec, modalities, image, int(model.n_iter_), int(x.shape[1]))
 
 
 def fit_run_baseline(

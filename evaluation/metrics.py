@@ -116,19 +116,14 @@ def paired_auroc_delta(
     Returns:
         ``{"delta": float, "ci": [low, high]}`` (``ci`` NaN without resamples).
     """
-    y, p_a, p_b = np.asarray(y), np.asarray(p_a), np.asarray(p_b)
-    delta = auroc(y, p_a) - auroc(y, p_b)
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        value = auroc(y[idx], p_a[idx]) - auroc(y[idx], p_b[idx])
-        if not math.isnan(value):
-            stats.append(value)
-    if not stats:
-        return {"delta": delta, "ci": [float("nan"), float("nan")]}
-    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return {"delta": delta, "ci": [float(lo), float(hi)]}
+    both = np.column_stack([p_a, p_b])  # (N, 2): one resample draws both models' rows
+    delta = _auroc_difference(np.asarray(y), both)
+    ci = bootstrap_ci(_auroc_difference, y, both, n, alpha, seed)
+    return {"delta": delta, "ci": list(ci)}
+
+
+def _auroc_difference(y: np.ndarray, both: np.ndarray) -> float:
+    return auroc(y, both[:, 0]) - auroc(y, both[:, 1])
 
 
 def binary_report(
