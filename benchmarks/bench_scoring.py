@@ -91,7 +91,9 @@ def _timed_score(
 
     Loading the artifact and planning the run happen once per night and are left out.
     """
-    from clinfuse.scoring.score import ChunkScorer, open_run, write_part
+    from clinfuse.scoring.parts import write_part
+    from clinfuse.scoring.score import open_run
+    from clinfuse.scoring.scorer import ChunkScorer
 
     shutil.rmtree(out, ignore_errors=True)
     artifact, plan, pending = open_run(model, cohort, out, chunk_size)
@@ -115,7 +117,7 @@ def _raw_backbone(model: Path, cohort: Path, batch_size: int, threads: int = 1) 
 
     from clinfuse.datasets.images import ImageLoader
     from clinfuse.datasets.samples import latest_images
-    from clinfuse.scoring.score import scoring_samples
+    from clinfuse.scoring.inputs import scoring_samples
     from clinfuse.training.artifact import load_artifact
 
     art = load_artifact(model)
@@ -300,7 +302,7 @@ def _best_interleaved(measures: dict[str, Any], args: argparse.Namespace) -> dic
 def _film_fraction(cohort: Path) -> float:
     """Share of scored samples that have a film (the others cost no backbone pass)."""
     from clinfuse.datasets.samples import latest_images
-    from clinfuse.scoring.score import scoring_samples
+    from clinfuse.scoring.inputs import scoring_samples
 
     paths = latest_images(cohort, scoring_samples(cohort))["path"]
     return paths.is_not_null().sum() / len(paths)
