@@ -58,7 +58,7 @@ _TRAIN = [
 
 
 def _simulate(out: Path, subjects: int, image_size: int, seed: int) -> Path:
-    from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+    from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 
     simulate_cohort(out, SimConfig(n_subjects=subjects, image_size=image_size, seed=seed,
                                    progress=False))  # fmt: skip
