@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import argparse
 
+from clinfuse.cli_options import add_command, option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    _register_validate(subparsers)
+    add_command(subparsers, "validate", _validate, [
+        option("cohort", help="cohort directory"),
+        option("--json", metavar="PATH", help="also write the report as JSON to PATH"),
+        option("--no-pixels", action="store_true",
+               help="header-only DICOM check: do not decode pixel data (faster)"),
+    ])  # fmt: skip
 
 
-def _register_validate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "validate",
-        help="check a cohort directory against the contract",
-        description="Check every file of a cohort directory and report every problem "
-        "(file, column, row or subject, what is wrong). Exits 1 on errors; warnings "
-        "alone exit 0.",
-    )
-    p.add_argument("cohort", help="cohort directory")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
-    p.add_argument(
-        "--no-pixels",
-        action="store_true",
-        help="header-only DICOM check: do not decode pixel data (faster)",
-    )
+def _validate(args: argparse.Namespace) -> int:
+    """check a cohort directory against the contract
 
-    def run(args: argparse.Namespace) -> int:
-        from clinfuse.datasets.validate import main
+    Check every file of a cohort directory and report every problem (file, column, row
+    or subject, what is wrong). Exits 1 on errors; warnings alone exit 0.
+    """
+    from clinfuse.datasets.validate import main
 
-        return main(args)
-
-    p.set_defaults(func=run)
+    return main(args)
