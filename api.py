@@ -20,7 +20,7 @@ from clinfuse.errors import CohortError, InputError, NotFoundError, config_error
 if TYPE_CHECKING:
     import polars as pl
 
-    from clinfuse.datasets.simulator import SimConfig
+    from clinfuse.simulation.simulator import SimConfig
 
 PathLike = str | Path
 
@@ -143,9 +143,9 @@ def simulate(path: PathLike, subjects: int = 500, seed: int = 0, **sim_options: 
     Raises:
         InputError: an unknown option or a value out of range.
     """
-    from clinfuse.datasets.simulator import SimConfig
+    from clinfuse.simulation.simulator import SimConfig
 
-    with config_errors(None, "see clinfuse.datasets.simulator.SimConfig"):
+    with config_errors(None, "see clinfuse.simulation.simulator.SimConfig"):
         try:
             cfg = SimConfig(n_subjects=subjects, seed=seed, **sim_options)
         except TypeError as err:  # an unknown keyword
@@ -155,7 +155,7 @@ def simulate(path: PathLike, subjects: int = 500, seed: int = 0, **sim_options: 
 
 def simulate_config(path: PathLike, cfg: SimConfig) -> Cohort:
     """``simulate`` from a ``SimConfig`` (what ``clinfuse simulate`` builds)."""
-    from clinfuse.datasets.simulator import simulate_cohort
+    from clinfuse.simulation.simulator import simulate_cohort
 
     return Cohort(simulate_cohort(path, cfg))
 

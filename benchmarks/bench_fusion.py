@@ -35,7 +35,7 @@ Frozen backbones share one feature cache (``timm_image.cache_dir``) and all runs
 share one decoded-image cache, so repeated runs skip the CNN and the DICOM
 decoding. A run whose directory already holds a result for the same config is
 reused, so an interrupted benchmark resumes where it stopped. The strategies
-table also lists each row's latent-factor ceiling (``datasets.sim_oracle``) and a
+table also lists each row's latent-factor ceiling (``simulation.oracle``) and a
 logistic stack of the three single-modality models.
 
     # end to end at a small size (a few minutes on 2 cores)
@@ -67,8 +67,8 @@ from typing import Any
 
 import clinfuse  # noqa: F401  (installs the compat shim before timm/torch imports)
 from clinfuse.config import apply_overrides, from_dict, load_yaml, to_dict
-from clinfuse.datasets.simulator import SimConfig, simulate_cohort
 from clinfuse.evaluation.evaluate import evaluate
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.training.config import RunConfig
 from clinfuse.training.run import train
 
@@ -102,9 +102,9 @@ MISSING_GRID = (
 MISSING_ROWS = ("preset", "fusion_attention", "fusion_early", "fusion_late", "fusion_gated")
 MODALITY_ENCODER = {"image": "timm_image", "vitals/labs": "gru_d", "genotypes": "sgl_mlp"}
 ALL_MODALITIES = tuple(MODALITY_ENCODER)
-# ``sim_oracle.FEATURE_SETS`` entry of the latent factors a modality (set) can see.
+# ``simulation.oracle.FEATURE_SETS`` entry of the latent factors a modality (set) can see.
 CEILING_SET = {"image": "image", "vitals/labs": "timeseries", "genotypes": "genomics"}
-# Ceiling rows of the strategies table: row label -> ``sim_oracle.FEATURE_SETS`` entry.
+# Ceiling rows of the strategies table: row label -> ``simulation.oracle.FEATURE_SETS`` entry.
 CEILING_ROWS = {
     "additive": "fused_additive",
     "interaction": "fused_interaction",
@@ -582,16 +582,16 @@ def _ceiling_scores(cohort: Path) -> Any:
     import polars as pl
 
     from clinfuse.datasets.schema import ORACLE_FILE, SUBJECT_SPLITS, table_paths
-    from clinfuse.datasets.sim_oracle import split_ceiling_scores
+    from clinfuse.simulation.oracle import split_ceiling_scores
 
     oracle = pl.read_parquet(cohort / ORACLE_FILE)
     return split_ceiling_scores(oracle, pl.read_parquet(table_paths(cohort, SUBJECT_SPLITS)))
 
 
 def _ceilings(scores: Any) -> dict[str, float]:
-    """Held-out AUROC of every latent-factor feature set (``sim_oracle.FEATURE_SETS``)."""
-    from clinfuse.datasets.sim_oracle import FEATURE_SETS
+    """Held-out AUROC of every latent-factor feature set (``simulation.oracle.FEATURE_SETS``)."""
     from clinfuse.evaluation.metrics import auroc
+    from clinfuse.simulation.oracle import FEATURE_SETS
 
     y = scores["outcome"].to_numpy().astype(int)
     return {name: auroc(y, scores[name].to_numpy()) for name in FEATURE_SETS}

@@ -17,7 +17,6 @@ import polars as pl
 import torch
 
 from clinfuse.datasets.schema import ORACLE_FILE
-from clinfuse.datasets.sim_oracle import FEATURE_SETS
 from clinfuse.errors import InputError
 from clinfuse.evaluation.audit import run_audit
 from clinfuse.evaluation.metrics import (
@@ -30,6 +29,7 @@ from clinfuse.evaluation.metrics import (
 )
 from clinfuse.evaluation.model_card import write_model_card
 from clinfuse.evaluation.report import plot_curves, save_overlays, write_html
+from clinfuse.simulation.oracle import FEATURE_SETS
 from clinfuse.training.artifact import ModelArtifact, load_artifact
 from clinfuse.training.predict import collect_predictions
 
