@@ -24,6 +24,19 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cohort", help="cohort directory (overrides cohort= in the config)")
     p.add_argument("--run-dir", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last.ckpt")
+    ray = p.add_argument_group(
+        "data-parallel training on a Ray cluster (docs/distributed.md)",
+        "The cohort, the run directory and the storage path must be on storage every "
+        "node sees. data.batch_size is the global batch, split among the workers.",
+    )
+    ray.add_argument("--ray-address", help="the cluster: auto, HOST:PORT or ray://HOST:PORT")
+    ray.add_argument("--num-workers", type=int, help="DDP workers (2)")
+    ray.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU, gloo)")
+    ray.add_argument("--storage-path", help="Ray Train checkpoints: dir or URI (RUN_DIR/ray)")
+    ray.add_argument("--max-failures", type=int, help="worker-group restarts after a failure (3)")
+    ray.add_argument(
+        "--placement-strategy", choices=["PACK", "SPREAD"], help="workers on few nodes (PACK)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     def run(args: argparse.Namespace) -> int:
@@ -31,7 +44,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
 
         run = train(
             args.cohort, args.config, run_dir=args.run_dir, overrides=args.overrides,
-            resume=args.resume,
+            resume=args.resume, ray_address=args.ray_address, num_workers=args.num_workers,
+            gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
+            max_failures=args.max_failures, placement_strategy=args.placement_strategy,
         )  # fmt: skip
         print(f"best val AUROC {run.summary['best_val_auroc']}; artifact in {run.model_dir}")
         return 0
