@@ -218,10 +218,13 @@ def _worker_loop(config: dict[str, Any]) -> None:
     data = per_worker_config(cfg.data, world)
     dm = ShardedDataModule(cfg.cohort, data, spec, rank, world, run_dir=run)
     module = RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)
+    reported = ray.train.get_checkpoint()
+    last = run / "checkpoints" / "last.ckpt"
+    source = "ray" if reported else "last.ckpt" if config["resume"] and last.is_file() else None
     trainer, checkpoint = build_trainer(
         cfg,
         run,
-        [WorkerGroupRecord(run / STARTS_FILE), RayTrainReportCallback()],
+        [WorkerGroupRecord(run / STARTS_FILE, source), RayTrainReportCallback()],
         strategy=RayDDPStrategy(find_unused_parameters=True),
         plugins=[RayLightningEnvironment()],
         accelerator="gpu" if config["use_gpu"] else "cpu",
@@ -229,14 +232,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
         use_distributed_sampler=False,  # each worker already holds its own shard
     )
     trainer = prepare_trainer(trainer)
-    reported = ray.train.get_checkpoint()
-    last = run / "checkpoints" / "last.ckpt"
     if reported is not None:
         with reported.as_directory() as folder:
             ckpt = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
             _fit(trainer, module, dm, ckpt, rank, run)
     else:
-        _fit(trainer, module, dm, last if config["resume"] and last.is_file() else None, rank, run)
+        _fit(trainer, module, dm, last if source else None, rank, run)
     if rank == 0:
         fit = {
             "best_checkpoint": checkpoint.best_model_path or str(last),
@@ -256,12 +257,13 @@ def _fit(
 
 
 class WorkerGroupRecord(Callback):
-    """Rank 0 appends one JSON line per worker-group start: the epoch it starts at, the
-    world size and the node of every rank. A restart after a failure shows as a second
-    line, starting at the epoch after its checkpoint."""
+    """Rank 0 appends one JSON line per worker-group start: the checkpoint it starts
+    from (``ray``: the Ray Train run's latest, ``last.ckpt``, or None), the epoch and
+    optimiser step restored from it, the world size and the node of every rank. A
+    restart after a failure shows as a further line."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, source: str | None) -> None:
+        self.path, self.source = path, source
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import ray
@@ -276,7 +278,9 @@ class WorkerGroupRecord(Callback):
         if trainer.is_global_zero:
             line = {
                 "time": time.time(),
+                "from": self.source,
                 "start_epoch": trainer.current_epoch,
+                "start_step": trainer.global_step,
                 "world_size": trainer.world_size,
                 "nodes": nodes,
             }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -82,6 +83,14 @@ class LocalNode:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray start failed: {self.log.read_text()[-3000:]}")
             time.sleep(0.3)
+
+    def node_id(self) -> str:
+        """The Ray node id this node's raylet logged when it started."""
+        log = (self.temp / "session_latest" / "logs" / "raylet.out").read_text()
+        found = re.search(r"Setting node ID node_id=([0-9a-f]{56})", log)
+        if not found:
+            raise RuntimeError(f"no node id in {self.temp}/session_latest/logs/raylet.out")
+        return found.group(1)
 
     def pids(self) -> set[int]:
         """This node's process group and the processes its members started (Ray
