@@ -69,6 +69,7 @@ from clinfuse.training.run import (
 
 RECORD_FILE = "distributed.json"
 STARTS_FILE = "logs/worker_group_starts.jsonl"  # one line per worker-group start (rank 0)
+THROUGHPUT_FILE = "logs/worker_throughput.jsonl"  # one line per epoch (rank 0)
 FIT_FILE = "logs/worker_fit.json"  # rank 0's best checkpoint and epochs
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -224,7 +225,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
     trainer, checkpoint = build_trainer(
         cfg,
         run,
-        [WorkerGroupRecord(run / STARTS_FILE, source), RayTrainReportCallback()],
+        [
+            WorkerGroupRecord(run / STARTS_FILE, source),
+            ThroughputRecord(run / THROUGHPUT_FILE),
+            RayTrainReportCallback(),
+        ],
         strategy=RayDDPStrategy(find_unused_parameters=True),
         plugins=[RayLightningEnvironment()],
         accelerator="gpu" if config["use_gpu"] else "cpu",
@@ -289,9 +294,69 @@ class WorkerGroupRecord(Callback):
                 f.write(json.dumps(line) + "\n")
 
 
+class ThroughputRecord(Callback):
+    """Per epoch and worker: training samples, seconds from the first batch's start to
+    the last batch's end (validation excluded) and the process's peak resident memory.
+
+    Rank 0 appends ``{"epoch", "world_size", "workers": [{samples, seconds,
+    peak_rss_mb}, ...]}`` per epoch (``benchmarks/bench_distributed.py`` reads it).
+    Samples include the padding that evens out the shards.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._first: float | None = None
+        self._last, self._samples = 0.0, 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first, self._last, self._samples = None, 0.0, 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._first is None:
+            self._first = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        self._samples += int(batch["label"].shape[0])
+        self._last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import resource
+
+        import torch.distributed as dist
+
+        mine = {
+            "samples": self._samples,
+            "seconds": self._last - self._first if self._first is not None else 0.0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        workers: list[Any] = [mine]
+        if dist.is_available() and dist.is_initialized():
+            workers = [None] * trainer.world_size
+            dist.all_gather_object(workers, mine)
+        if trainer.is_global_zero:
+            line = {"epoch": trainer.current_epoch, "world_size": trainer.world_size,
+                    "workers": workers}  # fmt: skip
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+
+
 def worker_group_starts(run: str | Path) -> list[dict[str, Any]]:
     """The worker-group starts of a run (``WorkerGroupRecord``), oldest first."""
-    path = Path(run) / STARTS_FILE
+    return _jsonl(Path(run) / STARTS_FILE)
+
+
+def worker_throughput(run: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch training throughput of a run's workers (``ThroughputRecord``)."""
+    return _jsonl(Path(run) / THROUGHPUT_FILE)
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
