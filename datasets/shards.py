@@ -97,7 +97,8 @@ class PaddedShuffleSampler(Sampler[int]):
     """A shuffle of ``n`` local samples padded to ``length`` by repeating its start.
 
     The order is a function of (seed, epoch, rank) only, so a worker group
-    restarted from a checkpoint sees the batches the uninterrupted one would have.
+    restarted from a checkpoint sees the batches the uninterrupted one would have;
+    rank 0 of one worker draws the order of ``datamodule.EpochShuffleSampler``.
     """
 
     def __init__(self, n: int, length: int, seed: int, rank: int) -> None:
@@ -107,7 +108,7 @@ class PaddedShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        seed = (self.seed * 100_003 + self.epoch) * 1_009 + self.rank
+        seed = self.seed * 100_003 + self.epoch + self.rank * 1_000_000_007
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
         return iter(_padded(order, self.length).tolist())
 
