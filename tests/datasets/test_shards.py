@@ -30,7 +30,8 @@ def test_shards_are_contiguous_disjoint_and_balanced_by_samples() -> None:
     ids = pl.Series("subject_id", [1, 2, 3, 3, 3, 3, 3, 4, 5, 6, 7, 8, 9, 10])
     bounds = shard_bounds(ids, 3)
     assert bounds[0][0] == 1 and bounds[-1][1] == 10
-    assert all(hi + 1 == lo for (_, hi), (lo, _) in zip(bounds, bounds[1:]))  # no gap, no overlap
+    pairs = zip(bounds, bounds[1:], strict=False)
+    assert all(hi + 1 == lo for (_, hi), (lo, _) in pairs)  # no gap, no overlap
     counts = [ids.is_between(lo, hi).sum() for lo, hi in bounds]
     assert sum(counts) == len(ids) and max(counts) - min(counts) <= 5  # one subject's samples
     assert shard_bounds(ids, 10)[-1] == (10, 10)  # one subject each at most
