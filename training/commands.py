@@ -72,13 +72,19 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip the gradient-boosting baseline fit on the run's training split",
     )
+    p.add_argument(
+        "--shifted",
+        metavar="COHORT",
+        help="also score every labelled sample of a shifted cohort (e.g. simulated with "
+        "--site-effect reversed, or --new-site) and report the AUROC drop",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from clinfuse.api import evaluate
 
         report = evaluate(
             args.run_dir, args.cohort, args.out, split=args.split, bootstrap=args.bootstrap,
-            baseline=not args.no_baseline,
+            baseline=not args.no_baseline, shifted=args.shifted,
         )  # fmt: skip
         print(_summary_line(report.metrics))
         print(f"report: {report.html}")
@@ -116,6 +122,13 @@ def _summary_line(m: dict) -> str:
         parts.append(
             f"gradient-boosting baseline {base['auroc']:.3f} "
             f"(model {base['delta']:+.3f} [{low:+.3f}, {high:+.3f}])"
+        )
+    shift = m.get("shift", {})
+    if "drop" in shift:
+        low, high = shift["drop_ci"]
+        parts.append(
+            f"shifted cohort AUROC {shift['auroc']:.3f} "
+            f"(drop {shift['drop']:+.3f} [{low:+.3f}, {high:+.3f}])"
         )
     audit = m.get("audit", {})
     for name in ("site", "ancestry"):
