@@ -8,7 +8,7 @@ from clinfuse.cli_options import COHORT, CONFIG, OUT, OVERRIDES, RESUME, add_com
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    add_command(
+    train = add_command(
         subparsers,
         "train",
         _train,
@@ -19,6 +19,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             RESUME(help="continue from checkpoints/last.ckpt"),
             OVERRIDES,
         ],
+    )
+    ray = train.add_argument_group(
+        "data-parallel training on a Ray cluster (docs/distributed.md)",
+        "The cohort, the run directory and the storage path must be on storage every "
+        "node sees. data.batch_size is the global batch, split among the workers.",
+    )
+    ray.add_argument("--ray-address", help="the cluster: auto, HOST:PORT or ray://HOST:PORT")
+    ray.add_argument("--num-workers", type=int, help="DDP workers (2)")
+    ray.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU, gloo)")
+    ray.add_argument("--storage-path", help="Ray Train checkpoints: dir or URI (RUN_DIR/ray)")
+    ray.add_argument("--max-failures", type=int, help="worker-group restarts after a failure (3)")
+    ray.add_argument(
+        "--placement-strategy", choices=["PACK", "SPREAD"], help="workers on few nodes (PACK)"
     )
     add_command(
         subparsers,
@@ -62,7 +75,9 @@ def _train(args: argparse.Namespace) -> int:
 
     run = train(
         args.cohort, args.config, run_dir=args.run_dir, overrides=args.overrides,
-        resume=args.resume,
+        resume=args.resume, ray_address=args.ray_address, num_workers=args.num_workers,
+        gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
+        max_failures=args.max_failures, placement_strategy=args.placement_strategy,
     )  # fmt: skip
     print(f"best val AUROC {run.summary['best_val_auroc']}; artifact in {run.model_dir}")
     return 0

@@ -119,42 +119,74 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     resuming = resume and last.is_file()
     if resuming:
         verify_checkpoint(last)  # before anything in the run directory changes
-    if not cfg.cohort:
-        raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
-    _check_selection_window(cfg)
-    if cfg.validate:
-        _check_cohort(cfg.cohort)
-    save_yaml(cfg, run / "config.yaml")
-    _write_json(run / "provenance.json", _provenance(cfg))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-
-    _default_embedding_cache(cfg, run)
+    prepare_run(cfg, run)
     dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
     dm.setup("fit")
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
         module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
     trainer, checkpoint = build_trainer(cfg, run)
     if resuming:
-        _keep_earlier_metrics(run)
+        keep_earlier_metrics(run)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resuming else None)
 
-    best = checkpoint.best_model_path or str(last)
+    fit = {
+        "best_checkpoint": checkpoint.best_model_path or str(last),
+        "best_val_auroc": _score(checkpoint),
+        "epochs": trainer.current_epoch,
+    }
+    return finish_run(cfg, run, module, dm, fit, failed_before, trainer.save_checkpoint)
+
+
+def prepare_run(cfg: RunConfig, run: Path) -> None:
+    """Checks the config and cohort, writes config.yaml and provenance.json, seeds.
+
+    Also points a frozen image backbone at the run's embedding cache (see
+    ``_default_embedding_cache``), so call it before building data or model.
+    """
+    if not cfg.cohort:
+        raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
+    _check_selection_window(cfg)
+    if cfg.validate:
+        _check_cohort(cfg.cohort)
+    run.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run / "config.yaml")
+    write_json(run / "provenance.json", _provenance(cfg))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    _default_embedding_cache(cfg, run)
+
+
+def finish_run(
+    cfg: RunConfig,
+    run: Path,
+    module: RiskModule,
+    dm: CohortDataModule,
+    fit: dict[str, Any],
+    failed_before: int,
+    save_weights: Any,
+) -> dict[str, Any]:
+    """Loads the best checkpoint, erases confounds, exports the artifact, writes summary.json.
+
+    Args:
+        fit: ``best_checkpoint`` (path), ``best_val_auroc`` and ``epochs`` of the fit.
+        failed_before: ``cache_failures()`` when the run started.
+        save_weights: ``save_weights(path, weights_only=True)`` writes the module's
+            checkpoint (``erased.ckpt``).
+    """
+    best = fit["best_checkpoint"]
     state = load_checkpoint(best)["state_dict"]
     module.load_state_dict(state)
     erasure = erase_confounds(module, dm)
     if erasure:
-        trainer.save_checkpoint(run / "checkpoints" / "erased.ckpt", weights_only=True)
+        save_weights(run / "checkpoints" / "erased.ckpt", weights_only=True)
     summary = export_artifact(module, dm, cfg, run)
     summary.update(erasure)
-    summary.update(
-        best_checkpoint=best, best_val_auroc=_score(checkpoint), epochs=trainer.current_epoch
-    )
+    summary.update(fit)
     summary["cache_entries_recomputed"] = cache_failures() - failed_before
     summary["warnings"] = unused_modality_warnings(module.model)
     for message in summary["warnings"]:
-        warnings.warn(message, stacklevel=2)
-    _write_json(run / "summary.json", summary)
+        warnings.warn(message, stacklevel=3)
+    write_json(run / "summary.json", summary)
     return summary
 
 
@@ -269,7 +301,7 @@ def _check_cohort(cohort: str | Path) -> None:
         )
 
 
-def _keep_earlier_metrics(run: Path) -> None:
+def keep_earlier_metrics(run: Path) -> None:
     """Lightning's CSV logger rewrites metrics.csv on resume; keep the interrupted part."""
     csv = run / "logs" / "metrics.csv"
     if csv.is_file():
@@ -486,5 +518,6 @@ def _score(checkpoint: ModelCheckpoint) -> float | None:
     return None if score is None else float(score)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """``payload`` as indented JSON (paths and dates as strings)."""
     path.write_text(json.dumps(payload, indent=2, default=str))

@@ -70,7 +70,7 @@ from clinfuse.tune.stops import (
     resume_command,
     stopped_before_fit,
 )
-from clinfuse.tune.trainable import METRIC, first_conv, train_fn, trial_config
+from clinfuse.tune.trainable import METRIC, SweepData, first_conv, train_fn, trial_config
 
 OPTIONS_FILE = "sweep.json"
 BASE_FILE = "base_config.yaml"
@@ -196,14 +196,14 @@ def experiment_path(opts: SweepOptions) -> str:
 def make_trainable(
     base: dict[str, Any], dm: CohortDataModule, opts: SweepOptions, image_probe: list[str]
 ) -> Any:
-    """``train_fn`` with the shared data in the object store and per-trial resources.
+    """``train_fn`` with the sweep's data (path, config, DataSpec) and per-trial resources.
 
     ``image_probe``: images the driver read, which each trial checks on its node.
     """
     from ray import tune
 
     trainable = tune.with_parameters(
-        train_fn, base_cfg=base, data=dm, image_probe=list(image_probe)
+        train_fn, base_cfg=base, data=SweepData.of(dm), image_probe=list(image_probe)
     )
     return tune.with_resources(trainable, {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
 
