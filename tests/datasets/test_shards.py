@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from clinfuse.datasets.datamodule import CohortDataModule, DataConfig
 from clinfuse.datasets.shards import ShardedDataModule, per_worker_config, shard_bounds
-from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.errors import InputError
 from clinfuse.training.module import _gather_unique
 
