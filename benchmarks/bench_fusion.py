@@ -67,8 +67,9 @@ from typing import Any
 
 import clinfuse  # noqa: F401  (installs the compat shim before timm/torch imports)
 from clinfuse.config import apply_overrides, from_dict, load_yaml, to_dict
-from clinfuse.evaluation.evaluate import evaluate
+from clinfuse.evaluation.evaluate import discrimination, evaluate
 from clinfuse.simulation.simulator import SimConfig, simulate_cohort
+from clinfuse.training.artifact import load_artifact
 from clinfuse.training.config import RunConfig
 from clinfuse.training.run import train
 
@@ -768,7 +769,12 @@ def _shift_auroc(ctx: Context, run: str, cohort: Path, link: str) -> dict[str, A
     path = out / "metrics.json"
     if path.is_file() and path.stat().st_mtime >= (run_dir / RESULT_FILE).stat().st_mtime:
         return json.loads(path.read_text())
-    return evaluate(run_dir, cohort, out, "all", ctx.n_bootstrap, gradcam_images=0, baseline=False)
+    # AUROC only (no audit): the audit is read from the held-out evaluation.
+    art = load_artifact(run_dir / "model")
+    metrics = discrimination(art, cohort, run_dir / "image_cache", "all", ctx.n_bootstrap)[0]
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def _shift_row(
@@ -785,7 +791,9 @@ def _shift_row(
         "reference_held_out": reference["own"],
         "reference_shifted": reference["auroc"],
         "vs_reference": shifted["auroc"] - reference["auroc"],
-        "oracle_shifted": shifted.get("oracle_auroc", float("nan")),
+        "oracle_shifted": shifted.get(
+            "shifted_oracle_auroc", shifted.get("oracle_auroc", float("nan"))
+        ),
         "site_probe": audit["site"]["probe_accuracy"],
         "site_gbt_probe": audit["site"].get("gbt_probe_accuracy", float("nan")),
         "ancestry_probe": audit["ancestry"]["probe_accuracy"],

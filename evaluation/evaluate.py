@@ -119,22 +119,39 @@ def _shift(
     seed: int,
 ) -> dict[str, Any]:
     """The model on every labelled sample of a shifted cohort, and the drop from ``y, p``."""
-    samples, _ = _select_samples(cohort_dir, art, "all")
-    pred = collect_predictions(art.model, _batches(cohort_dir, samples, art, cache_dir))
-    y_s, p_s = pred["label"].astype(int), art.risk(pred["logit"])
+    out, y_s, p_s = discrimination(art, cohort_dir, cache_dir, "all", n_bootstrap, seed)
     drop = auroc_drop(y, p, y_s, p_s, n_bootstrap, seed=seed)
+    out.update({"drop": drop["drop"], "drop_ci": drop["ci"]})
+    return out
+
+
+def discrimination(
+    art: ModelArtifact,
+    cohort_dir,
+    cache_dir: Path | None,
+    split: str = "all",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """AUROC (bootstrap CI), per-site AUROC and the oracle's AUROC of a model on a cohort
+    split, without the audit, attribution or report (shift tests, benchmarks).
+
+    Returns:
+        the metrics, the labels (N,) and the risks (N,).
+    """
+    samples, _ = _select_samples(cohort_dir, art, split)
+    pred = collect_predictions(art.model, _batches(cohort_dir, samples, art, cache_dir))
+    y, p = pred["label"].astype(int), art.risk(pred["logit"])
     out = {
         "cohort": str(cohort_dir),
-        "n": int(len(y_s)),
-        "prevalence": float(np.mean(y_s)),
-        "auroc": auroc(y_s, p_s),
-        "auroc_ci": list(bootstrap_ci(auroc, y_s, p_s, n_bootstrap, seed=seed)),
-        "drop": drop["drop"],
-        "drop_ci": drop["ci"],
-        "per_site": _subgroups(samples["site"], y_s, p_s),
+        "n": int(len(y)),
+        "prevalence": float(np.mean(y)),
+        "auroc": auroc(y, p),
+        "auroc_ci": list(bootstrap_ci(auroc, y, p, n_bootstrap, seed=seed)),
+        "per_site": _subgroups(samples["site"], y, p),
     }
-    out.update({f"shifted_{k}": v for k, v in _oracle(cohort_dir, samples, y_s).items()})
-    return out
+    out.update({f"shifted_{k}": v for k, v in _oracle(cohort_dir, samples, y).items()})
+    return out, y, p
 
 
 def _batches(
