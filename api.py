@@ -203,6 +203,7 @@ def evaluate(
     split: str | None = None,
     bootstrap: int = 1000,
     baseline: bool = True,
+    shifted: Cohort | PathLike | None = None,
     seed: int = 0,
 ) -> Report:
     """Metrics with bootstrap CIs, the confound audit, ``report.html`` and
@@ -215,6 +216,9 @@ def evaluate(
         split: ``held_out`` (the default when present), ``tuning``, ``train`` or ``all``.
         bootstrap: bootstrap resamples for the confidence intervals.
         baseline: also fit the gradient-boosting baseline on the run's training split.
+        shifted: a second cohort (e.g. the same world with the site or ancestry link to
+            the outcome reversed) scored on every labelled sample;
+            ``report.metrics["shift"]`` holds its AUROC and the drop.
         seed: seeds the bootstrap and the audit probes.
     """
     from clinfuse.evaluation.evaluate import evaluate as evaluate_run
@@ -223,7 +227,7 @@ def evaluate(
     out_dir = Path(out) if out else run_dir / "evaluation"
     metrics = evaluate_run(
         run_dir, Path(cohort), out_dir, split, n_bootstrap=bootstrap, seed=seed,
-        baseline=baseline,
+        baseline=baseline, shifted=Path(shifted) if shifted is not None else None,
     )  # fmt: skip
     return Report(out_dir, metrics)
 

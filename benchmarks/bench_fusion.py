@@ -78,11 +78,16 @@ BASE_PRESET = CONFIGS / "bench_fusion.yaml"
 USER_PRESET = CONFIGS / "demo.yaml"
 EXPERIMENTS = ("strategies", "confound", "transfer", "missing", "shift")
 # The shift experiment: preset edits per treatment (the untreated model drops its
-# adversary; pcs adds the genotype principal-component adjustment).
+# adversary; pcs adds the genotype principal-component adjustment; offsets profiles
+# per-site and per-ancestry logit offsets out of training, fusion/offsets.py).
+NO_ADVERSARY = "model.adversary.enabled=false"
+OFFSETS = "model.confound_offsets=[site,ancestry]"
 SHIFT_TREATMENTS: dict[str, tuple[str, ...]] = {
     "preset": (),
-    "untreated": ("model.adversary.enabled=false",),
+    "untreated": (NO_ADVERSARY,),
     "pcs": ("data.genotype_pcs=5", "model.encoders.sgl_mlp.ancestry_pcs=5"),
+    "offsets": (OFFSETS,),
+    "offsets_no_adversary": (OFFSETS, NO_ADVERSARY),
 }
 # The missing experiment: (modality, share of subjects without it) per cohort;
 # ("none", 0.0) is the complete-data reference every drop is measured from.
@@ -703,7 +708,9 @@ def _confound_row(
     }
 
 
-def shift(ctx: Context, subjects: int, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+def shift(
+    ctx: Context, subjects: int, seeds: tuple[int, ...], only: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Shift tests: does the model lean on site or ancestry when their link to the outcome
     reverses?
 
@@ -739,11 +746,13 @@ def shift(ctx: Context, subjects: int, seeds: tuple[int, ...]) -> list[dict[str,
             sub = Context(ctx.base, {"train": ref_cohort}, out / f"reference_{link}",
                           ctx.n_bootstrap, ctx.user_preset, ctx.caches)  # fmt: skip
             v = Variant("preset", preset=str(ctx.user_preset), seed=seed)
-            sub.run(v)
-            reference[link] = _shift_auroc(sub, v.run_name, tests[link], link)
+            own = sub.run(v)["metrics"]["auroc"]
+            reference[link] = {**_shift_auroc(sub, v.run_name, tests[link], link), "own": own}
         linked = Context(ctx.base, {"train": train}, out / "linked", ctx.n_bootstrap,
                          ctx.user_preset, ctx.caches)  # fmt: skip
         for name, edits in SHIFT_TREATMENTS.items():
+            if only is not None and name not in only:
+                continue
             v = Variant(name, preset=str(ctx.user_preset), overrides=edits, seed=seed)
             held = linked.run(v)["metrics"]
             for link, test in tests.items():
@@ -773,6 +782,7 @@ def _shift_row(
         "auroc_held_out": held["auroc"],
         "auroc_shifted": shifted["auroc"],
         "drop": held["auroc"] - shifted["auroc"],
+        "reference_held_out": reference["own"],
         "reference_shifted": reference["auroc"],
         "vs_reference": shifted["auroc"] - reference["auroc"],
         "oracle_shifted": shifted.get("oracle_auroc", float("nan")),
@@ -1116,7 +1126,7 @@ def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[d
     if name == "confound":
         return confound(ctx, seeds)
     if name == "shift":
-        return shift(ctx, args.subjects, seeds)
+        return shift(ctx, args.subjects, seeds, args.only)
     if name == "missing":
         subjects = args.subjects
         adversary = args.adversary == "on"
@@ -1157,7 +1167,14 @@ SUMMARY = {
     "missing": (("model", "missing", "share"), ("auroc", "drop")),
     "shift": (
         ("model", "shift"),
-        ("auroc_held_out", "auroc_shifted", "drop", "reference_shifted", "vs_reference"),
+        (
+            "auroc_held_out",
+            "auroc_shifted",
+            "drop",
+            "reference_held_out",
+            "reference_shifted",
+            "vs_reference",
+        ),
     ),
 }
 

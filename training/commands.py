@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 action="store_true",
                 help="skip the gradient-boosting baseline fit on the run's training split",
             ),
+            option(
+                "--shifted",
+                metavar="COHORT",
+                help="also score every labelled sample of a shifted cohort (e.g. simulated "
+                "with --site-effect reversed, or --new-site) and report the AUROC drop",
+            ),
         ],
     )
     add_command(subparsers, "demo", _demo, [
@@ -73,7 +79,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate(
         args.run_dir, args.cohort, args.out, split=args.split, bootstrap=args.bootstrap,
-        baseline=not args.no_baseline,
+        baseline=not args.no_baseline, shifted=args.shifted,
     )  # fmt: skip
     print(_summary_line(report.metrics))
     print(f"report: {report.html}")
@@ -100,6 +106,13 @@ def _summary_line(m: dict) -> str:
         parts.append(
             f"gradient-boosting baseline {base['auroc']:.3f} "
             f"(model {base['delta']:+.3f} [{low:+.3f}, {high:+.3f}])"
+        )
+    shift = m.get("shift", {})
+    if "drop" in shift:
+        low, high = shift["drop_ci"]
+        parts.append(
+            f"shifted cohort AUROC {shift['auroc']:.3f} "
+            f"(drop {shift['drop']:+.3f} [{low:+.3f}, {high:+.3f}])"
         )
     audit = m.get("audit", {})
     for name in ("site", "ancestry"):
