@@ -28,7 +28,7 @@ import polars as pl
 from clinfuse.errors import IntegrityError
 from clinfuse.hashing import file_sha256
 
-_SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
+SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 
 
 def write_sums(path: str | Path, digests: dict[str, str]) -> None:
@@ -54,7 +54,7 @@ def read_sums(path: str | Path) -> dict[str, str]:
         raise IntegrityError(f"checksum file unreadable ({err})", path, RESTORE) from err
     sums = {}
     for number, line in enumerate(lines, start=1):
-        match = _SUM_LINE.match(line)
+        match = SUM_LINE.match(line)
         if match is None:
             raise IntegrityError(f"checksum file damaged at line {number}", path, RESTORE)
         sums[match.group(2)] = match.group(1)

@@ -10,16 +10,22 @@ checkpoint the Trainer resumes from (``train --resume``, a retried or restored
 trial) is checked against it first. ``load_checkpoint`` does the same for the
 checkpoints we read ourselves (the best epoch's weights, the sweep's best trial).
 
-Writing order: the old sidecar is removed, the checkpoint is written to a temporary
-name and moved into place, then the new sidecar is written. A crash in between
-leaves a whole checkpoint without a sidecar (loaded with a warning), never a sidecar
-that wrongly condemns a good file. Loading always uses ``weights_only=True``.
+Writing order: the sidecar first lists the digests of both the old and the new
+checkpoint, then the checkpoint is replaced, then the sidecar lists the new one
+alone, so a crash at any point leaves a checkpoint that matches its sidecar. Neither
+write leaves a temporary file in the checkpoint's folder (the checkpoint goes through
+the system temporary directory, as with Lightning's own writer; the small sidecar is
+written in place): Ray Tune copies trial folders while trials write them, and a file
+that vanishes under it is an error there. Loading always uses ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +34,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from clinfuse.integrity.checksums import check_digest, read_sums, write_bytes_atomic, write_sums
+from clinfuse.errors import IntegrityError
+from clinfuse.hashing import file_sha256
+from clinfuse.integrity.checksums import SUM_LINE, check_digest, current_umask
 
 SUFFIX = ".sha256"
 FIX = "restore the checkpoint from a backup, or train again without --resume into a new --run-dir"
@@ -43,9 +51,8 @@ def sidecar(path: str | Path) -> Path:
 def verify_checkpoint(path: str | Path) -> None:
     """Checks a checkpoint against the sha256 recorded when it was written.
 
-    A checkpoint without a sidecar (written before checkpoints were checksummed, or
-    by a process killed between the two writes) is let through with a warning:
-    ``weights_only=True`` loading still unpickles nothing.
+    A checkpoint without a sidecar (written before checkpoints were checksummed) is let
+    through with a warning: ``weights_only=True`` loading still unpickles nothing.
 
     Raises:
         IntegrityError: naming the checkpoint, the expected and the found digest
@@ -59,7 +66,49 @@ def verify_checkpoint(path: str | Path) -> None:
             stacklevel=3,
         )
         return
-    check_digest(path, read_sums(sums_file).get(path.name), FIX)
+    recorded = _recorded(sums_file, path.name)
+    try:
+        check_digest(path, recorded[-1] if recorded else None, FIX)
+    except IntegrityError:
+        # Written while the checkpoint was being replaced: either file is whole.
+        if len(recorded) < 2 or file_sha256(path) not in recorded:
+            raise
+
+
+def _recorded(sums_file: Path, name: str) -> list[str]:
+    """The digests a sidecar records for ``name``, in order.
+
+    Raises:
+        IntegrityError: the sidecar cannot be read or a line is not ``<hex>  <name>``.
+    """
+    try:
+        lines = sums_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"checksum file unreadable ({err})", sums_file, FIX) from err
+    found = [SUM_LINE.match(line) for line in lines]
+    if not lines or not all(found):
+        raise IntegrityError("checksum file damaged", sums_file, FIX)
+    return [m.group(1) for m in found if m.group(2) == name]
+
+
+def _write_sums(path: Path, name: str, digests: list[str]) -> None:
+    """``sha256sum`` lines for ``name``, written in place (see the module docstring)."""
+    with open(sidecar(path), "w") as f:
+        f.write("".join(f"{digest}  {name}\n" for digest in digests))
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file in the system temporary directory, then moves
+    it to ``path`` (a rename on the same file system), with the user's file mode."""
+    fd, tmp = tempfile.mkstemp(prefix=".clinfuse-ckpt-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        shutil.move(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -82,10 +131,12 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         data = buffer.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
         path.parent.mkdir(parents=True, exist_ok=True)
-        sidecar(path).unlink(missing_ok=True)
-        write_bytes_atomic(path, data)
-        write_sums(sidecar(path), {path.name: hashlib.sha256(data).hexdigest()})
+        if path.is_file():  # the sidecar accepts both files while the old one is replaced
+            _write_sums(path, path.name, [file_sha256(path), digest])
+        _write_replacing(path, data)
+        _write_sums(path, path.name, [digest])
 
     def load_checkpoint(
         self,

@@ -89,3 +89,24 @@ def test_an_undamaged_checkpoint_resumes(clean, tmp_path, sidecar_kept):
     for ckpt in saved:
         if ckpt != last or sidecar_kept:
             assert read_sums(sidecar(ckpt)) == {ckpt.name: file_sha256(ckpt)}
+
+
+def test_a_save_cut_short_leaves_a_checkpoint_its_sidecar_accepts(tmp_path):
+    """Mid-replace the sidecar lists the old and the new digest: either whole file
+    passes, a damaged one does not."""
+    from clinfuse.errors import IntegrityError
+    from clinfuse.training.checkpoints import VerifiedCheckpointIO, verify_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    io = VerifiedCheckpointIO()
+    io.save_checkpoint({"epoch": 0}, path)
+    old, old_bytes = file_sha256(path), path.read_bytes()
+    io.save_checkpoint({"epoch": 1}, path)
+    new = file_sha256(path)
+    sidecar(path).write_text(f"{old}  last.ckpt\n{new}  last.ckpt\n")  # the window
+    verify_checkpoint(path)  # the new file
+    path.write_bytes(old_bytes)
+    verify_checkpoint(path)  # the old file
+    flip_bits(path, n=1, seed=5)
+    with pytest.raises(IntegrityError, match=f"expected {new}"):
+        verify_checkpoint(path)
