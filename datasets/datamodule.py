@@ -34,7 +34,7 @@ from clinfuse.datasets.samples import (
     scan_events,
     window_events,
 )
-from clinfuse.datasets.schema import GENOTYPES, MARKERS, SPLITS, has_table, scan
+from clinfuse.datasets.schema import GENOTYPES, MARKERS, SPLITS, as_cohort, has_table, scan
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.datasets.splits import DEFAULT_FRACTIONS, subsample_train
 
@@ -323,7 +323,7 @@ class CohortDataModule(L.LightningDataModule):
         spec: DataSpec | None = None,
     ) -> None:
         super().__init__()
-        self.cohort_dir = Path(cohort_dir)
+        self.cohort_dir = as_cohort(cohort_dir)
         self.cfg = cfg or DataConfig()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.spec = spec

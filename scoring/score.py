@@ -76,8 +76,10 @@ from clinfuse.datasets.schema import (
     SUBJECTS,
     TIME,
     TableSpec,
+    as_cohort,
     has_table,
     scan,
+    table_location,
 )
 from clinfuse.encoders.embedding_cache import FileFeatureStore
 from clinfuse.errors import InputError, IntegrityError, NotFoundError, OutputExistsError
@@ -188,9 +190,8 @@ def naming_file(cohort_dir: str | Path, spec: TableSpec) -> Iterator[None]:
         yield
     except (pl.exceptions.PolarsError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        where = Path(cohort_dir) / f"{spec.name}.parquet"
         raise (CohortUnreadable if is_file_level(err) else InputError)(
-            f"{where}: cannot be read ({type(err).__name__}: {first})",
+            f"{table_location(cohort_dir, spec)}: cannot be read ({type(err).__name__}: {first})",
             fix=f"run `clinfuse validate {cohort_dir}`",
         ) from err
 
@@ -624,7 +625,7 @@ class ChunkScorer:
                 raise InputError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(int(threads))
         self.artifact = artifact
-        self.cohort_dir = Path(cohort_dir)
+        self.cohort_dir = as_cohort(cohort_dir)
         self.spec = artifact.spec
         self.target_prevalence = target_prevalence
         self.batch_size = int(batch_size)
