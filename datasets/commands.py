@@ -78,6 +78,13 @@ def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--horizon-hours", type=float, default=48.0, help="outcome horizon (48)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument(
+        "--format",
+        choices=("cohort", "meds"),
+        default="cohort",
+        help="cohort: a cohort directory; meds: OUT/meds (a MEDS root), OUT/labels (its "
+        "label directory) and OUT/sidecars (images, genotypes, markers, oracle) (cohort)",
+    )
+    p.add_argument(
         "--report",
         action="store_true",
         help="print the oracle AUROC and per-modality ceilings (logistic regressions "
@@ -85,11 +92,30 @@ def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
+        if args.format == "meds":
+            from clinfuse.datasets.meds.export import simulate_meds_main
+
+            return simulate_meds_main(args)
         from clinfuse.datasets.simulator import main
 
         return main(args)
 
     p.set_defaults(func=run)
+
+
+def add_meds_arguments(p: argparse.ArgumentParser) -> None:
+    """``--labels`` and ``--sidecars``: what a MEDS root needs beside it (docs/meds.md)."""
+    p.add_argument(
+        "--labels",
+        metavar="DIR",
+        help="MEDS roots: the label directory (subject_id, prediction_time, boolean_value)",
+    )
+    p.add_argument(
+        "--sidecars",
+        metavar="DIR",
+        help="MEDS roots: folder of images.parquet (+ DICOM), genotypes.parquet, "
+        "markers.parquet, subjects.parquet (default: the MEDS root)",
+    )
 
 
 def _register_validate(subparsers: argparse._SubParsersAction) -> None:
@@ -100,7 +126,8 @@ def _register_validate(subparsers: argparse._SubParsersAction) -> None:
         "(file, column, row or subject, what is wrong). Exits 1 on errors; warnings "
         "alone exit 0.",
     )
-    p.add_argument("cohort", help="cohort directory")
+    p.add_argument("cohort", help="cohort directory, or a MEDS root (data/ + metadata/)")
+    add_meds_arguments(p)
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     p.add_argument(
         "--no-pixels",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from clinfuse.config import save_yaml
 from clinfuse.datasets.events import events_to_tensors
 from clinfuse.datasets.images import ImageLoader
+from clinfuse.datasets.meds.options import MedsOptions
 from clinfuse.datasets.samples import (
     genotype_tensors,
     latest_images,
@@ -60,6 +61,7 @@ class DataConfig:
         genotype_pcs: principal axes of the training dosages to store in the DataSpec
             (0 = none), for ancestry adjustment in the genotype encoder.
         cache_dir: decoded-image cache; None -> ``run_dir/image_cache`` or memory.
+        meds: for a MEDS root, which codes become channels and subject metadata.
     """
 
     batch_size: int = 32
@@ -73,6 +75,7 @@ class DataConfig:
     image_policy: str = "latest"
     cache_dir: str | None = None
     genotype_pcs: int = 0
+    meds: MedsOptions = field(default_factory=MedsOptions)
 
     def __post_init__(self) -> None:
         if self.image_policy != "latest":

@@ -892,8 +892,14 @@ def validate_cohort(cohort_dir: str | Path, *, pixels: bool = True) -> Report:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``clinfuse validate COHORT [--json PATH] [--no-pixels]``: 1 on errors, else 0."""
-    report = validate_cohort(args.cohort, pixels=not getattr(args, "no_pixels", False))
+    """``clinfuse validate COHORT [--labels DIR] [--sidecars DIR] [--json PATH] [--no-pixels]``:
+    1 on errors, else 0."""
+    from clinfuse.datasets.meds import open_cohort
+
+    cohort = open_cohort(
+        args.cohort, getattr(args, "labels", None), getattr(args, "sidecars", None)
+    )
+    report = validate_cohort(cohort, pixels=not getattr(args, "no_pixels", False))
     print(report.format())
     if getattr(args, "json", None):
         report.write_json(args.json)

@@ -15,6 +15,9 @@ import shlex
 import signal
 import sys
 from datetime import datetime
+from pathlib import Path
+
+from clinfuse.datasets.commands import add_meds_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,8 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "scores those chunks again.",
     )
     p.add_argument("model", help="model artifact directory (run_dir/model) or a run directory")
-    p.add_argument("--cohort", required=True, help="cohort directory to score")
+    p.add_argument("--cohort", required=True, help="cohort directory or MEDS root to score")
+    add_meds_arguments(p)
     p.add_argument("--out", required=True, help="output directory (a Parquet dataset)")
+    p.add_argument(
+        "--format",
+        choices=("parquet", "meds"),
+        default="parquet",
+        help="meds: also write OUT/meds_predictions/predictions.parquet in the "
+        "MEDS-evaluation schema (needs labels) (parquet)",
+    )
     p.add_argument(
         "--at", type=_timestamp, help="score every subject at this time (ISO 8601), not labels"
     )
@@ -83,6 +94,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> dict:
+    from clinfuse.api import Cohort, _artifact_data_config
+    from clinfuse.errors import InputError
+
+    if args.format == "meds" and args.at is not None:
+        raise InputError("--format meds needs label rows; it cannot be used with --at")
+    labels, sidecars = (Path(a) if a else None for a in (args.labels, args.sidecars))
+    cohort = Cohort(Path(args.cohort), labels, sidecars).source(_artifact_data_config(args.model))
     options = dict(
         at=args.at,
         chunk_size=args.chunk_size,
@@ -98,20 +116,37 @@ def _score(args: argparse.Namespace) -> dict:
         from clinfuse.scoring.ray_scoring import score_with_ray
 
         summary = score_with_ray(
-            args.model, args.cohort, args.out, address=args.ray_address,
+            args.model, cohort, args.out, address=args.ray_address,
             num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor, **options,
         )  # fmt: skip
     else:
         from clinfuse.scoring.score import score_cohort
 
         summary = score_cohort(
-            args.model, args.cohort, args.out, workers=args.workers, prefetch=args.prefetch,
+            args.model, cohort, args.out, workers=args.workers, prefetch=args.prefetch,
             **options,
         )  # fmt: skip
+    if args.format == "meds" and not summary["failed_rows"]:
+        summary["meds_predictions"] = _write_meds(args, cohort)
     return summary
 
 
+def _write_meds(args: argparse.Namespace, cohort) -> str:
+    import json
+
+    from clinfuse.datasets.meds.predictions import write_meds_predictions
+    from clinfuse.scoring.score import resolve_artifact_dir
+    from clinfuse.training.artifact import META
+
+    meta = json.loads((resolve_artifact_dir(args.model) / META).read_text())
+    path, rows, left_out = write_meds_predictions(args.out, cohort, meta.get("threshold", 0.5))
+    skipped = f" ({left_out} label rows with a scoring error left out)" if left_out else ""
+    return f"{rows} MEDS prediction rows in {path}{skipped}"
+
+
 def _report(summary: dict) -> None:
+    if "meds_predictions" in summary:
+        print(summary["meds_predictions"])
     rescored = summary.get("parts_rescored", 0)
     again = f", {rescored} failed their checksum and were re-scored" if rescored else ""
     if retried := summary.get("parts_retried", 0):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from clinfuse.datasets.commands import add_meds_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +24,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         "the exported model artifact.",
     )
     p.add_argument("--config", help="YAML file, or the name of a packaged preset (demo)")
-    p.add_argument("--cohort", help="cohort directory (overrides cohort= in the config)")
+    p.add_argument(
+        "--cohort", help="cohort directory or MEDS root (overrides cohort= in the config)"
+    )
+    add_meds_arguments(p)
     p.add_argument("--run-dir", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last.ckpt")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -30,7 +36,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         from clinfuse.api import train
 
         run = train(
-            args.cohort, args.config, run_dir=args.run_dir, overrides=args.overrides,
+            _cohort(args), args.config, run_dir=args.run_dir, overrides=args.overrides,
             resume=args.resume,
         )  # fmt: skip
         print(f"best val AUROC {run.summary['best_val_auroc']}; artifact in {run.model_dir}")
@@ -48,7 +54,8 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         "modality attribution and Grad-CAM overlays.",
     )
     p.add_argument("run_dir", help="run directory written by clinfuse train")
-    p.add_argument("--cohort", required=True, help="cohort directory to evaluate on")
+    p.add_argument("--cohort", required=True, help="cohort directory or MEDS root to evaluate on")
+    add_meds_arguments(p)
     p.add_argument("--out", help="output directory (default RUN_DIR/evaluation)")
     p.add_argument("--split", help="held_out (default when present), tuning, train or all")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
@@ -62,7 +69,7 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         from clinfuse.api import evaluate
 
         report = evaluate(
-            args.run_dir, args.cohort, args.out, split=args.split, bootstrap=args.bootstrap,
+            args.run_dir, _cohort(args), args.out, split=args.split, bootstrap=args.bootstrap,
             baseline=not args.no_baseline,
         )  # fmt: skip
         print(_summary_line(report.metrics))
@@ -89,6 +96,20 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
         return run_demo(args.out, args.subjects, args.config, args.overrides)
 
     p.set_defaults(func=run)
+
+
+def _cohort(args: argparse.Namespace):
+    """The ``Cohort`` named by --cohort, --labels and --sidecars (None without --cohort)."""
+    from clinfuse.api import Cohort
+
+    if args.cohort is None:
+        if args.labels or args.sidecars:
+            from clinfuse.errors import InputError
+
+            raise InputError("--labels and --sidecars need --cohort MEDS_ROOT")
+        return None
+    labels, sidecars = (Path(a) if a else None for a in (args.labels, args.sidecars))
+    return Cohort(Path(args.cohort), labels, sidecars)
 
 
 def _summary_line(m: dict) -> str:

@@ -42,7 +42,7 @@ from clinfuse.progress import format_seconds, interactive
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import save_artifact
 from clinfuse.training.calibration import apply_temperature, fit_temperature
-from clinfuse.training.config import OptimConfig, RunConfig
+from clinfuse.training.config import OptimConfig, RunConfig, run_cohort
 from clinfuse.training.module import RiskModule
 from clinfuse.training.predict import collect_predictions
 from clinfuse.training.provenance import code_version, cohort_hashes, package_versions
@@ -109,15 +109,16 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     if not cfg.cohort:
         raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
     _check_selection_window(cfg)
+    cohort = run_cohort(cfg)
     if cfg.validate:
-        _check_cohort(cfg.cohort)
+        _check_cohort(cohort)
     save_yaml(cfg, run / "config.yaml")
     _write_json(run / "provenance.json", _provenance(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
 
     _default_embedding_cache(cfg, run)
-    dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
+    dm = CohortDataModule(cohort, cfg.data, run_dir=run)
     dm.setup("fit")
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
         module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
@@ -464,8 +465,8 @@ def _provenance(cfg: RunConfig) -> dict[str, Any]:
     return {
         "code": code_version(),
         "packages": package_versions(),
-        "cohort": str(cfg.cohort),
-        "cohort_files_sha256": cohort_hashes(cfg.cohort),
+        "cohort": str(run_cohort(cfg)),
+        "cohort_files_sha256": cohort_hashes(run_cohort(cfg)),
     }
 
 

@@ -27,13 +27,14 @@ Parquet statistics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import meds
 import polars as pl
 
 from clinfuse.datasets import schema
+from clinfuse.datasets.meds.options import MedsOptions
 from clinfuse.datasets.schema import TIME, TableSpec
 from clinfuse.errors import InputError, NotFoundError
 
@@ -43,39 +44,6 @@ DATASET_FILE = meds.dataset_metadata_filepath  # "metadata/dataset.json"
 SPLITS_FILE = meds.subject_splits_filepath  # "metadata/subject_splits.parquet"
 MEDS_SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
 _SIDECARS = (schema.IMAGES, schema.GENOTYPES, schema.MARKERS)
-
-
-@dataclass
-class MedsOptions:
-    """How a MEDS root becomes model inputs (``data.meds`` in a run config).
-
-    Attributes:
-        channels: codes that may become time-series channels: a code, or a prefix
-            ending in ``//`` (``LAB//`` takes every ``LAB//...`` code). Empty: every
-            code with numeric values, as for a cohort directory. Among these, the
-            codes with numeric values in the training windows become channels.
-        site: prefix of the static code giving the site (``SITE//A`` -> ``A``).
-        ancestry: prefix of the static code giving the ancestry.
-        sex: prefix of the static code giving the sex.
-        age: static code whose ``numeric_value`` is the age.
-    """
-
-    channels: list[str] = field(default_factory=list)
-    site: str = "SITE//"
-    ancestry: str = "ANCESTRY//"
-    sex: str = "SEX//"
-    age: str = "AGE"
-
-    def code_filter(self) -> pl.Expr:
-        """True for the codes ``channels`` selects (every code when empty)."""
-        if not self.channels:
-            return pl.lit(True)
-        exact = [c for c in self.channels if not c.endswith("//")]
-        prefixes = [c for c in self.channels if c.endswith("//")]
-        expr = pl.col("code").is_in(exact) if exact else pl.lit(False)
-        for prefix in prefixes:
-            expr = expr | pl.col("code").str.starts_with(prefix)
-        return expr
 
 
 def is_meds_root(path: str | Path) -> bool:
@@ -115,6 +83,17 @@ class MedsSource:
             words.append(f"--sidecars {self.sidecars}")
         return " ".join(words)
 
+    def resolve_paths(self) -> MedsSource:
+        """The same source with absolute paths (for processes with another working dir)."""
+
+        def absolute(p: Path | None) -> Path | None:
+            return None if p is None else p.resolve()
+
+        return replace(
+            self, root=self.root.resolve(), labels=absolute(self.labels),
+            sidecars=absolute(self.sidecars),
+        )  # fmt: skip
+
     @property
     def sidecar_dir(self) -> Path:
         """Where images.parquet (and the DICOM paths in it), genotypes and markers live."""
@@ -145,6 +124,12 @@ class MedsSource:
         if spec.name == "subjects_sidecar":
             return schema.dir_table_paths(self.sidecar_dir, schema.SUBJECTS)
         return schema.dir_table_paths(self.sidecar_dir, spec)
+
+    def files(self) -> list[Path]:
+        """Every Parquet and metadata file a run reads: shards, metadata, labels, sidecar tables."""
+        meta = sorted(p for p in (self.root / "metadata").rglob("*") if p.is_file())
+        side = [p for spec in (*_SIDECARS, _SUBJECTS_SIDECAR) for p in self.table_paths(spec)]
+        return [*self.data_paths(), *meta, *self.label_paths(), *side]
 
     def where(self, spec: TableSpec) -> str:
         """The file (or folder) to name in a message about ``spec``."""
@@ -304,3 +289,21 @@ def open_cohort(
         sidecars=Path(sidecars) if sidecars else None,
         options=options or MedsOptions(),
     )
+
+
+def cohort_for_model(
+    cohort: str | Path | MedsSource,
+    labels: str | Path | None,
+    sidecars: str | Path | None,
+    data_config: dict | None,
+) -> Path | MedsSource:
+    """``open_cohort`` with the MEDS options a trained model was built with
+    (``data_config["meds"]`` of its run config or artifact)."""
+    options = (data_config or {}).get("meds")
+    if isinstance(cohort, MedsSource):
+        if options is None:
+            return cohort
+        from clinfuse.config import from_dict
+
+        return replace(cohort, options=from_dict(MedsOptions, options))
+    return open_cohort(cohort, labels, sidecars, options)
