@@ -77,7 +77,8 @@ def _load_meds_tables(source: MedsSource, c: v._Cohort) -> None:
         c.report.add("error", "data/", "no Parquet shard under data/", check="missing_file")
     if data is not None:
         c.tables["events"] = data
-        c.tables["subjects"] = _subjects_of(data)
+        if data.has("subject_id"):
+            c.tables["subjects"] = _subjects_of(data)
     if source.labels is not None:
         paths = source.label_paths()
         if not paths:
@@ -104,10 +105,8 @@ def _load(
     if not paths:
         return None
     for path in paths:
-        _check_file_schema(root, path, meds_schema, report)
-    quiet = v.Report(root)  # dtype findings are the meds schema's, reported above
-    loaded = v._load_table(root, spec, quiet, paths)
-    report.extend(p for p in quiet if p.check == "unreadable")
+        _check_file_schema(root, path, meds_schema, spec, report)
+    loaded = _load_cast(root, spec, paths, report)
     if loaded is None:
         return None
     table = _Shown(**vars(loaded), shown=_shown(root, paths, spec))
@@ -120,6 +119,40 @@ def _load(
     return table
 
 
+def _load_cast(root: Path, spec: TableSpec, paths: list[Path], report: v.Report) -> v._Table | None:
+    """The files of one table, each meds column cast to its dtype as meds' ``align``
+    would (``strict=False``: a value that does not convert becomes null, and the null
+    checks name its row). Columns some file lacks are left out."""
+    want = {**spec.required, **spec.optional}
+    frames, found = [], []
+    for path in paths:
+        try:
+            lazy = pl.scan_parquet(path)
+            names = lazy.collect_schema()
+        except v._READ_ERRORS as exc:
+            msg = f"unreadable Parquet file ({v._first_line(exc)}); its checks were skipped"
+            report.add("error", v._rel(root, path), msg, check="unreadable")
+            continue
+        cols = {c: _cast(c, names[c], want[c]) for c in want if c in names}
+        rel = pl.lit(v._rel(root, path)).alias(v._FILE)
+        frames.append((lazy.with_row_index(v._ROW).with_columns(rel), cols))
+        found.append(list(names))
+    if not frames:
+        return None
+    usable = [c for c in want if all(c in cols for _, cols in frames)]
+    parts = [lf.select(v._FILE, v._ROW, *[cols[c].alias(c) for c in usable]) for lf, cols in frames]
+    raw = list(dict.fromkeys(c for names in found for c in names))
+    files = [v._rel(root, p) for p in paths]
+    return v._Table(spec, pl.concat(parts, how="vertical"), usable, files, raw)
+
+
+def _cast(column: str, got: pl.DataType, want: pl.DataType) -> pl.Expr:
+    expr = pl.col(column)
+    if isinstance(got, pl.Datetime) and got.time_zone:
+        expr = expr.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    return expr.cast(want, strict=False)
+
+
 def _shown(root: Path, paths: list[Path], spec: TableSpec) -> str:
     if spec.name == "events":
         return f"{DATA_DIR}/**/*.parquet"
@@ -127,7 +160,12 @@ def _shown(root: Path, paths: list[Path], spec: TableSpec) -> str:
     return f"{v._rel(root, folder)}/*.parquet"
 
 
-def _check_file_schema(root: Path, path: Path, meds_schema: Any, report: v.Report) -> None:
+def _check_file_schema(
+    root: Path, path: Path, meds_schema: Any, spec: TableSpec, report: v.Report
+) -> None:
+    """The meds schema's own check of one file's footer. Only a dtype that converts
+    without losing meaning (int32 -> int64, large_string -> string, a time zone) is a
+    warning, as for a cohort directory; anything else breaks the schema."""
     rel = v._rel(root, path)
     try:
         found = pq.read_schema(path)
@@ -137,7 +175,7 @@ def _check_file_schema(root: Path, path: Path, meds_schema: Any, report: v.Repor
         meds_schema.validate(found)
     except SchemaValidationError as err:
         column = _column_named(str(err), found)
-        if _aligns(meds_schema, found):  # e.g. large_string or int32: meds' align casts it
+        if _only_castable_types(str(err), found, spec):
             msg = f"accepted and cast, as meds.{meds_schema.__name__}.align does: {err}"
             report.add("warning", rel, msg, column=column, check="dtype")
         else:
@@ -145,13 +183,12 @@ def _check_file_schema(root: Path, path: Path, meds_schema: Any, report: v.Repor
             report.add("error", rel, msg, column=column, check="meds_schema")
 
 
-def _aligns(meds_schema: Any, found: pa.Schema) -> bool:
-    """Whether the meds schema's own ``align`` accepts a table of this schema (casting)."""
-    try:
-        meds_schema.align(found.empty_table())
-    except Exception:  # flexible_schema raises several types for what it cannot cast
-        return False
-    return True
+def _only_castable_types(message: str, found: pa.Schema, spec: TableSpec) -> bool:
+    if not message.startswith("Columns with incorrect types"):
+        return False  # missing or extra columns
+    got = dict(pl.from_arrow(found.empty_table()).schema)
+    want = {**spec.required, **spec.optional}
+    return all(got[c] == want[c] or v._castable(want[c], got[c]) for c in want if c in got)
 
 
 def _column_named(message: str, found: pa.Schema) -> str | None:
