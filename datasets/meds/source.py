@@ -199,19 +199,16 @@ class MedsSource:
         fills in what they do not say.
         """
         o = self.options
-        subjects = (
-            self.scan_data()
-            .group_by("subject_id")
-            .agg(
-                _static_after(o.site).alias("site"),
-                _static_after(o.ancestry).alias("ancestry"),
-                _static_after(o.sex).alias("sex"),
-                pl.col("numeric_value")
-                .filter(pl.col("time").is_null() & (pl.col("code") == o.age))
-                .first()
-                .alias("age"),
-            )
+        static = self.scan_data().filter(pl.col("time").is_null())
+        facts = static.group_by("subject_id").agg(
+            _after(o.site).alias("site"),
+            _after(o.ancestry).alias("ancestry"),
+            _after(o.sex).alias("sex"),
+            pl.col("numeric_value").filter(pl.col("code") == o.age).first().alias("age"),
         )
+        # Two light scans (ids alone, static rows alone) rather than one of every column.
+        ids = self.scan_data().select("subject_id").unique()
+        subjects = ids.join(facts, on="subject_id", how="left")
         side = self.table_paths(_SUBJECTS_SIDECAR)
         if side:
             subjects = _fill_from_sidecar(subjects, pl.scan_parquet([str(p) for p in side]))
@@ -221,11 +218,10 @@ class MedsSource:
 _SUBJECTS_SIDECAR = TableSpec("subjects_sidecar", dict(schema.SUBJECTS.required))
 
 
-def _static_after(prefix: str) -> pl.Expr:
-    """The rest of the first static code starting with ``prefix`` (``SITE//A`` -> ``A``)."""
+def _after(prefix: str) -> pl.Expr:
+    """The rest of the first code starting with ``prefix`` (``SITE//A`` -> ``A``)."""
     code = pl.col("code")
-    static = pl.col("time").is_null() & code.str.starts_with(prefix)
-    return code.filter(static).first().str.strip_prefix(prefix)
+    return code.filter(code.str.starts_with(prefix)).first().str.strip_prefix(prefix)
 
 
 def _scan_shard(path: Path) -> pl.LazyFrame:
