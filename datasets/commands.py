@@ -8,6 +8,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_simulate(subparsers)
     _register_validate(subparsers)
+    _register_labels(subparsers)
 
 
 def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
@@ -137,6 +138,31 @@ def _register_validate(subparsers: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from clinfuse.datasets.validate import main
+
+        return main(args)
+
+    p.set_defaults(func=run)
+
+
+def _register_labels(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "labels",
+        help="extract task labels from a MEDS root with ACES (es-aces)",
+        description="Run an ACES task configuration (predicates, trigger, windows) over "
+        "every shard of a MEDS root and write a MEDS label directory for --labels. ACES "
+        "runs in its own venv (it needs polars<2): `make aces` builds .venv-aces.",
+    )
+    p.add_argument("--aces", required=True, metavar="TASK.yaml", help="ACES task config")
+    p.add_argument("--cohort", required=True, metavar="MEDS_ROOT", help="the MEDS root")
+    p.add_argument("--out", required=True, metavar="DIR", help="label directory to write")
+    p.add_argument(
+        "--aces-cli",
+        metavar="PATH",
+        help="the aces-cli program (default: $CLINFUSE_ACES_CLI, PATH, .venv-aces/bin)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from clinfuse.datasets.meds.aces import main
 
         return main(args)
 
