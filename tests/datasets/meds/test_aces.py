@@ -80,3 +80,23 @@ def test_a_bad_task_fails_in_one_line_and_writes_nothing(
     assert code == 2 and len(err) == 1 and "ACES failed" in err[0]
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".labels-")]
+
+
+def test_the_documented_task_config_loads_in_aces(tmp_path):
+    """docs/meds.md's in-ICU mortality task parses with ACES's own config loader."""
+    import re
+    import subprocess
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "meds.md").read_text()
+    (block,) = re.findall(r"^```yaml\n(.*?)^```", doc, re.DOTALL | re.MULTILINE)
+    path = tmp_path / "icu_mortality_24h.yaml"
+    path.write_text(block)
+    code = (
+        "from aces.config import TaskExtractorConfig; import sys; "
+        "c = TaskExtractorConfig.load(sys.argv[1]); "
+        "print(c.trigger.predicate, c.label_window, c.index_timestamp_window)"
+    )
+    python = ACES_CLI.parent / "python"
+    done = subprocess.run([str(python), "-c", code, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["icu_admission", "target", "input"]
