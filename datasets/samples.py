@@ -22,8 +22,8 @@ from clinfuse.datasets.schema import (
     SUBJECTS,
     TIME,
     has_table,
-    image_root,
     scan,
+    sidecar_root,
     table_location,
 )
 from clinfuse.datasets.splits import (
@@ -130,7 +130,7 @@ def latest_images(cohort_dir: str | Path, samples: pl.DataFrame) -> pl.DataFrame
             {"path": [None] * samples.height, "image_age": [None] * samples.height},
             schema={"path": pl.String, "image_age": pl.Float32},
         )
-    root = str(image_root(cohort_dir).resolve())
+    root = str(sidecar_root(cohort_dir).resolve())
     images = (
         scan(cohort_dir, IMAGES)
         .select(

@@ -99,8 +99,10 @@ def as_cohort(cohort_dir: str | Path | Any) -> Path | Any:
     return MedsSource(path) if is_meds_root(path) else path
 
 
-def image_root(cohort_dir: str | Path | Any) -> Path:
-    """The folder DICOM paths in ``images`` are relative to (a MEDS root's sidecar folder)."""
+def sidecar_root(cohort_dir: str | Path | Any) -> Path:
+    """The folder of our own tables beside the events: the cohort directory, or a MEDS
+    root's sidecar folder. DICOM paths in ``images`` are relative to it; the simulator's
+    oracle lives in it."""
     source = as_cohort(cohort_dir)
     return source if isinstance(source, Path) else source.sidecar_dir
 
