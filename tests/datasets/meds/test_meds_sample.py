@@ -98,3 +98,16 @@ def test_a_generated_dataset_validates_and_builds_batches(tmp_path):
     batch = build_batch_tensors(source, samples, spec, DataConfig())
     assert batch["ts_values"].shape[0] == samples.height
     assert bool(batch["ts_present"].any())
+
+
+def test_subject_metadata_from_a_sidecar_subjects_table(
+    simple_static_MEDS_dataset_with_task, tmp_path
+):
+    """Static events say nothing of site here; a sidecar subjects.parquet fills it in."""
+    root = simple_static_MEDS_dataset_with_task
+    ids = pl.read_parquet(root / "metadata/subject_splits.parquet")["subject_id"].sort()
+    sites = ["north" if i % 2 else "south" for i in range(ids.len())]
+    pl.DataFrame({"subject_id": ids, "site": sites}).write_parquet(tmp_path / "subjects.parquet")
+    samples = load_samples(open_cohort(root, root / TASK, sidecars=tmp_path))
+    want = dict(zip(ids.to_list(), sites, strict=True))
+    assert samples["site"].to_list() == [want[s] for s in samples["subject_id"]]
