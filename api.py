@@ -20,7 +20,7 @@ from clinfuse.errors import CohortError, InputError, NotFoundError, config_error
 if TYPE_CHECKING:
     import polars as pl
 
-    from clinfuse.datasets.simulator import SimConfig
+    from clinfuse.simulation.simulator import SimConfig
 
 PathLike = str | Path
 
@@ -185,9 +185,9 @@ def simulate(path: PathLike, subjects: int = 500, seed: int = 0, **sim_options: 
     Raises:
         InputError: an unknown option or a value out of range.
     """
-    from clinfuse.datasets.simulator import SimConfig
+    from clinfuse.simulation.simulator import SimConfig
 
-    with config_errors(None, "see clinfuse.datasets.simulator.SimConfig"):
+    with config_errors(None, "see clinfuse.simulation.simulator.SimConfig"):
         try:
             cfg = SimConfig(n_subjects=subjects, seed=seed, **sim_options)
         except TypeError as err:  # an unknown keyword
@@ -197,7 +197,7 @@ def simulate(path: PathLike, subjects: int = 500, seed: int = 0, **sim_options: 
 
 def simulate_config(path: PathLike, cfg: SimConfig) -> Cohort:
     """``simulate`` from a ``SimConfig`` (what ``clinfuse simulate`` builds)."""
-    from clinfuse.datasets.simulator import simulate_cohort
+    from clinfuse.simulation.simulator import simulate_cohort
 
     return Cohort(simulate_cohort(path, cfg))
 
@@ -248,6 +248,7 @@ def evaluate(
     split: str | None = None,
     bootstrap: int = 1000,
     baseline: bool = True,
+    shifted: Cohort | PathLike | None = None,
     seed: int = 0,
 ) -> Report:
     """Metrics with bootstrap CIs, the confound audit, ``report.html`` and
@@ -260,6 +261,9 @@ def evaluate(
         split: ``held_out`` (the default when present), ``tuning``, ``train`` or ``all``.
         bootstrap: bootstrap resamples for the confidence intervals.
         baseline: also fit the gradient-boosting baseline on the run's training split.
+        shifted: a second cohort (e.g. the same world with the site or ancestry link to
+            the outcome reversed) scored on every labelled sample;
+            ``report.metrics["shift"]`` holds its AUROC and the drop.
         seed: seeds the bootstrap and the audit probes.
     """
     from clinfuse.evaluation.evaluate import evaluate as evaluate_run
@@ -269,7 +273,7 @@ def evaluate(
     source = _as_cohort(cohort).source(_run_data_config(run_dir))
     metrics = evaluate_run(
         run_dir, source, out_dir, split, n_bootstrap=bootstrap, seed=seed,
-        baseline=baseline,
+        baseline=baseline, shifted=_shifted_source(shifted, run_dir),
     )  # fmt: skip
     return Report(out_dir, metrics)
 
@@ -302,6 +306,13 @@ def score(
     with tempfile.TemporaryDirectory(prefix="clinfuse-score-") as tmp:
         score_cohort(Path(run), source, tmp, **options)
         return read_scores(tmp)
+
+
+def _shifted_source(shifted: Cohort | PathLike | None, run_dir: Path) -> Any:
+    """The shifted cohort of ``evaluate`` as the readers take it (None when not given)."""
+    if shifted is None:
+        return None
+    return _as_cohort(shifted).source(_run_data_config(run_dir))
 
 
 def _run_data_config(run: Run | PathLike) -> dict[str, Any]:

@@ -2,10 +2,13 @@
 
 Loss per step::
 
-    L = risk_loss(logit, label) + adversary_loss(site, ancestry) + model.regularization_loss()
-        + aux_weight * mean_m risk_loss(aux_head_m(embedding_m), label)   (when aux_weight > 0)
+    L = risk_loss(logit + o, label) + adversary_loss(site, ancestry) + model.regularization_loss()
+        + aux_weight * mean_m risk_loss(aux_head_m(embedding_m) + o, label)   (when aux_weight > 0)
 
-where the adversary's gradient reaches the representation through gradient
+with ``o`` the per-site / per-ancestry logit offsets of ``model.confound_offsets``
+(``fusion/offsets.py``: profiled on each batch before the step; 0 without them; in the
+training loss only, never in predictions or the validation metrics).
+The adversary's gradient reaches the representation through gradient
 reversal scaled by the DANN schedule lambda(p), p = training progress in [0, 1]
 (over the whole run, or over ``model.adversary.ramp_epochs`` epochs when set).
 With ``model.adversary.head_steps > 1`` the adversary heads first take extra
@@ -79,10 +82,12 @@ class RiskModule(L.LightningModule):
         lambd = self.model.set_progress(self._progress())
         out = self.model(batch)
         out = self._adversary_head_steps(out, batch)
-        risk = self._risk_loss(out["logit"], batch["label"])
+        offset = self.model.confound_offset(out, batch, self._pos_weight())  # (B, H) or None
+        logit = out["logit"] if offset is None else out["logit"] + offset[:, 0]
+        risk = self._risk_loss(logit, batch["label"])
         adversary, parts = self.model.adversary_loss(out, batch)
         reg = self.model.regularization_loss()
-        aux = self.model.aux_loss(out, batch["label"], self._risk_loss)
+        aux = self.model.aux_loss(out, batch["label"], self._risk_loss, offset)
         loss = risk + adversary + reg + aux
         logs = {
             "train_loss": loss,
@@ -197,9 +202,12 @@ class RiskModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
+    def _pos_weight(self) -> Tensor | None:
+        return self.pos_weight if self.optim.class_weight else None
+
     def _risk_loss(self, logit: Tensor, label: Tensor) -> Tensor:
         label = label.float()
-        pos_weight = self.pos_weight if self.optim.class_weight else None
+        pos_weight = self._pos_weight()
         if self.optim.loss == "bce":
             return F.binary_cross_entropy_with_logits(logit, label, pos_weight=pos_weight)
         if self.optim.loss == "focal":

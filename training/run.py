@@ -5,7 +5,9 @@
     provenance.json      code version, package versions, sha256 of every cohort file
     data_spec.yaml       the DataSpec fitted on the train split
     checkpoints/         best.ckpt and last.ckpt (Lightning; load with weights_only=True);
-                         erased.ckpt when confounds are erased (best + eraser + refitted head)
+                         erased.ckpt when confounds are erased (best + eraser + refitted head);
+                         each with a NAME.sha256 beside it, checked before the file is read
+                         (``training.checkpoints``)
     logs/                metrics.csv and TensorBoard events
     model/               the exported artifact (model.safetensors, artifact.json, artifact.sha256)
     .clinfuse.lock       while a process writes the run: its pid and host (integrity.locks)
@@ -42,6 +44,11 @@ from clinfuse.progress import format_seconds, interactive
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import save_artifact
 from clinfuse.training.calibration import apply_temperature, fit_temperature
+from clinfuse.training.checkpoints import (
+    VerifiedCheckpointIO,
+    load_checkpoint,
+    verify_checkpoint,
+)
 from clinfuse.training.config import OptimConfig, RunConfig, run_cohort
 from clinfuse.training.module import RiskModule
 from clinfuse.training.predict import collect_predictions
@@ -99,6 +106,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
 
     Raises:
         LockHeldError: another process is writing ``run_dir``.
+        IntegrityError: on resume, ``last.ckpt`` differs from the sha256 recorded when it
+            was written (``training.checkpoints``); nothing in ``run_dir`` is changed.
     """
     with output_lock(run_dir):  # one writer per run directory
         return _train(cfg, Path(run_dir), resume)
@@ -106,6 +115,10 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
 
 def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     failed_before = cache_failures()  # damaged cache entries, recomputed, in this process
+    last = run / "checkpoints" / "last.ckpt"
+    resuming = resume and last.is_file()
+    if resuming:
+        verify_checkpoint(last)  # before anything in the run directory changes
     if not cfg.cohort:
         raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
     _check_selection_window(cfg)
@@ -123,14 +136,12 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
         module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
     trainer, checkpoint = build_trainer(cfg, run)
-    last = run / "checkpoints" / "last.ckpt"
-    resuming = resume and last.is_file()
     if resuming:
         _keep_earlier_metrics(run)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resuming else None)
 
     best = checkpoint.best_model_path or str(last)
-    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    state = load_checkpoint(best)["state_dict"]
     module.load_state_dict(state)
     erasure = erase_confounds(module, dm)
     if erasure:
@@ -317,6 +328,7 @@ def build_trainer(
         enable_progress_bar=bars,
         enable_model_summary=False,
         default_root_dir=run,
+        plugins=[VerifiedCheckpointIO()],  # sha256 beside each checkpoint, checked on load
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs), checkpoint

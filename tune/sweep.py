@@ -47,6 +47,7 @@ from clinfuse.encoders import create_encoder
 from clinfuse.errors import InputError, IntegrityError, NotFoundError
 from clinfuse.integrity.checksums import write_parquet
 from clinfuse.integrity.locks import output_lock
+from clinfuse.training.checkpoints import load_checkpoint
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import export_artifact, first_selected_epoch
@@ -344,7 +345,7 @@ def export_best(results: Any, base: dict[str, Any], dm: CohortDataModule, out: P
     with checkpoint.as_directory() as folder:
         from clinfuse.tune.trainable import CHECKPOINT_FILE
 
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
     module.load_state_dict(state["state_dict"])
     module.eval()
     out.mkdir(parents=True, exist_ok=True)

@@ -202,8 +202,8 @@ def _empty(folder: Path) -> None:
 
 def simulate_meds_main(args) -> int:
     """``clinfuse simulate --format meds``: writes the three folders, prints a summary."""
-    from clinfuse.datasets.simulator import config_from_args
     from clinfuse.errors import config_errors
+    from clinfuse.simulation.simulator import config_from_args
 
     with config_errors(None, "see clinfuse simulate --help"):
         cfg = config_from_args(args)

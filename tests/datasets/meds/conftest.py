@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from clinfuse.api import Cohort
-from clinfuse.datasets.simulator import SimConfig
+from clinfuse.simulation.simulator import SimConfig
 
 SIM = dict(n_subjects=120, image_size=32, seed=3, progress=False)
 
@@ -29,7 +29,7 @@ def sim_meds(tmp_path_factory) -> Cohort:
 @pytest.fixture(scope="session")
 def sim_cohort(tmp_path_factory) -> Path:
     """The same simulated subjects as a cohort directory."""
-    from clinfuse.datasets.simulator import simulate_cohort
+    from clinfuse.simulation.simulator import simulate_cohort
 
     return simulate_cohort(tmp_path_factory.mktemp("sim_cohort") / "cohort", SimConfig(**SIM))
 
