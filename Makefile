@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test test-all lint bench bench-peers clean
+.PHONY: install demo test test-all lint bench bench-peers aces clean
 
 install: $(STAMP)
 
@@ -26,10 +26,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/clinfuse demo --out $(DEMO_DIR)
 
-test: install
+test: install aces
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: install
+test-all: install aces
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -48,6 +48,16 @@ $(PEERS_VENV)/.installed:
 
 bench-peers: install $(PEERS_VENV)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_timeseries.py $(BENCH_ARGS)
+
+# ACES (es-aces) pins polars<2, which our polars pin excludes: `clinfuse labels --aces`
+# runs its aces-cli from this venv (docs/meds.md).
+ACES_VENV := .venv-aces
+$(ACES_VENV)/.installed:
+	test -x $(ACES_VENV)/bin/python || $(PYTHON) -m venv $(ACES_VENV)
+	$(ACES_VENV)/bin/python -m pip install --quiet "es-aces==0.7.3" "polars==1.44.2"
+	touch $@
+
+aces: $(ACES_VENV)/.installed
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

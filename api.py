@@ -27,21 +27,35 @@ PathLike = str | Path
 
 @dataclass(frozen=True)
 class Cohort:
-    """A cohort directory (``docs/cohort-format.md``); get one from ``Cohort.open`` or
-    ``simulate``.
+    """A cohort directory (``docs/cohort-format.md``) or a MEDS root with its label
+    directory and sidecars (``docs/meds.md``); get one from ``Cohort.open`` or ``simulate``.
 
     Attributes:
-        path: the directory.
+        path: the cohort directory or MEDS root.
+        labels: a MEDS root's label directory (None for a cohort directory).
+        sidecars: a MEDS root's images/genotypes/markers folder (None: the root).
     """
 
     path: Path
+    labels: Path | None = None
+    sidecars: Path | None = None
 
     @classmethod
-    def open(cls, path: PathLike, *, pixels: bool = False) -> Cohort:
-        """Checks a cohort directory against the contract and returns it.
+    def open(
+        cls,
+        path: PathLike,
+        *,
+        labels: PathLike | None = None,
+        sidecars: PathLike | None = None,
+        pixels: bool = False,
+    ) -> Cohort:
+        """Checks a cohort directory, or a MEDS root (detected by its ``data/`` and
+        ``metadata/`` folders) with its labels and sidecars, and returns it.
 
         Args:
-            path: the cohort directory.
+            path: the cohort directory or MEDS root.
+            labels: a MEDS root's label directory.
+            sidecars: a MEDS root's folder of images/genotypes/markers tables.
             pixels: also decode every DICOM film (slow); by default headers only, as
                 training does.
 
@@ -50,19 +64,47 @@ class Cohort:
         """
         from clinfuse.datasets.validate import validate_cohort
 
-        report = validate_cohort(path, pixels=pixels)
+        cohort = cls(
+            Path(path),
+            Path(labels) if labels is not None else None,
+            Path(sidecars) if sidecars is not None else None,
+        )
+        report = validate_cohort(cohort.source(), pixels=pixels)
         if not report.ok:
             n = len(report.errors)
             raise CohortError(
                 f"the cohort breaks the contract ({n} error{'s' if n > 1 else ''})",
                 path,
-                "fix the files named, see docs/cohort-format.md",
+                "fix the files named, see docs/cohort-format.md or docs/meds.md",
                 problems=[" ".join(str(p).split()) for p in report.errors],
             )
-        return cls(Path(path))
+        return cohort
+
+    @property
+    def is_meds(self) -> bool:
+        """Whether ``path`` is a MEDS root."""
+        from clinfuse.datasets.meds import is_meds_root
+
+        return is_meds_root(self.path)
+
+    def source(self, data_config: Mapping[str, Any] | None = None) -> Any:
+        """What the readers take: the directory, or a ``datasets.meds.MedsSource`` built
+        with the MEDS options of ``data_config`` (a run's ``data`` section)."""
+        from clinfuse.datasets.meds.source import cohort_for_model
+
+        return cohort_for_model(self.path, self.labels, self.sidecars, dict(data_config or {}))
 
     def __fspath__(self) -> str:
         return str(self.path)
+
+
+def _as_cohort(cohort: Cohort | PathLike | Any) -> Cohort:
+    """A ``Cohort`` from a Cohort, a path, or a ``MedsSource``."""
+    if isinstance(cohort, Cohort):
+        return cohort
+    if hasattr(cohort, "scan_table"):  # a datasets.meds.MedsSource
+        return Cohort(cohort.root, cohort.labels, cohort.sidecars)
+    return Cohort(Path(cohort))
 
 
 @dataclass(frozen=True)
@@ -220,7 +262,10 @@ def train(
         )
     cfg = load_run_config(config, override_items(overrides))
     if cohort is not None:
-        cfg.cohort = str(Path(cohort))
+        chosen = _as_cohort(cohort)
+        cfg.cohort = str(chosen.path)
+        cfg.labels = str(chosen.labels) if chosen.labels is not None else cfg.labels
+        cfg.sidecars = str(chosen.sidecars) if chosen.sidecars is not None else cfg.sidecars
     if ray_address:
         from clinfuse.training.distributed import RayTrainOptions, train_on_ray
 
@@ -260,9 +305,10 @@ def evaluate(
 
     run_dir = Path(run)
     out_dir = Path(out) if out else run_dir / "evaluation"
+    source = _as_cohort(cohort).source(_run_data_config(run_dir))
     metrics = evaluate_run(
-        run_dir, Path(cohort), out_dir, split, n_bootstrap=bootstrap, seed=seed,
-        baseline=baseline, shifted=Path(shifted) if shifted is not None else None,
+        run_dir, source, out_dir, split, n_bootstrap=bootstrap, seed=seed,
+        baseline=baseline, shifted=_shifted_source(shifted, run_dir),
     )  # fmt: skip
     return Report(out_dir, metrics)
 
@@ -288,12 +334,41 @@ def score(
     """
     from clinfuse.scoring.score import read_scores, score_cohort
 
+    source = _as_cohort(cohort).source(_artifact_data_config(run))
     if out is not None:
-        score_cohort(Path(run), Path(cohort), out, **options)
+        score_cohort(Path(run), source, out, **options)
         return read_scores(out)
     with tempfile.TemporaryDirectory(prefix="clinfuse-score-") as tmp:
-        score_cohort(Path(run), Path(cohort), tmp, **options)
+        score_cohort(Path(run), source, tmp, **options)
         return read_scores(tmp)
+
+
+def _shifted_source(shifted: Cohort | PathLike | None, run_dir: Path) -> Any:
+    """The shifted cohort of ``evaluate`` as the readers take it (None when not given)."""
+    if shifted is None:
+        return None
+    return _as_cohort(shifted).source(_run_data_config(run_dir))
+
+
+def _run_data_config(run: Run | PathLike) -> dict[str, Any]:
+    """The ``data`` section of a run's resolved ``config.yaml`` ({} when absent)."""
+    from clinfuse.config import load_yaml
+
+    path = Path(run) / "config.yaml"
+    return dict(load_yaml(path).get("data") or {}) if path.is_file() else {}
+
+
+def _artifact_data_config(model: Run | PathLike) -> dict[str, Any]:
+    """The data config recorded in a model artifact ({} when unreadable: scoring then
+    reports the artifact's problem itself)."""
+    from clinfuse.scoring.score import resolve_artifact_dir
+    from clinfuse.training.artifact import META
+
+    try:
+        meta = json.loads((resolve_artifact_dir(Path(model)) / META).read_text())
+    except (OSError, ValueError):
+        return {}
+    return dict(meta.get("data_config") or {})
 
 
 def override_items(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:

@@ -50,6 +50,15 @@ OUT = option("--out")
 OVERRIDES = option("overrides", nargs="*", metavar="key=value", help="config overrides")
 RESUME = option("--resume", action="store_true")
 NO_PROGRESS = option("--no-progress", dest="progress", action="store_false", help="no progress bar")
+# What a MEDS root needs beside it (docs/meds.md).
+LABELS = option(
+    "--labels",
+    metavar="DIR",
+    help="MEDS roots: the label directory (subject_id, prediction_time, boolean_value)",
+)
+SIDECARS = option("--sidecars", metavar="DIR",
+                  help="MEDS roots: folder of images.parquet (+ DICOM), genotypes.parquet, "
+                  "markers.parquet, subjects.parquet (default: the MEDS root)")  # fmt: skip
 
 
 def add_command(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from clinfuse.config import save_yaml
 from clinfuse.datasets.events import events_to_tensors
 from clinfuse.datasets.images import ImageLoader
+from clinfuse.datasets.meds.options import MedsOptions
 from clinfuse.datasets.samples import (
     genotype_tensors,
     latest_images,
@@ -34,7 +35,7 @@ from clinfuse.datasets.samples import (
     scan_events,
     window_events,
 )
-from clinfuse.datasets.schema import GENOTYPES, MARKERS, SPLITS, has_table, scan
+from clinfuse.datasets.schema import GENOTYPES, MARKERS, SPLITS, as_cohort, has_table, scan
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.datasets.splits import DEFAULT_FRACTIONS, subsample_train
 
@@ -60,6 +61,7 @@ class DataConfig:
         genotype_pcs: principal axes of the training dosages to store in the DataSpec
             (0 = none), for ancestry adjustment in the genotype encoder.
         cache_dir: decoded-image cache; None -> ``run_dir/image_cache`` or memory.
+        meds: for a MEDS root, which codes become channels and subject metadata.
     """
 
     batch_size: int = 32
@@ -73,6 +75,7 @@ class DataConfig:
     image_policy: str = "latest"
     cache_dir: str | None = None
     genotype_pcs: int = 0
+    meds: MedsOptions = field(default_factory=MedsOptions)
 
     def __post_init__(self) -> None:
         if self.image_policy != "latest":
@@ -323,7 +326,7 @@ class CohortDataModule(L.LightningDataModule):
         spec: DataSpec | None = None,
     ) -> None:
         super().__init__()
-        self.cohort_dir = Path(cohort_dir)
+        self.cohort_dir = as_cohort(cohort_dir)
         self.cfg = cfg or DataConfig()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.spec = spec

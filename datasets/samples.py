@@ -14,7 +14,18 @@ import numpy as np
 import polars as pl
 import torch
 
-from clinfuse.datasets.schema import EVENTS, IMAGES, LABELS, SUBJECTS, TIME, has_table, scan
+from clinfuse.datasets.schema import (
+    EVENTS,
+    IMAGES,
+    LABELS,
+    SUBJECT_SPLITS,
+    SUBJECTS,
+    TIME,
+    has_table,
+    scan,
+    sidecar_root,
+    table_location,
+)
 from clinfuse.datasets.splits import (
     DEFAULT_FRACTIONS,
     assign_splits,
@@ -51,7 +62,7 @@ def load_samples(
     else:
         samples, splits = pl.collect_all([lazy, split_scan])
         _check_subjects(cohort_dir, samples)
-        check_splits(splits, str(Path(cohort_dir) / "subject_splits.parquet"))
+        check_splits(splits, table_location(cohort_dir, SUBJECT_SPLITS))
     samples = samples.join(splits, on="subject_id", how="left", maintain_order="left")
     _check_sample_splits(cohort_dir, samples)
     return samples.select(SAMPLE_COLUMNS)
@@ -119,7 +130,7 @@ def latest_images(cohort_dir: str | Path, samples: pl.DataFrame) -> pl.DataFrame
             {"path": [None] * samples.height, "image_age": [None] * samples.height},
             schema={"path": pl.String, "image_age": pl.Float32},
         )
-    root = str(Path(cohort_dir).resolve())
+    root = str(sidecar_root(cohort_dir).resolve())
     images = (
         scan(cohort_dir, IMAGES)
         .select(
@@ -193,20 +204,22 @@ def check_not_empty(path: str | Path, rows: pl.DataFrame, what: str = "label") -
 
 
 def _check_subjects(cohort_dir: str | Path, samples: pl.DataFrame) -> None:
-    check_not_empty(Path(cohort_dir) / "labels.parquet", samples)
+    labels = table_location(cohort_dir, LABELS)
+    check_not_empty(labels, samples)
     missing = samples.filter(pl.col("_has_subject").is_null()).sort("_label_row")
     if missing.height:
         row = missing.row(0, named=True)
+        n_subjects = missing["subject_id"].n_unique()
         raise InputError(
-            f"{Path(cohort_dir) / 'labels.parquet'}: row {row['_label_row']} has subject_id "
-            f"{row['subject_id']}, which has no row in subjects.parquet "
-            f"({missing.height} label row(s) affected)",
+            f"{labels}: row {row['_label_row']} has subject_id "
+            f"{row['subject_id']}, which has no row in {table_location(cohort_dir, SUBJECTS)} "
+            f"({missing.height} label row(s) of {n_subjects} subject(s) affected)",
             fix="run `clinfuse validate COHORT` and fix the file",
         )
     bad = samples.filter(pl.col("label").is_null()).sort("_label_row")
     if bad.height:
         raise InputError(
-            f"{Path(cohort_dir) / 'labels.parquet'}: column boolean_value is null at row "
+            f"{labels}: column boolean_value is null at row "
             f"{bad['_label_row'][0]} (subject_id {bad['subject_id'][0]})",
             fix="run `clinfuse validate COHORT` and fix the file",
         )
@@ -216,7 +229,7 @@ def _check_sample_splits(cohort_dir: str | Path, samples: pl.DataFrame) -> None:
     missing = samples.filter(pl.col("split").is_null())
     if missing.height:
         raise InputError(
-            f"{Path(cohort_dir) / 'subject_splits.parquet'}: subject_id "
+            f"{table_location(cohort_dir, SUBJECT_SPLITS)}: subject_id "
             f"{missing['subject_id'][0]} has labels but no split",
             fix="run `clinfuse validate COHORT` and fix the file",
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -87,9 +88,43 @@ TABLES: tuple[TableSpec, ...] = (
 ORACLE_FILE = "oracle.parquet"  # simulator ground truth; never read by training
 
 
-def table_paths(cohort_dir: str | Path, spec: TableSpec) -> list[Path]:
+def as_cohort(cohort_dir: str | Path | Any) -> Path | Any:
+    """A cohort directory as a Path; a MEDS root (``data/`` + ``metadata/``) as a
+    ``datasets.meds.MedsSource``; a MedsSource as itself. Every reader below takes either."""
+    if hasattr(cohort_dir, "scan_table"):
+        return cohort_dir
+    path = Path(cohort_dir)
+    from clinfuse.datasets.meds.source import MedsSource, is_meds_root
+
+    return MedsSource(path) if is_meds_root(path) else path
+
+
+def sidecar_root(cohort_dir: str | Path | Any) -> Path:
+    """The folder of our own tables beside the events: the cohort directory, or a MEDS
+    root's sidecar folder. DICOM paths in ``images`` are relative to it; the simulator's
+    oracle lives in it."""
+    source = as_cohort(cohort_dir)
+    return source if isinstance(source, Path) else source.sidecar_dir
+
+
+def table_location(cohort_dir: str | Path | Any, spec: TableSpec) -> str:
+    """The file to name in a message about one table."""
+    source = as_cohort(cohort_dir)
+    if isinstance(source, Path):
+        return str(source / f"{spec.name}.parquet")
+    return source.where(spec)
+
+
+def table_paths(cohort_dir: str | Path | Any, spec: TableSpec) -> list[Path]:
     """The Parquet file(s) holding ``spec`` in a cohort: ``name.parquet`` or ``name/*.parquet``."""
-    root = Path(cohort_dir)
+    source = as_cohort(cohort_dir)
+    if not isinstance(source, Path):
+        return source.table_paths(spec)
+    return dir_table_paths(source, spec)
+
+
+def dir_table_paths(root: Path, spec: TableSpec) -> list[Path]:
+    """``table_paths`` in a cohort directory (never a MEDS root)."""
     single = root / f"{spec.name}.parquet"
     if single.is_file():
         return [single]
@@ -99,18 +134,21 @@ def table_paths(cohort_dir: str | Path, spec: TableSpec) -> list[Path]:
     return []
 
 
-def scan(cohort_dir: str | Path, spec: TableSpec) -> pl.LazyFrame:
+def scan(cohort_dir: str | Path | Any, spec: TableSpec) -> pl.LazyFrame:
     """A lazy scan of one table. Raises NotFoundError (a FileNotFoundError) naming the file
     when absent."""
-    paths = table_paths(cohort_dir, spec)
+    source = as_cohort(cohort_dir)
+    if not isinstance(source, Path):
+        return source.scan_table(spec)
+    paths = dir_table_paths(source, spec)
     if not paths:
         raise NotFoundError(
-            f"{Path(cohort_dir) / (spec.name + '.parquet')}: no such file "
+            f"{source / (spec.name + '.parquet')}: no such file "
             f"(nor a folder {spec.name}/ of Parquet files)",
             fix="check the cohort directory (docs/cohort-format.md)",
         )
     return pl.scan_parquet([str(p) for p in paths])
 
 
-def has_table(cohort_dir: str | Path, spec: TableSpec) -> bool:
+def has_table(cohort_dir: str | Path | Any, spec: TableSpec) -> bool:
     return bool(table_paths(cohort_dir, spec))

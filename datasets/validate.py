@@ -318,9 +318,12 @@ def _report_absent(spec: TableSpec, report: Report) -> None:
         report.add("info", name, "optional file absent", check="missing_file")
 
 
-def _load_table(root: Path, spec: TableSpec, report: Report) -> _Table | None:
-    """Scan every file of ``spec``; the usable columns are those every file got right."""
-    paths = schema.table_paths(root, spec)
+def _load_table(
+    root: Path, spec: TableSpec, report: Report, paths: list[Path] | None = None
+) -> _Table | None:
+    """Scan every file of ``spec`` (or ``paths``); the usable columns are those every file
+    got right."""
+    paths = schema.dir_table_paths(root, spec) if paths is None else paths
     if not paths:
         _report_absent(spec, report)
         return None
@@ -476,9 +479,9 @@ def _examples(keep: list[str], mask: str, column: str) -> pl.Expr:
     return pl.struct(*first, value.alias(_VALUE)).implode()
 
 
-def _run_row_checks(t: _Table, report: Report) -> None:
-    """Evaluate every row check of one table in a single pass over its data."""
-    checks = _row_checks(t)
+def _run_row_checks(t: _Table, report: Report, checks: list[_RowCheck] | None = None) -> None:
+    """Evaluate every row check of one table (default ``_row_checks``) in one pass over its data."""
+    checks = _row_checks(t) if checks is None else checks
     keep = [_FILE, _ROW, *(["subject_id"] if t.has("subject_id") else [])]
     masks = [chk.mask.alias(f"m{i}") for i, chk in enumerate(checks)]  # each evaluated once
     exprs = []
@@ -871,6 +874,11 @@ def validate_cohort(cohort_dir: str | Path, *, pixels: bool = True) -> Report:
     Returns:
         Every problem found; ``report.ok`` is False when any is an error.
     """
+    source = schema.as_cohort(cohort_dir)
+    if not isinstance(source, Path):
+        from clinfuse.datasets.meds.validate import validate_meds
+
+        return validate_meds(source, pixels=pixels)
     root = Path(cohort_dir)
     report = Report(root)
     if not root.is_dir():
@@ -884,8 +892,14 @@ def validate_cohort(cohort_dir: str | Path, *, pixels: bool = True) -> Report:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``clinfuse validate COHORT [--json PATH] [--no-pixels]``: 1 on errors, else 0."""
-    report = validate_cohort(args.cohort, pixels=not getattr(args, "no_pixels", False))
+    """``clinfuse validate COHORT [--labels DIR] [--sidecars DIR] [--json PATH] [--no-pixels]``:
+    1 on errors, else 0."""
+    from clinfuse.datasets.meds import open_cohort
+
+    cohort = open_cohort(
+        args.cohort, getattr(args, "labels", None), getattr(args, "sidecars", None)
+    )
+    report = validate_cohort(cohort, pixels=not getattr(args, "no_pixels", False))
     print(report.format())
     if getattr(args, "json", None):
         report.write_json(args.json)

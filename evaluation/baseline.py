@@ -309,6 +309,7 @@ def fit_run_baseline(
     """
     from clinfuse.config import load_yaml, to_dict
     from clinfuse.datasets.datamodule import config_from_dict, load_spec
+    from clinfuse.datasets.meds import open_cohort
     from clinfuse.datasets.samples import load_samples
     from clinfuse.datasets.splits import subsample_train
 
@@ -325,7 +326,10 @@ def fit_run_baseline(
         }
         film_cache = data.cache_dir or (run / "image_cache")
         image = ImageFeatureSource(encoder_cfg, spec.image_size, film_cache)
-    samples = load_samples(config["cohort"], data.split_fractions, data.split_seed)
+    cohort = open_cohort(
+        config["cohort"], config.get("labels") or None, config.get("sidecars") or None, data.meds
+    )
+    samples = load_samples(cohort, data.split_fractions, data.split_seed)
     samples = subsample_train(samples, data.label_fraction, data.split_seed)
     modalities = tuple(model.modalities)
-    return fit_baseline(config["cohort"], samples, spec, modalities, image, cfg, seed)
+    return fit_baseline(cohort, samples, spec, modalities, image, cfg, seed)

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from clinfuse.datasets.schema import ORACLE_FILE
+from clinfuse.datasets.schema import ORACLE_FILE, sidecar_root
 from clinfuse.errors import InputError
 from clinfuse.evaluation.audit import run_audit
 from clinfuse.evaluation.metrics import (
@@ -173,7 +173,7 @@ def _oracle(cohort_dir, samples: pl.DataFrame, y: np.ndarray) -> dict[str, Any]:
 def _oracle_rows(cohort_dir, samples: pl.DataFrame, columns: list[str]) -> pl.DataFrame | None:
     """``columns`` of ``oracle.parquet`` aligned to ``samples`` (null for subjects it does
     not list), or None when the cohort has no oracle."""
-    path = Path(cohort_dir) / ORACLE_FILE
+    path = sidecar_root(cohort_dir) / ORACLE_FILE
     if not path.is_file():
         return None
     oracle = pl.read_parquet(path, columns=["subject_id", *columns]).unique("subject_id")
@@ -263,7 +263,7 @@ def _risk_factors(cohort_dir, samples: pl.DataFrame) -> np.ndarray | None:
 
     Subjects the oracle does not list get NaN rows (left out of that probe).
     """
-    path = Path(cohort_dir) / ORACLE_FILE
+    path = sidecar_root(cohort_dir) / ORACLE_FILE
     if not path.is_file():
         return None
     missing = [c for c in RISK_FACTORS if c not in pl.read_parquet_schema(path)]
@@ -302,7 +302,7 @@ def _group_selection(art: ModelArtifact, cohort_dir) -> dict[str, Any]:
         return {}
     selected = encoder.selected_groups()
     out: dict[str, Any] = {"selected_groups": selected, "n_groups": len(art.spec.groups)}
-    truth = Path(cohort_dir) / "oracle_groups.parquet"
+    truth = sidecar_root(cohort_dir) / "oracle_groups.parquet"
     if truth.is_file():
         from clinfuse.encoders.genomics import group_selection_metrics
 

@@ -15,8 +15,19 @@ import shlex
 import signal
 import sys
 from datetime import datetime
+from pathlib import Path
 
-from clinfuse.cli_options import COHORT, NO_PROGRESS, OUT, RESUME, add_command, option, values_for
+from clinfuse.cli_options import (
+    COHORT,
+    LABELS,
+    NO_PROGRESS,
+    OUT,
+    RESUME,
+    SIDECARS,
+    add_command,
+    option,
+    values_for,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,8 +50,13 @@ def _positive(text: str) -> int:
 
 _OPTIONS = [
     option("model", help="model artifact directory (run_dir/model) or a run directory"),
-    COHORT(required=True, help="cohort directory to score"),
+    COHORT(required=True, help="cohort directory or MEDS root to score"),
+    LABELS,
+    SIDECARS,
     OUT(required=True, help="output directory (a Parquet dataset)"),
+    option("--format", choices=("parquet", "meds"), default="parquet",
+           help="meds: also write OUT/meds_predictions/predictions.parquet in the "
+           "MEDS-evaluation schema (needs labels) (parquet)"),
     option("--at", type=_timestamp,
            help="score every subject at this time (ISO 8601), not labels"),
     option("--chunk-size", type=int, default=1000, help="subjects per chunk (1000)"),
@@ -100,25 +116,49 @@ _SCORE_OPTIONS = (
 
 
 def _score(args: argparse.Namespace) -> dict:
+    from clinfuse.api import Cohort, _artifact_data_config
+    from clinfuse.errors import InputError
+
+    if args.format == "meds" and args.at is not None:
+        raise InputError("--format meds needs label rows; it cannot be used with --at")
+    labels, sidecars = (Path(a) if a else None for a in (args.labels, args.sidecars))
+    cohort = Cohort(Path(args.cohort), labels, sidecars).source(_artifact_data_config(args.model))
     options = values_for(args, _SCORE_OPTIONS)
     if args.ray_address:
         from clinfuse.scoring.ray_scoring import score_with_ray
 
         summary = score_with_ray(
-            args.model, args.cohort, args.out, address=args.ray_address,
+            args.model, cohort, args.out, address=args.ray_address,
             num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor, **options,
         )  # fmt: skip
     else:
         from clinfuse.scoring.score import score_cohort
 
         summary = score_cohort(
-            args.model, args.cohort, args.out, workers=args.workers, prefetch=args.prefetch,
+            args.model, cohort, args.out, workers=args.workers, prefetch=args.prefetch,
             **options,
         )  # fmt: skip
+    if args.format == "meds" and not summary["failed_rows"]:
+        summary["meds_predictions"] = _write_meds(args, cohort)
     return summary
 
 
+def _write_meds(args: argparse.Namespace, cohort) -> str:
+    import json
+
+    from clinfuse.datasets.meds.predictions import write_meds_predictions
+    from clinfuse.scoring.score import resolve_artifact_dir
+    from clinfuse.training.artifact import META
+
+    meta = json.loads((resolve_artifact_dir(args.model) / META).read_text())
+    path, rows, left_out = write_meds_predictions(args.out, cohort, meta.get("threshold", 0.5))
+    skipped = f" ({left_out} label rows with a scoring error left out)" if left_out else ""
+    return f"{rows} MEDS prediction rows in {path}{skipped}"
+
+
 def _report(summary: dict) -> None:
+    if "meds_predictions" in summary:
+        print(summary["meds_predictions"])
     rescored = summary.get("parts_rescored", 0)
     again = f", {rescored} failed their checksum and were re-scored" if rescored else ""
     if retried := summary.get("parts_retried", 0):

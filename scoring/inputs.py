@@ -22,7 +22,7 @@ from torch import Tensor
 
 from clinfuse.datasets.images import file_identity
 from clinfuse.datasets.samples import check_not_empty
-from clinfuse.datasets.schema import LABELS, SUBJECTS, TIME, TableSpec, scan
+from clinfuse.datasets.schema import LABELS, SUBJECTS, TIME, TableSpec, scan, table_location
 from clinfuse.encoders.embedding_cache import FileFeatureStore
 from clinfuse.errors import InputError
 from clinfuse.scoring.failures import CohortUnreadable, is_file_level
@@ -62,9 +62,8 @@ def naming_file(cohort_dir: str | Path, spec: TableSpec) -> Iterator[None]:
         yield
     except (pl.exceptions.PolarsError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        where = Path(cohort_dir) / f"{spec.name}.parquet"
         raise (CohortUnreadable if is_file_level(err) else InputError)(
-            f"{where}: cannot be read ({type(err).__name__}: {first})",
+            f"{table_location(cohort_dir, spec)}: cannot be read ({type(err).__name__}: {first})",
             fix=f"run `clinfuse validate {cohort_dir}`",
         ) from err
 

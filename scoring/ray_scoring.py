@@ -132,7 +132,9 @@ def score_with_ray(
         run.plan, run.pending = plan, pending
         actor_kwargs = dict(
             model_dir=str(resolve_artifact_dir(model)),
-            cohort_dir=str(Path(cohort_dir).resolve()),
+            cohort_dir=cohort_dir.resolve_paths()  # a MEDS root, its labels and sidecars
+            if hasattr(cohort_dir, "resolve_paths")
+            else str(Path(cohort_dir).resolve()),
             out_dir=str(Path(out_dir).resolve()),
             plan=plan,
             scorer_kwargs=dict(

@@ -30,7 +30,7 @@ from clinfuse.datasets.samples import (
     scan_events,
     window_events,
 )
-from clinfuse.datasets.schema import EVENTS, GENOTYPES, IMAGES, has_table, scan
+from clinfuse.datasets.schema import EVENTS, GENOTYPES, IMAGES, as_cohort, has_table, scan
 from clinfuse.errors import InputError
 from clinfuse.scoring.failures import CohortUnreadable, ScoredChunk, is_input_fault
 from clinfuse.scoring.fingerprints import (
@@ -106,7 +106,7 @@ class ChunkScorer:
                 raise InputError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(int(threads))
         self.artifact = artifact
-        self.cohort_dir = Path(cohort_dir)
+        self.cohort_dir = as_cohort(cohort_dir)
         self.spec = artifact.spec
         self.target_prevalence = target_prevalence
         self.batch_size = int(batch_size)

@@ -20,6 +20,10 @@ def _simulate(args: argparse.Namespace) -> int:
     from --seed: a test cohort of the same world uses another --seed with the same
     --world-seed.
     """
+    if args.format == "meds":
+        from clinfuse.datasets.meds.export import simulate_meds_main
+
+        return simulate_meds_main(args)
     from clinfuse.simulation.simulator import main
 
     return main(args)
@@ -57,6 +61,9 @@ _OPTIONS = [
            help="share of subjects never genotyped (0)"),
     option("--horizon-hours", type=float, default=48.0, help="outcome horizon (48)"),
     NO_PROGRESS,
+    option("--format", choices=("cohort", "meds"), default="cohort",
+           help="cohort: a cohort directory; meds: OUT/meds (a MEDS root), OUT/labels (its "
+           "label directory) and OUT/sidecars (images, genotypes, markers, oracle) (cohort)"),
     option("--report", action="store_true",
            help="print the oracle AUROC and per-modality ceilings (logistic regressions on "
            "the latent factors)"),

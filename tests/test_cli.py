@@ -29,7 +29,7 @@ def test_every_command_help_is_the_one_docs_cli_md_shows(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")  # the width docs/_gen_cli.py prints at
     page = (REPO / "docs" / "cli.md").read_text()
     commands = dict(_commands(build_parser()))
-    assert len(commands) == 9 and "clinfuse weights verify" in commands
+    assert len(commands) == 10 and "clinfuse weights verify" in commands
     for name, parser in commands.items():
         assert parser.format_help().strip() in page, f"{name}: run python docs/_gen_cli.py"
 

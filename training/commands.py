@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from clinfuse.cli_options import COHORT, CONFIG, OUT, OVERRIDES, RESUME, add_command, option
+from clinfuse.cli_options import (
+    COHORT,
+    CONFIG,
+    LABELS,
+    OUT,
+    OVERRIDES,
+    RESUME,
+    SIDECARS,
+    add_command,
+    option,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _train,
         [
             CONFIG,
-            COHORT,
+            COHORT(help="cohort directory or MEDS root (overrides cohort= in the config)"),
+            LABELS,
+            SIDECARS,
             option("--run-dir", required=True, help="run directory to write"),
             RESUME(help="continue from checkpoints/last.ckpt"),
             OVERRIDES,
@@ -39,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _evaluate,
         [
             option("run_dir", help="run directory written by clinfuse train"),
-            COHORT(required=True, help="cohort directory to evaluate on"),
+            COHORT(required=True, help="cohort directory or MEDS root to evaluate on"),
+            LABELS,
+            SIDECARS,
             OUT(help="output directory (default RUN_DIR/evaluation)"),
             option("--split", help="held_out (default when present), tuning, train or all"),
             option("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs"),
@@ -74,7 +89,7 @@ def _train(args: argparse.Namespace) -> int:
     from clinfuse.api import train
 
     run = train(
-        args.cohort, args.config, run_dir=args.run_dir, overrides=args.overrides,
+        _cohort(args), args.config, run_dir=args.run_dir, overrides=args.overrides,
         resume=args.resume, ray_address=args.ray_address, num_workers=args.num_workers,
         gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
         max_failures=args.max_failures, placement_strategy=args.placement_strategy,
@@ -93,7 +108,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from clinfuse.api import evaluate
 
     report = evaluate(
-        args.run_dir, args.cohort, args.out, split=args.split, bootstrap=args.bootstrap,
+        args.run_dir, _cohort(args), args.out, split=args.split, bootstrap=args.bootstrap,
         baseline=not args.no_baseline, shifted=args.shifted,
     )  # fmt: skip
     print(_summary_line(report.metrics))
@@ -109,6 +124,20 @@ def _demo(args: argparse.Namespace) -> int:
     from clinfuse.training.demo import run_demo
 
     return run_demo(args.out, args.subjects, args.config, args.overrides)
+
+
+def _cohort(args: argparse.Namespace):
+    """The ``Cohort`` named by --cohort, --labels and --sidecars (None without --cohort)."""
+    from clinfuse.api import Cohort
+
+    if args.cohort is None:
+        if args.labels or args.sidecars:
+            from clinfuse.errors import InputError
+
+            raise InputError("--labels and --sidecars need --cohort MEDS_ROOT")
+        return None
+    labels, sidecars = (Path(a) if a else None for a in (args.labels, args.sidecars))
+    return Cohort(Path(args.cohort), labels, sidecars)
 
 
 def _summary_line(m: dict) -> str:

@@ -60,12 +60,21 @@ class RunConfig:
     """A whole training run."""
 
     cohort: str = ""
+    labels: str = ""  # a MEDS root's label directory (``cohort`` a MEDS root)
+    sidecars: str = ""  # a MEDS root's images/genotypes/markers folder (default: the root)
     seed: int = 0
     validate: bool = True  # check the cohort against the contract before training
     deterministic: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def run_cohort(cfg: RunConfig) -> Any:
+    """The run's cohort: a directory (Path) or a MEDS root with its labels and sidecars."""
+    from clinfuse.datasets.meds import open_cohort
+
+    return open_cohort(cfg.cohort, cfg.labels or None, cfg.sidecars or None, cfg.data.meds)
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

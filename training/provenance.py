@@ -20,13 +20,18 @@ _PACKAGES = (
 )  # fmt: skip
 
 
-def cohort_hashes(cohort_dir: str | Path) -> dict[str, str]:
+def cohort_hashes(cohort_dir: str | Path | Any) -> dict[str, str]:
     """sha256 of every Parquet file of the cohort (relative path -> hex digest).
 
     DICOM files are fingerprinted per image where they are used (scoring output,
     image cache keys); hashing every image of a large cohort here would cost more
     than the run.
     """
+    from clinfuse.datasets.schema import as_cohort
+
+    source = as_cohort(cohort_dir)
+    if not isinstance(source, Path):  # a MEDS root: its own files, the labels, the sidecars
+        return {str(p): file_sha256(p) for p in source.files()}
     root = Path(cohort_dir)
     return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*.parquet"))}
 

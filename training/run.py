@@ -49,7 +49,7 @@ from clinfuse.training.checkpoints import (
     load_checkpoint,
     verify_checkpoint,
 )
-from clinfuse.training.config import OptimConfig, RunConfig
+from clinfuse.training.config import OptimConfig, RunConfig, run_cohort
 from clinfuse.training.module import RiskModule
 from clinfuse.training.predict import collect_predictions
 from clinfuse.training.provenance import code_version, cohort_hashes, package_versions
@@ -119,8 +119,8 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     resuming = resume and last.is_file()
     if resuming:
         verify_checkpoint(last)  # before anything in the run directory changes
-    prepare_run(cfg, run)
-    dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
+    cohort = prepare_run(cfg, run)
+    dm = CohortDataModule(cohort, cfg.data, run_dir=run)
     dm.setup("fit")
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
         module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
@@ -137,23 +137,29 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     return finish_run(cfg, run, module, dm, fit, failed_before, trainer.save_checkpoint)
 
 
-def prepare_run(cfg: RunConfig, run: Path) -> None:
+def prepare_run(cfg: RunConfig, run: Path) -> Any:
     """Checks the config and cohort, writes config.yaml and provenance.json, seeds.
 
     Also points a frozen image backbone at the run's embedding cache (see
     ``_default_embedding_cache``), so call it before building data or model.
+
+    Returns:
+        the cohort to read (``training.config.run_cohort``: a directory, or a MEDS root
+        with its labels and sidecars).
     """
     if not cfg.cohort:
         raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
     _check_selection_window(cfg)
+    cohort = run_cohort(cfg)
     if cfg.validate:
-        _check_cohort(cfg.cohort)
+        _check_cohort(cohort)
     run.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run / "config.yaml")
     write_json(run / "provenance.json", _provenance(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     _default_embedding_cache(cfg, run)
+    return cohort
 
 
 def finish_run(
@@ -508,8 +514,8 @@ def _provenance(cfg: RunConfig) -> dict[str, Any]:
     return {
         "code": code_version(),
         "packages": package_versions(),
-        "cohort": str(cfg.cohort),
-        "cohort_files_sha256": cohort_hashes(cfg.cohort),
+        "cohort": str(run_cohort(cfg)),
+        "cohort_files_sha256": cohort_hashes(run_cohort(cfg)),
     }
 
 
