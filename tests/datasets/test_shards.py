@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from clinfuse.datasets.datamodule import CohortDataModule, DataConfig
 from clinfuse.datasets.shards import ShardedDataModule, per_worker_config, shard_bounds
-from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.errors import InputError
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.training.module import _gather_unique
 
 
