@@ -291,7 +291,13 @@ def _cached_result(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    same = json.dumps(result["config"], default=str) == json.dumps(to_dict(cfg), default=str)
+    # The stored config read by today's code: options added since it was written take
+    # their defaults, which reproduce the old behaviour, so they do not force a rerun.
+    try:
+        stored = to_dict(from_dict(RunConfig, result["config"]))
+    except (TypeError, ValueError, KeyError):
+        return None
+    same = json.dumps(stored, default=str) == json.dumps(to_dict(cfg), default=str)
     return result if same else None
 
 
