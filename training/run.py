@@ -43,6 +43,7 @@ from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import save_artifact
 from clinfuse.training.calibration import apply_temperature, fit_temperature
 from clinfuse.training.config import OptimConfig, RunConfig
+from clinfuse.training.genotype_selection import choose_genotype_groups
 from clinfuse.training.module import RiskModule
 from clinfuse.training.predict import collect_predictions
 from clinfuse.training.provenance import code_version, cohort_hashes, package_versions
@@ -120,6 +121,9 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
     dm.setup("fit")
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
+        genotype_path = choose_genotype_groups(cfg.model.encoders, dm, run)
+        if genotype_path is not None:
+            save_yaml(cfg, run / "config.yaml")  # now with the chosen keep_groups
         module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
     trainer, checkpoint = build_trainer(cfg, run)
     last = run / "checkpoints" / "last.ckpt"
@@ -134,8 +138,11 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     erasure = erase_confounds(module, dm)
     if erasure:
         trainer.save_checkpoint(run / "checkpoints" / "erased.ckpt", weights_only=True)
-    summary = export_artifact(module, dm, cfg, run)
+    summary = export_artifact(module, dm, cfg, run, genotype_path=genotype_path)
     summary.update(erasure)
+    if genotype_path is not None:
+        summary["genotype_groups"] = genotype_path["groups"]
+        summary["genotype_lambda"] = genotype_path["lambda_"]
     summary.update(
         best_checkpoint=best, best_val_auroc=_score(checkpoint), epochs=trainer.current_epoch
     )
@@ -406,11 +413,17 @@ def _selection_callbacks(
 
 
 def export_artifact(
-    module: RiskModule, dm: CohortDataModule, cfg: RunConfig, run: Path
+    module: RiskModule,
+    dm: CohortDataModule,
+    cfg: RunConfig,
+    run: Path,
+    genotype_path: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fits temperature and threshold on the tuning split, OOD stats on train; saves the artifact.
 
-    Writes ``run/model`` (see ``training.artifact``) and returns its summary.
+    Writes ``run/model`` (see ``training.artifact``) and returns its summary. The
+    genotype groups' regularization path, when training chose them, goes into the
+    artifact's metadata so ``evaluate`` can report it.
     """
     model = module.model
     tuning = collect_predictions(model, dm.val_dataloader())
@@ -434,6 +447,7 @@ def export_artifact(
         train_prevalence=prevalence,
         ood=to_dict(ood),
         provenance=_read_or_make_provenance(cfg, run),
+        **({"genotype_path": genotype_path} if genotype_path is not None else {}),
     )
     return {
         "model_id": model_id,
