@@ -49,12 +49,12 @@ $(PEERS_VENV)/.installed:
 bench-peers: install $(PEERS_VENV)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_timeseries.py $(BENCH_ARGS)
 
-# groupyr pins scikit-optimize and copt: the linear sparse-group-lasso peer of
+# groupyr pins scikit-optimize and copt and needs scikit-learn < 1.6: the linear sparse-group-lasso peer of
 # bench_sgl_selection.py runs in its own small venv (numpy and scikit-learn only).
 SGL_VENV := .venv-sgl
 $(SGL_VENV)/.installed:
 	test -x $(SGL_VENV)/bin/python || $(PYTHON) -m venv $(SGL_VENV)
-	$(SGL_VENV)/bin/python -m pip install --quiet "groupyr==0.3.4"
+	$(SGL_VENV)/bin/python -m pip install --quiet "groupyr==0.3.4" "scikit-learn<1.6"  # groupyr calls _validate_data, gone in 1.6
 	touch $@
 
 bench-sgl: install $(SGL_VENV)/.installed
