@@ -26,6 +26,13 @@ of the kept sets across seeds.
 
     make bench-sgl
     # = OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sgl_selection.py --seeds 0 1 2
+
+``--cohort DIR ...`` instead runs the path exactly as training does (the preset's
+settings) on simulator cohorts (``clinfuse simulate``) and scores the kept groups
+against ``oracle_groups.parquet``:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sgl_selection.py \
+        --cohort runs/sim_w0_s0 runs/sim_w0_s1 ...
 """
 
 from __future__ import annotations
@@ -189,7 +196,12 @@ def main() -> None:
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-peer", action="store_true", help="skip the groupyr row")
+    ap.add_argument("--cohort", nargs="+", help="simulator cohorts: the preset's path on each")
     args = ap.parse_args()
+    if args.cohort:
+        for cohort in args.cohort:
+            cohort_path(cohort, args.pcs)
+        return
     world = draw_world(args)
     names = [f"G{g:02d}" for g in range(args.groups)]
     truth = {k: [names[g] for g in world[k]] for k in ("causal", "ancestral")}
@@ -212,6 +224,29 @@ def main() -> None:
                 kept, auc, secs = groupyr(spec, xs, ys, Path(work))
             rows.append(row("groupyr", seed, kept, auc, secs, truth))
     print_table(rows)
+
+
+def cohort_path(cohort: str, pcs: int) -> None:
+    """The preset's path on a simulator cohort's train and tuning splits, scored."""
+    import polars as pl
+
+    from clinfuse.datasets.datamodule import CohortDataModule, DataConfig
+
+    dm = CohortDataModule(cohort, DataConfig(genotype_pcs=pcs, image_size=32))
+    dm.setup("fit")
+    truth = pl.read_parquet(Path(cohort) / "oracle_groups.parquet").filter(pl.col("causal"))
+    causal = {"causal": truth["group"].to_list(), "ancestral": []}
+    start = time.perf_counter()
+    path = regularization_path(
+        dm.spec, dm.datasets["train"].tensors, dm.datasets["tuning"].tensors, ancestry_pcs=pcs
+    )
+    r = row("ours", 0, path.groups, float("nan"), time.perf_counter() - start, causal)
+    roles = dict(zip(truth["group"], truth["role"], strict=True))
+    missed = [f"{g} ({roles[g]})" for g in causal["causal"] if g not in path.groups]
+    print(
+        f"{cohort}: kept {r['n']} {r['kept']}, precision {r['precision']:.2f}, recall "
+        f"{r['recall']:.2f}, missed {missed or 'none'}, {r['seconds']:.0f} s"
+    )
 
 
 def print_table(rows: list[dict]) -> None:
