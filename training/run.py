@@ -162,7 +162,15 @@ def unused_modality_warnings(model: torch.nn.Module) -> list[str]:
     """
     out = []
     for modality, encoder in model.encoders.items():
-        if hasattr(encoder, "selected_groups") and not encoder.selected_groups():
+        if not hasattr(encoder, "selected_groups") or encoder.selected_groups():
+            continue
+        if getattr(encoder.cfg, "select", "fixed") == "path":
+            out.append(
+                f"{modality}: the genotype lambda path kept no marker group (none lowered the "
+                f"tuning loss; see genotype_path.json in the run directory), so the model "
+                f"ignores {modality}"
+            )
+        else:
             out.append(
                 f"{modality}: the sparse-group-lasso penalty zeroed every group, so the model "
                 f"ignores {modality}; lower the encoder's lambda_ (model.encoders.sgl_mlp.lambda_)"

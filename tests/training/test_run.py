@@ -178,10 +178,16 @@ def test_a_zeroed_genotype_layer_is_reported_not_silent(tiny_run):
     from clinfuse.training.run import unused_modality_warnings
 
     run_dir, summary = tiny_run
-    assert summary["warnings"] == []  # the tiny run keeps its genotype groups
+    # The preset chooses its genes on a path: a tiny cohort may leave none, and then says so.
+    kept = summary["genotype_groups"]
+    assert len(summary["warnings"]) == (0 if kept else 1)
+    assert all("genotype lambda path kept no marker group" in w for w in summary["warnings"])
     model = load_artifact(run_dir / "model").model
     with torch.no_grad():
         model.encoders["genomics"].first.weight.zero_()
+    (message,) = unused_modality_warnings(model)
+    assert message.startswith("genomics: the genotype lambda path kept no marker group")
+    model.encoders["genomics"].cfg.select = "fixed"
     (message,) = unused_modality_warnings(model)
     assert message.startswith("genomics: the sparse-group-lasso penalty zeroed every group")
 
