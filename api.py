@@ -20,7 +20,7 @@ from clinfuse.errors import CohortError, InputError, NotFoundError, config_error
 if TYPE_CHECKING:
     import polars as pl
 
-    from clinfuse.datasets.simulator import SimConfig
+    from clinfuse.simulation.simulator import SimConfig
 
 PathLike = str | Path
 
@@ -143,9 +143,9 @@ def simulate(path: PathLike, subjects: int = 500, seed: int = 0, **sim_options: 
     Raises:
         InputError: an unknown option or a value out of range.
     """
-    from clinfuse.datasets.simulator import SimConfig
+    from clinfuse.simulation.simulator import SimConfig
 
-    with config_errors(None, "see clinfuse.datasets.simulator.SimConfig"):
+    with config_errors(None, "see clinfuse.simulation.simulator.SimConfig"):
         try:
             cfg = SimConfig(n_subjects=subjects, seed=seed, **sim_options)
         except TypeError as err:  # an unknown keyword
@@ -155,7 +155,7 @@ def simulate(path: PathLike, subjects: int = 500, seed: int = 0, **sim_options: 
 
 def simulate_config(path: PathLike, cfg: SimConfig) -> Cohort:
     """``simulate`` from a ``SimConfig`` (what ``clinfuse simulate`` builds)."""
-    from clinfuse.datasets.simulator import simulate_cohort
+    from clinfuse.simulation.simulator import simulate_cohort
 
     return Cohort(simulate_cohort(path, cfg))
 
@@ -167,8 +167,17 @@ def train(
     run_dir: PathLike,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     resume: bool = False,
+    ray_address: str | None = None,
+    num_workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    storage_path: str | None = None,
+    max_failures: int | None = None,
+    placement_strategy: str | None = None,
 ) -> Run:
     """Trains, calibrates and exports a model into ``run_dir``.
+
+    With ``ray_address`` the same model trains data-parallel on that Ray cluster
+    (``training.distributed``, ``docs/distributed.md``); without it, in this process.
 
     Args:
         cohort: the training cohort (its ``subject_splits`` give train and tuning);
@@ -179,19 +188,45 @@ def train(
         overrides: config fields by dotted path, ``{"optim.max_epochs": 2}`` or
             ``["optim.max_epochs=2"]``; ``{"model.encoders.timm_image": None}``
             drops that encoder.
-        resume: continue from ``checkpoints/last.ckpt`` when it exists.
+        resume: continue from ``checkpoints/last.ckpt`` when it exists (on a cluster:
+            from the Ray Train run's latest checkpoint).
+        ray_address: a Ray cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``).
+        num_workers: data-parallel workers on the cluster (2); ``data.batch_size``
+            is the global batch, split among them.
+        gpus_per_worker: GPUs per worker (0: CPU with gloo; > 0: NCCL).
+        storage_path: Ray Train's checkpoints and state: a shared directory or an
+            object-store URI (default ``RUN_DIR/ray``).
+        max_failures: worker-group restarts after a worker or node failure (3).
+        placement_strategy: ``PACK`` (few nodes, the default) or ``SPREAD`` (one per node).
 
     Raises:
-        InputError: a bad config or a cohort that breaks the contract.
+        InputError: a bad config or a cohort that breaks the contract; a cluster
+            option without ``ray_address``.
         LockHeldError: another process is writing ``run_dir``.
     """
     from clinfuse.training.config import load_run_config
     from clinfuse.training.run import train as train_run
 
+    cluster = {
+        "num_workers": num_workers, "gpus_per_worker": gpus_per_worker,
+        "storage_path": storage_path, "max_failures": max_failures,
+        "placement_strategy": placement_strategy,
+    }  # fmt: skip
+    cluster = {k: v for k, v in cluster.items() if v is not None}
+    if cluster and not ray_address:
+        raise InputError(
+            f"{', '.join(sorted(cluster))} need(s) a Ray cluster",
+            fix="pass ray_address (--ray-address) too, or drop the cluster options",
+        )
     cfg = load_run_config(config, override_items(overrides))
     if cohort is not None:
         cfg.cohort = str(Path(cohort))
-    train_run(cfg, run_dir, resume=resume)
+    if ray_address:
+        from clinfuse.training.distributed import RayTrainOptions, train_on_ray
+
+        train_on_ray(cfg, run_dir, RayTrainOptions(ray_address, **cluster), resume=resume)
+    else:
+        train_run(cfg, run_dir, resume=resume)
     return Run.load(run_dir)
 
 
@@ -203,6 +238,7 @@ def evaluate(
     split: str | None = None,
     bootstrap: int = 1000,
     baseline: bool = True,
+    shifted: Cohort | PathLike | None = None,
     seed: int = 0,
 ) -> Report:
     """Metrics with bootstrap CIs, the confound audit, ``report.html`` and
@@ -215,6 +251,9 @@ def evaluate(
         split: ``held_out`` (the default when present), ``tuning``, ``train`` or ``all``.
         bootstrap: bootstrap resamples for the confidence intervals.
         baseline: also fit the gradient-boosting baseline on the run's training split.
+        shifted: a second cohort (e.g. the same world with the site or ancestry link to
+            the outcome reversed) scored on every labelled sample;
+            ``report.metrics["shift"]`` holds its AUROC and the drop.
         seed: seeds the bootstrap and the audit probes.
     """
     from clinfuse.evaluation.evaluate import evaluate as evaluate_run
@@ -223,7 +262,7 @@ def evaluate(
     out_dir = Path(out) if out else run_dir / "evaluation"
     metrics = evaluate_run(
         run_dir, Path(cohort), out_dir, split, n_bootstrap=bootstrap, seed=seed,
-        baseline=baseline,
+        baseline=baseline, shifted=Path(shifted) if shifted is not None else None,
     )  # fmt: skip
     return Report(out_dir, metrics)
 

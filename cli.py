@@ -19,6 +19,7 @@ from clinfuse.errors import UserError
 
 # Modules that define subcommands, in the order --help lists them.
 _COMMAND_MODULES = [
+    "clinfuse.simulation.commands",
     "clinfuse.datasets.commands",
     "clinfuse.encoders.commands",
     "clinfuse.training.commands",

@@ -35,7 +35,7 @@ Frozen backbones share one feature cache (``timm_image.cache_dir``) and all runs
 share one decoded-image cache, so repeated runs skip the CNN and the DICOM
 decoding. A run whose directory already holds a result for the same config is
 reused, so an interrupted benchmark resumes where it stopped. The strategies
-table also lists each row's latent-factor ceiling (``datasets.sim_oracle``) and a
+table also lists each row's latent-factor ceiling (``simulation.oracle``) and a
 logistic stack of the three single-modality models.
 
     # end to end at a small size (a few minutes on 2 cores)
@@ -67,8 +67,9 @@ from typing import Any
 
 import clinfuse  # noqa: F401  (installs the compat shim before timm/torch imports)
 from clinfuse.config import apply_overrides, from_dict, load_yaml, to_dict
-from clinfuse.datasets.simulator import SimConfig, simulate_cohort
-from clinfuse.evaluation.evaluate import evaluate
+from clinfuse.evaluation.evaluate import discrimination, evaluate
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
+from clinfuse.training.artifact import load_artifact
 from clinfuse.training.config import RunConfig
 from clinfuse.training.run import train
 
@@ -78,11 +79,16 @@ BASE_PRESET = CONFIGS / "bench_fusion.yaml"
 USER_PRESET = CONFIGS / "demo.yaml"
 EXPERIMENTS = ("strategies", "confound", "transfer", "missing", "shift")
 # The shift experiment: preset edits per treatment (the untreated model drops its
-# adversary; pcs adds the genotype principal-component adjustment).
+# adversary; pcs adds the genotype principal-component adjustment; offsets profiles
+# per-site and per-ancestry logit offsets out of training, fusion/offsets.py).
+NO_ADVERSARY = "model.adversary.enabled=false"
+OFFSETS = "model.confound_offsets=[site,ancestry]"
 SHIFT_TREATMENTS: dict[str, tuple[str, ...]] = {
     "preset": (),
-    "untreated": ("model.adversary.enabled=false",),
+    "untreated": (NO_ADVERSARY,),
     "pcs": ("data.genotype_pcs=5", "model.encoders.sgl_mlp.ancestry_pcs=5"),
+    "offsets": (OFFSETS,),
+    "offsets_no_adversary": (OFFSETS, NO_ADVERSARY),
 }
 # The missing experiment: (modality, share of subjects without it) per cohort;
 # ("none", 0.0) is the complete-data reference every drop is measured from.
@@ -97,9 +103,9 @@ MISSING_GRID = (
 MISSING_ROWS = ("preset", "fusion_attention", "fusion_early", "fusion_late", "fusion_gated")
 MODALITY_ENCODER = {"image": "timm_image", "vitals/labs": "gru_d", "genotypes": "sgl_mlp"}
 ALL_MODALITIES = tuple(MODALITY_ENCODER)
-# ``sim_oracle.FEATURE_SETS`` entry of the latent factors a modality (set) can see.
+# ``simulation.oracle.FEATURE_SETS`` entry of the latent factors a modality (set) can see.
 CEILING_SET = {"image": "image", "vitals/labs": "timeseries", "genotypes": "genomics"}
-# Ceiling rows of the strategies table: row label -> ``sim_oracle.FEATURE_SETS`` entry.
+# Ceiling rows of the strategies table: row label -> ``simulation.oracle.FEATURE_SETS`` entry.
 CEILING_ROWS = {
     "additive": "fused_additive",
     "interaction": "fused_interaction",
@@ -577,16 +583,16 @@ def _ceiling_scores(cohort: Path) -> Any:
     import polars as pl
 
     from clinfuse.datasets.schema import ORACLE_FILE, SUBJECT_SPLITS, table_paths
-    from clinfuse.datasets.sim_oracle import split_ceiling_scores
+    from clinfuse.simulation.oracle import split_ceiling_scores
 
     oracle = pl.read_parquet(cohort / ORACLE_FILE)
     return split_ceiling_scores(oracle, pl.read_parquet(table_paths(cohort, SUBJECT_SPLITS)))
 
 
 def _ceilings(scores: Any) -> dict[str, float]:
-    """Held-out AUROC of every latent-factor feature set (``sim_oracle.FEATURE_SETS``)."""
-    from clinfuse.datasets.sim_oracle import FEATURE_SETS
+    """Held-out AUROC of every latent-factor feature set (``simulation.oracle.FEATURE_SETS``)."""
     from clinfuse.evaluation.metrics import auroc
+    from clinfuse.simulation.oracle import FEATURE_SETS
 
     y = scores["outcome"].to_numpy().astype(int)
     return {name: auroc(y, scores[name].to_numpy()) for name in FEATURE_SETS}
@@ -703,7 +709,9 @@ def _confound_row(
     }
 
 
-def shift(ctx: Context, subjects: int, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+def shift(
+    ctx: Context, subjects: int, seeds: tuple[int, ...], only: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Shift tests: does the model lean on site or ancestry when their link to the outcome
     reverses?
 
@@ -739,11 +747,13 @@ def shift(ctx: Context, subjects: int, seeds: tuple[int, ...]) -> list[dict[str,
             sub = Context(ctx.base, {"train": ref_cohort}, out / f"reference_{link}",
                           ctx.n_bootstrap, ctx.user_preset, ctx.caches)  # fmt: skip
             v = Variant("preset", preset=str(ctx.user_preset), seed=seed)
-            sub.run(v)
-            reference[link] = _shift_auroc(sub, v.run_name, tests[link], link)
+            own = sub.run(v)["metrics"]["auroc"]
+            reference[link] = {**_shift_auroc(sub, v.run_name, tests[link], link), "own": own}
         linked = Context(ctx.base, {"train": train}, out / "linked", ctx.n_bootstrap,
                          ctx.user_preset, ctx.caches)  # fmt: skip
         for name, edits in SHIFT_TREATMENTS.items():
+            if only is not None and name not in only:
+                continue
             v = Variant(name, preset=str(ctx.user_preset), overrides=edits, seed=seed)
             held = linked.run(v)["metrics"]
             for link, test in tests.items():
@@ -759,7 +769,12 @@ def _shift_auroc(ctx: Context, run: str, cohort: Path, link: str) -> dict[str, A
     path = out / "metrics.json"
     if path.is_file() and path.stat().st_mtime >= (run_dir / RESULT_FILE).stat().st_mtime:
         return json.loads(path.read_text())
-    return evaluate(run_dir, cohort, out, "all", ctx.n_bootstrap, gradcam_images=0, baseline=False)
+    # AUROC only (no audit): the audit is read from the held-out evaluation.
+    art = load_artifact(run_dir / "model")
+    metrics = discrimination(art, cohort, run_dir / "image_cache", "all", ctx.n_bootstrap)[0]
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def _shift_row(
@@ -773,9 +788,12 @@ def _shift_row(
         "auroc_held_out": held["auroc"],
         "auroc_shifted": shifted["auroc"],
         "drop": held["auroc"] - shifted["auroc"],
+        "reference_held_out": reference["own"],
         "reference_shifted": reference["auroc"],
         "vs_reference": shifted["auroc"] - reference["auroc"],
-        "oracle_shifted": shifted.get("oracle_auroc", float("nan")),
+        "oracle_shifted": shifted.get(
+            "shifted_oracle_auroc", shifted.get("oracle_auroc", float("nan"))
+        ),
         "site_probe": audit["site"]["probe_accuracy"],
         "site_gbt_probe": audit["site"].get("gbt_probe_accuracy", float("nan")),
         "ancestry_probe": audit["ancestry"]["probe_accuracy"],
@@ -1116,7 +1134,7 @@ def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[d
     if name == "confound":
         return confound(ctx, seeds)
     if name == "shift":
-        return shift(ctx, args.subjects, seeds)
+        return shift(ctx, args.subjects, seeds, args.only)
     if name == "missing":
         subjects = args.subjects
         adversary = args.adversary == "on"
@@ -1157,7 +1175,14 @@ SUMMARY = {
     "missing": (("model", "missing", "share"), ("auroc", "drop")),
     "shift": (
         ("model", "shift"),
-        ("auroc_held_out", "auroc_shifted", "drop", "reference_shifted", "vs_reference"),
+        (
+            "auroc_held_out",
+            "auroc_shifted",
+            "drop",
+            "reference_held_out",
+            "reference_shifted",
+            "vs_reference",
+        ),
     ),
 }
 

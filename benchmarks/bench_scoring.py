@@ -6,7 +6,9 @@ Measures, on one tiny trained model (attention fusion, EfficientNet-Lite0 frozen
   frozen-backbone feature store of ``encoders/embedding_cache.py``, both warmed by a
   first run) on ``--cached-subjects`` subjects: the image cohort's tables repeated
   under new subject ids, every subject keeping its own row for one of the cohort's
-  DICOM files;
+  DICOM files; once as scoring runs (every cache entry checked against its checksum
+  when first read in the process) and once with the checks off, in turns in the same
+  run, for what the checks cost (target: at most 5 % slower);
 * subjects/s scoring the image cohort with films decoded from DICOM (no caches);
 * the raw backbone forward throughput on the same pre-decoded images (the limit
   for the decoded path: decoding, fingerprints and fusion only add to it);
@@ -35,6 +37,7 @@ decoded path >= 80 % of raw backbone throughput.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -58,7 +61,7 @@ _TRAIN = [
 
 
 def _simulate(out: Path, subjects: int, image_size: int, seed: int) -> Path:
-    from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+    from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 
     simulate_cohort(out, SimConfig(n_subjects=subjects, image_size=image_size, seed=seed,
                                    progress=False))  # fmt: skip
@@ -82,6 +85,7 @@ class Rate:
     per_s: float
     per_cpu_s: float
     load: float
+    n: int = 0  # items of the run
 
 
 def _timed_score(
@@ -91,7 +95,9 @@ def _timed_score(
 
     Loading the artifact and planning the run happen once per night and are left out.
     """
-    from clinfuse.scoring.score import ChunkScorer, open_run, write_part
+    from clinfuse.scoring.parts import write_part
+    from clinfuse.scoring.score import open_run
+    from clinfuse.scoring.scorer import ChunkScorer
 
     shutil.rmtree(out, ignore_errors=True)
     artifact, plan, pending = open_run(model, cohort, out, chunk_size)
@@ -102,7 +108,7 @@ def _timed_score(
         write_part(out, index, frame)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     n = plan.samples.height
-    rate = Rate(n / wall, n / cpu, os.getloadavg()[0])
+    rate = Rate(n / wall, n / cpu, os.getloadavg()[0], n)
     print(f"  {cohort.name} prefetch={prefetch} {sorted(kwargs)}: {rate.per_s:.0f}/s wall, "
           f"{rate.per_cpu_s:.0f}/CPU-s, load {rate.load:.1f}", file=sys.stderr)  # fmt: skip
     return rate
@@ -115,7 +121,7 @@ def _raw_backbone(model: Path, cohort: Path, batch_size: int, threads: int = 1) 
 
     from clinfuse.datasets.images import ImageLoader
     from clinfuse.datasets.samples import latest_images
-    from clinfuse.scoring.score import scoring_samples
+    from clinfuse.scoring.inputs import scoring_samples
     from clinfuse.training.artifact import load_artifact
 
     art = load_artifact(model)
@@ -242,19 +248,68 @@ def _run(root: Path, args: argparse.Namespace) -> list[Row]:
 
 
 def _cached_rows(root: Path, model: Path, cohort: Path, args: argparse.Namespace) -> list[Row]:
+    """The cached path as scoring runs it (every cache entry checked against its
+    checksum when first read in the process) and, in the same run, with the checks
+    off (``integrity.checksums.unchecked_caches``): what the checks cost."""
     big = _replicate_images(cohort, root / f"img_{args.cached_subjects}", args.cached_subjects)
     caches = {"image_cache": root / "pixels", "embedding_cache": root / "features"}
     opts = dict(chunk_size=args.chunk_size, batch_size=args.batch_size, threads=1, **caches)
     _timed_score(model, cohort, root / "out", **opts)  # warms both caches
     n = f"{args.cached_subjects}"
+
+    def score(prefetch: bool, checked: bool = True) -> Rate:
+        from clinfuse.integrity.checksums import unchecked_caches
+
+        with contextlib.nullcontext() if checked else unchecked_caches():
+            return _timed_score(model, big, root / "out", prefetch=prefetch, **opts)
+
     best = _best_interleaved(
         {
-            "1": lambda: _timed_score(model, big, root / "out", prefetch=False, **opts),
-            "1+p": lambda: _timed_score(model, big, root / "out", prefetch=True, **opts),
+            "1": lambda: score(prefetch=False),
+            "1 unchecked": lambda: score(prefetch=False, checked=False),
+            "1+p": lambda: score(prefetch=True),
+            "1+p unchecked": lambda: score(prefetch=True, checked=False),
         },
         args,
     )
-    return [("cached image embeddings", t, n, best[t], "target >= 5,000/s") for t in best]
+    loads = _store_loads(model, caches["embedding_cache"], args.repeats)
+    name, off = "cached image embeddings", "  the same, cache checks off"
+    rows = [(name, "1", n, best["1"], "target >= 5,000/s")]
+    rows.append((off, "1", n, best["1 unchecked"], _check_cost(best, "1", loads)))
+    rows.append((name, "1+p", n, best["1+p"], "target >= 5,000/s"))
+    rows.append((off, "1+p", n, best["1+p unchecked"], _check_cost(best, "1+p", loads)))
+    return rows
+
+
+def _store_loads(model: Path, cache: Path, repeats: int) -> dict[bool, float]:
+    """Seconds to open the file-keyed feature store and load every shard, checked and
+    unchecked (fastest of ``repeats`` each): the whole of what the checks add to a
+    scoring run's cached path, paid once per process (no other cache is read there)."""
+    from clinfuse.encoders.embedding_cache import FileFeatureStore
+    from clinfuse.integrity.checksums import unchecked_caches
+    from clinfuse.training.artifact import load_artifact
+
+    fingerprint = load_artifact(model).model.encoders["image"].cache_fingerprint()
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(max(repeats, 5)):
+        for checked in (True, False):
+            with contextlib.nullcontext() if checked else unchecked_caches():
+                start = time.perf_counter()
+                FileFeatureStore(cache, fingerprint).contains(["-"], tokens=False)  # loads all
+                seconds[checked].append(time.perf_counter() - start)
+    return {checked: min(runs) for checked, runs in seconds.items()}
+
+
+def _check_cost(best: dict[str, Rate], key: str, loads: dict[bool, float]) -> str:
+    """How much slower the checked run is than the unchecked one (target <= 5 %): the
+    two runs' rates, and the shard checks' own time as a share of the checked run."""
+    checked, unchecked = best[key], best[f"{key} unchecked"]
+    wall = unchecked.per_s / checked.per_s - 1
+    cpu = unchecked.per_cpu_s / checked.per_cpu_s - 1
+    extra = loads[True] - loads[False]
+    share = extra * checked.per_cpu_s / checked.n
+    return (f"checked is {wall:+.1%} wall, {cpu:+.1%} CPU-s slower; shard checks "
+            f"{extra * 1e3:.0f} ms/run = {share:.1%} of its CPU time (target <= 5%)")  # fmt: skip
 
 
 def _decoded_rows(root: Path, model: Path, cohort: Path, args: argparse.Namespace) -> list[Row]:
@@ -300,7 +355,7 @@ def _best_interleaved(measures: dict[str, Any], args: argparse.Namespace) -> dic
 def _film_fraction(cohort: Path) -> float:
     """Share of scored samples that have a film (the others cost no backbone pass)."""
     from clinfuse.datasets.samples import latest_images
-    from clinfuse.scoring.score import scoring_samples
+    from clinfuse.scoring.inputs import scoring_samples
 
     paths = latest_images(cohort, scoring_samples(cohort))["path"]
     return paths.is_not_null().sum() / len(paths)

@@ -26,7 +26,7 @@ from pathlib import Path
 import optuna
 
 from clinfuse.config import from_dict
-from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import build_trainer

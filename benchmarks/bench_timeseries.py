@@ -12,7 +12,7 @@ per training epoch of
   stopped on the tuning split;
 * ``gbdt_timeseries``: the gradient-boosting baseline on per-channel features;
 * ``ceiling_timeseries``: a logistic regression on the true physiological
-  severity (``datasets.sim_oracle``), what a perfect vitals encoder could reach.
+  severity (``simulation.oracle``), what a perfect vitals encoder could reach.
 
 PyPOTS pins an older ``huggingface_hub`` than our stack, so it runs in its own
 virtual environment (``.venv-peers``, built by ``make bench-peers``) as a

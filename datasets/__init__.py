@@ -1,1 +1,1 @@
-"""The cohort contract, DICOM reader, simulator and data pipeline."""
+"""The cohort contract, DICOM reader and data pipeline of real cohorts."""

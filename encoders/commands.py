@@ -8,25 +8,21 @@ from typing import Any
 
 import numpy as np
 
+from clinfuse.cli_options import add_command, option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("weights", help="inspect pretrained image-backbone weights")
-    sub = p.add_subparsers(dest="weights_command", metavar="ACTION")
-    v = sub.add_parser(
-        "verify",
-        help="print the checkpoint sha256 and the top-5 ImageNet classes for an image",
-        description="Load a timm backbone with its ImageNet head, print the checkpoint's "
-        "sha256 and the five most likely ImageNet classes for an image (default: "
-        "scikit-image's chelsea, a cat). A healthy load names cat classes.",
+    weights = add_command(
+        subparsers, "weights", None, doc="inspect pretrained image-backbone weights"
     )
-    v.add_argument("--model", default="efficientnet_lite0", help="timm model name")
-    v.add_argument(
-        "--weights", default="package", help="package | hub | none | PATH (default: package)"
-    )
-    v.add_argument("--image", default=None, help="PNG/JPEG/DICOM file (default: chelsea)")
-    v.add_argument("--top", type=int, default=5, help="how many classes to print")
-    v.set_defaults(func=_run_verify)
-    p.set_defaults(func=lambda _args: p.print_help() or 2)
+    actions = weights.add_subparsers(dest="weights_command", metavar="ACTION")
+    add_command(actions, "verify", _run_verify, [
+        option("--model", default="efficientnet_lite0", help="timm model name"),
+        option("--weights", default="package",
+               help="package | hub | none | PATH (default: package)"),
+        option("--image", default=None, help="PNG/JPEG/DICOM file (default: chelsea)"),
+        option("--top", type=int, default=5, help="how many classes to print"),
+    ])  # fmt: skip
 
 
 def top_classes(
@@ -69,6 +65,12 @@ def read_image(path: str | None) -> np.ndarray:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
+    """print the checkpoint sha256 and the top-5 ImageNet classes for an image
+
+    Load a timm backbone with its ImageNet head, print the checkpoint's sha256 and the
+    five most likely ImageNet classes for an image (default: scikit-image's chelsea, a
+    cat). A healthy load names cat classes.
+    """
     from clinfuse.errors import NotFoundError
 
     if args.image is not None and not Path(args.image).is_file():

@@ -41,6 +41,7 @@ from clinfuse.errors import IntegrityError
 from clinfuse.hashing import file_sha256
 from clinfuse.integrity.checksums import (
     cache_entry_failed,
+    checking_caches,
     read_sums,
     write_bytes_atomic,
     write_sums,
@@ -112,7 +113,7 @@ class EmbeddingCache:
         except (OSError, RuntimeError, ValueError, SafetensorError):
             self.misses += 1
             return None
-        if recorded is None or recorded != tensors_digest(value):
+        if recorded is None or (checking_caches() and recorded != tensors_digest(value)):
             self.misses += 1
             if recorded is not None:  # None: written before checksums, a plain miss
                 path.unlink(missing_ok=True)
@@ -253,6 +254,8 @@ class FileFeatureStore:
 
     def _shard_intact(self, name: str) -> bool:
         """Whether every file of shard ``name`` matches its ``<name>.sha256`` line."""
+        if not checking_caches():
+            return True
         try:
             sums = read_sums(self.dir / f"{name}.sha256")
             return bool(sums) and all(

@@ -17,11 +17,11 @@ import polars as pl
 import torch
 
 from clinfuse.datasets.schema import ORACLE_FILE
-from clinfuse.datasets.sim_oracle import FEATURE_SETS
 from clinfuse.errors import InputError
 from clinfuse.evaluation.audit import run_audit
 from clinfuse.evaluation.metrics import (
     auroc,
+    auroc_drop,
     binary_report,
     bootstrap_ci,
     ece,
@@ -29,6 +29,7 @@ from clinfuse.evaluation.metrics import (
 )
 from clinfuse.evaluation.model_card import write_model_card
 from clinfuse.evaluation.report import plot_curves, plot_genotype_path, save_overlays, write_html
+from clinfuse.simulation.oracle import FEATURE_SETS
 from clinfuse.training.artifact import ModelArtifact, load_artifact
 from clinfuse.training.predict import collect_predictions
 
@@ -42,6 +43,7 @@ def evaluate(
     gradcam_images: int = 4,
     seed: int = 0,
     baseline: bool = True,
+    shifted: str | Path | None = None,
 ) -> dict[str, Any]:
     """Scores ``split`` of ``cohort_dir`` with the run's artifact; writes metrics.json and report.html.
 
@@ -49,6 +51,11 @@ def evaluate(
     (``evaluation.baseline``) is fit on the run's own training split and scored on
     the same samples; ``metrics["baseline"]`` holds its AUROC and the model's
     paired-bootstrap AUROC difference from it.
+
+    With ``shifted``, a second cohort (every labelled sample of it: e.g. the same world
+    with the site or ancestry link to the outcome reversed, or an unseen site) is scored
+    too; ``metrics["shift"]`` holds its AUROC, per-site AUROC and the drop from the
+    evaluated split, with a bootstrap CI.
     """
     art = load_artifact(Path(run_dir) / "model")
     out = Path(out_dir) if out_dir else Path(run_dir) / "evaluation"
@@ -69,6 +76,9 @@ def evaluate(
     _write_predictions(out / PREDICTIONS_FILE, samples, y, p, pred["logit"], baseline_logit)
     metrics["per_site"] = _subgroups(samples["site"], y, p)
     metrics["per_ancestry"] = _subgroups(samples["ancestry"], y, p)
+    if shifted is not None:
+        cache = Path(run_dir) / "image_cache"
+        metrics["shift"] = _shift(art, shifted, cache, y, p, n_bootstrap, seed)
     modality_embeddings = {
         m: (pred[f"embedding_{m}"], pred[f"present_{m}"]) for m in art.model.modalities
     }
@@ -98,6 +108,51 @@ def _select_samples(cohort_dir, art: ModelArtifact, split: str | None) -> tuple[
             f"no labelled samples in split {split!r}", cohort_dir, "pick another --split"
         )
     return samples, split
+
+
+def _shift(
+    art: ModelArtifact,
+    cohort_dir,
+    cache_dir: Path,
+    y: np.ndarray,
+    p: np.ndarray,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The model on every labelled sample of a shifted cohort, and the drop from ``y, p``."""
+    out, y_s, p_s = discrimination(art, cohort_dir, cache_dir, "all", n_bootstrap, seed)
+    drop = auroc_drop(y, p, y_s, p_s, n_bootstrap, seed=seed)
+    out.update({"drop": drop["drop"], "drop_ci": drop["ci"]})
+    return out
+
+
+def discrimination(
+    art: ModelArtifact,
+    cohort_dir,
+    cache_dir: Path | None,
+    split: str = "all",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """AUROC (bootstrap CI), per-site AUROC and the oracle's AUROC of a model on a cohort
+    split, without the audit, attribution or report (shift tests, benchmarks).
+
+    Returns:
+        the metrics, the labels (N,) and the risks (N,).
+    """
+    samples, _ = _select_samples(cohort_dir, art, split)
+    pred = collect_predictions(art.model, _batches(cohort_dir, samples, art, cache_dir))
+    y, p = pred["label"].astype(int), art.risk(pred["logit"])
+    out = {
+        "cohort": str(cohort_dir),
+        "n": int(len(y)),
+        "prevalence": float(np.mean(y)),
+        "auroc": auroc(y, p),
+        "auroc_ci": list(bootstrap_ci(auroc, y, p, n_bootstrap, seed=seed)),
+        "per_site": _subgroups(samples["site"], y, p),
+    }
+    out.update({f"shifted_{k}": v for k, v in _oracle(cohort_dir, samples, y).items()})
+    return out, y, p
 
 
 def _batches(

@@ -122,6 +122,38 @@ def paired_auroc_delta(
     return {"delta": delta, "ci": list(ci)}
 
 
+def auroc_drop(
+    y_a: np.ndarray,
+    p_a: np.ndarray,
+    y_b: np.ndarray,
+    p_b: np.ndarray,
+    n: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """AUROC on cohort a minus AUROC on cohort b (other subjects), with a bootstrap CI.
+
+    Each resample draws subjects with replacement within each cohort independently.
+
+    Returns:
+        ``{"drop": float, "ci": [low, high]}`` (``ci`` NaN without resamples).
+    """
+    rng = np.random.default_rng(seed)
+    y_a, p_a, y_b, p_b = (np.asarray(v) for v in (y_a, p_a, y_b, p_b))
+    drop = auroc(y_a, p_a) - auroc(y_b, p_b)
+    stats = []
+    for _ in range(n):
+        ia = rng.integers(0, len(y_a), len(y_a))
+        ib = rng.integers(0, len(y_b), len(y_b))
+        value = auroc(y_a[ia], p_a[ia]) - auroc(y_b[ib], p_b[ib])
+        if not math.isnan(value):
+            stats.append(value)
+    if not stats:
+        return {"drop": drop, "ci": [float("nan"), float("nan")]}
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return {"drop": drop, "ci": [float(lo), float(hi)]}
+
+
 def _auroc_difference(y: np.ndarray, both: np.ndarray) -> float:
     return auroc(y, both[:, 0]) - auroc(y, both[:, 1])
 

@@ -94,6 +94,7 @@ def write_html(
         _subgroup_table(metrics.get("per_site", {})),
         "<h2>Per ancestry</h2>",
         _subgroup_table(metrics.get("per_ancestry", {})),
+        *(["<h2>On a shifted cohort</h2>", _shift(metrics["shift"])] if "shift" in metrics else []),
         "<h2>Confound audit</h2>",
         _audit(metrics.get("audit", {})),
         "<h2>Modality attribution</h2>",
@@ -165,6 +166,34 @@ def _baseline(base: dict[str, Any]) -> str:
                 ("verdict", f"the model is {verdict} the baseline"),
             ]
         )
+    )
+
+
+def _shift(shift: dict[str, Any]) -> str:
+    """The model on every sample of a second cohort, and its AUROC drop from this split."""
+    low, high = shift["drop_ci"]
+    rows = [
+        ("shifted cohort", html.escape(shift["cohort"])),
+        ("samples (prevalence)", f"{shift['n']} ({_fmt(shift['prevalence'])})"),
+        (
+            "AUROC",
+            f"{_fmt(shift['auroc'])} (95% CI {_fmt(shift['auroc_ci'][0])}-"
+            f"{_fmt(shift['auroc_ci'][1])})",
+        ),
+        (
+            "drop from this split",
+            f"{shift['drop']:+.3f} (bootstrap 95% CI {low:+.3f} to {high:+.3f})",
+        ),
+    ]
+    if "shifted_oracle_auroc" in shift:
+        rows.append(("oracle AUROC on the shifted cohort", _fmt(shift["shifted_oracle_auroc"])))
+    return (
+        "<p>Every labelled sample of a second cohort, e.g. the same world with the site or "
+        "ancestry link to the outcome reversed: a model that leans on the confound loses "
+        "more here than one that does not.</p>"
+        + _table_rows(rows)
+        + "<p>Per site on the shifted cohort:</p>"
+        + _subgroup_table(shift.get("per_site", {}))
     )
 
 

@@ -25,6 +25,7 @@ from clinfuse.fusion.adversary import (
 )
 from clinfuse.fusion.base import FusionModule, create_fusion
 from clinfuse.fusion.erasure import ConceptEraser
+from clinfuse.fusion.offsets import ConfoundOffsets, build_offsets
 
 Embeddings = dict[str, tuple[Tensor, Tensor]]
 Tokens = dict[str, tuple[Tensor, Tensor, Tensor]]
@@ -59,6 +60,13 @@ class ModelConfig:
             where that modality is present (deep supervision, as in MedFuse's
             per-modality pretraining, in one stage): every encoder keeps learning its
             own signal even when the fused head leans on another modality.
+        confound_offsets: confounds (``site``, ``ancestry``) whose classes get a logit
+            offset, added to the risk logit (and each auxiliary head's) in the training
+            loss only, never at prediction, and profiled out rather than learned
+            (``fusion/offsets.py``): the encoders learn from patients of the same site
+            and ancestry, and the confound's own share of the outcome stays out of the
+            deployed model.
+        confound_offset_rate: damping of the offsets' Newton step per batch.
     """
 
     encoders: dict[str, dict[str, Any]] = field(
@@ -70,6 +78,8 @@ class ModelConfig:
     head_hidden: int = 0
     head_dropout: float = 0.1
     aux_weight: float = 0.0
+    confound_offsets: list[str] = field(default_factory=list)
+    confound_offset_rate: float = 0.2
 
     def __post_init__(self) -> None:
         self.encoders = {k: v for k, v in self.encoders.items() if v is not None}
@@ -141,6 +151,8 @@ class FusionModel(nn.Module):
         head: nn.Module | None = None,
         modality_dropout: float = 0.0,
         aux_weight: float = 0.0,
+        confound_offsets: Collection[str] = (),
+        confound_offset_rate: float = 0.2,
     ) -> None:
         super().__init__()
         _check_encoders(encoders)
@@ -175,6 +187,12 @@ class FusionModel(nn.Module):
             )
             if aux_weight > 0
             else None
+        )
+        self.confound_offsets: ConfoundOffsets | None = build_offsets(
+            confound_offsets,
+            confound_classes(spec),
+            heads=1 + (len(self.aux_heads) if self.aux_heads is not None else 0),
+            rate=confound_offset_rate,
         )
 
     @property
@@ -281,21 +299,63 @@ class FusionModel(nn.Module):
         total, parts = self.adversary.loss(outputs["adversary_logits"], batch["confounds"], present)
         return self.adversary_cfg.weight * total, parts
 
-    def aux_loss(self, outputs: dict[str, Any], label: Tensor, loss_fn: Any) -> Tensor:
+    def aux_logits(self, outputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Each auxiliary head's logit on its encoder's embedding (before modality dropout).
+
+        Shapes:
+            -> logits (B, M), present (B, M) bool, in ``aux_heads`` order
+        """
+        logits, present = [], []
+        for m, head in self.aux_heads.items():
+            emb, here = outputs["encoded"][m]  # (B, D_m), (B,)
+            logits.append(head(emb).squeeze(-1))
+            present.append(here.bool())
+        return torch.stack(logits, dim=1), torch.stack(present, dim=1)
+
+    def confound_offset(
+        self, outputs: dict[str, Any], batch: dict[str, Any], pos_weight: Tensor | None = None
+    ) -> Tensor | None:
+        """Profiles the ``confound_offsets`` on this batch, then returns them (training only).
+
+        One damped Newton step moves each head's offsets toward the loss minimiser
+        given the heads' current logits (``fusion/offsets.py``).
+
+        Returns:
+            (B, H) offsets of the fused head (column 0) and each auxiliary head, or
+            None without offsets.
+        """
+        if self.confound_offsets is None:
+            return None
+        logits, valid = outputs["logit"].unsqueeze(1), None
+        if self.aux_heads is not None:
+            aux, present = self.aux_logits(outputs)
+            logits = torch.cat([logits, aux], dim=1)  # (B, H)
+            valid = torch.cat([torch.ones_like(present[:, :1]), present], dim=1)
+        codes = batch["confounds"]
+        self.confound_offsets.update(logits.detach(), batch["label"], codes, pos_weight, valid)
+        return self.confound_offsets(codes)
+
+    def aux_loss(
+        self, outputs: dict[str, Any], label: Tensor, loss_fn: Any, offset: Tensor | None = None
+    ) -> Tensor:
         """Weighted mean over modalities of each auxiliary head's risk loss.
 
         Each head sees its encoder's embedding before modality dropout, on the samples
-        where the modality is present; ``loss_fn(logit, label)`` is the risk loss.
-        Zero without auxiliary heads.
+        where the modality is present; ``loss_fn(logit, label)`` is the risk loss and
+        ``offset`` (B, 1 + M) the ``confound_offset`` (column 1 + j added to head j's
+        logit). Zero without auxiliary heads.
         """
         if self.aux_heads is None:
             return outputs["logit"].new_zeros(())
         terms = []
-        for m, head in self.aux_heads.items():
+        for j, (m, head) in enumerate(self.aux_heads.items()):
             emb, present = outputs["encoded"][m]  # (B, D_m), (B,)
             present = present.bool()
             if present.any():
-                terms.append(loss_fn(head(emb[present]).squeeze(-1), label[present]))
+                logit = head(emb[present]).squeeze(-1)
+                if offset is not None:
+                    logit = logit + offset[present, 1 + j]
+                terms.append(loss_fn(logit, label[present]))
             else:  # keep the heads in the graph so every parameter gets a (zero) gradient
                 terms.append(head(emb[:0]).sum())
         return self.aux_weight * torch.stack(terms).mean()
@@ -385,7 +445,15 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> FusionModel:
     )
     head = risk_head(fusion.out_dim, cfg.head_hidden, cfg.head_dropout, _prior_logit(spec))
     return FusionModel(
-        encoders, fusion, spec, cfg.adversary, head, cfg.modality_dropout, cfg.aux_weight
+        encoders,
+        fusion,
+        spec,
+        cfg.adversary,
+        head,
+        cfg.modality_dropout,
+        cfg.aux_weight,
+        cfg.confound_offsets,
+        cfg.confound_offset_rate,
     )
 
 

@@ -5,7 +5,8 @@ every model artifact (``artifact.json`` against ``artifact.sha256``, the weights
 against ``model_id``), every score output (each part against the sha256 the
 manifest recorded, and its Parquet page checksums; missing parts), every other
 Parquet file (it reads, page checksums where written) and every Lightning
-checkpoint (it loads with ``weights_only=True``; checkpoints carry no digest).
+checkpoint (against the sha256 recorded beside it, and it loads with
+``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -97,14 +98,24 @@ def check_parquet(path: Path) -> Check:
 
 
 def check_checkpoint(path: Path) -> Check:
-    """A Lightning checkpoint loads with ``weights_only=True`` (no digest is recorded)."""
+    """A Lightning checkpoint against the sha256 recorded beside it when it was written
+    (``training.checkpoints``), and it loads with ``weights_only=True``."""
     import torch
 
+    from clinfuse.training.checkpoints import sidecar, verify_checkpoint
+
+    recorded = sidecar(path).is_file()
     try:
+        if recorded:
+            verify_checkpoint(path)
         torch.load(path, map_location="cpu", weights_only=True)
+    except UserError as err:
+        return Check(path, err.what)
     except Exception as err:  # noqa: BLE001 - any failure to load is the finding
         return Check(path, f"does not load ({type(err).__name__}: {_first_line(err)})")
-    return Check(path, None, "loads (checkpoints carry no recorded digest)")
+    if not recorded:
+        return Check(path, None, f"loads; no recorded sha256 ({sidecar(path).name} is missing)")
+    return Check(path, None, "loads; sha256 matches the one recorded when it was written")
 
 
 def _dirs_with(root: Path, name: str) -> list[Path]:

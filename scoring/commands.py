@@ -16,55 +16,65 @@ import signal
 import sys
 from datetime import datetime
 
+from clinfuse.cli_options import COHORT, NO_PROGRESS, OUT, RESUME, add_command, option, values_for
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "score",
-        help="score a cohort with a trained model; writes a Parquet dataset",
-        description="Score every sample (each labels.parquet row, or every subject at --at) "
-        "with a model artifact: calibrated risk, modalities used, OOD score, top modality, "
-        "input fingerprints, flags and per-sample errors. Streams chunks of subjects and "
-        "writes one part file per chunk atomically; --resume finishes an interrupted run. "
-        "Ctrl-C (or SIGTERM) pauses the run (exit 130/143). Exits 1 when rows failed for a "
-        "reason other than their input (e.g. a cohort file that cannot be read): --resume "
-        "scores those chunks again.",
-    )
-    p.add_argument("model", help="model artifact directory (run_dir/model) or a run directory")
-    p.add_argument("--cohort", required=True, help="cohort directory to score")
-    p.add_argument("--out", required=True, help="output directory (a Parquet dataset)")
-    p.add_argument(
-        "--at", type=_timestamp, help="score every subject at this time (ISO 8601), not labels"
-    )
-    p.add_argument("--chunk-size", type=int, default=1000, help="subjects per chunk (1000)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (256)")
-    p.add_argument("--resume", action="store_true", help="skip chunks an earlier run finished")
-    p.add_argument(
-        "--target-prevalence", type=float, help="recalibrate risks to this base rate (prior shift)"
-    )
-    p.add_argument("--image-cache", help="folder caching decoded DICOM pixels between runs")
-    p.add_argument(
-        "--embedding-cache", help="folder caching frozen image-backbone features between runs"
-    )
-    p.add_argument(
-        "--threads", type=_positive, default=1,
-        help="torch threads per process or Ray actor (1; scale out with --num-actors)",
-    )  # fmt: skip
-    p.add_argument(
-        "--workers", type=_positive, default=1,
-        help="local processes scoring chunks in parallel (1 = in this process)",
-    )  # fmt: skip
-    p.add_argument(
-        "--prefetch", action="store_true",
-        help="in-process: read the next chunk in a helper thread while scoring this one",
-    )  # fmt: skip
-    p.add_argument("--ray-address", help="score with Ray Data: auto, ray://host:port or local")
-    p.add_argument("--num-actors", type=int, default=2, help="Ray scoring actors (2)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per Ray actor (0)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=_run)
+    add_command(subparsers, "score", _run, _OPTIONS)
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--at {text!r} is not an ISO 8601 timestamp") from err
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be >= 1, got {value}")
+    return value
+
+
+_OPTIONS = [
+    option("model", help="model artifact directory (run_dir/model) or a run directory"),
+    COHORT(required=True, help="cohort directory to score"),
+    OUT(required=True, help="output directory (a Parquet dataset)"),
+    option("--at", type=_timestamp,
+           help="score every subject at this time (ISO 8601), not labels"),
+    option("--chunk-size", type=int, default=1000, help="subjects per chunk (1000)"),
+    option("--batch-size", type=int, default=256, help="samples per forward pass (256)"),
+    RESUME(help="skip chunks an earlier run finished"),
+    option("--target-prevalence", type=float,
+           help="recalibrate risks to this base rate (prior shift)"),
+    option("--image-cache", help="folder caching decoded DICOM pixels between runs"),
+    option("--embedding-cache",
+           help="folder caching frozen image-backbone features between runs"),
+    option("--threads", type=_positive, default=1,
+           help="torch threads per process or Ray actor (1; scale out with --num-actors)"),
+    option("--workers", type=_positive, default=1,
+           help="local processes scoring chunks in parallel (1 = in this process)"),
+    option("--prefetch", action="store_true",
+           help="in-process: read the next chunk in a helper thread while scoring this one"),
+    option("--ray-address", help="score with Ray Data: auto, ray://host:port or local"),
+    option("--num-actors", type=int, default=2, help="Ray scoring actors (2)"),
+    option("--gpus-per-actor", type=float, default=0.0, help="GPUs per Ray actor (0)"),
+    NO_PROGRESS,
+]  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:
+    """score a cohort with a trained model; writes a Parquet dataset
+
+    Score every sample (each labels.parquet row, or every subject at --at) with a model
+    artifact: calibrated risk, modalities used, OOD score, top modality, input
+    fingerprints, flags and per-sample errors. Streams chunks of subjects and writes one
+    part file per chunk atomically; --resume finishes an interrupted run. Ctrl-C (or
+    SIGTERM) pauses the run (exit 130/143). Exits 1 when rows failed for a reason other
+    than their input (e.g. a cohort file that cannot be read): --resume scores those
+    chunks again.
+    """
     from clinfuse.scoring.stops import ScoringPaused
 
     try:
@@ -82,18 +92,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The options score_cohort and score_with_ray both take.
+_SCORE_OPTIONS = (
+    "at", "chunk_size", "resume", "target_prevalence", "batch_size", "image_cache",
+    "embedding_cache", "progress", "threads",
+)  # fmt: skip
+
+
 def _score(args: argparse.Namespace) -> dict:
-    options = dict(
-        at=args.at,
-        chunk_size=args.chunk_size,
-        resume=args.resume,
-        target_prevalence=args.target_prevalence,
-        batch_size=args.batch_size,
-        image_cache=args.image_cache,
-        embedding_cache=args.embedding_cache,
-        progress=args.progress,
-        threads=args.threads,
-    )
+    options = values_for(args, _SCORE_OPTIONS)
     if args.ray_address:
         from clinfuse.scoring.ray_scoring import score_with_ray
 
@@ -171,17 +178,3 @@ def _defaults() -> dict:
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     return vars(parser.parse_args(["score", "M", "--cohort", "C", "--out", "O"]))
-
-
-def _timestamp(text: str) -> datetime:
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--at {text!r} is not an ISO 8601 timestamp") from err
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--threads must be >= 1, got {value}")
-    return value

@@ -54,7 +54,7 @@ class ScoredChunk:
     """A chunk's output rows and how many of them failed for a reason other than input.
 
     Attributes:
-        rows: one output row per sample (``score.OUTPUT_SCHEMA``).
+        rows: one output row per sample (``scoring.plan.OUTPUT_SCHEMA``).
         failed: rows whose error is not their input's fault (see the module docstring).
         failure: the first such error, as written in its row.
     """

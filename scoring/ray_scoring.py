@@ -28,16 +28,9 @@ import numpy as np
 from clinfuse.integrity.checksums import cache_failures
 from clinfuse.integrity.locks import output_lock
 from clinfuse.scoring.parts import PartLedger, StagedPart, stage_part
-from clinfuse.scoring.score import (
-    ChunkScorer,
-    ScoringPlan,
-    Tally,
-    paused_as,
-    plan_run,
-    prepare_output,
-    resolve_artifact_dir,
-    run_summary,
-)
+from clinfuse.scoring.plan import ScoringPlan, prepare_output
+from clinfuse.scoring.score import Tally, paused_as, plan_run, resolve_artifact_dir, run_summary
+from clinfuse.scoring.scorer import ChunkScorer
 from clinfuse.scoring.stops import PauseSignals
 
 

@@ -4,91 +4,111 @@ from __future__ import annotations
 
 import argparse
 
+from clinfuse.cli_options import COHORT, CONFIG, OUT, OVERRIDES, RESUME, add_command, option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    _register_train(subparsers)
-    _register_evaluate(subparsers)
-    _register_demo(subparsers)
-
-
-def _register_train(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    train = add_command(
+        subparsers,
         "train",
-        help="train a model on a cohort; writes a run directory",
-        description="Train from a YAML preset with key=value overrides (e.g. "
-        "model.fusion.name=gated optim.lr=3e-4). The run directory gets the resolved "
-        "config, metrics (CSV, TensorBoard), checkpoints, data hashes, code version and "
-        "the exported model artifact.",
+        _train,
+        [
+            CONFIG,
+            COHORT,
+            option("--run-dir", required=True, help="run directory to write"),
+            RESUME(help="continue from checkpoints/last.ckpt"),
+            OVERRIDES,
+        ],
     )
-    p.add_argument("--config", help="YAML file, or the name of a packaged preset (demo)")
-    p.add_argument("--cohort", help="cohort directory (overrides cohort= in the config)")
-    p.add_argument("--run-dir", required=True, help="run directory to write")
-    p.add_argument("--resume", action="store_true", help="continue from checkpoints/last.ckpt")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-
-    def run(args: argparse.Namespace) -> int:
-        from clinfuse.api import train
-
-        run = train(
-            args.cohort, args.config, run_dir=args.run_dir, overrides=args.overrides,
-            resume=args.resume,
-        )  # fmt: skip
-        print(f"best val AUROC {run.summary['best_val_auroc']}; artifact in {run.model_dir}")
-        return 0
-
-    p.set_defaults(func=run)
-
-
-def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    ray = train.add_argument_group(
+        "data-parallel training on a Ray cluster (docs/distributed.md)",
+        "The cohort, the run directory and the storage path must be on storage every "
+        "node sees. data.batch_size is the global batch, split among the workers.",
+    )
+    ray.add_argument("--ray-address", help="the cluster: auto, HOST:PORT or ray://HOST:PORT")
+    ray.add_argument("--num-workers", type=int, help="DDP workers (2)")
+    ray.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU, gloo)")
+    ray.add_argument("--storage-path", help="Ray Train checkpoints: dir or URI (RUN_DIR/ray)")
+    ray.add_argument("--max-failures", type=int, help="worker-group restarts after a failure (3)")
+    ray.add_argument(
+        "--placement-strategy", choices=["PACK", "SPREAD"], help="workers on few nodes (PACK)"
+    )
+    add_command(
+        subparsers,
         "evaluate",
-        help="metrics.json and report.html for a trained run on a cohort",
-        description="Evaluate a run's model artifact on a cohort: discrimination with "
-        "bootstrap CIs, calibration, per-site and per-ancestry tables, the confound audit, "
-        "modality attribution and Grad-CAM overlays.",
+        _evaluate,
+        [
+            option("run_dir", help="run directory written by clinfuse train"),
+            COHORT(required=True, help="cohort directory to evaluate on"),
+            OUT(help="output directory (default RUN_DIR/evaluation)"),
+            option("--split", help="held_out (default when present), tuning, train or all"),
+            option("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs"),
+            option(
+                "--no-baseline",
+                action="store_true",
+                help="skip the gradient-boosting baseline fit on the run's training split",
+            ),
+            option(
+                "--shifted",
+                metavar="COHORT",
+                help="also score every labelled sample of a shifted cohort (e.g. simulated "
+                "with --site-effect reversed, or --new-site) and report the AUROC drop",
+            ),
+        ],
     )
-    p.add_argument("run_dir", help="run directory written by clinfuse train")
-    p.add_argument("--cohort", required=True, help="cohort directory to evaluate on")
-    p.add_argument("--out", help="output directory (default RUN_DIR/evaluation)")
-    p.add_argument("--split", help="held_out (default when present), tuning, train or all")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
-    p.add_argument(
-        "--no-baseline",
-        action="store_true",
-        help="skip the gradient-boosting baseline fit on the run's training split",
-    )
-
-    def run(args: argparse.Namespace) -> int:
-        from clinfuse.api import evaluate
-
-        report = evaluate(
-            args.run_dir, args.cohort, args.out, split=args.split, bootstrap=args.bootstrap,
-            baseline=not args.no_baseline,
-        )  # fmt: skip
-        print(_summary_line(report.metrics))
-        print(f"report: {report.html}")
-        return 0
-
-    p.set_defaults(func=run)
+    add_command(subparsers, "demo", _demo, [
+        OUT(default="runs/demo", help="where the cohort and run go"),
+        option("--subjects", type=int, default=2000, help="simulated subjects (2000)"),
+        CONFIG(help="preset (default: the packaged demo.yaml)"),
+        OVERRIDES(help=None),
+    ])  # fmt: skip
 
 
-def _register_demo(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="simulate a cohort, train attention fusion with the adversary, evaluate",
-        description="End to end on a small simulated cohort, a few minutes on 2 CPU cores.",
-    )
-    p.add_argument("--out", default="runs/demo", help="where the cohort and run go")
-    p.add_argument("--subjects", type=int, default=2000, help="simulated subjects (2000)")
-    p.add_argument("--config", default=None, help="preset (default: the packaged demo.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+def _train(args: argparse.Namespace) -> int:
+    """train a model on a cohort; writes a run directory
 
-    def run(args: argparse.Namespace) -> int:
-        from clinfuse.training.demo import run_demo
+    Train from a YAML preset with key=value overrides (e.g. model.fusion.name=gated
+    optim.lr=3e-4). The run directory gets the resolved config, metrics (CSV,
+    TensorBoard), checkpoints, data hashes, code version and the exported model artifact.
+    """
+    from clinfuse.api import train
 
-        return run_demo(args.out, args.subjects, args.config, args.overrides)
+    run = train(
+        args.cohort, args.config, run_dir=args.run_dir, overrides=args.overrides,
+        resume=args.resume, ray_address=args.ray_address, num_workers=args.num_workers,
+        gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
+        max_failures=args.max_failures, placement_strategy=args.placement_strategy,
+    )  # fmt: skip
+    print(f"best val AUROC {run.summary['best_val_auroc']}; artifact in {run.model_dir}")
+    return 0
 
-    p.set_defaults(func=run)
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """metrics.json and report.html for a trained run on a cohort
+
+    Evaluate a run's model artifact on a cohort: discrimination with bootstrap CIs,
+    calibration, per-site and per-ancestry tables, the confound audit, modality
+    attribution and Grad-CAM overlays.
+    """
+    from clinfuse.api import evaluate
+
+    report = evaluate(
+        args.run_dir, args.cohort, args.out, split=args.split, bootstrap=args.bootstrap,
+        baseline=not args.no_baseline, shifted=args.shifted,
+    )  # fmt: skip
+    print(_summary_line(report.metrics))
+    print(f"report: {report.html}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """simulate a cohort, train attention fusion with the adversary, evaluate
+
+    End to end on a small simulated cohort, a few minutes on 2 CPU cores.
+    """
+    from clinfuse.training.demo import run_demo
+
+    return run_demo(args.out, args.subjects, args.config, args.overrides)
 
 
 def _summary_line(m: dict) -> str:
@@ -101,6 +121,13 @@ def _summary_line(m: dict) -> str:
         parts.append(
             f"gradient-boosting baseline {base['auroc']:.3f} "
             f"(model {base['delta']:+.3f} [{low:+.3f}, {high:+.3f}])"
+        )
+    shift = m.get("shift", {})
+    if "drop" in shift:
+        low, high = shift["drop_ci"]
+        parts.append(
+            f"shifted cohort AUROC {shift['auroc']:.3f} "
+            f"(drop {shift['drop']:+.3f} [{low:+.3f}, {high:+.3f}])"
         )
     audit = m.get("audit", {})
     for name in ("site", "ancestry"):

@@ -21,6 +21,12 @@ ENCODER = "sgl_mlp"
 PATH_FILE = "genotype_path.json"
 
 
+def wants_genotype_path(encoders: dict[str, dict[str, Any]]) -> bool:
+    """Whether ``model.encoders`` asks training to choose the genotype groups."""
+    kwargs = encoders.get(ENCODER)
+    return kwargs is not None and kwargs.get("select", "fixed") == "path"
+
+
 def choose_genotype_groups(
     encoders: dict[str, dict[str, Any]], dm: CohortDataModule, run: Path | None = None
 ) -> dict[str, Any] | None:
@@ -34,9 +40,9 @@ def choose_genotype_groups(
     Returns:
         The path (``PathResult.to_dict``), or None when nothing was chosen.
     """
-    kwargs = encoders.get(ENCODER)
-    if kwargs is None or kwargs.get("select", "fixed") != "path":
+    if not wants_genotype_path(encoders):
         return None
+    kwargs = encoders[ENCODER]
     cfg = SGLMLPConfig(**{k: v for k, v in kwargs.items() if k != "keep_groups"})
     if dm.spec is None or dm.spec.n_markers == 0:
         return None

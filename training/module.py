@@ -2,10 +2,13 @@
 
 Loss per step::
 
-    L = risk_loss(logit, label) + adversary_loss(site, ancestry) + model.regularization_loss()
-        + aux_weight * mean_m risk_loss(aux_head_m(embedding_m), label)   (when aux_weight > 0)
+    L = risk_loss(logit + o, label) + adversary_loss(site, ancestry) + model.regularization_loss()
+        + aux_weight * mean_m risk_loss(aux_head_m(embedding_m) + o, label)   (when aux_weight > 0)
 
-where the adversary's gradient reaches the representation through gradient
+with ``o`` the per-site / per-ancestry logit offsets of ``model.confound_offsets``
+(``fusion/offsets.py``: profiled on each batch before the step; 0 without them; in the
+training loss only, never in predictions or the validation metrics).
+The adversary's gradient reaches the representation through gradient
 reversal scaled by the DANN schedule lambda(p), p = training progress in [0, 1]
 (over the whole run, or over ``model.adversary.ramp_epochs`` epochs when set).
 With ``model.adversary.head_steps > 1`` the adversary heads first take extra
@@ -64,6 +67,7 @@ class RiskModule(L.LightningModule):
         self._head_optimizer_state: dict[str, Any] | None = None  # from a resumed checkpoint
         self._val_logits: list[Tensor] = []
         self._val_labels: list[Tensor] = []
+        self._val_keys: list[Tensor] = []  # (subject_id, prediction_time) per row
         self._val_confounds: dict[str, list[tuple[Tensor, Tensor]]] = {}
 
     @classmethod
@@ -79,10 +83,12 @@ class RiskModule(L.LightningModule):
         lambd = self.model.set_progress(self._progress())
         out = self.model(batch)
         out = self._adversary_head_steps(out, batch)
-        risk = self._risk_loss(out["logit"], batch["label"])
+        offset = self.model.confound_offset(out, batch, self._pos_weight())  # (B, H) or None
+        logit = out["logit"] if offset is None else out["logit"] + offset[:, 0]
+        risk = self._risk_loss(logit, batch["label"])
         adversary, parts = self.model.adversary_loss(out, batch)
         reg = self.model.regularization_loss()
-        aux = self.model.aux_loss(out, batch["label"], self._risk_loss)
+        aux = self.model.aux_loss(out, batch["label"], self._risk_loss, offset)
         loss = risk + adversary + reg + aux
         logs = {
             "train_loss": loss,
@@ -92,7 +98,9 @@ class RiskModule(L.LightningModule):
             "adversary_lambda": lambd,
         }
         logs.update({f"train_adv_{k.replace('/', '_')}": v for k, v in parts.items()})
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch["label"].shape[0])
+        self.log_dict(
+            logs, on_step=False, on_epoch=True, batch_size=batch["label"].shape[0], sync_dist=True
+        )
         return loss
 
     def _adversary_head_steps(self, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
@@ -134,21 +142,41 @@ class RiskModule(L.LightningModule):
         out = self.model(batch)
         self._val_logits.append(out["logit"].detach().float().cpu())
         self._val_labels.append(batch["label"].detach().float().cpu())
+        if "subject_id" in batch and "prediction_time" in batch:
+            keys = torch.stack([batch["subject_id"], batch["prediction_time"]], dim=1)  # (B, 2)
+            self._val_keys.append(keys.detach().cpu())
         self._collect_confound_predictions(out, batch)
         loss = self._risk_loss(out["logit"], batch["label"])
-        self.log("val_loss", loss, on_epoch=True, batch_size=batch["label"].shape[0])
+        self.log(
+            "val_loss", loss, on_epoch=True, batch_size=batch["label"].shape[0], sync_dist=True
+        )
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_logits:
+        rows = self._validation_rows()
+        if rows is None:
             return
-        logits = torch.cat(self._val_logits).numpy()
-        labels = torch.cat(self._val_labels).numpy()
+        value = auroc(rows["label"].numpy(), rows["logit"].numpy())
+        # An undefined AUROC (one class in the tuning split) must not win early stopping.
+        # sync_dist: the same value on every worker (``_validation_rows``), averaged.
+        self.log("val_auroc", 0.0 if np.isnan(value) else value, prog_bar=True, sync_dist=True)
+        self._log_confound_accuracy(rows)
+
+    def _validation_rows(self) -> dict[str, Tensor] | None:
+        """This epoch's validation outputs, over the whole tuning split.
+
+        Under data-parallel training each worker validated its own share of the
+        tuning subjects, padded to the largest share (``datasets.shards``): the
+        rows of every worker are gathered and each (subject_id, prediction_time)
+        kept once, so every worker computes the same AUROC on the whole split.
+        """
+        rows = _cat_rows(self._val_logits, self._val_labels, self._val_keys, self._val_confounds)
         self._val_logits.clear()
         self._val_labels.clear()
-        value = auroc(labels, logits)
-        # An undefined AUROC (one class in the tuning split) must not win early stopping.
-        self.log("val_auroc", 0.0 if np.isnan(value) else value, prog_bar=True)
-        self._log_confound_accuracy()
+        self._val_keys.clear()
+        self._val_confounds.clear()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            rows = _gather_unique(rows)
+        return rows if rows and len(rows["logit"]) else None
 
     def _collect_confound_predictions(self, out: dict[str, Any], batch: dict[str, Any]) -> None:
         """Keeps each categorical fused-representation head's class guesses and labels."""
@@ -163,16 +191,13 @@ class RiskModule(L.LightningModule):
             target = batch["confounds"][name].detach().cpu()  # (B,)
             self._val_confounds.setdefault(name, []).append((guess, target))
 
-    def _log_confound_accuracy(self) -> None:
+    def _log_confound_accuracy(self, rows: dict[str, Tensor]) -> None:
         """Logs ``val_adv_<confound>_acc`` and ``val_adv_<confound>_majority``."""
-        for name, pairs in self._val_confounds.items():
-            accuracy, majority = confound_accuracy(
-                torch.cat([g for g, _ in pairs]), torch.cat([t for _, t in pairs])
-            )
+        for name in sorted(k[len("guess/") :] for k in rows if k.startswith("guess/")):
+            accuracy, majority = confound_accuracy(rows[f"guess/{name}"], rows[f"target/{name}"])
             if not np.isnan(accuracy):
-                self.log(f"val_adv_{name}_acc", accuracy)
-                self.log(f"val_adv_{name}_majority", majority)
-        self._val_confounds.clear()
+                self.log(f"val_adv_{name}_acc", accuracy, sync_dist=True)
+                self.log(f"val_adv_{name}_majority", majority, sync_dist=True)
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         # Dropout, modality dropout and augmentation draw from the global RNG. Seeding
@@ -180,7 +205,9 @@ class RiskModule(L.LightningModule):
         # ran before (Lightning draws from it when it builds a DataLoader iterator, which
         # happens at different moments in a fresh and in a resumed fit), so a run resumed
         # from a checkpoint ends where the uninterrupted one would.
-        torch.manual_seed((self.seed * 100_003 + self.current_epoch) * 100_003 + batch_idx)
+        # Data-parallel workers (global_rank > 0) draw their own masks.
+        step = (self.seed * 100_003 + self.current_epoch) * 100_003 + batch_idx
+        torch.manual_seed(step + self.global_rank * 1_000_000_007)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -197,9 +224,12 @@ class RiskModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
+    def _pos_weight(self) -> Tensor | None:
+        return self.pos_weight if self.optim.class_weight else None
+
     def _risk_loss(self, logit: Tensor, label: Tensor) -> Tensor:
         label = label.float()
-        pos_weight = self.pos_weight if self.optim.class_weight else None
+        pos_weight = self._pos_weight()
         if self.optim.loss == "bce":
             return F.binary_cross_entropy_with_logits(logit, label, pos_weight=pos_weight)
         if self.optim.loss == "focal":
@@ -221,6 +251,45 @@ class RiskModule(L.LightningModule):
             steps_per_epoch,
             self.model.adversary_cfg.ramp_epochs,
         )
+
+
+def _cat_rows(
+    logits: list[Tensor],
+    labels: list[Tensor],
+    keys: list[Tensor],
+    confounds: dict[str, list[tuple[Tensor, Tensor]]],
+) -> dict[str, Tensor]:
+    """The validation step outputs as one tensor per column (empty dict when none)."""
+    if not logits:
+        return {}
+    rows = {"logit": torch.cat(logits), "label": torch.cat(labels)}
+    if keys:
+        rows["key"] = torch.cat(keys)  # (N, 2)
+    for name, pairs in confounds.items():
+        rows[f"guess/{name}"] = torch.cat([g for g, _ in pairs])
+        rows[f"target/{name}"] = torch.cat([t for _, t in pairs])
+    return rows
+
+
+def _gather_unique(rows: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every worker's rows, each (subject_id, prediction_time) once, sorted by that key.
+
+    Needs ``torch.distributed`` initialised; every worker must call it (a collective).
+    """
+    import torch.distributed as dist
+
+    parts: list[dict[str, Tensor] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    columns = set.intersection(*(set(p) for p in parts))
+    merged = {c: torch.cat([p[c] for p in parts]) for c in columns}
+    if "key" not in merged:
+        return merged
+    _, first = np.unique(merged["key"].numpy(), axis=0, return_index=True)  # sorted by key
+    keep, n = torch.as_tensor(first), len(merged["key"])
+    return {c: v[keep] if len(v) == n else v for c, v in merged.items()}
 
 
 def confound_accuracy(guess: Tensor, target: Tensor) -> tuple[float, float]:

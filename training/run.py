@@ -5,7 +5,9 @@
     provenance.json      code version, package versions, sha256 of every cohort file
     data_spec.yaml       the DataSpec fitted on the train split
     checkpoints/         best.ckpt and last.ckpt (Lightning; load with weights_only=True);
-                         erased.ckpt when confounds are erased (best + eraser + refitted head)
+                         erased.ckpt when confounds are erased (best + eraser + refitted head);
+                         each with a NAME.sha256 beside it, checked before the file is read
+                         (``training.checkpoints``)
     logs/                metrics.csv and TensorBoard events
     model/               the exported artifact (model.safetensors, artifact.json, artifact.sha256)
     .clinfuse.lock       while a process writes the run: its pid and host (integrity.locks)
@@ -42,6 +44,11 @@ from clinfuse.progress import format_seconds, interactive
 from clinfuse.scoring.ood import MahalanobisOOD
 from clinfuse.training.artifact import save_artifact
 from clinfuse.training.calibration import apply_temperature, fit_temperature
+from clinfuse.training.checkpoints import (
+    VerifiedCheckpointIO,
+    load_checkpoint,
+    verify_checkpoint,
+)
 from clinfuse.training.config import OptimConfig, RunConfig
 from clinfuse.training.genotype_selection import choose_genotype_groups
 from clinfuse.training.module import RiskModule
@@ -100,6 +107,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
 
     Raises:
         LockHeldError: another process is writing ``run_dir``.
+        IntegrityError: on resume, ``last.ckpt`` differs from the sha256 recorded when it
+            was written (``training.checkpoints``); nothing in ``run_dir`` is changed.
     """
     with output_lock(run_dir):  # one writer per run directory
         return _train(cfg, Path(run_dir), resume)
@@ -107,17 +116,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
 
 def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     failed_before = cache_failures()  # damaged cache entries, recomputed, in this process
-    if not cfg.cohort:
-        raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
-    _check_selection_window(cfg)
-    if cfg.validate:
-        _check_cohort(cfg.cohort)
-    save_yaml(cfg, run / "config.yaml")
-    _write_json(run / "provenance.json", _provenance(cfg))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-
-    _default_embedding_cache(cfg, run)
+    last = run / "checkpoints" / "last.ckpt"
+    resuming = resume and last.is_file()
+    if resuming:
+        verify_checkpoint(last)  # before anything in the run directory changes
+    prepare_run(cfg, run)
     dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
     dm.setup("fit")
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
@@ -126,31 +129,76 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
             save_yaml(cfg, run / "config.yaml")  # now with the chosen keep_groups
         module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
     trainer, checkpoint = build_trainer(cfg, run)
-    last = run / "checkpoints" / "last.ckpt"
-    resuming = resume and last.is_file()
     if resuming:
-        _keep_earlier_metrics(run)
+        keep_earlier_metrics(run)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resuming else None)
 
-    best = checkpoint.best_model_path or str(last)
-    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    fit = {
+        "best_checkpoint": checkpoint.best_model_path or str(last),
+        "best_val_auroc": _score(checkpoint),
+        "epochs": trainer.current_epoch,
+    }
+    return finish_run(
+        cfg, run, module, dm, fit, failed_before, trainer.save_checkpoint, genotype_path
+    )
+
+
+def prepare_run(cfg: RunConfig, run: Path) -> None:
+    """Checks the config and cohort, writes config.yaml and provenance.json, seeds.
+
+    Also points a frozen image backbone at the run's embedding cache (see
+    ``_default_embedding_cache``), so call it before building data or model.
+    """
+    if not cfg.cohort:
+        raise InputError("cohort is not set", None, "pass --cohort DIR or cohort=DIR")
+    _check_selection_window(cfg)
+    if cfg.validate:
+        _check_cohort(cfg.cohort)
+    run.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run / "config.yaml")
+    write_json(run / "provenance.json", _provenance(cfg))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    _default_embedding_cache(cfg, run)
+
+
+def finish_run(
+    cfg: RunConfig,
+    run: Path,
+    module: RiskModule,
+    dm: CohortDataModule,
+    fit: dict[str, Any],
+    failed_before: int,
+    save_weights: Any,
+    genotype_path: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Loads the best checkpoint, erases confounds, exports the artifact, writes summary.json.
+
+    Args:
+        fit: ``best_checkpoint`` (path), ``best_val_auroc`` and ``epochs`` of the fit.
+        failed_before: ``cache_failures()`` when the run started.
+        save_weights: ``save_weights(path, weights_only=True)`` writes the module's
+            checkpoint (``erased.ckpt``).
+        genotype_path: the genotype groups' path when training chose them
+            (``training.genotype_selection``); goes into the artifact and the summary.
+    """
+    best = fit["best_checkpoint"]
+    state = load_checkpoint(best)["state_dict"]
     module.load_state_dict(state)
     erasure = erase_confounds(module, dm)
     if erasure:
-        trainer.save_checkpoint(run / "checkpoints" / "erased.ckpt", weights_only=True)
+        save_weights(run / "checkpoints" / "erased.ckpt", weights_only=True)
     summary = export_artifact(module, dm, cfg, run, genotype_path=genotype_path)
     summary.update(erasure)
+    summary.update(fit)
     if genotype_path is not None:
         summary["genotype_groups"] = genotype_path["groups"]
         summary["genotype_lambda"] = genotype_path["lambda_"]
-    summary.update(
-        best_checkpoint=best, best_val_auroc=_score(checkpoint), epochs=trainer.current_epoch
-    )
     summary["cache_entries_recomputed"] = cache_failures() - failed_before
     summary["warnings"] = unused_modality_warnings(module.model)
     for message in summary["warnings"]:
-        warnings.warn(message, stacklevel=2)
-    _write_json(run / "summary.json", summary)
+        warnings.warn(message, stacklevel=3)
+    write_json(run / "summary.json", summary)
     return summary
 
 
@@ -273,7 +321,7 @@ def _check_cohort(cohort: str | Path) -> None:
         )
 
 
-def _keep_earlier_metrics(run: Path) -> None:
+def keep_earlier_metrics(run: Path) -> None:
     """Lightning's CSV logger rewrites metrics.csv on resume; keep the interrupted part."""
     csv = run / "logs" / "metrics.csv"
     if csv.is_file():
@@ -331,6 +379,7 @@ def build_trainer(
         enable_progress_bar=bars,
         enable_model_summary=False,
         default_root_dir=run,
+        plugins=[VerifiedCheckpointIO()],  # sha256 beside each checkpoint, checked on load
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs), checkpoint
@@ -496,5 +545,6 @@ def _score(checkpoint: ModelCheckpoint) -> float | None:
     return None if score is None else float(score)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """``payload`` as indented JSON (paths and dates as strings)."""
     path.write_text(json.dumps(payload, indent=2, default=str))

@@ -12,58 +12,59 @@ import argparse
 import sys
 from pathlib import Path
 
+from clinfuse.cli_options import (
+    COHORT,
+    CONFIG,
+    OUT,
+    OVERRIDES,
+    RESUME,
+    add_command,
+    option,
+    values_for,
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "tune",
-        help="hyperparameter sweep with Ray Tune (ASHA + Optuna); exports the best model",
-        description="Sample fusion strategies and hyperparameters (search spaces in "
-        "clinfuse.tune.space), train trials in parallel with ASHA early stopping, write "
-        "SWEEP_DIR/results.parquet, auroc_by_strategy.png and the best trial's model "
-        "artifact in SWEEP_DIR/best/model. Frozen-backbone image features are computed "
-        "once and shared by all trials. Ctrl-C (or SIGTERM) pauses the sweep: "
-        "results.parquet marks the unfinished trials and --resume continues them. Exits "
-        "1 when a trial ended in error, 2 when the preflight refused, 130/143 when paused.",
-    )
-    p.add_argument("--config", help="base YAML preset, e.g. configs/sweep.yaml")
-    p.add_argument("--cohort", help="cohort directory (overrides cohort= in the config)")
-    p.add_argument("--out", required=True, help="sweep directory")
-    p.add_argument("--space", default="default", help="search space: default or tiny")
-    p.add_argument("--num-samples", type=int, default=20, help="trials (20)")
-    p.add_argument("--max-concurrent", type=int, default=2, help="trials at once (2)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (1)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, e.g. 0.25")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--address", help="join a Ray cluster: auto or ray://host:port")
-    p.add_argument("--storage-path", help="experiment storage: dir or URI (SWEEP_DIR/ray)")
-    p.add_argument("--name", default="sweep", help="experiment name (sweep)")
-    p.add_argument("--grace-period", type=int, default=1, help="ASHA grace epochs (1)")
-    p.add_argument("--max-failures", type=int, default=2, help="retries per trial (2)")
-    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed (0)")
-    p.add_argument("--resume", action="store_true", help="continue the sweep in --out")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="base config overrides")
-    p.set_defaults(func=_run)
+    add_command(subparsers, "tune", _run, _OPTIONS)
+
+
+_OPTIONS = [
+    CONFIG(help="base YAML preset, e.g. configs/sweep.yaml"),
+    COHORT,
+    OUT(required=True, help="sweep directory"),
+    option("--space", default="default", help="search space: default or tiny"),
+    option("--num-samples", type=int, default=20, help="trials (20)"),
+    option("--max-concurrent", type=int, default=2, help="trials at once (2)"),
+    option("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (1)"),
+    option("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, e.g. 0.25"),
+    option("--num-cpus", type=int, help="CPUs of the local Ray (default: all)"),
+    option("--address", help="join a Ray cluster: auto or ray://host:port"),
+    option("--storage-path", help="experiment storage: dir or URI (SWEEP_DIR/ray)"),
+    option("--name", default="sweep", help="experiment name (sweep)"),
+    option("--grace-period", type=int, default=1, help="ASHA grace epochs (1)"),
+    option("--max-failures", type=int, default=2, help="retries per trial (2)"),
+    option("--seed", type=int, default=0, help="Optuna sampler seed (0)"),
+    RESUME(help="continue the sweep in --out"),
+    OVERRIDES(help="base config overrides"),
+]
 
 
 def _run(args: argparse.Namespace) -> int:
+    """hyperparameter sweep with Ray Tune (ASHA + Optuna); exports the best model
+
+    Sample fusion strategies and hyperparameters (search spaces in clinfuse.tune.space),
+    train trials in parallel with ASHA early stopping, write SWEEP_DIR/results.parquet,
+    auroc_by_strategy.png and the best trial's model artifact in SWEEP_DIR/best/model.
+    Frozen-backbone image features are computed once and shared by all trials. Ctrl-C
+    (or SIGTERM) pauses the sweep: results.parquet marks the unfinished trials and
+    --resume continues them. Exits 1 when a trial ended in error, 2 when the preflight
+    refused, 130/143 when paused.
+    """
     from clinfuse.training.config import load_run_config
     from clinfuse.tune.stops import SweepError, SweepInterrupted, resume_command
     from clinfuse.tune.sweep import SweepOptions, run_sweep
 
-    opts = SweepOptions(
-        space=args.space,
-        num_samples=args.num_samples,
-        max_concurrent=args.max_concurrent,
-        cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial,
-        address=args.address,
-        num_cpus=args.num_cpus,
-        storage_path=args.storage_path,
-        name=args.name,
-        grace_period=args.grace_period,
-        max_failures=args.max_failures,
-        seed=args.seed,
-    )
+    opts = SweepOptions(**values_for(args, SweepOptions))
     cfg = None
     if not args.resume:
         overrides = list(args.overrides) + ([f"cohort={args.cohort}"] if args.cohort else [])

@@ -47,6 +47,7 @@ from clinfuse.encoders import create_encoder
 from clinfuse.errors import InputError, IntegrityError, NotFoundError
 from clinfuse.integrity.checksums import write_parquet
 from clinfuse.integrity.locks import output_lock
+from clinfuse.training.checkpoints import load_checkpoint
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import export_artifact, first_selected_epoch
@@ -69,7 +70,7 @@ from clinfuse.tune.stops import (
     resume_command,
     stopped_before_fit,
 )
-from clinfuse.tune.trainable import METRIC, first_conv, train_fn, trial_config
+from clinfuse.tune.trainable import METRIC, SweepData, first_conv, train_fn, trial_config
 
 OPTIONS_FILE = "sweep.json"
 BASE_FILE = "base_config.yaml"
@@ -195,14 +196,14 @@ def experiment_path(opts: SweepOptions) -> str:
 def make_trainable(
     base: dict[str, Any], dm: CohortDataModule, opts: SweepOptions, image_probe: list[str]
 ) -> Any:
-    """``train_fn`` with the shared data in the object store and per-trial resources.
+    """``train_fn`` with the sweep's data (path, config, DataSpec) and per-trial resources.
 
     ``image_probe``: images the driver read, which each trial checks on its node.
     """
     from ray import tune
 
     trainable = tune.with_parameters(
-        train_fn, base_cfg=base, data=dm, image_probe=list(image_probe)
+        train_fn, base_cfg=base, data=SweepData.of(dm), image_probe=list(image_probe)
     )
     return tune.with_resources(trainable, {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
 
@@ -344,7 +345,7 @@ def export_best(results: Any, base: dict[str, Any], dm: CohortDataModule, out: P
     with checkpoint.as_directory() as folder:
         from clinfuse.tune.trainable import CHECKPOINT_FILE
 
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
     module.load_state_dict(state["state_dict"])
     module.eval()
     out.mkdir(parents=True, exist_ok=True)

@@ -7,17 +7,17 @@ Ray's ``TuneReportCheckpointCallback`` (each report also names the node, so
 results.parquet can say where a trial ran). A trial that is restarted (a retried
 failure, a resumed sweep) continues from its last reported checkpoint.
 
-The prepared data (samples, DataSpec, tabular tensors) arrive through
-``tune.with_parameters`` as one ``CohortDataModule`` that the driver set up once;
-trials never re-read the cohort. They do read the images, on whatever node they
-land: a trial configured with an image encoder first reads the films the driver
+The driver fits the DataSpec once; each trial gets only the cohort path, the data
+config and that spec (``SweepData``, through ``tune.with_parameters``) and reads
+the train and tuning splits itself, lazily, on whatever node it lands, as a
+data-parallel worker does (``datasets.shards.ShardedDataModule`` with one worker):
+the cohort never goes through the object store. Trials also read the images: a trial configured with an image encoder first reads the films the driver
 sampled and read (``preflight.sample_images``) and fails, naming the node, when
 any is unreadable here, instead of training on masked images.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +33,8 @@ from torch import nn
 
 from clinfuse.config import from_dict
 from clinfuse.datasets.datamodule import CohortDataModule, DataConfig
+from clinfuse.datasets.shards import ShardedDataModule
+from clinfuse.datasets.spec import DataSpec
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import build_trainer
@@ -46,6 +48,19 @@ NODE_KEY = "node_id"
 _LOADER_FIELDS = ("batch_size", "num_workers")
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepData:
+    """What a trial needs to read the cohort itself: its path, data config and DataSpec."""
+
+    cohort_dir: Path
+    cfg: DataConfig
+    spec: DataSpec
+
+    @classmethod
+    def of(cls, dm: CohortDataModule) -> SweepData:
+        return cls(dm.cohort_dir, dm.cfg, dm.spec)
+
+
 def trial_config(base_cfg: dict[str, Any], sampled: dict[str, Any]) -> RunConfig:
     """The resolved RunConfig of a trial: ``sampled`` dotted paths over ``base_cfg``."""
     return from_dict(RunConfig, apply_sampled(base_cfg, sampled))
@@ -54,7 +69,7 @@ def trial_config(base_cfg: dict[str, Any], sampled: dict[str, Any]) -> RunConfig
 def train_fn(
     config: dict[str, Any],
     base_cfg: dict[str, Any],
-    data: CohortDataModule,
+    data: SweepData,
     image_probe: Sequence[str] = (),
 ) -> None:
     """Trains one trial and reports ``val_auroc`` (plus every logged metric) each epoch.
@@ -62,7 +77,7 @@ def train_fn(
     Args:
         config: the sampled ``{dotted.path: value}`` overrides of this trial.
         base_cfg: the sweep's resolved RunConfig as a plain dict.
-        data: the set-up DataModule shared by all trials (``tune.with_parameters``).
+        data: the cohort, data config and DataSpec of the sweep (``tune.with_parameters``).
         image_probe: image files the driver read; a trial with an image encoder
             checks them on its node first.
 
@@ -122,11 +137,12 @@ class ReportWithNode(TuneReportCheckpointCallback):
         return report
 
 
-def datamodule_for(shared: CohortDataModule, cfg: DataConfig) -> CohortDataModule:
-    """The shared DataModule with this trial's loader settings (batch size, workers).
+def datamodule_for(shared: SweepData | CohortDataModule, cfg: DataConfig) -> ShardedDataModule:
+    """A DataModule of the sweep's data with this trial's loader settings (batch size,
+    workers); it reads the train and tuning splits when Lightning sets it up.
 
     Raises:
-        ValueError: when the trial changes a field the prepared tensors depend on
+        ValueError: when the trial changes a field the DataSpec and caches depend on
             (image size, window, splits, ...): those cannot vary inside one sweep.
     """
     ours, theirs = _tensor_fields(cfg), _tensor_fields(shared.cfg)
@@ -136,11 +152,8 @@ def datamodule_for(shared: CohortDataModule, cfg: DataConfig) -> CohortDataModul
             f"a trial changed data.{', data.'.join(changed)}; the sweep prepares the data once, "
             f"so only data.{' and data.'.join(_LOADER_FIELDS)} may be tuned"
         )
-    dm = copy.copy(shared)
-    dm.cfg = dataclasses.replace(
-        shared.cfg, **{name: getattr(cfg, name) for name in _LOADER_FIELDS}
-    )
-    return dm
+    ours = dataclasses.replace(shared.cfg, **{name: getattr(cfg, name) for name in _LOADER_FIELDS})
+    return ShardedDataModule(shared.cohort_dir, ours, shared.spec, rank=0, world_size=1)
 
 
 def _tensor_fields(cfg: DataConfig) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from clinfuse.evaluation.model_card import CARD_FILE, TEMPLATE, render_model_car
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory, tiny_run_config) -> tuple[Path, dict]:
     """A tiny real run (simulate -> train -> evaluate); returns the evaluation dir and metrics."""
-    from clinfuse.datasets.simulator import SimConfig, simulate_cohort
     from clinfuse.evaluation.evaluate import evaluate
+    from clinfuse.simulation.simulator import SimConfig, simulate_cohort
     from clinfuse.training.run import train
 
     root = tmp_path_factory.mktemp("card")

@@ -38,8 +38,8 @@ class Clean:
 
 @pytest.fixture(scope="session")
 def clean(tmp_path_factory: pytest.TempPathFactory, tiny_run_config) -> Clean:
-    from clinfuse.datasets.simulator import SimConfig, simulate_cohort
     from clinfuse.scoring.score import read_scores, score_cohort
+    from clinfuse.simulation.simulator import SimConfig, simulate_cohort
     from clinfuse.training.run import train
 
     root = tmp_path_factory.mktemp("faults")

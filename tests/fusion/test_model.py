@@ -299,3 +299,121 @@ def test_aux_heads_leave_the_risk_logit_unchanged(tiny_spec, tiny_batch, toy_enc
     state = {k: v for k, v in with_aux.state_dict().items() if not k.startswith("aux_heads.")}
     without.load_state_dict(state)
     torch.testing.assert_close(with_aux(tiny_batch)["logit"], without(tiny_batch)["logit"])
+
+
+def _offset_model(spec, make_encoders, offsets=("site", "ancestry")) -> FusionModel:
+    torch.manual_seed(0)
+    genomics = make_encoders(spec)["genomics"]
+    fus = create_fusion("early", in_dims={"genomics": genomics.embed_dim})
+    return FusionModel(
+        {"genomics": genomics}, fus, spec, None, aux_weight=0.5, confound_offsets=offsets
+    )
+
+
+def test_confound_offsets_start_at_zero_and_never_touch_the_prediction(
+    tiny_spec, tiny_batch, toy_encoder_factory
+) -> None:
+    model = _offset_model(tiny_spec, toy_encoder_factory).eval()
+    plain = _offset_model(tiny_spec, toy_encoder_factory, offsets=()).eval()
+    assert plain.confound_offsets is None
+    assert plain.confound_offset(plain(tiny_batch), tiny_batch) is None
+    torch.testing.assert_close(model.confound_offsets(tiny_batch["confounds"]), torch.zeros(4, 2))
+    model.confound_offsets.offset_site[:, :3] = torch.tensor([1.0, 2.0, 3.0])
+    model.confound_offsets.offset_ancestry[:, :2] = torch.tensor([10.0, 20.0])
+    codes = {"site": torch.tensor([0, 2, -1, 1]), "ancestry": torch.tensor([1, 0, 0, -1])}
+    want = torch.tensor([21.0, 13.0, 10.0, 2.0]).unsqueeze(1).expand(4, 2)  # -1: unknown
+    torch.testing.assert_close(model.confound_offsets(codes), want)
+    # the deployed logit is the model's own, whatever the offsets hold
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("confound_offsets.")}
+    )
+    torch.testing.assert_close(model(tiny_batch)["logit"], plain(tiny_batch)["logit"])
+
+
+def test_confound_offsets_reject_unknown_confounds(tiny_spec, toy_encoder_factory) -> None:
+    with pytest.raises(ValueError, match="scanner"):
+        _offset_model(tiny_spec, toy_encoder_factory, offsets=("scanner",))
+
+
+def test_profiled_offsets_reach_the_per_site_log_odds_and_zero_the_site_gradient(
+    tiny_spec, toy_encoder_factory
+) -> None:
+    """With the model's logits fixed at 0, the profiled offsets converge to each site's
+    (class-weighted) log-odds, where the loss gradient summed within every site is 0."""
+    from clinfuse.fusion.offsets import ConfoundOffsets
+
+    g = torch.Generator().manual_seed(0)
+    site = torch.randint(0, 3, (3000,), generator=g)
+    rate = torch.tensor([0.1, 0.3, 0.6])[site]
+    label = (torch.rand(3000, generator=g) < rate).float()
+    offsets = ConfoundOffsets({"site": 3}, heads=1, rate=0.5)
+    codes = {"site": site}
+    logits = torch.zeros(3000, 1)
+    pos_weight = torch.tensor(2.0)
+    for _ in range(40):
+        offsets.update(logits, label, codes, pos_weight)
+    for k in range(3):
+        y = label[site == k]
+        want = torch.log(2.0 * y.sum() / (len(y) - y.sum()))  # weighted log-odds
+        torch.testing.assert_close(offsets.offset_site[0, k], want, atol=1e-4, rtol=0)
+    assert offsets.offset_site[0, 3].item() == 0.0  # unknown codes keep no offset
+
+
+def _shortcut_batch(spec, make_batch, n: int, seed: int) -> dict:
+    """Genotype marker 0 carries a genuine risk factor, marker 4 spells the site, and the
+    outcome depends on both (a site shortcut of +-1.5 logits)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = make_batch(spec, batch_size=n, seed=seed)
+    batch["genotype_present"] = torch.ones(n, dtype=torch.bool)
+    batch["genotype_mask"] = torch.ones(n, spec.n_markers)
+    genuine = torch.randn(n, generator=g)
+    site = torch.randint(0, 2, (n,), generator=g)
+    sign = site.float() * 2 - 1
+    x = torch.zeros(n, spec.n_markers)
+    x[:, 0], x[:, 4] = genuine, sign
+    batch["genotype"] = x
+    logit = 1.5 * genuine + 1.5 * sign
+    batch["label"] = (torch.rand(n, generator=g) < torch.sigmoid(logit)).float()
+    batch["confounds"] = {"site": site, "ancestry": torch.zeros(n, dtype=torch.long)}
+    batch["genuine"], batch["site_sign"] = genuine, sign
+    return batch
+
+
+def _site_reliance(spec, make_encoders, make_batch, offsets) -> tuple[float, float]:
+    """Correlations of the trained model's logit with the genuine factor and with the site,
+    on fresh patients; trained as ``training/module.py`` does, with the confusion adversary."""
+    torch.manual_seed(0)
+    genomics = make_encoders(spec)["genomics"]
+    fus = create_fusion("early", in_dims={"genomics": genomics.embed_dim})
+    adversary = AdversaryConfig(enabled=True, mode="confusion", confounds=["site"])
+    model = FusionModel({"genomics": genomics}, fus, spec, adversary, confound_offsets=offsets)
+    batch = _shortcut_batch(spec, make_batch, 2000, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=1e-4)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    model.train()
+    for step in range(300):
+        model.set_progress(step / 300)
+        opt.zero_grad()
+        out = model(batch)
+        offset = model.confound_offset(out, batch)
+        logit = out["logit"] if offset is None else out["logit"] + offset[:, 0]
+        (bce(logit, batch["label"]) + model.adversary_loss(out, batch)[0]).backward()
+        opt.step()
+    test = _shortcut_batch(spec, make_batch, 2000, seed=2)
+    with torch.no_grad():
+        logit = model.eval()(test)["logit"]
+    genuine = torch.corrcoef(torch.stack([logit, test["genuine"]]))[0, 1].item()
+    return genuine, torch.corrcoef(torch.stack([logit, test["site_sign"]]))[0, 1].item()
+
+
+def test_confound_offsets_let_the_adversary_take_the_site_out_and_keep_the_real_signal(
+    tiny_spec, toy_encoder_factory, batch_factory
+) -> None:
+    # The adversary alone fights the risk loss, which wants the site: the logit stays
+    # tied to the site and loses the genuine factor. With the site's share of the
+    # outcome profiled into the offsets, nothing asks for the site any more.
+    genuine, site = _site_reliance(tiny_spec, toy_encoder_factory, batch_factory, offsets=())
+    treated = _site_reliance(tiny_spec, toy_encoder_factory, batch_factory, offsets=("site",))
+    assert genuine < 0.8 and site > 0.5
+    assert treated[0] > 0.9
+    assert abs(treated[1]) < 0.5 * site

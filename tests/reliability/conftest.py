@@ -56,7 +56,7 @@ class Planted:
 
 def simulate(cohort: Path, n_subjects: int = N_SUBJECTS, seed: int = 0) -> Path:
     """A clean simulated cohort with 32 px films and 20 markers in 4 groups."""
-    from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+    from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 
     cfg = SimConfig(
         n_subjects=n_subjects, image_size=32, seed=seed, n_groups=4, markers_per_group=5,

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from clinfuse.datasets.batch import MODALITIES
 from clinfuse.datasets.validate import validate_cohort
-from clinfuse.scoring.score import read_scores, score_cohort, scoring_samples
+from clinfuse.scoring.inputs import scoring_samples
+from clinfuse.scoring.score import read_scores, score_cohort
 
 from .conftest import CASES, N_SUBJECTS, read, write
 

@@ -16,7 +16,9 @@ import pytest
 from clinfuse.cli import main
 from clinfuse.errors import InputError
 from clinfuse.scoring.failures import CohortUnreadable, is_input_fault
-from clinfuse.scoring.score import MANIFEST, ChunkScorer, read_scores, score_cohort
+from clinfuse.scoring.parts import MANIFEST
+from clinfuse.scoring.score import read_scores, score_cohort
+from clinfuse.scoring.scorer import ChunkScorer
 
 from .conftest import N_SUBJECTS, read, write
 

@@ -18,7 +18,8 @@ import pytest
 
 from clinfuse.cli import main
 from clinfuse.hashing import file_sha256
-from clinfuse.scoring.score import MANIFEST, read_scores
+from clinfuse.scoring.parts import MANIFEST
+from clinfuse.scoring.score import read_scores
 
 from .conftest import N_SUBJECTS
 

@@ -23,7 +23,7 @@ class ScoringRun:
 @pytest.fixture(scope="session")
 def scoring_run(tmp_path_factory: pytest.TempPathFactory, tiny_run_config) -> ScoringRun:
     """120 subjects with 32 px films, attention fusion of all three modalities, 1 epoch."""
-    from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+    from clinfuse.simulation.simulator import SimConfig, simulate_cohort
     from clinfuse.training.run import train
 
     root = tmp_path_factory.mktemp("scoring")

@@ -15,7 +15,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clinfuse.scoring.score import ChunkScorer, chunk_bounds, scoring_samples
+from clinfuse.scoring.inputs import scoring_samples
+from clinfuse.scoring.plan import chunk_bounds
+from clinfuse.scoring.scorer import ChunkScorer
 
 ATOL = 1e-6
 

@@ -9,7 +9,8 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
-from clinfuse.scoring.score import EVENT_RECORD, events_digests, flag_lists
+from clinfuse.scoring.fingerprints import EVENT_RECORD, events_digests
+from clinfuse.scoring.scorer import flag_lists
 
 T0 = datetime(2024, 3, 1, 8, 0)
 
@@ -94,7 +95,7 @@ def test_flag_lists_keep_name_order_and_empty_rows():
 
 
 def test_header_store_shares_entries_across_runs_and_skips_unreadable(tmp_path):
-    from clinfuse.scoring.score import HeaderStore
+    from clinfuse.scoring.fingerprints import HeaderStore
 
     first = HeaderStore(tmp_path / "headers")
     assert first.lookup(["/a|1|2"]) == {}

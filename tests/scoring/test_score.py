@@ -19,16 +19,12 @@ import torch
 
 from clinfuse.datasets.datamodule import build_batch_tensors, config_from_dict
 from clinfuse.datasets.samples import latest_images, load_samples
+from clinfuse.scoring.inputs import scoring_samples
 from clinfuse.scoring.ood import MahalanobisOOD
-from clinfuse.scoring.score import (
-    MANIFEST,
-    OUTPUT_SCHEMA,
-    ChunkScorer,
-    chunk_bounds,
-    read_scores,
-    score_cohort,
-    scoring_samples,
-)
+from clinfuse.scoring.parts import MANIFEST
+from clinfuse.scoring.plan import OUTPUT_SCHEMA, chunk_bounds
+from clinfuse.scoring.score import read_scores, score_cohort
+from clinfuse.scoring.scorer import ChunkScorer
 from clinfuse.training.provenance import file_sha256
 
 from .conftest import N_SUBJECTS

@@ -9,7 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clinfuse.scoring.score import MANIFEST, read_scores, score_cohort
+from clinfuse.scoring.parts import MANIFEST
+from clinfuse.scoring.score import read_scores, score_cohort
 
 pytestmark = pytest.mark.ray
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.training.config import RunConfig
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"

@@ -29,7 +29,7 @@ import polars as pl
 import pytest
 import yaml
 
-from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 

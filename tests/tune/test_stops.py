@@ -19,7 +19,7 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from clinfuse.config import from_dict
-from clinfuse.datasets.simulator import SimConfig, simulate_cohort
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.training.config import RunConfig
 from clinfuse.tune.asha import ResumableASHA
 from clinfuse.tune.preflight import PreflightError, check_node, cohort_files, shared_markers

@@ -20,9 +20,9 @@ from lightning.pytorch.callbacks import Callback
 
 from clinfuse.config import from_dict
 from clinfuse.datasets.datamodule import DataConfig, build_batch_tensors
-from clinfuse.datasets.simulator import SimConfig, simulate_cohort
 from clinfuse.evaluation.metrics import auroc
 from clinfuse.fusion.model import build_model
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.training.artifact import load_artifact
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule

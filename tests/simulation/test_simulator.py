@@ -16,10 +16,10 @@ from scipy.stats import spearmanr
 
 from clinfuse.cli import main as cli_main
 from clinfuse.datasets import schema
-from clinfuse.datasets.sim_events import LABS, VITALS
-from clinfuse.datasets.sim_images import LEFT_LUNG, RIGHT_LUNG, marker_box
-from clinfuse.datasets.sim_oracle import modality_ceilings
-from clinfuse.datasets.simulator import (
+from clinfuse.simulation.events import LABS, VITALS
+from clinfuse.simulation.images import LEFT_LUNG, RIGHT_LUNG, marker_box
+from clinfuse.simulation.oracle import modality_ceilings
+from clinfuse.simulation.simulator import (
     ORACLE_GROUPS_FILE,
     SimConfig,
     build_world_for,
@@ -348,7 +348,7 @@ def test_modality_missingness_shares_and_informative_films(tmp_path):
 
 
 def test_no_film_probability_has_the_requested_mean_and_falls_with_risk():
-    from clinfuse.datasets.simulator import no_film_probability
+    from clinfuse.simulation.simulator import no_film_probability
 
     logit = np.random.default_rng(0).normal(-1.0, 2.0, 5000)
     p = no_film_probability(logit, 0.75, "informative")

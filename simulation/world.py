@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clinfuse.datasets.sim_genetics import GeneticPanel, build_panel
+from clinfuse.simulation.genetics import GeneticPanel, build_panel
 
 PLACES = (
     "Alderbrook",

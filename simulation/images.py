@@ -22,7 +22,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 from scipy import ndimage
 from scipy.special import expit
 
-from clinfuse.datasets.sim_world import SiteProfile
+from clinfuse.simulation.world import SiteProfile
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation

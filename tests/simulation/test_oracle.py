@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from clinfuse.datasets.sim_oracle import FEATURE_SETS, split_ceiling_scores
+from clinfuse.simulation.oracle import FEATURE_SETS, split_ceiling_scores
 
 N_PER_SPLIT = 200
 

@@ -44,8 +44,10 @@ import polars as pl
 
 from clinfuse.config import save_yaml
 from clinfuse.datasets import schema
-from clinfuse.datasets.sim_events import HOUR_US, Stays, simulate_events
-from clinfuse.datasets.sim_genetics import (
+from clinfuse.errors import config_errors
+from clinfuse.progress import progress
+from clinfuse.simulation.events import HOUR_US, Stays, simulate_events
+from clinfuse.simulation.genetics import (
     MAIN,
     MODIFIER,
     draw_dosages,
@@ -55,16 +57,14 @@ from clinfuse.datasets.sim_genetics import (
     markers_frame,
     mask_calls,
 )
-from clinfuse.datasets.sim_images import (
+from clinfuse.simulation.images import (
     AnatomyBank,
     DicomWriter,
     FilmMeta,
     pseudonym,
     render_films,
 )
-from clinfuse.datasets.sim_world import World, build_world
-from clinfuse.errors import config_errors
-from clinfuse.progress import progress
+from clinfuse.simulation.world import World, build_world
 
 SITE_EFFECTS = {"normal": 1.0, "reversed": -1.0, "none": 0.0}
 MISSING_MODES = ("random", "informative")
@@ -76,7 +76,7 @@ ORACLE_GROUPS_FILE = "oracle_groups.parquet"
 CONFIG_FILE = "simulation.yaml"
 
 # Risk model (logit scale); tuned so the oracle AUROC is ~0.88 and each modality
-# alone stays clearly below (see ``clinfuse.datasets.sim_oracle``).
+# alone stays clearly below (see ``clinfuse.simulation.oracle``).
 INTERCEPT = -2.3
 LUNG_EFFECT = 1.5
 PHYSIO_EFFECT = 1.1
@@ -534,7 +534,7 @@ def main(args: argparse.Namespace) -> int:
         f"{oracle['true_risk'].mean():.3f} in {seconds:.1f} s"
     )
     if getattr(args, "report", False):
-        from clinfuse.datasets.sim_oracle import format_ceilings, modality_ceilings
+        from clinfuse.simulation.oracle import format_ceilings, modality_ceilings
 
         print(format_ceilings(modality_ceilings(oracle)))
     return 0

@@ -1,0 +1,102 @@
+"""Each data-parallel worker's share of subjects: contiguous, disjoint, balanced, padded."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from clinfuse.datasets.datamodule import CohortDataModule, DataConfig
+from clinfuse.datasets.shards import ShardedDataModule, per_worker_config, shard_bounds
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
+from clinfuse.errors import InputError
+from clinfuse.training.module import _gather_unique
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cohort") / "cohort"
+    return simulate_cohort(out, SimConfig(n_subjects=90, image_size=32, seed=5, progress=False))
+
+
+def test_shards_are_contiguous_disjoint_and_balanced_by_samples() -> None:
+    # Subject 3 has 5 samples, the others 1: a cut by subject count would be lopsided.
+    ids = pl.Series("subject_id", [1, 2, 3, 3, 3, 3, 3, 4, 5, 6, 7, 8, 9, 10])
+    bounds = shard_bounds(ids, 3)
+    assert bounds[0][0] == 1 and bounds[-1][1] == 10
+    pairs = zip(bounds, bounds[1:], strict=False)
+    assert all(hi + 1 == lo for (_, hi), (lo, _) in pairs)  # no gap, no overlap
+    counts = [ids.is_between(lo, hi).sum() for lo, hi in bounds]
+    assert sum(counts) == len(ids) and max(counts) - min(counts) <= 5  # one subject's samples
+    assert shard_bounds(ids, 10)[-1] == (10, 10)  # one subject each at most
+    with pytest.raises(ValueError, match="10 subject.*11 workers"):
+        shard_bounds(ids, 11)
+
+
+def test_two_workers_read_disjoint_halves_and_take_the_same_number_of_steps(cohort) -> None:
+    cfg = per_worker_config(DataConfig(batch_size=8, image_size=32, max_steps=8), 2)
+    full = CohortDataModule(cohort, DataConfig(batch_size=8, image_size=32, max_steps=8))
+    full.setup("fit")
+    shards = [ShardedDataModule(cohort, cfg, full.spec, rank, 2) for rank in (0, 1)]
+    for dm in shards:
+        dm.setup("fit")
+    for split in ("train", "tuning"):
+        mine = [set(dm.split_samples(split)["subject_id"]) for dm in shards]
+        assert not mine[0] & mine[1]
+        assert mine[0] | mine[1] == set(full.split_samples(split)["subject_id"])
+        assert max(mine[0]) < min(mine[1])  # contiguous ranges
+    # Padded to the larger shard: both workers take the same steps, every sample seen.
+    train = [list(dm.train_dataloader()) for dm in shards]
+    assert len(train[0]) == len(train[1])
+    seen = set().union(*(b["subject_id"].tolist() for t in train for b in t))
+    assert seen == set(full.split_samples("train")["subject_id"])
+    assert len(list(shards[0].val_dataloader())) == len(list(shards[1].val_dataloader()))
+
+
+def test_one_worker_sees_the_batches_of_a_local_run(cohort) -> None:
+    cfg = DataConfig(batch_size=8, image_size=32, max_steps=8)
+    full = CohortDataModule(cohort, cfg)
+    full.setup("fit")
+    one = ShardedDataModule(cohort, cfg, full.spec, 0, 1)
+    one.setup("fit")
+    for a, b in zip(full.train_dataloader(), one.train_dataloader(), strict=True):
+        torch.testing.assert_close(a["subject_id"], b["subject_id"])
+        torch.testing.assert_close(a["ts_values"], b["ts_values"])
+
+
+def test_a_global_batch_the_workers_cannot_share_is_refused() -> None:
+    with pytest.raises(InputError, match="data.batch_size=30 is the global batch.*4 workers"):
+        per_worker_config(DataConfig(batch_size=30), 4)
+
+
+def _gather_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # Rank 1's shard is padded with a repeat of its first row (subject 20).
+    keys = {0: [[10, 5], [11, 5]], 1: [[20, 5], [21, 5], [20, 5]]}[rank]
+    rows = {
+        "logit": torch.tensor([float(k[0]) for k in keys]),
+        "label": torch.tensor([float(k[0] % 2) for k in keys]),
+        "key": torch.tensor(keys),
+    }
+    merged = _gather_unique(rows)
+    torch.save(merged, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes import torch and clinfuse: ~70 s on a loaded 2-core box
+def test_validation_rows_are_gathered_from_every_worker_once(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        merged = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert merged["key"][:, 0].tolist() == [10, 11, 20, 21]  # every row once, by key
+        torch.testing.assert_close(merged["logit"], torch.tensor([10.0, 11.0, 20.0, 21.0]))
