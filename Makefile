@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test test-all lint bench bench-peers aces clean
+.PHONY: install demo test test-all lint bench bench-peers bench-sgl aces clean
 
 install: $(STAMP)
 
@@ -58,6 +58,17 @@ $(ACES_VENV)/.installed:
 	touch $@
 
 aces: $(ACES_VENV)/.installed
+
+# groupyr pins scikit-optimize and copt and needs scikit-learn < 1.6: the linear sparse-group-lasso peer of
+# bench_sgl_selection.py runs in its own small venv (numpy and scikit-learn only).
+SGL_VENV := .venv-sgl
+$(SGL_VENV)/.installed:
+	test -x $(SGL_VENV)/bin/python || $(PYTHON) -m venv $(SGL_VENV)
+	$(SGL_VENV)/bin/python -m pip install --quiet "groupyr==0.3.4" "scikit-learn<1.6"  # groupyr calls _validate_data, gone in 1.6
+	touch $@
+
+bench-sgl: install $(SGL_VENV)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_sgl_selection.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

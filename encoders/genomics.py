@@ -21,6 +21,7 @@ from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders.base import ModalityEncoder, register_encoder
 
 MISSING_MODES = ("impute", "mask")
+SELECT_MODES = ("fixed", "path")
 # Allele frequencies are clamped to [_MIN_FREQ, 1 - _MIN_FREQ] before scaling, so a
 # marker monomorphic on the train split does not divide by a zero variance.
 _MIN_FREQ = 0.01
@@ -59,6 +60,18 @@ class SGLMLPConfig:
             adjustment for population structure (Price et al. 2006). The encoder can
             then not read ancestry along those axes, while a causal marker keeps the
             part of its dosage that is not ancestry.
+        select: ``fixed`` (``lambda_`` as given) or ``path``: training first fits a
+            sparse-group-lasso path on the train split and chooses its strength on
+            the tuning split (``encoders.sgl_path``), then trains this encoder on the
+            chosen groups alone (``keep_groups``); ``lambda_`` is the penalty of that
+            second fit (0 = the relaxed fit: no further shrinkage).
+        keep_groups: the only groups the first layer reads (None = all). Written by
+            training when ``select`` is ``path``; the resolved config records it, so
+            the artifact rebuilds the same encoder.
+        path_rule: ``min`` or ``1se`` (``sgl_path.choose``).
+        path_pcs: principal axes the path adjusts for (needs ``data.genotype_pcs``
+            at least as large); independent of ``ancestry_pcs``.
+        path_lambdas: strengths on the path.
     """
 
     hidden: tuple[int, ...] = (64,)
@@ -69,9 +82,23 @@ class SGLMLPConfig:
     missing: str = "impute"
     prox_lr: float = 0.0
     ancestry_pcs: int = 0
+    select: str = "fixed"
+    keep_groups: list[str] | None = None
+    path_rule: str = "1se"
+    path_pcs: int = 0
+    path_lambdas: int = 20
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
+        if self.select not in SELECT_MODES:
+            raise ValueError(f"sgl_mlp: select={self.select!r}; choose one of {SELECT_MODES}")
+        if self.path_rule not in ("min", "1se"):
+            raise ValueError(f"sgl_mlp: path_rule={self.path_rule!r}; choose 'min' or '1se'")
+        if self.path_pcs < 0 or self.path_lambdas < 2:
+            raise ValueError(
+                f"sgl_mlp: path_pcs={self.path_pcs} must be >= 0 and "
+                f"path_lambdas={self.path_lambdas} >= 2"
+            )
         if self.ancestry_pcs < 0:
             raise ValueError(f"sgl_mlp: ancestry_pcs={self.ancestry_pcs} must be >= 0")
         if self.missing not in MISSING_MODES:
@@ -228,6 +255,8 @@ class SGLMLPEncoder(ModalityEncoder):
         self._register_marker_buffers(spec)
         widths = (*self.cfg.hidden, self.cfg.embed_dim)
         self.first = nn.Linear(self.column_group.numel(), widths[0])
+        with torch.no_grad():
+            self.first.weight.mul_(self.column_keep)  # groups left out start (and stay) at zero
         self.trunk = _mlp_trunk(widths, self.cfg.dropout)
 
     def _register_marker_buffers(self, spec: DataSpec) -> None:
@@ -243,6 +272,8 @@ class SGLMLPEncoder(ModalityEncoder):
         # Rebuilt from the saved DataSpec, not saved: older artifacts load unchanged.
         axes = ancestry_axes(spec, self.cfg.ancestry_pcs)
         self.register_buffer("ancestry_axes", axes, persistent=False)
+        keep = _kept_columns(spec, self.cfg.keep_groups, groups)
+        self.register_buffer("column_keep", keep, persistent=False)
 
     @property
     def lambda_(self) -> float:
@@ -268,7 +299,10 @@ class SGLMLPEncoder(ModalityEncoder):
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         z = self.inputs(batch)  # (B, P)
-        emb = self.trunk(self.first(z))  # (B, D)
+        # Masking the weight (not the input) also zeroes the gradient of the columns
+        # left out, so no optimizer moves them off zero.
+        h = nn.functional.linear(z, self.first.weight * self.column_keep, self.first.bias)
+        emb = self.trunk(h)  # (B, D)
         return emb, batch["genotype_present"].bool()
 
     def regularization_loss(self) -> Tensor:
@@ -334,6 +368,24 @@ class SGLMLPEncoder(ModalityEncoder):
         return groups + [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
 
 
+def _kept_columns(spec: DataSpec, keep_groups: list[str] | None, column_group: Tensor) -> Tensor:
+    """1.0 for the first-layer columns of ``keep_groups`` (all when None), else 0.0.
+
+    Shapes:
+        column_group: (P,) -> (P,)
+    """
+    if keep_groups is None:
+        return torch.ones(column_group.numel())
+    unknown = sorted(set(keep_groups) - set(spec.groups))
+    if unknown:
+        raise ValueError(
+            f"sgl_mlp: keep_groups names {unknown[0]!r}, not a marker group of this cohort "
+            f"({len(spec.groups)} groups, e.g. {spec.groups[:3]})"
+        )
+    kept = torch.tensor([g in set(keep_groups) for g in spec.groups])
+    return kept[column_group].float()
+
+
 def _mlp_trunk(widths: tuple[int, ...], dropout: float) -> nn.Module:
     """Everything after the first layer: (act, dropout, linear) per remaining width."""
     layers: list[nn.Module] = []
@@ -372,11 +424,18 @@ def sgl_mlp(
     missing: str = "impute",
     prox_lr: float = 0.0,
     ancestry_pcs: int = 0,
+    select: str = "fixed",
+    keep_groups: list[str] | None = None,
+    path_rule: str = "1se",
+    path_pcs: int = 0,
+    path_lambdas: int = 20,
 ) -> SGLMLPEncoder:
     """Builds the sparse-group-lasso MLP genotype encoder (see ``SGLMLPConfig``)."""
     cfg = SGLMLPConfig(
-        tuple(hidden), embed_dim, lambda_, alpha, dropout, missing, prox_lr, ancestry_pcs
-    )
+        tuple(hidden), embed_dim, lambda_, alpha, dropout, missing, prox_lr, ancestry_pcs,
+        select, None if keep_groups is None else list(keep_groups), path_rule, path_pcs,
+        path_lambdas,
+    )  # fmt: skip
     return SGLMLPEncoder(spec, cfg)
 
 

@@ -28,7 +28,7 @@ from clinfuse.evaluation.metrics import (
     paired_auroc_delta,
 )
 from clinfuse.evaluation.model_card import write_model_card
-from clinfuse.evaluation.report import plot_curves, save_overlays, write_html
+from clinfuse.evaluation.report import plot_curves, plot_genotype_path, save_overlays, write_html
 from clinfuse.simulation.oracle import FEATURE_SETS
 from clinfuse.training.artifact import ModelArtifact, load_artifact
 from clinfuse.training.predict import collect_predictions
@@ -87,6 +87,7 @@ def evaluate(
     metrics["attribution"] = _attribution_summary(art, batches)
     metrics.update(_group_selection(art, cohort_dir))
     plots = plot_curves(y, p, out)
+    plots.update(plot_genotype_path(metrics.get("genomics", {}).get("path"), out))
     overlays = _gradcam(art, batches, out, gradcam_images)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     write_model_card(out, metrics, art.meta, run_dir)
@@ -309,6 +310,8 @@ def _group_selection(art: ModelArtifact, cohort_dir) -> dict[str, Any]:
         causal = pl.read_parquet(truth).filter(pl.col("causal"))["group"].to_list()
         out["causal_groups"] = causal
         out.update({f"group_{k}": v for k, v in group_selection_metrics(selected, causal).items()})
+    if "genotype_path" in art.meta:  # the strength chosen by training (select: path)
+        out["path"] = art.meta["genotype_path"]
     return {"genomics": out}
 
 

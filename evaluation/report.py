@@ -26,6 +26,31 @@ def plot_curves(y: np.ndarray, p: np.ndarray, out_dir: Path) -> dict[str, str]:
     return files
 
 
+def plot_genotype_path(path: dict[str, Any] | None, out_dir: Path) -> dict[str, str]:
+    """The genotype groups' regularization path: groups kept and tuning loss per strength.
+
+    Returns ``{"genotype_path": file name}``, or nothing when training chose no path.
+    """
+    if not path:
+        return {}
+    return {
+        "genotype_path": _plot(out_dir / "genotype_path.png", lambda ax: _path(ax, path), (5, 4))
+    }
+
+
+def _path(ax, path: dict[str, Any]) -> None:
+    lam = np.asarray(path["lambdas"])
+    loss, se = np.asarray(path["tuning_loss"]), np.asarray(path["tuning_se"])
+    ax.plot(lam, loss, "o-", color="C0", ms=3)
+    ax.fill_between(lam, loss - se, loss + se, color="C0", alpha=0.15)
+    ax.axvline(path["lambda_"], ls="--", color="gray")
+    ax.set(xscale="log", xlabel="lambda (penalty strength)", title="Genotype groups: path")
+    ax.set_ylabel("tuning loss (relaxed fit)", color="C0")
+    kept = ax.twinx()
+    kept.step(lam, path["n_selected"], where="mid", color="C1")
+    kept.set_ylabel("groups kept", color="C1")
+
+
 def save_overlays(
     images: np.ndarray, heatmaps: np.ndarray, captions: list[str], out_dir: Path
 ) -> list[str]:
@@ -60,7 +85,11 @@ def write_html(
         _table_rows(_headline(metrics)),
         "<h2>Against a gradient-boosting baseline</h2>",
         _baseline(metrics.get("baseline", {})),
-        "".join(f"<img src='{html.escape(f)}' alt='{k}'>" for k, f in plots.items()),
+        "".join(
+            f"<img src='{html.escape(f)}' alt='{k}'>"
+            for k, f in plots.items()
+            if k != "genotype_path"
+        ),
         "<h2>Per site</h2>",
         _subgroup_table(metrics.get("per_site", {})),
         "<h2>Per ancestry</h2>",
@@ -73,6 +102,8 @@ def write_html(
         "<h2>Genotype groups</h2>",
         _genomics(metrics.get("genomics", {})),
     ]
+    if "genotype_path" in plots:
+        parts.append(f"<img src='{html.escape(plots['genotype_path'])}' alt='genotype path'>")
     if overlays:
         parts.append("<h2>Grad-CAM</h2>")
         parts.append("".join(f"<img src='{html.escape(f)}'>" for f in overlays))
@@ -277,6 +308,22 @@ def _genomics(g: dict[str, Any]) -> str:
             ("causal groups (simulator truth)", ", ".join(g["causal_groups"])),
             ("precision", _fmt(g["group_precision"])),
             ("recall", _fmt(g["group_recall"])),
+        ]
+    path = g.get("path")
+    if path:
+        rows += [
+            (
+                "penalty strength",
+                f"lambda {path['lambda_']:.3g}, chosen on the tuning split ({path['rule']} rule "
+                f"on the relaxed fits; {path['ancestry_pcs']} ancestry PCs adjusted for)",
+            ),
+            (
+                "path",
+                "; ".join(
+                    f"{lam:.3g}: {n}"
+                    for lam, n in zip(path["lambdas"], path["n_selected"], strict=True)
+                ),
+            ),
         ]
     return _table_rows(rows, "measure", "value")
 

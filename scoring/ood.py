@@ -48,7 +48,10 @@ class MahalanobisOOD:
         means = np.stack([z[y == c].mean(axis=0) for c in classes])  # (K, D)
         centred = z - means[np.searchsorted(classes, y)]
         cov = centred.T @ centred / max(len(z) - len(classes), 1)  # (D, D)
-        cov += shrinkage * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+        scale = np.trace(cov) / cov.shape[0]
+        # A constant representation (e.g. a genotype-only model that kept no marker group)
+        # has no spread to scale by: shrink towards the identity then, not towards zero.
+        cov += shrinkage * (scale if scale > 0 else 1.0) * np.eye(cov.shape[0])
         precision = np.linalg.inv(cov)
         stats = cls(means.tolist(), precision.tolist(), 0.0, quantile)
         stats.threshold = float(np.quantile(stats.score(z), quantile))

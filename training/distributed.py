@@ -46,7 +46,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from clinfuse.config import from_dict, to_dict
+from clinfuse.config import from_dict, save_yaml, to_dict
 from clinfuse.datasets.datamodule import SPEC_FILE, CohortDataModule, load_spec
 from clinfuse.datasets.shards import (
     ShardedDataModule,
@@ -58,6 +58,7 @@ from clinfuse.errors import InputError, config_errors
 from clinfuse.integrity.checksums import cache_failures
 from clinfuse.integrity.locks import output_lock
 from clinfuse.training.config import RunConfig
+from clinfuse.training.genotype_selection import choose_genotype_groups, wants_genotype_path
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import (
     build_trainer,
@@ -135,6 +136,7 @@ def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool
     shards = describe_shards(cfg.cohort, cfg.data, opts.num_workers)
     spec = fit_run_spec(cfg.cohort, cfg.data, run)
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
+        genotype_path = _choose_genotype_groups(cfg, run, spec)  # before the workers build
         RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)  # fails here, not on a worker
     storage = opts.storage_path or str(run / "ray")
     name = record.get("ray_run_name") or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -151,10 +153,24 @@ def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool
     dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run, spec=spec)
     dm.setup("fit")
     module = RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)
-    summary = finish_run(cfg, run, module, dm, fit, failed_before, _weights_saver(module, fit))
+    summary = finish_run(
+        cfg, run, module, dm, fit, failed_before, _weights_saver(module, fit), genotype_path
+    )
     record["worker_group_starts"] = worker_group_starts(run)
     write_json(run / RECORD_FILE, record)
     return summary
+
+
+def _choose_genotype_groups(cfg: RunConfig, run: Path, spec: Any) -> dict[str, Any] | None:
+    """The genotype path on the driver (``training.genotype_selection``), when the config
+    asks for it; the workers then build the encoder from the chosen ``keep_groups``."""
+    if not wants_genotype_path(cfg.model.encoders):
+        return None
+    dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run, spec=spec)
+    dm.setup("fit")
+    path = choose_genotype_groups(cfg.model.encoders, dm, run)
+    save_yaml(cfg, run / "config.yaml")  # now with the chosen keep_groups
+    return path
 
 
 def _fit_on_workers(

@@ -50,6 +50,7 @@ from clinfuse.training.checkpoints import (
     verify_checkpoint,
 )
 from clinfuse.training.config import OptimConfig, RunConfig, run_cohort
+from clinfuse.training.genotype_selection import choose_genotype_groups
 from clinfuse.training.module import RiskModule
 from clinfuse.training.predict import collect_predictions
 from clinfuse.training.provenance import code_version, cohort_hashes, package_versions
@@ -123,6 +124,9 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     dm = CohortDataModule(cohort, cfg.data, run_dir=run)
     dm.setup("fit")
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
+        genotype_path = choose_genotype_groups(cfg.model.encoders, dm, run)
+        if genotype_path is not None:
+            save_yaml(cfg, run / "config.yaml")  # now with the chosen keep_groups
         module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
     trainer, checkpoint = build_trainer(cfg, run)
     if resuming:
@@ -134,7 +138,9 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
         "best_val_auroc": _score(checkpoint),
         "epochs": trainer.current_epoch,
     }
-    return finish_run(cfg, run, module, dm, fit, failed_before, trainer.save_checkpoint)
+    return finish_run(
+        cfg, run, module, dm, fit, failed_before, trainer.save_checkpoint, genotype_path
+    )
 
 
 def prepare_run(cfg: RunConfig, run: Path) -> Any:
@@ -170,6 +176,7 @@ def finish_run(
     fit: dict[str, Any],
     failed_before: int,
     save_weights: Any,
+    genotype_path: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Loads the best checkpoint, erases confounds, exports the artifact, writes summary.json.
 
@@ -178,6 +185,8 @@ def finish_run(
         failed_before: ``cache_failures()`` when the run started.
         save_weights: ``save_weights(path, weights_only=True)`` writes the module's
             checkpoint (``erased.ckpt``).
+        genotype_path: the genotype groups' path when training chose them
+            (``training.genotype_selection``); goes into the artifact and the summary.
     """
     best = fit["best_checkpoint"]
     state = load_checkpoint(best)["state_dict"]
@@ -185,9 +194,12 @@ def finish_run(
     erasure = erase_confounds(module, dm)
     if erasure:
         save_weights(run / "checkpoints" / "erased.ckpt", weights_only=True)
-    summary = export_artifact(module, dm, cfg, run)
+    summary = export_artifact(module, dm, cfg, run, genotype_path=genotype_path)
     summary.update(erasure)
     summary.update(fit)
+    if genotype_path is not None:
+        summary["genotype_groups"] = genotype_path["groups"]
+        summary["genotype_lambda"] = genotype_path["lambda_"]
     summary["cache_entries_recomputed"] = cache_failures() - failed_before
     summary["warnings"] = unused_modality_warnings(module.model)
     for message in summary["warnings"]:
@@ -204,7 +216,15 @@ def unused_modality_warnings(model: torch.nn.Module) -> list[str]:
     """
     out = []
     for modality, encoder in model.encoders.items():
-        if hasattr(encoder, "selected_groups") and not encoder.selected_groups():
+        if not hasattr(encoder, "selected_groups") or encoder.selected_groups():
+            continue
+        if getattr(encoder.cfg, "select", "fixed") == "path":
+            out.append(
+                f"{modality}: the genotype lambda path kept no marker group (none lowered the "
+                f"tuning loss; see genotype_path.json in the run directory), so the model "
+                f"ignores {modality}"
+            )
+        else:
             out.append(
                 f"{modality}: the sparse-group-lasso penalty zeroed every group, so the model "
                 f"ignores {modality}; lower the encoder's lambda_ (model.encoders.sgl_mlp.lambda_)"
@@ -456,11 +476,17 @@ def _selection_callbacks(
 
 
 def export_artifact(
-    module: RiskModule, dm: CohortDataModule, cfg: RunConfig, run: Path
+    module: RiskModule,
+    dm: CohortDataModule,
+    cfg: RunConfig,
+    run: Path,
+    genotype_path: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fits temperature and threshold on the tuning split, OOD stats on train; saves the artifact.
 
-    Writes ``run/model`` (see ``training.artifact``) and returns its summary.
+    Writes ``run/model`` (see ``training.artifact``) and returns its summary. The
+    genotype groups' regularization path, when training chose them, goes into the
+    artifact's metadata so ``evaluate`` can report it.
     """
     model = module.model
     tuning = collect_predictions(model, dm.val_dataloader())
@@ -484,6 +510,7 @@ def export_artifact(
         train_prevalence=prevalence,
         ood=to_dict(ood),
         provenance=_read_or_make_provenance(cfg, run),
+        **({"genotype_path": genotype_path} if genotype_path is not None else {}),
     )
     return {
         "model_id": model_id,

@@ -49,6 +49,12 @@ from clinfuse.integrity.checksums import write_parquet
 from clinfuse.integrity.locks import output_lock
 from clinfuse.training.checkpoints import load_checkpoint
 from clinfuse.training.config import RunConfig
+from clinfuse.training.genotype_selection import (
+    ENCODER,
+    PATH_FILE,
+    choose_genotype_groups,
+    wants_genotype_path,
+)
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import export_artifact, first_selected_epoch
 from clinfuse.tune.asha import ResumableASHA
@@ -140,6 +146,26 @@ def prepare_data(base: dict[str, Any], out: Path) -> CohortDataModule:
     out.mkdir(parents=True, exist_ok=True)
     save_spec(dm.spec, out / "data_spec.yaml")
     return dm
+
+
+def choose_sweep_genotype_groups(base: dict[str, Any], dm: CohortDataModule, out: Path) -> bool:
+    """Runs the genotype path once on the driver when the base config asks for it.
+
+    With ``model.encoders.sgl_mlp.select: path`` every trial reads the groups chosen on
+    the base config's path (``keep_groups`` set in ``base``; the path goes to
+    ``out/genotype_path.json``), as a single training run would. A resumed sweep's base
+    already holds them and is left alone.
+
+    Returns:
+        True when ``base`` gained ``keep_groups``.
+    """
+    encoders = base["model"]["encoders"]
+    if not wants_genotype_path(encoders) or encoders[ENCODER].get("keep_groups") is not None:
+        return False
+    path = choose_genotype_groups(encoders, dm, out)
+    if path is not None:
+        print(f"genotype path: {len(path['groups'])} marker groups kept for every trial")
+    return path is not None
 
 
 def warm_embedding_cache(base: dict[str, Any], dm: CohortDataModule) -> int:
@@ -351,7 +377,9 @@ def export_best(results: Any, base: dict[str, Any], dm: CohortDataModule, out: P
     out.mkdir(parents=True, exist_ok=True)
     portable = trial_config(_without_embedding_cache(base), best.config)
     save_yaml(portable, out / "config.yaml")
-    summary = export_artifact(module, dm, portable, out)
+    path_file = out / PATH_FILE  # the genotype path every trial's genes came from
+    genotype_path = json.loads(path_file.read_text()) if path_file.is_file() else None
+    summary = export_artifact(module, dm, portable, out, genotype_path=genotype_path)
     summary.update(trial=best.metrics.get("trial_id"), config=best.config, **_best_score(best))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -436,6 +464,8 @@ def _setup(base: dict, out: Path, opts: SweepOptions, resume: bool) -> tuple[Any
     if not resume:
         _write_sweep(out, base, opts)
     dm = prepare_data(base, out)
+    if choose_sweep_genotype_groups(base, dm, out):
+        save_yaml(base, out / BASE_FILE)  # resumed trials read the same genes
     warmed = warm_embedding_cache(base, dm)
     print(f"embedding cache: {warmed} images through the CNN before the sweep")
     trainable = make_trainable(base, dm, opts, probe)

@@ -29,3 +29,12 @@ def test_flag_rate_matches_quantile_in_distribution_and_catches_far_points():
     assert ood.flag(z_new).mean() == pytest.approx(0.05, abs=0.01)
     far = np.full((10, 4), 12.0)
     assert ood.flag(far).all()
+
+
+def test_a_constant_representation_fits_and_flags_only_what_differs():
+    # A genotype-only model whose path kept no marker group embeds every subject alike.
+    z = np.ones((50, 4))
+    y = np.arange(50) % 2
+    ood = MahalanobisOOD.fit(z, y)
+    assert not ood.flag(z).any()
+    assert ood.flag(z + 1.0).all()

@@ -11,6 +11,7 @@ import yaml
 from clinfuse.cli import main as cli_main
 from clinfuse.datasets.datamodule import config_from_dict, make_loader
 from clinfuse.datasets.samples import load_samples
+from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.training.artifact import load_artifact
 from clinfuse.training.predict import collect_predictions
 from clinfuse.training.provenance import file_sha256
@@ -184,6 +185,10 @@ def test_a_zeroed_genotype_layer_is_reported_not_silent(tiny_run):
         model.encoders["genomics"].first.weight.zero_()
     (message,) = unused_modality_warnings(model)
     assert message.startswith("genomics: the sparse-group-lasso penalty zeroed every group")
+    # Groups chosen on the lambda path (select: path): the message points at the path.
+    model.encoders["genomics"].cfg.select = "path"
+    (message,) = unused_modality_warnings(model)
+    assert message.startswith("genomics: the genotype lambda path kept no marker group")
 
 
 def test_a_null_encoder_override_trains_without_that_modality(tiny_cohort, tmp_path):
@@ -196,3 +201,25 @@ def test_a_null_encoder_override_trains_without_that_modality(tiny_cohort, tmp_p
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert set(config["model"]["encoders"]) == {"gru_d"}
     assert load_artifact(run_dir / "model").model.modalities == ["timeseries"]
+
+
+@pytest.mark.parametrize("n_subjects", [600, 120])  # the tiny cohort's path keeps no group
+def test_genes_chosen_on_the_path_are_the_ones_the_saved_model_reads(n_subjects, tmp_path):
+    cohort = tmp_path / "cohort"
+    simulate_cohort(cohort, SimConfig(n_subjects=n_subjects, image_size=32, seed=3, progress=False))
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", "configs/demo.yaml", "--cohort", str(cohort),
+            "--run-dir", str(run_dir), "model.encoders.timm_image=null",
+            "model.encoders.gru_d=null", "model.encoders.sgl_mlp.select=path",
+            "model.encoders.sgl_mlp.lambda_=0.0", "model.encoders.sgl_mlp.path_pcs=2",
+            "data.genotype_pcs=2", "model.adversary.enabled=false", "model.aux_weight=0.0",
+            "optim.max_epochs=1", "optim.progress_bar=false"]  # fmt: skip
+    assert cli_main(args) == 0
+    path = json.loads((run_dir / "genotype_path.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    chosen = config["model"]["encoders"]["sgl_mlp"]["keep_groups"]
+    assert chosen == list(path["groups"])
+    assert len(path["lambdas"]) == len(path["tuning_loss"]) > 1
+    assert (len(chosen) > 0) == (n_subjects == 600)
+    encoder = load_artifact(run_dir / "model").model.encoders["genomics"]
+    assert sorted(encoder.selected_groups()) == sorted(chosen)

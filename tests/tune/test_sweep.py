@@ -32,6 +32,7 @@ from clinfuse.tune.sweep import (
     PLOT_FILE,
     RESULTS_FILE,
     SweepOptions,
+    choose_sweep_genotype_groups,
     prepare_data,
     run_sweep,
     sweep_base_config,
@@ -140,6 +141,20 @@ def test_trial_may_not_change_prepared_data(cohort: Path, tmp_path: Path) -> Non
     assert ok.cfg.batch_size == 8 and dm.cfg.batch_size == 32  # the shared one is untouched
     with pytest.raises(ValueError, match="data.image_size"):
         datamodule_for(dm, DataConfig(**{**base["data"], "image_size": 64}))
+
+
+def test_trials_read_the_genes_chosen_once_on_the_driver(cohort: Path, tmp_path: Path) -> None:
+    base = sweep_base_config(_base_config(cohort), tmp_path)
+    base["model"]["encoders"]["sgl_mlp"].update(select="path", lambda_=0.0, path_pcs=0)
+    dm = prepare_data(base, tmp_path)
+    assert choose_sweep_genotype_groups(base, dm, tmp_path)
+    path = json.loads((tmp_path / "genotype_path.json").read_text())
+    chosen = base["model"]["encoders"]["sgl_mlp"]["keep_groups"]
+    assert chosen == path["groups"]
+    assert not choose_sweep_genotype_groups(base, dm, tmp_path)  # a resumed base keeps them
+    cfg = trial_config(base, {"model.encoders.sgl_mlp.lambda_": 1e-3})
+    encoder = RiskModule.create(cfg.model, dm.spec, cfg.optim).model.encoders["genomics"]
+    assert sorted(encoder.selected_groups()) == sorted(chosen)
 
 
 class _Killed(Exception):
