@@ -12,7 +12,9 @@ In between, ``TorchTrainer`` starts ``num_workers`` workers. Each builds the sam
 Ray's ``RayDDPStrategy``, ``RayLightningEnvironment`` and ``RayTrainReportCallback``
 and ``prepare_trainer``: gloo on CPU, NCCL on GPU. Each worker reads its own share
 of train and tuning subjects from the cohort (``datasets.shards``); the driver
-never ships data. ``data.batch_size`` is the global batch: each worker takes
+never ships data. The training share is a set of contiguous blocks that changes
+every epoch, so every subject passes through every worker and global batches mix
+the whole split. ``data.batch_size`` is the global batch: each worker takes
 ``batch_size / num_workers``, so an epoch has the steps of a local run.
 
 A frozen image backbone's features go to the run's embedding cache
@@ -235,6 +237,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         accelerator="gpu" if config["use_gpu"] else "cpu",
         devices="auto",
         use_distributed_sampler=False,  # each worker already holds its own shard
+        reload_dataloaders_every_n_epochs=1,  # a new training share every epoch
     )
     trainer = prepare_trainer(trainer)
     if reported is not None:
@@ -299,8 +302,9 @@ class ThroughputRecord(Callback):
     the last batch's end (validation excluded) and the process's peak resident memory.
 
     Rank 0 appends ``{"epoch", "world_size", "workers": [{samples, seconds,
-    peak_rss_mb}, ...]}`` per epoch (``benchmarks/bench_distributed.py`` reads it).
-    Samples include the padding that evens out the shards.
+    peak_rss_mb, blocks}, ...]}`` per epoch (``benchmarks/bench_distributed.py`` reads
+    it); ``blocks`` are the training blocks the worker read (``datasets.shards``).
+    Samples include the padding that evens out the shares.
     """
 
     def __init__(self, path: Path) -> None:
@@ -333,6 +337,7 @@ class ThroughputRecord(Callback):
             "samples": self._samples,
             "seconds": self._last - self._first if self._first is not None else 0.0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "blocks": getattr(trainer.datamodule, "held_blocks", None),
         }
         workers: list[Any] = [mine]
         if dist.is_available() and dist.is_initialized():

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import clinfuse
-from clinfuse.training.distributed import worker_group_starts
+from clinfuse.training.distributed import worker_group_starts, worker_throughput
 from clinfuse.training.local_cluster import LocalCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray]
@@ -96,6 +96,15 @@ def _check_run_dir(run_dir: Path) -> None:
     for name in ("config.yaml", "provenance.json", "data_spec.yaml", "checkpoints/best.ckpt",
                  "checkpoints/last.ckpt", "logs/metrics.csv", "model/artifact.json"):  # fmt: skip
         assert (run_dir / name).is_file(), name
+    # Every epoch the workers split the training blocks, and the split changes.
+    n_blocks = len(
+        json.loads((run_dir / "distributed.json").read_text())["shards"]["train"]["blocks"]
+    )
+    epochs = worker_throughput(run_dir)
+    for line in epochs:
+        shares = [set(w["blocks"]) for w in line["workers"]]
+        assert not shares[0] & shares[1] and shares[0] | shares[1] == set(range(n_blocks)), line
+    assert len({tuple(line["workers"][0]["blocks"]) for line in epochs}) > 1, epochs
 
 
 def test_a_dead_worker_node_restarts_the_workers_on_the_head_from_a_checkpoint(
