@@ -11,6 +11,7 @@ import yaml
 from clinfuse.cli import main as cli_main
 from clinfuse.datasets.datamodule import config_from_dict, make_loader
 from clinfuse.datasets.samples import load_samples
+from clinfuse.evaluation.metrics import auroc
 from clinfuse.training.artifact import load_artifact
 from clinfuse.training.predict import collect_predictions
 from clinfuse.training.provenance import file_sha256
@@ -196,3 +197,26 @@ def test_a_null_encoder_override_trains_without_that_modality(tiny_cohort, tmp_p
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert set(config["model"]["encoders"]) == {"gru_d"}
     assert load_artifact(run_dir / "model").model.modalities == ["timeseries"]
+
+
+def test_logged_validation_metrics_are_those_of_the_whole_tuning_split(tiny_run, tiny_cohort):
+    # val_auroc picks the best checkpoint and stops early; val_loss is reported beside
+    # it: both are computed once over the tuning split's rows (under data-parallel
+    # training, over every worker's rows gathered, each once), not averaged per batch.
+    from clinfuse.training.checkpoints import load_checkpoint
+    from clinfuse.training.module import RiskModule
+
+    run_dir, _ = tiny_run
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    module = RiskModule(**ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"])
+    art = load_artifact(run_dir / "model")
+    samples = load_samples(tiny_cohort).filter(pl.col("split") == "tuning")
+    cfg = config_from_dict(art.data_config)
+    pred = collect_predictions(module.model, make_loader(tiny_cohort, samples, art.spec, cfg))
+    logit, label = torch.as_tensor(pred["logit"]), torch.as_tensor(pred["label"]).float()
+    metrics = pl.read_csv(run_dir / "logs" / "metrics.csv").drop_nulls("val_auroc")
+    (logged,) = metrics.filter(pl.col("epoch") == ckpt["epoch"]).iter_rows(named=True)
+    expected_loss = float(module._risk_loss(logit, label))
+    assert logged["val_loss"] == pytest.approx(expected_loss, rel=1e-4)
+    assert logged["val_auroc"] == pytest.approx(auroc(pred["label"], pred["logit"]), abs=1e-6)
