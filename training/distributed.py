@@ -122,6 +122,8 @@ def train_on_ray(
     Raises:
         InputError: a bad config or cohort, a global batch the workers cannot share,
             a split with fewer subjects than workers; nothing was trained.
+        PreflightError: the cluster does not answer, or a node cannot read the
+            cohort or write the run directory or storage path; nothing was written.
         RuntimeError: the workers failed more than ``opts.max_failures`` times.
         LockHeldError: another process is writing ``run_dir``.
     """
@@ -132,13 +134,14 @@ def train_on_ray(
 def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool) -> dict[str, Any]:
     failed_before = cache_failures()
     record = _read_record(run) if resume else {}
-    prepare_run(cfg, run)
     per_worker_config(cfg.data, opts.num_workers)  # the global batch must split evenly
+    storage = opts.storage_path or str(run / "ray")
+    preflight_cluster(cfg, run, opts, storage)  # before anything is written
+    prepare_run(cfg, run)
     shards = describe_shards(cfg.cohort, cfg.data, opts.num_workers)
     spec = fit_run_spec(cfg.cohort, cfg.data, run)
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
         RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)  # fails here, not on a worker
-    storage = opts.storage_path or str(run / "ray")
     name = record.get("ray_run_name") or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     record = {
         "ray_run_name": name,
@@ -159,6 +162,29 @@ def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool
     return summary
 
 
+def preflight_cluster(cfg: RunConfig, run: Path, opts: RayTrainOptions, storage: str) -> None:
+    """Joins the cluster and checks, on every node a worker may land on, what the workers
+    will need (``tune.preflight``, as sweeps and scoring do): the cohort's Parquet
+    files and a sample of its images read, and the run directory and a local
+    ``storage`` seen and written as the driver sees them.
+
+    Raises:
+        PreflightError: the cluster does not answer at ``opts.address``, no node can
+            hold a worker, or a node lacks a path; one line each, naming node and path.
+    """
+    from clinfuse.tune.preflight import TRAINING, connect, preflight
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    connect(opts.address)
+    if not cfg.cohort:  # prepare_run says what is missing
+        return
+    shared = [str(run)] + ([] if "://" in storage else [storage])
+    preflight(
+        cfg.cohort, shared, cfg.data.image_size, opts.cpus_per_worker, opts.gpus_per_worker,
+        cluster=True, needs_images="timm_image" in cfg.model.encoders, work=TRAINING,
+    )  # fmt: skip
+
+
 def _fit_on_workers(
     cfg: RunConfig, run: Path, opts: RayTrainOptions, name: str, storage: str, resume: bool
 ) -> None:
@@ -166,9 +192,6 @@ def _fit_on_workers(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(address=opts.address)
     use_gpu = opts.gpus_per_worker > 0
     resources = {"CPU": opts.cpus_per_worker, **({"GPU": opts.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(

@@ -56,9 +56,11 @@ def _epoch(dm: ShardedDataModule, epoch: int) -> list[dict]:
 
 
 def test_each_epoch_the_workers_split_the_train_split_and_take_the_same_steps(cohort) -> None:
-    cfg = per_worker_config(DataConfig(batch_size=8, image_size=32, max_steps=8), 2)
-    full = CohortDataModule(cohort, DataConfig(batch_size=8, image_size=32, max_steps=8))
+    # Long sequences: the blocks' tensors come padded to different T, and batches mix blocks.
+    cfg = per_worker_config(DataConfig(batch_size=8, image_size=32, max_steps=256), 2)
+    full = CohortDataModule(cohort, DataConfig(batch_size=8, image_size=32, max_steps=256))
     full.setup("fit")
+    local = next(iter(full.dataloader("train")))  # a batch of the first 8 samples, in order
     shards = [ShardedDataModule(cohort, cfg, full.spec, rank, 2) for rank in (0, 1)]
     for dm in shards:
         dm.setup("fit")
@@ -71,6 +73,17 @@ def test_each_epoch_the_workers_split_the_train_split_and_take_the_same_steps(co
         assert len(batches[0]) == len(batches[1])  # padded: the same number of steps
         seen = set().union(*(b["subject_id"].tolist() for t in batches for b in t))
         assert seen == train  # every sample trained on in every epoch
+    # The same tensors as a local run's, whichever block a sample came from.
+    rows = {}
+    for batch in (b for t in batches for b in t):
+        for i, subject in enumerate(batch["subject_id"].tolist()):
+            n = int(batch["ts_length"][i])
+            rows[subject] = (batch["ts_values"][i, :n], batch["ts_delta"][i, :n])
+            assert not batch["ts_mask"][i, n:].any()
+    for i, subject in enumerate(local["subject_id"].tolist()):
+        n = int(local["ts_length"][i])
+        torch.testing.assert_close(rows[subject][0], local["ts_values"][i, :n])
+        torch.testing.assert_close(rows[subject][1], local["ts_delta"][i, :n])
     # The tuning split: a fixed contiguous range per worker, together the whole split.
     tuning = [set(dm.split_samples("tuning")["subject_id"]) for dm in shards]
     assert not tuning[0] & tuning[1] and max(tuning[0]) < min(tuning[1])
