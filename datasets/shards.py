@@ -7,8 +7,9 @@ fresh seeded grouping of the blocks every ``world_size`` epochs, rotated across 
 workers epoch by epoch, so within ``world_size`` epochs every block, and every
 subject, passes through every worker, and the samples that share a worker (and a
 global batch) change from epoch to epoch, as with ``DistributedSampler.set_epoch``.
-A fixed subject range per worker, shuffled only locally, would pair every sample
-with the same half of the cohort in every global batch for the whole run.
+A fixed subject range per worker, shuffled only locally, would draw every global
+batch of the run half from each range, and each worker's batches from its own range
+only (batches of one site, where subject ids follow the site).
 Contiguous blocks keep the reads cheap: the subject-range readers
 (``samples.in_subject_range``) skip every other block's Parquet row groups.
 

@@ -92,8 +92,8 @@ def test_each_epoch_the_workers_split_the_train_split_and_take_the_same_steps(co
 
 
 def test_every_train_subject_passes_through_every_worker_and_pairings_change(cohort) -> None:
-    # A fixed subject range per worker would keep each sample on one worker and pair it
-    # with the same half of the split in every global batch for the whole run.
+    # A fixed subject range per worker would keep each sample on one worker, among the
+    # same part of the split, for the whole run.
     cfg = per_worker_config(DataConfig(batch_size=8, image_size=32, max_steps=8), 2)
     full = CohortDataModule(cohort, DataConfig(batch_size=8, image_size=32, max_steps=8))
     full.setup("fit")
