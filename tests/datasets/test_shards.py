@@ -179,3 +179,39 @@ def test_validation_rows_are_gathered_from_every_worker_once(tmp_path: Path) -> 
         merged = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert merged["key"][:, 0].tolist() == [10, 11, 20, 21]  # every row once, by key
         torch.testing.assert_close(merged["logit"], torch.tensor([10.0, 11.0, 20.0, 21.0]))
+
+
+def test_a_trainer_that_reloads_every_epoch_trains_each_epoch_on_its_blocks(
+    cohort, tiny_run_config, tmp_path
+) -> None:
+    # What a worker's Trainer does (training.distributed): the train loader is rebuilt
+    # every epoch and reads the blocks of trainer.current_epoch. Rank 0 of 2, alone.
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from clinfuse.training.module import RiskModule
+
+    cfg = tiny_run_config(cohort, "optim.max_epochs=3")
+    full = CohortDataModule(cohort, cfg.data)
+    full.setup("fit")
+    dm = ShardedDataModule(cohort, per_worker_config(cfg.data, 2), full.spec, 0, 2)
+    seen: list[tuple[int, list[int], list[int]]] = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 0:
+                subjects = set(dm.split_samples("train")["subject_id"])
+                assert set(batch["subject_id"].tolist()) <= subjects
+                seen.append((trainer.current_epoch, dm.held_blocks, sorted(subjects)))
+
+    trainer = L.Trainer(
+        max_epochs=3, reload_dataloaders_every_n_epochs=1, callbacks=[Record()], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(RiskModule.create(cfg.model, full.spec, cfg.optim, cfg.seed), datamodule=dm)
+    n_blocks = len(dm._blocks)
+    assert [epoch for epoch, _, _ in seen] == [0, 1, 2]
+    for epoch, blocks, _ in seen:
+        assert blocks == block_assignment(n_blocks, 2, cfg.data.split_seed, epoch)[0]
+    assert seen[0][2] != seen[1][2]  # another share of subjects in the next epoch
