@@ -220,3 +220,20 @@ def test_logged_validation_metrics_are_those_of_the_whole_tuning_split(tiny_run,
     expected_loss = float(module._risk_loss(logit, label))
     assert logged["val_loss"] == pytest.approx(expected_loss, rel=1e-4)
     assert logged["val_auroc"] == pytest.approx(auroc(pred["label"], pred["logit"]), abs=1e-6)
+
+
+def test_last_checkpoint_is_the_last_epoch_not_a_copy_of_the_best(tiny_run):
+    # --resume continues from last.ckpt: it must hold the last epoch trained, also when
+    # that epoch did not improve the monitored metric.
+    from clinfuse.training.checkpoints import load_checkpoint
+
+    run_dir, summary = tiny_run
+    metrics = pl.read_csv(run_dir / "logs" / "metrics.csv").drop_nulls("val_auroc")
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    best = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    assert last["epoch"] == summary["epochs"] - 1 == metrics["epoch"].max()
+    best_epoch = metrics.filter(pl.col("val_auroc") == pl.col("val_auroc").max())["epoch"][0]
+    assert best["epoch"] == best_epoch
+    if best_epoch != last["epoch"]:  # then other weights too
+        weights = last["state_dict"]
+        assert any(not torch.equal(weights[k], best["state_dict"][k]) for k in weights)
