@@ -262,16 +262,32 @@ class CohortDataset(Dataset):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stacks samples into a batch, trimming the T axis to the longest sequence (>= 1)."""
-    batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "confounds"}
+    """Stacks samples into a batch, the T axis cut or zero-padded to the longest sequence (>= 1).
+
+    Samples of different datasets (a data-parallel worker's blocks, ``datasets.shards``)
+    may come padded to different T; steps past a sample's ``ts_length`` are zeros in
+    every dataset, so the batch is the one a single dataset would give.
+    """
+    steps = max(1, *(int(it["ts_length"]) for it in items)) if "ts_length" in items[0] else None
+    batch = {}
+    for key in items[0]:
+        if key == "confounds":
+            continue
+        parts = [it[key] for it in items]
+        if steps is not None and key in _TS_SEQ:
+            parts = [_to_steps(x, steps) for x in parts]
+        batch[key] = torch.stack(parts)
     batch["confounds"] = {
         k: torch.stack([it["confounds"][k] for it in items]) for k in items[0]["confounds"]
     }
-    if "ts_length" in batch:
-        steps = max(1, int(batch["ts_length"].max()))
-        for key in _TS_SEQ:
-            batch[key] = batch[key][:, :steps]
     return batch
+
+
+def _to_steps(x: Tensor, steps: int) -> Tensor:
+    """``x`` (T, ...) cut or zero-padded to (steps, ...)."""
+    if x.shape[0] >= steps:
+        return x[:steps]
+    return torch.cat([x, x.new_zeros((steps - x.shape[0], *x.shape[1:]))])
 
 
 def make_loader(

@@ -12,7 +12,9 @@ In between, ``TorchTrainer`` starts ``num_workers`` workers. Each builds the sam
 Ray's ``RayDDPStrategy``, ``RayLightningEnvironment`` and ``RayTrainReportCallback``
 and ``prepare_trainer``: gloo on CPU, NCCL on GPU. Each worker reads its own share
 of train and tuning subjects from the cohort (``datasets.shards``); the driver
-never ships data. ``data.batch_size`` is the global batch: each worker takes
+never ships data. The training share is a set of contiguous blocks that changes
+every epoch, so every subject passes through every worker and global batches mix
+the whole split. ``data.batch_size`` is the global batch: each worker takes
 ``batch_size / num_workers``, so an epoch has the steps of a local run.
 
 A frozen image backbone's features go to the run's embedding cache
@@ -121,6 +123,8 @@ def train_on_ray(
     Raises:
         InputError: a bad config or cohort, a global batch the workers cannot share,
             a split with fewer subjects than workers; nothing was trained.
+        PreflightError: the cluster does not answer, or a node cannot read the
+            cohort or write the run directory or storage path; nothing was written.
         RuntimeError: the workers failed more than ``opts.max_failures`` times.
         LockHeldError: another process is writing ``run_dir``.
     """
@@ -131,14 +135,15 @@ def train_on_ray(
 def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool) -> dict[str, Any]:
     failed_before = cache_failures()
     record = _read_record(run) if resume else {}
-    prepare_run(cfg, run)
     per_worker_config(cfg.data, opts.num_workers)  # the global batch must split evenly
+    storage = opts.storage_path or str(run / "ray")
+    preflight_cluster(cfg, run, opts, storage)  # before anything is written
+    prepare_run(cfg, run)
     shards = describe_shards(cfg.cohort, cfg.data, opts.num_workers)
     spec = fit_run_spec(cfg.cohort, cfg.data, run)
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
         genotype_path = _choose_genotype_groups(cfg, run, spec)  # before the workers build
         RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)  # fails here, not on a worker
-    storage = opts.storage_path or str(run / "ray")
     name = record.get("ray_run_name") or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     record = {
         "ray_run_name": name,
@@ -173,6 +178,29 @@ def _choose_genotype_groups(cfg: RunConfig, run: Path, spec: Any) -> dict[str, A
     return path
 
 
+def preflight_cluster(cfg: RunConfig, run: Path, opts: RayTrainOptions, storage: str) -> None:
+    """Joins the cluster and checks, on every node a worker may land on, what the workers
+    will need (``tune.preflight``, as sweeps and scoring do): the cohort's Parquet
+    files and a sample of its images read, and the run directory and a local
+    ``storage`` seen and written as the driver sees them.
+
+    Raises:
+        PreflightError: the cluster does not answer at ``opts.address``, no node can
+            hold a worker, or a node lacks a path; one line each, naming node and path.
+    """
+    from clinfuse.tune.preflight import TRAINING, connect, preflight
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    connect(opts.address)
+    if not cfg.cohort:  # prepare_run says what is missing
+        return
+    shared = [str(run)] + ([] if "://" in storage else [storage])
+    preflight(
+        cfg.cohort, shared, cfg.data.image_size, opts.cpus_per_worker, opts.gpus_per_worker,
+        cluster=True, needs_images="timm_image" in cfg.model.encoders, work=TRAINING,
+    )  # fmt: skip
+
+
 def _fit_on_workers(
     cfg: RunConfig, run: Path, opts: RayTrainOptions, name: str, storage: str, resume: bool
 ) -> None:
@@ -180,9 +208,6 @@ def _fit_on_workers(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(address=opts.address)
     use_gpu = opts.gpus_per_worker > 0
     resources = {"CPU": opts.cpus_per_worker, **({"GPU": opts.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -251,6 +276,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         accelerator="gpu" if config["use_gpu"] else "cpu",
         devices="auto",
         use_distributed_sampler=False,  # each worker already holds its own shard
+        reload_dataloaders_every_n_epochs=1,  # a new training share every epoch
     )
     trainer = prepare_trainer(trainer)
     if reported is not None:
@@ -315,8 +341,9 @@ class ThroughputRecord(Callback):
     the last batch's end (validation excluded) and the process's peak resident memory.
 
     Rank 0 appends ``{"epoch", "world_size", "workers": [{samples, seconds,
-    peak_rss_mb}, ...]}`` per epoch (``benchmarks/bench_distributed.py`` reads it).
-    Samples include the padding that evens out the shards.
+    peak_rss_mb, blocks}, ...]}`` per epoch (``benchmarks/bench_distributed.py`` reads
+    it); ``blocks`` are the training blocks the worker read (``datasets.shards``).
+    Samples include the padding that evens out the shares.
     """
 
     def __init__(self, path: Path) -> None:
@@ -349,6 +376,7 @@ class ThroughputRecord(Callback):
             "samples": self._samples,
             "seconds": self._last - self._first if self._first is not None else 0.0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "blocks": getattr(trainer.datamodule, "held_blocks", None),
         }
         workers: list[Any] = [mine]
         if dist.is_available() and dist.is_initialized():

@@ -146,10 +146,6 @@ class RiskModule(L.LightningModule):
             keys = torch.stack([batch["subject_id"], batch["prediction_time"]], dim=1)  # (B, 2)
             self._val_keys.append(keys.detach().cpu())
         self._collect_confound_predictions(out, batch)
-        loss = self._risk_loss(out["logit"], batch["label"])
-        self.log(
-            "val_loss", loss, on_epoch=True, batch_size=batch["label"].shape[0], sync_dist=True
-        )
 
     def on_validation_epoch_end(self) -> None:
         rows = self._validation_rows()
@@ -159,6 +155,10 @@ class RiskModule(L.LightningModule):
         # An undefined AUROC (one class in the tuning split) must not win early stopping.
         # sync_dist: the same value on every worker (``_validation_rows``), averaged.
         self.log("val_auroc", 0.0 if np.isnan(value) else value, prog_bar=True, sync_dist=True)
+        # The mean risk loss over the split's rows, each once: a mean of per-worker means
+        # would count the rows that pad a worker's share twice.
+        loss = self._risk_loss(rows["logit"].to(self.device), rows["label"].to(self.device))
+        self.log("val_loss", loss, sync_dist=True)
         self._log_confound_accuracy(rows)
 
     def _validation_rows(self) -> dict[str, Tensor] | None:

@@ -362,7 +362,8 @@ def build_trainer(
     """
     o = cfg.optim
     checkpoint, stopping = _selection_callbacks(o, selection_start(cfg), run / "checkpoints")
-    callbacks = [checkpoint, stopping, GradualUnfreezing(), *(extra_callbacks or [])]
+    last = last_checkpoint(run / "checkpoints")
+    callbacks = [checkpoint, last, stopping, GradualUnfreezing(), *(extra_callbacks or [])]
     # A bar where it redraws in place; in a log file, one line per epoch instead.
     bars = o.progress_bar and interactive(sys.stdout)  # Lightning's bar writes to stdout
     if o.progress_bar and not bars:
@@ -432,7 +433,8 @@ def first_selected_epoch(select_from_epoch: int, ramp_epochs: float | None) -> i
 class LateCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose best model is chosen among epochs ``>= start`` only.
 
-    Earlier epochs still write ``last.ckpt`` (so a run killed during them resumes).
+    Earlier epochs still write ``last.ckpt`` (``last_checkpoint``), so a run killed
+    during them resumes.
     """
 
     def __init__(self, *args: Any, start: int, **kwargs: Any) -> None:
@@ -442,8 +444,22 @@ class LateCheckpoint(ModelCheckpoint):
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         if trainer.current_epoch >= self.start:
             super()._save_topk_checkpoint(trainer, monitor_candidates)
-        else:
-            self._save_last_checkpoint(trainer, monitor_candidates)
+
+
+def last_checkpoint(dirpath: Path) -> ModelCheckpoint:
+    """Writes ``last.ckpt`` after every validation, whatever the monitored metric did.
+
+    Not ``save_last`` of the best-model callback: since Lightning 2.6 that writes
+    ``last.ckpt`` only in a step that also saved a top-k checkpoint, so with
+    ``save_top_k=1`` it is a copy of ``best.ckpt`` and ``--resume`` would go back to
+    the best epoch. Lightning runs checkpoint callbacks after the others, in list
+    order: put this one after the best-model callback, so ``last.ckpt`` holds the
+    early-stopping and best-model state of the same epoch.
+    """
+    return ModelCheckpoint(
+        dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+        enable_version_counter=False,
+    )  # fmt: skip
 
 
 class LateEarlyStopping(EarlyStopping):
@@ -463,8 +479,7 @@ def _selection_callbacks(
 ) -> tuple[ModelCheckpoint, EarlyStopping]:
     """Best-checkpoint and early-stopping callbacks; the stock ones when ``start`` is 0."""
     ckpt_kwargs: dict[str, Any] = dict(
-        dirpath=dirpath, filename="best", monitor=o.monitor, mode="max", save_last=True,
-        save_top_k=1,
+        dirpath=dirpath, filename="best", monitor=o.monitor, mode="max", save_top_k=1,
     )  # fmt: skip
     if start <= 0:
         stopping = EarlyStopping(o.monitor, mode="max", patience=o.patience)

@@ -21,12 +21,17 @@ one ``PreflightError`` before anything of the sweep is written (the markers, and
 folders created only to hold them, are removed again).
 
 ``clinfuse score --ray-address`` runs the same checks for the nodes its actors may
-land on (``Work`` says what the work is called in the messages: ``TRIAL``, ``SCORING``).
+land on, and ``clinfuse train --ray-address`` for the nodes its workers may land on
+(``Work`` says what the work is called in the messages: ``TRIAL``, ``SCORING``,
+``TRAINING``). ``connect`` joins a cluster only after a plain TCP connection to its
+address succeeded: ``ray.init`` on an address where nothing listens retries for
+minutes before it gives up.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -42,6 +47,7 @@ from clinfuse.errors import UserError
 PROBE_IMAGES = 8  # images each node decodes
 PROBE_FILES = 8  # Parquet files per table folder (events/*.parquet) each node opens
 ANSWER_TIMEOUT_S = 120.0
+CONNECT_TIMEOUT_S = 10.0  # a TCP connection to the cluster's address
 SHOWN_PROBLEMS = 8  # lines of a preflight error; the rest are counted
 _MARKER = ".clinfuse-preflight-"
 
@@ -65,6 +71,10 @@ TRIAL = Work("trial", "--cpus-per-trial, --gpus-per-trial", "the sweep would tra
 SCORING = Work(
     "scoring task", "one CPU per actor, --gpus-per-actor",
     "every sample would be scored without its image",
+)  # fmt: skip
+TRAINING = Work(
+    "training worker", "one CPU per worker, --gpus-per-worker",
+    "the model would train without images",
 )  # fmt: skip
 
 
@@ -125,6 +135,49 @@ def preflight(
                 + "\n  ".join(shown + ([f"... and {more} more"] if more else []))
             )
     return readable
+
+
+# ------------------------------------------------------------------------- cluster
+
+
+def connect(address: str) -> None:
+    """Joins the Ray cluster at ``address`` (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``).
+
+    A no-op when Ray is already initialized in this process.
+
+    Raises:
+        PreflightError: naming the address, when nothing answers there or Ray
+            cannot join it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    hint = "start it (`ray start --head`) or pass the head's HOST:6379 or ray://HOST:10001"
+    reason = unreachable(address)
+    if reason:
+        raise PreflightError(f"cannot reach the Ray cluster at {address} ({reason}); {hint}")
+    try:
+        ray.init(address=address)
+    except (ConnectionError, ValueError) as err:  # no cluster at 'auto', a bad address
+        raise PreflightError(
+            f"cannot join the Ray cluster at {address} ({_reason(err)}); {hint}"
+        ) from err
+
+
+def unreachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why a TCP connection to ``HOST:PORT`` (or ``ray://HOST:PORT``) fails, or None.
+
+    None too for ``auto`` and other addresses without a port: Ray resolves those itself.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        return f"no answer at {host}:{port}: {err.strerror or type(err).__name__}"
+    return None
 
 
 # ----------------------------------------------------------------------- resources

@@ -1,4 +1,5 @@
-"""Each data-parallel worker's share of subjects: contiguous, disjoint, balanced, padded."""
+"""Each data-parallel worker's share of subjects: disjoint, balanced, padded, and for
+training a new share every epoch, so every subject passes through every worker."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from clinfuse.datasets.datamodule import CohortDataModule, DataConfig
-from clinfuse.datasets.shards import ShardedDataModule, per_worker_config, shard_bounds
+from clinfuse.datasets.shards import (
+    ShardedDataModule,
+    block_assignment,
+    epoch_length,
+    per_worker_config,
+    sample_blocks,
+    shard_bounds,
+)
 from clinfuse.errors import InputError
 from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.training.module import _gather_unique
@@ -39,24 +47,95 @@ def test_shards_are_contiguous_disjoint_and_balanced_by_samples() -> None:
         shard_bounds(ids, 11)
 
 
-def test_two_workers_read_disjoint_halves_and_take_the_same_number_of_steps(cohort) -> None:
-    cfg = per_worker_config(DataConfig(batch_size=8, image_size=32, max_steps=8), 2)
-    full = CohortDataModule(cohort, DataConfig(batch_size=8, image_size=32, max_steps=8))
+def _epoch(dm: ShardedDataModule, epoch: int) -> list[dict]:
+    """The training batches of ``epoch``, as Lightning draws them (no Trainer here)."""
+    dm.load_epoch(epoch)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def test_each_epoch_the_workers_split_the_train_split_and_take_the_same_steps(cohort) -> None:
+    # Long sequences: the blocks' tensors come padded to different T, and batches mix blocks.
+    cfg = per_worker_config(DataConfig(batch_size=8, image_size=32, max_steps=256), 2)
+    full = CohortDataModule(cohort, DataConfig(batch_size=8, image_size=32, max_steps=256))
     full.setup("fit")
+    local = next(iter(full.dataloader("train")))  # a batch of the first 8 samples, in order
     shards = [ShardedDataModule(cohort, cfg, full.spec, rank, 2) for rank in (0, 1)]
     for dm in shards:
         dm.setup("fit")
-    for split in ("train", "tuning"):
-        mine = [set(dm.split_samples(split)["subject_id"]) for dm in shards]
-        assert not mine[0] & mine[1]
-        assert mine[0] | mine[1] == set(full.split_samples(split)["subject_id"])
-        assert max(mine[0]) < min(mine[1])  # contiguous ranges
-    # Padded to the larger shard: both workers take the same steps, every sample seen.
-    train = [list(dm.train_dataloader()) for dm in shards]
-    assert len(train[0]) == len(train[1])
-    seen = set().union(*(b["subject_id"].tolist() for t in train for b in t))
-    assert seen == set(full.split_samples("train")["subject_id"])
+    train = set(full.split_samples("train")["subject_id"])
+    for epoch in range(3):
+        batches = [_epoch(dm, epoch) for dm in shards]
+        mine = [set(dm.split_samples("train")["subject_id"]) for dm in shards]
+        # Disjoint but for at most one subject cut by a block edge; together the split.
+        assert len(mine[0] & mine[1]) <= 1 and mine[0] | mine[1] == train
+        assert len(batches[0]) == len(batches[1])  # padded: the same number of steps
+        seen = set().union(*(b["subject_id"].tolist() for t in batches for b in t))
+        assert seen == train  # every sample trained on in every epoch
+    # The same tensors as a local run's, whichever block a sample came from.
+    rows = {}
+    for batch in (b for t in batches for b in t):
+        for i, subject in enumerate(batch["subject_id"].tolist()):
+            n = int(batch["ts_length"][i])
+            rows[subject] = (batch["ts_values"][i, :n], batch["ts_delta"][i, :n])
+            assert not batch["ts_mask"][i, n:].any()
+    for i, subject in enumerate(local["subject_id"].tolist()):
+        n = int(local["ts_length"][i])
+        torch.testing.assert_close(rows[subject][0], local["ts_values"][i, :n])
+        torch.testing.assert_close(rows[subject][1], local["ts_delta"][i, :n])
+    # The tuning split: a fixed contiguous range per worker, together the whole split.
+    tuning = [set(dm.split_samples("tuning")["subject_id"]) for dm in shards]
+    assert not tuning[0] & tuning[1] and max(tuning[0]) < min(tuning[1])
+    assert tuning[0] | tuning[1] == set(full.split_samples("tuning")["subject_id"])
     assert len(list(shards[0].val_dataloader())) == len(list(shards[1].val_dataloader()))
+
+
+def test_every_train_subject_passes_through_every_worker_and_pairings_change(cohort) -> None:
+    # A fixed subject range per worker would keep each sample on one worker, among the
+    # same part of the split, for the whole run.
+    cfg = per_worker_config(DataConfig(batch_size=8, image_size=32, max_steps=8), 2)
+    full = CohortDataModule(cohort, DataConfig(batch_size=8, image_size=32, max_steps=8))
+    full.setup("fit")
+    train = frozenset(full.split_samples("train")["subject_id"])
+    dm = ShardedDataModule(cohort, cfg, full.spec, 0, 2)
+    dm.setup("fit")
+    shares = []
+    for epoch in range(4):
+        dm.load_epoch(epoch)
+        shares.append(frozenset(dm.split_samples("train")["subject_id"]))
+    for a, b in ((0, 1), (2, 3)):  # each cycle of two epochs covers the split on worker 0
+        assert shares[a] | shares[b] == train
+    assert len({shares[0], shares[2], train - shares[0], train - shares[2]}) == 4  # regrouped
+
+
+def test_block_assignment_rotates_every_block_through_every_worker() -> None:
+    for world in (1, 2, 3, 4):
+        n_blocks = 8 * world
+        for cycle in range(3):
+            epochs = range(cycle * world, (cycle + 1) * world)
+            held = [block_assignment(n_blocks, world, seed=0, epoch=e) for e in epochs]
+            for shares in held:  # each epoch: a partition into equal shares
+                assert sorted(b for share in shares for b in share) == list(range(n_blocks))
+                assert {len(share) for share in shares} == {8}
+            for rank in range(world):  # each cycle: every block once on every worker
+                assert sorted(b for shares in held for b in shares[rank]) == list(range(n_blocks))
+
+
+def test_blocks_pad_to_one_length_that_fits_every_share() -> None:
+    for n, world in ((560, 2), (63, 1), (63, 2), (100, 3), (7, 2), (5, 5)):
+        blocks = sample_blocks(n, world)
+        assert [i for b in blocks for i in b] == list(range(n))  # contiguous, in order
+        length = epoch_length(blocks, world)
+        shares = [
+            sum(len(blocks[b]) for b in share)
+            for epoch in range(4 * world)
+            for share in block_assignment(len(blocks), world, seed=1, epoch=epoch)
+        ]
+        assert max(shares) <= length < n / world + len(blocks) / world + 1
+    assert sample_blocks(63, 1) == [range(63)]  # one worker: the split, no padding
+    with pytest.raises(ValueError, match="3 sample.*4 workers"):
+        sample_blocks(3, 4)
 
 
 def test_one_worker_sees_the_batches_of_a_local_run(cohort) -> None:
@@ -100,3 +179,39 @@ def test_validation_rows_are_gathered_from_every_worker_once(tmp_path: Path) -> 
         merged = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert merged["key"][:, 0].tolist() == [10, 11, 20, 21]  # every row once, by key
         torch.testing.assert_close(merged["logit"], torch.tensor([10.0, 11.0, 20.0, 21.0]))
+
+
+def test_a_trainer_that_reloads_every_epoch_trains_each_epoch_on_its_blocks(
+    cohort, tiny_run_config, tmp_path
+) -> None:
+    # What a worker's Trainer does (training.distributed): the train loader is rebuilt
+    # every epoch and reads the blocks of trainer.current_epoch. Rank 0 of 2, alone.
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from clinfuse.training.module import RiskModule
+
+    cfg = tiny_run_config(cohort, "optim.max_epochs=3")
+    full = CohortDataModule(cohort, cfg.data)
+    full.setup("fit")
+    dm = ShardedDataModule(cohort, per_worker_config(cfg.data, 2), full.spec, 0, 2)
+    seen: list[tuple[int, list[int], list[int]]] = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 0:
+                subjects = set(dm.split_samples("train")["subject_id"])
+                assert set(batch["subject_id"].tolist()) <= subjects
+                seen.append((trainer.current_epoch, dm.held_blocks, sorted(subjects)))
+
+    trainer = L.Trainer(
+        max_epochs=3, reload_dataloaders_every_n_epochs=1, callbacks=[Record()], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(RiskModule.create(cfg.model, full.spec, cfg.optim, cfg.seed), datamodule=dm)
+    n_blocks = len(dm._blocks)
+    assert [epoch for epoch, _, _ in seen] == [0, 1, 2]
+    for epoch, blocks, _ in seen:
+        assert blocks == block_assignment(n_blocks, 2, cfg.data.split_seed, epoch)[0]
+    assert seen[0][2] != seen[1][2]  # another share of subjects in the next epoch

@@ -11,6 +11,7 @@ import yaml
 from clinfuse.cli import main as cli_main
 from clinfuse.datasets.datamodule import config_from_dict, make_loader
 from clinfuse.datasets.samples import load_samples
+from clinfuse.evaluation.metrics import auroc
 from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.training.artifact import load_artifact
 from clinfuse.training.predict import collect_predictions
@@ -223,3 +224,43 @@ def test_genes_chosen_on_the_path_are_the_ones_the_saved_model_reads(n_subjects,
     assert (len(chosen) > 0) == (n_subjects == 600)
     encoder = load_artifact(run_dir / "model").model.encoders["genomics"]
     assert sorted(encoder.selected_groups()) == sorted(chosen)
+
+
+def test_logged_validation_metrics_are_those_of_the_whole_tuning_split(tiny_run, tiny_cohort):
+    # val_auroc picks the best checkpoint and stops early; val_loss is reported beside
+    # it: both are computed once over the tuning split's rows (under data-parallel
+    # training, over every worker's rows gathered, each once), not averaged per batch.
+    from clinfuse.training.checkpoints import load_checkpoint
+    from clinfuse.training.module import RiskModule
+
+    run_dir, _ = tiny_run
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    module = RiskModule(**ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"])
+    art = load_artifact(run_dir / "model")
+    samples = load_samples(tiny_cohort).filter(pl.col("split") == "tuning")
+    cfg = config_from_dict(art.data_config)
+    pred = collect_predictions(module.model, make_loader(tiny_cohort, samples, art.spec, cfg))
+    logit, label = torch.as_tensor(pred["logit"]), torch.as_tensor(pred["label"]).float()
+    metrics = pl.read_csv(run_dir / "logs" / "metrics.csv").drop_nulls("val_auroc")
+    (logged,) = metrics.filter(pl.col("epoch") == ckpt["epoch"]).iter_rows(named=True)
+    expected_loss = float(module._risk_loss(logit, label))
+    assert logged["val_loss"] == pytest.approx(expected_loss, rel=1e-4)
+    assert logged["val_auroc"] == pytest.approx(auroc(pred["label"], pred["logit"]), abs=1e-6)
+
+
+def test_last_checkpoint_is_the_last_epoch_not_a_copy_of_the_best(tiny_run):
+    # --resume continues from last.ckpt: it must hold the last epoch trained, also when
+    # that epoch did not improve the monitored metric.
+    from clinfuse.training.checkpoints import load_checkpoint
+
+    run_dir, summary = tiny_run
+    metrics = pl.read_csv(run_dir / "logs" / "metrics.csv").drop_nulls("val_auroc")
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    best = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    assert last["epoch"] == summary["epochs"] - 1 == metrics["epoch"].max()
+    best_epoch = metrics.filter(pl.col("val_auroc") == pl.col("val_auroc").max())["epoch"][0]
+    assert best["epoch"] == best_epoch
+    if best_epoch != last["epoch"]:  # then other weights too
+        weights = last["state_dict"]
+        assert any(not torch.equal(weights[k], best["state_dict"][k]) for k in weights)
