@@ -277,6 +277,7 @@ def run_variant(
     result = {
         "config": to_dict(cfg),
         "train_s": seconds,
+        "fit_s": summary.get("fit_seconds"),
         "epochs": summary["epochs"],
         "best_val_auroc": summary["best_val_auroc"],
         "metrics": metrics,

@@ -131,12 +131,16 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     trainer, checkpoint = build_trainer(cfg, run)
     if resuming:
         keep_earlier_metrics(run)
+    start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resuming else None)
 
     fit = {
         "best_checkpoint": checkpoint.best_model_path or str(last),
         "best_val_auroc": _score(checkpoint),
         "epochs": trainer.current_epoch,
+        # Wall seconds of the epochs this invocation ran (training and validation),
+        # without the data preparation, calibration and export around them.
+        "fit_seconds": round(time.perf_counter() - start, 3),
     }
     return finish_run(
         cfg, run, module, dm, fit, failed_before, trainer.save_checkpoint, genotype_path

@@ -264,3 +264,10 @@ def test_last_checkpoint_is_the_last_epoch_not_a_copy_of_the_best(tiny_run):
     if best_epoch != last["epoch"]:  # then other weights too
         weights = last["state_dict"]
         assert any(not torch.equal(weights[k], best["state_dict"][k]) for k in weights)
+
+
+def test_summary_times_the_epochs_apart_from_the_run_around_them(tiny_run):
+    run_dir, summary = tiny_run
+    assert summary["fit_seconds"] > 0
+    written = json.loads((run_dir / "summary.json").read_text())
+    assert written["fit_seconds"] == summary["fit_seconds"]
