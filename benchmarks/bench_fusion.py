@@ -261,6 +261,7 @@ def run_variant(
     cached = _cached_result(run_dir, cfg)
     if cached is not None:
         return cached
+    config = to_dict(cfg)  # as asked: training may fill in choices (the genotype path's genes)
     start = time.perf_counter()
     summary = train(cfg, run_dir)
     seconds = time.perf_counter() - start
@@ -275,7 +276,7 @@ def run_variant(
         baseline=False,
     )
     result = {
-        "config": to_dict(cfg),
+        "config": config,
         "train_s": seconds,
         "fit_s": summary.get("fit_seconds"),
         "epochs": summary["epochs"],
