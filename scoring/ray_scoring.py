@@ -184,9 +184,13 @@ def _init_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return True
-    local = address in (None, "local")
-    ray.init(address=None if local else address, include_dashboard=False)
-    return not local
+    if address in (None, "local"):
+        ray.init(include_dashboard=False)
+        return False
+    from clinfuse.tune.preflight import connect
+
+    connect(address)  # one clear error when nothing answers there
+    return True
 
 
 def _chunk_dataset(ray: Any, pending: list[int]) -> Any:

@@ -58,7 +58,7 @@ from clinfuse.training.genotype_selection import (
 from clinfuse.training.module import RiskModule
 from clinfuse.training.run import export_artifact, first_selected_epoch
 from clinfuse.tune.asha import ResumableASHA
-from clinfuse.tune.preflight import preflight
+from clinfuse.tune.preflight import connect, preflight
 from clinfuse.tune.results import (
     RESULTS_FILE,
     UNFINISHED,
@@ -209,7 +209,7 @@ def start_ray(opts: SweepOptions) -> None:
     if ray.is_initialized():
         return
     if opts.address:
-        ray.init(address=opts.address)
+        connect(opts.address)  # one clear error when nothing answers there
     else:
         ray.init(num_cpus=opts.num_cpus, include_dashboard=False, log_to_driver=False)
 
