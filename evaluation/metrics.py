@@ -88,12 +88,18 @@ def bootstrap_ci(
     """Percentile bootstrap CI of ``fn(y, p)`` resampling subjects with replacement."""
     rng = np.random.default_rng(seed)
     y, p = np.asarray(y), np.asarray(p)
-    stats = []
-    for _ in range(n):
+
+    def resample() -> float:
         idx = rng.integers(0, len(y), len(y))
-        value = fn(y[idx], p[idx])
-        if not math.isnan(value):
-            stats.append(value)
+        return fn(y[idx], p[idx])
+
+    return _percentile_ci(resample, n, alpha)
+
+
+def _percentile_ci(resample: Any, n: int, alpha: float) -> tuple[float, float]:
+    """The ``alpha`` percentile interval of ``n`` calls of ``resample()`` (each one
+    statistic of one bootstrap draw), draws whose statistic is NaN left out."""
+    stats = [value for value in (resample() for _ in range(n)) if not math.isnan(value)]
     if not stats:
         return (float("nan"), float("nan"))
     lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
@@ -141,17 +147,13 @@ def auroc_drop(
     rng = np.random.default_rng(seed)
     y_a, p_a, y_b, p_b = (np.asarray(v) for v in (y_a, p_a, y_b, p_b))
     drop = auroc(y_a, p_a) - auroc(y_b, p_b)
-    stats = []
-    for _ in range(n):
+
+    def resample() -> float:
         ia = rng.integers(0, len(y_a), len(y_a))
         ib = rng.integers(0, len(y_b), len(y_b))
-        value = auroc(y_a[ia], p_a[ia]) - auroc(y_b[ib], p_b[ib])
-        if not math.isnan(value):
-            stats.append(value)
-    if not stats:
-        return {"drop": drop, "ci": [float("nan"), float("nan")]}
-    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return {"drop": drop, "ci": [float(lo), float(hi)]}
+        return auroc(y_a[ia], p_a[ia]) - auroc(y_b[ib], p_b[ib])
+
+    return {"drop": drop, "ci": list(_percentile_ci(resample, n, alpha))}
 
 
 def _auroc_difference(y: np.ndarray, both: np.ndarray) -> float:
