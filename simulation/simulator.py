@@ -144,14 +144,14 @@ class SimConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.site_effect not in SITE_EFFECTS:
-            raise ValueError(
-                f"site_effect={self.site_effect!r}: expected one of {sorted(SITE_EFFECTS)}"
-            )
-        if self.ancestry_effect not in SITE_EFFECTS:
-            raise ValueError(
-                f"ancestry_effect={self.ancestry_effect!r}: expected one of {sorted(SITE_EFFECTS)}"
-            )
+        for name, allowed in (
+            ("site_effect", sorted(SITE_EFFECTS)),
+            ("ancestry_effect", sorted(SITE_EFFECTS)),
+            ("image_missing_mode", list(MISSING_MODES)),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: expected one of {allowed}")
         _check_range("n_subjects", self.n_subjects, 1, None)
         _check_range("image_size", self.image_size, 32, 2048)
         _check_range("n_ancestries", self.n_ancestries, 1, 26)
@@ -159,10 +159,6 @@ class SimConfig:
         _check_range("missing_call_rate", self.missing_call_rate, 0.0, 0.5)
         _check_range("image_missing", self.image_missing, 0.0, 0.99)
         _check_range("genotype_missing", self.genotype_missing, 0.0, 0.99)
-        if self.image_missing_mode not in MISSING_MODES:
-            raise ValueError(
-                f"image_missing_mode={self.image_missing_mode!r}: expected one of {MISSING_MODES}"
-            )
         _check_range("horizon_hours", self.horizon_hours, 1.0, 24.0 * 30)
         _check_range("markers_per_group", self.markers_per_group, 1, None)
 
