@@ -42,6 +42,7 @@ RULES = ("min", "1se")
 # Ridge (on the mean loss) of the all-groups fit whose group norms weight the
 # adaptive penalty.
 _ADAPTIVE_RIDGE = 1e-2
+_EDGE_MARGIN = 1e-4  # the path's first strength, relative to lambda_max
 # Columns whose standard deviation on the train split falls below this after the
 # ancestry projection carry no information left; they are kept at scale 1.
 _MIN_STD = 1e-6
@@ -321,7 +322,10 @@ def regularization_path(
     gamma = torch.zeros(cov.shape[1], dtype=x.dtype)
     _, gamma = fit_sgl(x, cov, y, groups, sizes, math.inf, alpha, beta, gamma, max_iter, tol)
     r = (torch.sigmoid(cov @ gamma) - y) / x.shape[0]
-    top = lambda_max(x.T @ r, groups, sizes, alpha)
+    # A hair above the edge: at lambda_max itself the all-zero solution sits on its
+    # optimality boundary, and rounding (which differs with the thread count) let a
+    # group in at 1e-17 there on some machines and not on others.
+    top = lambda_max(x.T @ r, groups, sizes, alpha) * (1 + _EDGE_MARGIN)
     lambdas = [top * min_ratio ** (i / max(n_lambdas - 1, 1)) for i in range(n_lambdas)]
     rows: dict[str, list] = {k: [] for k in ("sel", "train", "tune", "norms")}
     for lam in lambdas:

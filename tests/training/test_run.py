@@ -204,8 +204,10 @@ def test_a_null_encoder_override_trains_without_that_modality(tiny_cohort, tmp_p
     assert load_artifact(run_dir / "model").model.modalities == ["timeseries"]
 
 
-@pytest.mark.parametrize("n_subjects", [600, 120])  # the tiny cohort's path keeps no group
-def test_genes_chosen_on_the_path_are_the_ones_the_saved_model_reads(n_subjects, tmp_path):
+# 2,000 subjects with the lowest tuning loss keep two genes; the tiny cohort's path
+# keeps none (its first strength is far best on the tuning split).
+@pytest.mark.parametrize(("n_subjects", "rule"), [(2000, "min"), (120, "1se")])
+def test_genes_chosen_on_the_path_are_the_ones_the_saved_model_reads(n_subjects, rule, tmp_path):
     cohort = tmp_path / "cohort"
     simulate_cohort(cohort, SimConfig(n_subjects=n_subjects, image_size=32, seed=3, progress=False))
     run_dir = tmp_path / "run"
@@ -213,6 +215,7 @@ def test_genes_chosen_on_the_path_are_the_ones_the_saved_model_reads(n_subjects,
             "--run-dir", str(run_dir), "model.encoders.timm_image=null",
             "model.encoders.gru_d=null", "model.encoders.sgl_mlp.select=path",
             "model.encoders.sgl_mlp.lambda_=0.0", "model.encoders.sgl_mlp.path_pcs=2",
+            f"model.encoders.sgl_mlp.path_rule={rule}",
             "data.genotype_pcs=2", "model.adversary.enabled=false", "model.aux_weight=0.0",
             "optim.max_epochs=1", "optim.progress_bar=false"]  # fmt: skip
     assert cli_main(args) == 0
@@ -221,7 +224,7 @@ def test_genes_chosen_on_the_path_are_the_ones_the_saved_model_reads(n_subjects,
     chosen = config["model"]["encoders"]["sgl_mlp"]["keep_groups"]
     assert chosen == list(path["groups"])
     assert len(path["lambdas"]) == len(path["tuning_loss"]) > 1
-    assert (len(chosen) > 0) == (n_subjects == 600)
+    assert (len(chosen) > 0) == (n_subjects == 2000)
     encoder = load_artifact(run_dir / "model").model.encoders["genomics"]
     assert sorted(encoder.selected_groups()) == sorted(chosen)
 
