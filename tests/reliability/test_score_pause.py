@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -21,13 +22,25 @@ from clinfuse.hashing import file_sha256
 from clinfuse.scoring.parts import MANIFEST
 from clinfuse.scoring.score import read_scores
 
-from .conftest import N_SUBJECTS
+from .conftest import simulate
+
+# Scored one subject per chunk: with the shared 24-subject cohort a loaded machine let
+# the run finish between the first part file and the signal; 120 chunks leave time.
+N_SCORED = 120
+
+
+@pytest.fixture(scope="module")
+def larger_cohort(tmp_path_factory) -> Path:
+    """A cohort of the trained model's world (same sites, channels, markers), more subjects."""
+    return simulate(tmp_path_factory.mktemp("pause") / "cohort", n_subjects=N_SCORED, seed=1)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_pauses_score_and_resume_finishes(trained, tmp_path, capsys, signum) -> None:
+def test_signal_pauses_score_and_resume_finishes(
+    trained, larger_cohort, tmp_path, capsys, signum
+) -> None:
     out = tmp_path / "scores"
-    args = ["score", str(trained.run_dir), "--cohort", str(trained.cohort), "--out", str(out),
+    args = ["score", str(trained.run_dir), "--cohort", str(larger_cohort), "--out", str(out),
             "--chunk-size", "1", "--no-progress"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "clinfuse.cli", *args], env=env,
@@ -45,8 +58,8 @@ def test_signal_pauses_score_and_resume_finishes(trained, tmp_path, capsys, sign
     found = re.search(r"paused by (\w+) with (\d+) of (\d+) chunks done", err)
     assert found, err[-2000:]
     done = int(found[2])
-    assert (found[1], found[3]) == (signal.Signals(signum).name, str(N_SUBJECTS))
-    assert 0 < done < N_SUBJECTS, "the run finished before the signal; nothing was tested"
+    assert (found[1], found[3]) == (signal.Signals(signum).name, str(N_SCORED))
+    assert 0 < done < N_SCORED, "the run finished before the signal; nothing was tested"
     # What is on disk is consistent: exactly the reported parts, each with its digest.
     parts = json.loads((out / MANIFEST).read_text())["parts"]
     files = sorted(p.name for p in out.glob("part-*.parquet"))
@@ -60,6 +73,6 @@ def test_signal_pauses_score_and_resume_finishes(trained, tmp_path, capsys, sign
     assert f"({done} already done)" in capsys.readouterr().out
     scores = read_scores(out)
     key = ["subject_id", "prediction_time"]
-    labels = pl.read_parquet(trained.cohort / "labels.parquet").select(key).sort(key)
+    labels = pl.read_parquet(larger_cohort / "labels.parquet").select(key).sort(key)
     assert scores.select(key).equals(labels)
     assert scores["error"].null_count() == scores.height
