@@ -38,7 +38,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def _procs() -> dict[int, tuple[int, int]]:
+def process_table() -> dict[int, tuple[int, int]]:
     """{pid: (ppid, pgid)} of every process on the machine."""
     out = {}
     for name in os.listdir("/proc"):
@@ -95,7 +95,7 @@ class LocalNode:
     def pids(self) -> set[int]:
         """This node's process group and the processes its members started (Ray
         workers run in sessions of their own)."""
-        procs = _procs()
+        procs = process_table()
         group = {p for p, (_, pgid) in procs.items() if pgid == self.proc.pid}
         return group | {p for p, (ppid, _) in procs.items() if ppid in group}
 

@@ -19,7 +19,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import pytest
 import yaml
 
 from clinfuse.simulation.simulator import SimConfig, simulate_cohort
+from clinfuse.training.local_cluster import free_ports, process_table
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 
@@ -48,29 +48,6 @@ CONFIG = {
     },
     "optim": {"max_epochs": EPOCHS, "patience": EPOCHS, "progress_bar": False},
 }
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _procs() -> dict[int, tuple[int, int]]:
-    """{pid: (ppid, pgid)} of every process on the machine."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            out[int(name)] = (int(stat[1]), int(stat[2]))
-    return out
 
 
 def _can_hide_folders() -> bool:
@@ -92,7 +69,7 @@ class Node:
     def __init__(
         self, args: list[str], temp: Path, log: Path, env: dict, hidden: Path | None = None
     ) -> None:
-        ports = iter(_free_ports(7))
+        ports = iter(free_ports(7))
         private = [
             "--temp-dir", str(temp), "--num-cpus", "1", "--disable-usage-stats", "--block",
             "--node-manager-port", str(next(ports)), "--object-manager-port", str(next(ports)),
@@ -123,7 +100,7 @@ class Node:
     def started_pids(self) -> tuple[set[int], set[int]]:
         """(this node's process group, the processes its members started: Ray workers
         run in sessions of their own)."""
-        procs = _procs()
+        procs = process_table()
         group = {p for p, (_, pgid) in procs.items() if pgid == self.proc.pid}
         return group, {p for p, (ppid, _) in procs.items() if ppid in group} - group
 
@@ -148,7 +125,7 @@ def cluster(tmp_path_factory):
         hidden.mkdir()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
-    gcs, client, dashboard = _free_ports(3)
+    gcs, client, dashboard = free_ports(3)
     head_args = ["--head", "--port", str(gcs), "--ray-client-server-port", str(client),
                  "--dashboard-port", str(dashboard), "--include-dashboard=false"]  # fmt: skip
     nodes = [Node(head_args, root / "head", root / "head.log", env)]
