@@ -721,20 +721,26 @@ def shift(
     ctx: Context, subjects: int, seeds: tuple[int, ...], only: list[str] | None = None
 ) -> list[dict[str, Any]]:
     """Shift tests: does the model lean on site or ancestry when their link to the outcome
-    reverses?
+    changes, or at a site it never saw?
 
     Training cohort: site and ancestry both linked to the outcome (``site_effect`` and
-    ``ancestry_effect`` normal). Test cohorts of the same world (other subjects): one
-    link reversed at a time. The reference for each shift is the same preset trained on
-    a cohort of the same size without that link (it cannot learn the shortcut), scored
-    on the same shifted cohort: removing a shortcut must cost what the shortcut gave
-    in-distribution, no more.
+    ``ancestry_effect`` normal). Test cohorts of the same world (other subjects): the
+    ancestry link reversed, the site link reversed, and both links kept but with the
+    world's held-back site added. The reference is the confound-free model: the same
+    preset trained on a cohort of the same size and subjects drawn with both links
+    ``none`` (it cannot learn either shortcut), scored on the same test cohorts:
+    removing a shortcut must cost what the shortcut gave in-distribution, no more.
+
+    For the unseen site the comparison is within sites, on the same test cohort: the
+    model's AUROC among the new site's subjects against its mean AUROC within each of
+    the sites it trained on (a site's own offset cannot help inside one site, so the
+    two are comparable).
     """
     size = int(ctx.base["data"]["image_size"])
     flip = max(subjects // 2, 200)
 
-    def cohort(name: str, n: int, seed: int, **links: str) -> Path:
-        cfg = SimConfig(n_subjects=n, image_size=size, seed=seed, progress=False, **links)
+    def cohort(name: str, n: int, seed: int, **kwargs: Any) -> Path:
+        cfg = SimConfig(n_subjects=n, image_size=size, seed=seed, progress=False, **kwargs)
         return _simulate_once(ctx.out / "cohorts" / f"shift_n{n}_{name}", cfg)
 
     both = {"site_effect": "normal", "ancestry_effect": "normal"}
@@ -742,38 +748,62 @@ def shift(
     tests = {
         "ancestry": cohort("ancestry_reversed", flip, 1, **{**both, "ancestry_effect": "reversed"}),
         "site": cohort("site_reversed", flip, 1, **{**both, "site_effect": "reversed"}),
+        NEW_SITE: cohort("new_site", flip, 1, **both, new_site=True),
     }
-    refs = {
-        "ancestry": cohort("ancestry_none", subjects, 0, **{**both, "ancestry_effect": "none"}),
-        "site": cohort("site_none", subjects, 0, **{**both, "site_effect": "none"}),
-    }
+    free = cohort("none", subjects, 0, site_effect="none", ancestry_effect="none")
     out = ctx.out / "shift"
+    linked = Context(ctx.base, {"train": train}, out / "linked", ctx.n_bootstrap,
+                     ctx.user_preset, ctx.caches)  # fmt: skip
+    reference_ctx = Context(ctx.base, {"train": free}, out / "reference", ctx.n_bootstrap,
+                            ctx.user_preset, ctx.caches)  # fmt: skip
     rows = []
     for seed in seeds:
-        reference = {}
-        for link, ref_cohort in refs.items():
-            sub = Context(ctx.base, {"train": ref_cohort}, out / f"reference_{link}",
-                          ctx.n_bootstrap, ctx.user_preset, ctx.caches)  # fmt: skip
-            v = Variant("preset", preset=str(ctx.user_preset), seed=seed)
-            own = sub.run(v)["metrics"]["auroc"]
-            reference[link] = {**_shift_auroc(sub, v.run_name, tests[link], link), "own": own}
-        linked = Context(ctx.base, {"train": train}, out / "linked", ctx.n_bootstrap,
-                         ctx.user_preset, ctx.caches)  # fmt: skip
+        ref = Variant("preset", preset=str(ctx.user_preset), seed=seed)
+        ref_held = reference_ctx.run(ref)["metrics"]
+        reference = {
+            link: _shift_scores(reference_ctx, ref.run_name, test, link, ref_held)
+            for link, test in tests.items()
+        }
         for name, edits in SHIFT_TREATMENTS.items():
             if only is not None and name not in only:
                 continue
             v = Variant(name, preset=str(ctx.user_preset), overrides=edits, seed=seed)
             held = linked.run(v)["metrics"]
             for link, test in tests.items():
-                shifted = _shift_auroc(linked, v.run_name, test, link)
-                rows.append(_shift_row(name, seed, link, held, shifted, reference[link]))
+                scores = _shift_scores(linked, v.run_name, test, link, held)
+                rows.append(_shift_row(name, seed, link, held, scores, reference[link], ref_held))
     return rows
+
+
+# The shift experiment's unseen-site test (the world's held-back site added).
+NEW_SITE = "new_site"
+
+
+def _shift_scores(
+    ctx: Context, run: str, cohort: Path, link: str, held: dict[str, Any]
+) -> dict[str, float]:
+    """A run's AUROC before and after one shift: ``{"before", "after"}``.
+
+    A reversed link: the run's held-out AUROC, then its AUROC on every subject of the
+    reversed cohort. The unseen site: the mean within-site AUROC over the sites the run
+    trained on, then the AUROC among the new site's subjects, both on the new-site cohort.
+    """
+    metrics = _shift_auroc(ctx, run, cohort, link)
+    if link != NEW_SITE:
+        return {"before": held["auroc"], "after": metrics["auroc"]}
+    seen = set(held["per_site"])
+    per_site = metrics["per_site"]
+    new = [s for s in per_site if s not in seen]
+    if len(new) != 1:
+        raise ValueError(f"{cohort}: expected one site not in training, found {new}")
+    before = statistics.fmean(per_site[s]["auroc"] for s in per_site if s in seen)
+    return {"before": before, "after": per_site[new[0]]["auroc"]}
 
 
 def _shift_auroc(ctx: Context, run: str, cohort: Path, link: str) -> dict[str, Any]:
     """Metrics of a run on a shifted cohort (every subject), cached beside the run."""
     run_dir = ctx.out / "runs" / run
-    out = run_dir / f"evaluation_{link}_reversed"
+    out = run_dir / f"evaluation_shift_{link}"
     path = out / "metrics.json"
     if path.is_file() and path.stat().st_mtime >= (run_dir / RESULT_FILE).stat().st_mtime:
         return json.loads(path.read_text())
@@ -786,26 +816,33 @@ def _shift_auroc(ctx: Context, run: str, cohort: Path, link: str) -> dict[str, A
 
 
 def _shift_row(
-    name: str, seed: int, link: str, held: dict, shifted: dict, reference: dict
+    name: str,
+    seed: int,
+    link: str,
+    held: dict,
+    scores: dict[str, float],
+    reference: dict[str, float],
+    reference_held: dict,
 ) -> dict[str, Any]:
     audit = held["audit"]
+    genotype_ancestry = audit["ancestry"].get("by_modality", {}).get("genomics", {})
     return {
         "model": name,
         "seed": seed,
-        "shift": f"{link} link reversed",
+        "shift": "unseen site" if link == NEW_SITE else f"{link} link reversed",
         "auroc_held_out": held["auroc"],
-        "auroc_shifted": shifted["auroc"],
-        "drop": held["auroc"] - shifted["auroc"],
-        "reference_held_out": reference["own"],
-        "reference_shifted": reference["auroc"],
-        "vs_reference": shifted["auroc"] - reference["auroc"],
-        "oracle_shifted": shifted.get(
-            "shifted_oracle_auroc", shifted.get("oracle_auroc", float("nan"))
-        ),
+        "auroc_before": scores["before"],
+        "auroc_shifted": scores["after"],
+        "drop": scores["before"] - scores["after"],
+        "reference_held_out": reference_held["auroc"],
+        "reference_drop": reference["before"] - reference["after"],
+        "reference_shifted": reference["after"],
+        "vs_reference": scores["after"] - reference["after"],
         "site_probe": audit["site"]["probe_accuracy"],
         "site_gbt_probe": audit["site"].get("gbt_probe_accuracy", float("nan")),
         "ancestry_probe": audit["ancestry"]["probe_accuracy"],
         "ancestry_gbt_probe": audit["ancestry"].get("gbt_probe_accuracy", float("nan")),
+        "ancestry_genotype_probe": genotype_ancestry.get("probe_accuracy", float("nan")),
     }
 
 
@@ -1155,9 +1192,10 @@ NOTES = {
     "confound": _confound_notes,
     "transfer": lambda rows: "Image-only models, held-out AUROC.",
     "shift": lambda rows: (
-        "AUROC on the training cohort's held-out split and on a cohort of the same world "
-        "with one outcome link reversed; reference = the same preset trained without that "
-        "link, on the same shifted cohort."
+        "Before/after: held-out AUROC and AUROC on a cohort of the same world with one "
+        "outcome link reversed; for the unseen site, mean within-site AUROC at the training "
+        "sites and AUROC at the new site (same cohort). Reference = the same preset trained "
+        "with neither link (confound-free), on the same test cohorts."
     ),
     "missing": lambda rows: (
         "Held-out AUROC with a share of subjects missing a modality (in training and at "
@@ -1185,11 +1223,17 @@ SUMMARY = {
         ("model", "shift"),
         (
             "auroc_held_out",
+            "auroc_before",
             "auroc_shifted",
             "drop",
             "reference_held_out",
+            "reference_drop",
             "reference_shifted",
             "vs_reference",
+            "site_probe",
+            "site_gbt_probe",
+            "ancestry_probe",
+            "ancestry_gbt_probe",
         ),
     ),
 }
