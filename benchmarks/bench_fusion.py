@@ -83,12 +83,17 @@ EXPERIMENTS = ("strategies", "confound", "transfer", "missing", "shift")
 # per-site and per-ancestry logit offsets out of training, fusion/offsets.py).
 NO_ADVERSARY = "model.adversary.enabled=false"
 OFFSETS = "model.confound_offsets=[site,ancestry]"
+PCS = ("data.genotype_pcs=5", "model.encoders.sgl_mlp.ancestry_pcs=5")
+COMBAT = "model.encoders.timm_image.harmonize=combat"
 SHIFT_TREATMENTS: dict[str, tuple[str, ...]] = {
     "preset": (),
     "untreated": (NO_ADVERSARY,),
-    "pcs": ("data.genotype_pcs=5", "model.encoders.sgl_mlp.ancestry_pcs=5"),
+    "pcs": PCS,
     "offsets": (OFFSETS,),
     "offsets_no_adversary": (OFFSETS, NO_ADVERSARY),
+    "combat": (COMBAT,),
+    "combat_offsets": (COMBAT, OFFSETS),
+    "combat_offsets_pcs": (COMBAT, OFFSETS, *PCS),
 }
 # The missing experiment: (modality, share of subjects without it) per cohort;
 # ("none", 0.0) is the complete-data reference every drop is measured from.

@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -47,6 +48,7 @@ from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders.augment import AugmentConfig, ImageAugment
 from clinfuse.encoders.base import ModalityEncoder, register_encoder
 from clinfuse.encoders.embedding_cache import EmbeddingCache, settings_fingerprint
+from clinfuse.encoders.harmonize import combat_affine
 from clinfuse.encoders.weights import KeyRemap, create_backbone
 
 TRANSFER_MODES = ("frozen", "bn", "partial", "full")
@@ -83,6 +85,10 @@ class ImageEncoderConfig:
         augment_config: augmentation strengths.
         cache_dir: directory for cached features of a frozen backbone ("" = off).
         cache_tokens: also cache spatial tokens (for attention fusion).
+        harmonize: "none" or "combat": ComBat harmonization of the frozen backbone's
+            features across sites (``encoders.harmonize``), fitted on the training
+            split before training (``fit_harmonization``) and kept in the model; needs
+            ``transfer: frozen``.
     """
 
     model_name: str = "efficientnet_lite0"
@@ -102,6 +108,10 @@ class ImageEncoderConfig:
     augment_config: AugmentConfig = field(default_factory=AugmentConfig)
     cache_dir: str = ""
     cache_tokens: bool = False
+    harmonize: str = "none"
+
+
+HARMONIZE_MODES = ("none", "combat")
 
 
 @register_encoder("timm_image")
@@ -159,6 +169,7 @@ class TimmImageEncoder(ModalityEncoder):
             fold_first_conv(self.backbone)
         self._register_norm_buffers()
         self.num_features = int(self.backbone.num_features)
+        self._register_harmonization_buffers(spec)
         self.embed_dim = cfg.embed_dim or self.num_features
         self.dropout = nn.Dropout(cfg.drop_rate)
         self.proj = nn.Linear(self.num_features, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
@@ -172,6 +183,7 @@ class TimmImageEncoder(ModalityEncoder):
     # ----------------------------------------------------------------- forward
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         present, pooled, _ = self._batch_features(batch, want_tokens=False)  # (B,), (B, F)
+        pooled, _ = self._harmonized(batch, pooled, None)
         emb = self.proj(self.dropout(pooled))  # (B, D)
         return emb * present.unsqueeze(1).to(emb.dtype), present
 
@@ -192,6 +204,7 @@ class TimmImageEncoder(ModalityEncoder):
             -> emb (B, D), present (B,), (tokens (B, h*w, D), mask (B, h*w), age (B, h*w))
         """
         present, pooled, tokens = self._batch_features(batch, want_tokens=True)  # (B, N, F)
+        pooled, tokens = self._harmonized(batch, pooled, tokens)
         emb = self.proj(self.dropout(pooled)) * present.unsqueeze(1).to(pooled.dtype)  # (B, D)
         tokens = self.proj(self.dropout(tokens))  # (B, N, D)
         mask = present.unsqueeze(1).expand(-1, tokens.shape[1])  # (B, N)
@@ -260,6 +273,70 @@ class TimmImageEncoder(ModalityEncoder):
         self.register_buffer("norm_std", torch.tensor(std, dtype=torch.float32))
         fitted = torch.tensor(cfg.normalization == "imagenet")
         self.register_buffer("norm_fitted", fitted)
+
+    # ---------------------------------------------------------- harmonization
+    def _register_harmonization_buffers(self, spec: DataSpec | None) -> None:
+        if self.config.harmonize == "none":
+            return
+        if spec is None:
+            raise ValueError("timm_image: harmonize needs the DataSpec (its sites)")
+        rows = len(spec.sites) + 1  # the last row: unknown or unseen site (identity)
+        self.register_buffer("harm_scale", torch.ones(rows, self.num_features))
+        self.register_buffer("harm_shift", torch.zeros(rows, self.num_features))
+        self.register_buffer("harm_fitted", torch.tensor(False))
+
+    @torch.no_grad()
+    def fit_harmonization(
+        self, features: np.ndarray, sites: np.ndarray, labels: np.ndarray
+    ) -> dict[str, Any]:
+        """Fits ComBat on training features (``encoders.harmonize.combat_affine``).
+
+        Args:
+            features: (N, F) frozen backbone features (``frozen_features``) of training
+                samples with a film; sites: (N,) codes, -1 = unknown (left out);
+                labels: (N,) outcome.
+
+        Returns:
+            The fit's summary (sites, samples, features left unchanged).
+        """
+        if self.config.harmonize != "combat":
+            raise ValueError("fit_harmonization needs harmonize='combat'")
+        sites = np.asarray(sites)
+        known = sites >= 0
+        n_sites = self.harm_scale.shape[0] - 1
+        scale, shift, info = combat_affine(
+            np.asarray(features)[known], sites[known], np.asarray(labels)[known], n_sites
+        )
+        self.harm_scale.copy_(torch.as_tensor(scale, dtype=self.harm_scale.dtype))
+        self.harm_shift.copy_(torch.as_tensor(shift, dtype=self.harm_shift.dtype))
+        self.harm_fitted.fill_(True)
+        return info
+
+    def _harmonized(
+        self, batch: dict[str, Any], pooled: Tensor, tokens: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Pooled features (B, F) and tokens (B, N, F) with the site's ComBat map applied.
+
+        Rows without a film stay zero (their features are zero and are masked after).
+        """
+        if self.config.harmonize == "none":
+            return pooled, tokens
+        if not bool(self.harm_fitted):
+            raise RuntimeError(
+                "timm_image: harmonize='combat' needs fit_harmonization(training features) "
+                "before the first forward pass"
+            )
+        confounds = batch.get("confounds") or {}
+        site = confounds.get("site")
+        if site is None:
+            raise ValueError("timm_image: harmonize needs batch['confounds']['site']")
+        unknown = self.harm_scale.shape[0] - 1
+        row = torch.where((site < 0) | (site >= unknown), unknown, site).long()  # (B,)
+        scale, shift = self.harm_scale[row].to(pooled), self.harm_shift[row].to(pooled)
+        pooled = pooled * scale + shift  # (B, F)
+        if tokens is not None:
+            tokens = tokens * scale.unsqueeze(1) + shift.unsqueeze(1)  # (B, N, F)
+        return pooled, tokens
 
     @torch.no_grad()
     def frozen_features(self, images: Tensor, want_tokens: bool) -> tuple[Tensor, Tensor | None]:
@@ -472,11 +549,17 @@ def _validate(cfg: ImageEncoderConfig) -> None:
         (cfg.grayscale, GRAYSCALE_MODES, "grayscale"),
         (cfg.normalization, NORMALIZATIONS, "normalization"),
         (cfg.bn_stats, BN_STATS, "bn_stats"),
+        (cfg.harmonize, HARMONIZE_MODES, "harmonize"),
     ):
         if value not in allowed:
             raise ValueError(f"timm_image: {name}={value!r}; choose one of {allowed}")
     if not 0 < cfg.layer_decay <= 1:
         raise ValueError(f"timm_image: layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    if cfg.harmonize != "none" and cfg.transfer != "frozen":
+        raise ValueError(
+            f"timm_image: harmonize={cfg.harmonize!r} needs transfer='frozen' (ComBat is "
+            f"fitted once on fixed features), got transfer={cfg.transfer!r}"
+        )
     if cfg.unfreeze_every and cfg.transfer != "partial":
         raise ValueError("timm_image: unfreeze_every needs transfer='partial'")
     if isinstance(cfg.augment_config, dict):

@@ -144,6 +144,7 @@ def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
         genotype_path = _choose_genotype_groups(cfg, run, spec)  # before the workers build
         RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)  # fails here, not on a worker
+        _refuse_harmonization(cfg)
     name = record.get("ray_run_name") or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     record = {
         "ray_run_name": name,
@@ -164,6 +165,17 @@ def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool
     record["worker_group_starts"] = worker_group_starts(run)
     write_json(run / RECORD_FILE, record)
     return summary
+
+
+def _refuse_harmonization(cfg: RunConfig) -> None:
+    """ComBat harmonization is fitted on the whole training split before the first epoch;
+    data-parallel workers each read a share, so the Ray path does not offer it yet."""
+    image = cfg.model.encoders.get("timm_image") or {}
+    if image.get("harmonize", "none") != "none":
+        raise InputError(
+            "model.encoders.timm_image.harmonize: not available with --ray-address yet; "
+            "train without --ray-address, or set harmonize: none"
+        )
 
 
 def _choose_genotype_groups(cfg: RunConfig, run: Path, spec: Any) -> dict[str, Any] | None:

@@ -128,6 +128,7 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
         if genotype_path is not None:
             save_yaml(cfg, run / "config.yaml")  # now with the chosen keep_groups
         module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
+    harmonization = fit_image_harmonization(module, dm)
     trainer, checkpoint = build_trainer(cfg, run)
     if resuming:
         keep_earlier_metrics(run)
@@ -143,8 +144,43 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
         "fit_seconds": round(time.perf_counter() - start, 3),
     }
     return finish_run(
-        cfg, run, module, dm, fit, failed_before, trainer.save_checkpoint, genotype_path
-    )
+        cfg, run, module, dm, {**fit, **harmonization}, failed_before,
+        trainer.save_checkpoint, genotype_path,
+    )  # fmt: skip
+
+
+def fit_image_harmonization(module: RiskModule, dm: CohortDataModule) -> dict[str, Any]:
+    """ComBat on the training split's frozen image features, when the image encoder asks
+    for it (``timm_image.harmonize: combat``, ``encoders.harmonize``).
+
+    Runs before the first epoch, so every epoch trains on harmonized features; the
+    features go through the encoder's embedding cache, which the first epoch then reads.
+
+    Returns:
+        ``{"harmonization": summary}`` for summary.json, or ``{}`` when not asked for.
+    """
+    encoder = dict(module.model.encoders).get("image")
+    if encoder is None or getattr(encoder.config, "harmonize", "none") == "none":
+        return {}
+    was_training = encoder.training
+    encoder.eval()  # no augmentation, frozen statistics
+    feats, sites, labels = [], [], []
+    with torch.no_grad():
+        for batch in dm.dataloader("train"):
+            present, pooled, _ = encoder._batch_features(batch, want_tokens=False)
+            feats.append(pooled[present].numpy())
+            sites.append(batch["confounds"]["site"][present].numpy())
+            labels.append(batch["label"][present].numpy())
+    encoder.train(was_training)
+    if not feats or sum(len(f) for f in feats) == 0:
+        raise InputError("timm_image: harmonize='combat' found no training films to fit on")
+    try:
+        info = encoder.fit_harmonization(
+            np.concatenate(feats), np.concatenate(sites), np.concatenate(labels)
+        )
+    except ValueError as err:
+        raise InputError(f"timm_image harmonize: {err}") from err
+    return {"harmonization": info}
 
 
 def prepare_run(cfg: RunConfig, run: Path) -> Any:

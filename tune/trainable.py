@@ -37,7 +37,7 @@ from clinfuse.datasets.shards import ShardedDataModule
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.training.config import RunConfig
 from clinfuse.training.module import RiskModule
-from clinfuse.training.run import build_trainer
+from clinfuse.training.run import build_trainer, fit_image_harmonization
 from clinfuse.tune.space import apply_sampled
 
 CHECKPOINT_FILE = "lightning.ckpt"
@@ -91,6 +91,7 @@ def train_fn(
     module = RiskModule.create(cfg.model, dm.spec, cfg.optim)
     if _has_image(module):
         require_images(image_probe, dm.spec.image_size)
+    fit_image_harmonization(module, dm)  # ComBat on the training features, when asked for
     callbacks = [
         BackboneCounter(),
         EpochMetricsCarry(),  # before the Tune callback: its state rides in the checkpoint

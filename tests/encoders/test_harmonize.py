@@ -1,0 +1,109 @@
+"""ComBat harmonization of frozen image features across sites (encoders/harmonize.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_val_score
+
+from clinfuse.datasets.spec import DataSpec
+from clinfuse.encoders.harmonize import combat_affine
+from clinfuse.encoders.image import ImageEncoderConfig, TimmImageEncoder
+
+
+def _planted(seed: int = 0, n: int = 600, f: int = 8):
+    """Features with a site shift and scale, and an outcome effect of +1 on every feature;
+    the outcome is more common at site 2 (case mix differs by site)."""
+    rng = np.random.default_rng(seed)
+    site = rng.integers(0, 3, n)
+    y = (rng.random(n) < 0.2 + 0.3 * (site == 2)).astype(int)
+    x = rng.normal(size=(n, f)) + site[:, None] * np.linspace(0.5, 2.0, f) + y[:, None]
+    x[:, 3] *= 1 + site  # a scale difference as well
+    x[:, 5] = 2.0  # a constant feature (ReLU units that never fire)
+    return x, site, y
+
+
+def _site_probe(x: np.ndarray, site: np.ndarray) -> float:
+    probe = LogisticRegression(max_iter=2000)
+    return float(cross_val_score(probe, x, site, cv=5).mean())
+
+
+def test_combat_removes_a_planted_site_shift_and_keeps_the_outcome_effect():
+    x, site, y = _planted()
+    scale, shift, info = combat_affine(x, site, y, n_sites=3)
+    h = x * scale[site] + shift[site]
+    majority = np.bincount(site).max() / len(site)
+    assert _site_probe(x, site) > 0.8
+    assert _site_probe(h, site) < majority + 0.05
+    # The outcome effect (+1) survives inside every site, on the shift-only features.
+    shifted_only = h[:, [0, 1, 2, 4]]
+    for s in range(3):
+        m = site == s
+        effect = shifted_only[m & (y == 1)].mean(0) - shifted_only[m & (y == 0)].mean(0)
+        np.testing.assert_allclose(effect, 1.0, atol=0.35)
+    np.testing.assert_allclose(h[:, 5], 2.0)  # constant features pass through
+    assert info["unchanged_features"] == 1 and info["sites"] == [0, 1, 2]
+
+
+def test_sites_without_training_films_pass_through_unchanged():
+    x, site, y = _planted()
+    keep = site != 1  # site 1 never seen; row 3 is the unknown-site row
+    scale, shift, info = combat_affine(x[keep], site[keep], y[keep], n_sites=3)
+    for row in (1, 3):
+        np.testing.assert_array_equal(scale[row], 1.0)
+        np.testing.assert_array_equal(shift[row], 0.0)
+    assert info["sites"] == [0, 2]
+
+
+def test_combat_refuses_a_single_site_or_a_site_with_one_film():
+    x, site, y = _planted()
+    with pytest.raises(ValueError, match="1 site"):
+        combat_affine(x, np.zeros_like(site), y, n_sites=3)
+    site = site.copy()
+    site[0] = 2
+    site[site == 2] = 0
+    site[0] = 2
+    with pytest.raises(ValueError, match=r"\[2\] have fewer than 2"):
+        combat_affine(x, site, y, n_sites=3)
+
+
+def _spec() -> DataSpec:
+    return DataSpec(image_size=32, sites=["a", "b", "c"], ancestries=["x"])
+
+
+def test_encoder_refuses_harmonization_of_a_backbone_that_trains():
+    with pytest.raises(ValueError, match="needs transfer='frozen'"):
+        TimmImageEncoder(ImageEncoderConfig(weights="none", harmonize="combat", transfer="full"),
+                         spec=_spec())  # fmt: skip
+
+
+def test_encoder_applies_the_site_map_and_keeps_it_in_its_state():
+    torch.manual_seed(0)
+    cfg = ImageEncoderConfig(weights="none", harmonize="combat", embed_dim=8, drop_rate=0.0)
+    enc = TimmImageEncoder(cfg, spec=_spec()).eval()
+    f = enc.num_features
+    rng = np.random.default_rng(1)
+    site = np.repeat([0, 1, 2], 20)
+    feats = rng.normal(size=(60, f)) + site[:, None]
+    batch = {
+        "image_pooled": torch.as_tensor(feats[:6], dtype=torch.float32),
+        "image_present": torch.tensor([True] * 5 + [False]),
+        "confounds": {"site": torch.tensor([0, 1, 2, -1, 7, 0])},
+    }
+    with pytest.raises(RuntimeError, match="fit_harmonization"):
+        enc(batch)
+    info = enc.fit_harmonization(feats, site, rng.integers(0, 2, 60))
+    assert info["sites"] == [0, 1, 2]
+    emb, present = enc(batch)
+    rows = torch.tensor([0, 1, 2, 3, 3, 0])  # -1 and an out-of-range code: identity row
+    pooled = batch["image_pooled"] * enc.harm_scale[rows] + enc.harm_shift[rows]
+    expected = enc.proj(pooled) * present.unsqueeze(1)
+    torch.testing.assert_close(emb, expected)
+    torch.testing.assert_close(emb[3], enc.proj(batch["image_pooled"][3]))  # unknown: raw
+    assert torch.all(emb[5] == 0)  # no film, no embedding
+    # A saved model keeps the fitted map.
+    again = TimmImageEncoder(cfg, spec=_spec()).eval()
+    again.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(again(batch)[0], emb)
