@@ -28,9 +28,16 @@ the same two probes run on it, over the patients that have the modality
 (``<confound>.by_modality``). A site read from the image embedding points at the
 scanners; an ancestry read from the genotype embedding at population structure.
 
+Whether the true genetic signal survives confound treatment (``genetic_signal``):
+on the genotype embedding and on the fused representation of the patients with
+genotypes, cross-validated linear probes read the simulator's carrier status
+(logistic, AUROC), its genetic score (ridge, R^2) and the outcome (logistic, AUROC).
+A treatment that removes ancestry must leave these where the untreated model has
+them.
+
 Shapes:
     embeddings (N, D); confound codes (N,) with -1 = unknown; labels (N,);
-    risk_factors (N, F)
+    risk_factors (N, F); genetic_score, carrier (N,)
 """
 
 from __future__ import annotations
@@ -40,9 +47,9 @@ from typing import Any
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import balanced_accuracy_score, r2_score
+from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -215,6 +222,76 @@ def probe_by_modality(
         keys = ("probe_accuracy", "mlp_probe_accuracy", "gbt_probe_accuracy", "majority_rate", "n")
         out[modality] = {k: res[k] for k in keys}
     return out
+
+
+def genetic_signal(
+    genotype_embedding: np.ndarray,
+    present: np.ndarray,
+    fused: np.ndarray,
+    labels: np.ndarray,
+    genetic_score: np.ndarray,
+    carrier: np.ndarray,
+    folds: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Cross-validated linear probes of the true genetic signal, on the patients with genotypes.
+
+    Each probe uses the folds of the confound probes (stratified, shuffled with ``seed``;
+    plain k-fold for the continuous score); every prediction comes from a fold that did
+    not see the patient.
+
+    Args:
+        genotype_embedding: the genotype encoder's output (N, D_g).
+        present: which samples have genotypes (N,) bool.
+        fused: the fused representation of the same samples (N, D).
+        labels: outcome per sample (N,).
+        genetic_score: the simulator's genetic score per sample (N,), NaN = unknown.
+        carrier: the simulator's modifier-carrier status per sample (N,), 0/1, NaN = unknown.
+        folds: number of folds (fewer when a class is smaller).
+        seed: seeds folds and probes.
+
+    Returns:
+        ``carrier_auroc`` (logistic), ``genetic_score_r2`` (ridge), ``outcome_auroc``
+        (logistic) from the genotype embedding, the same three with a ``fused_`` prefix
+        from the fused representation, and ``n``, the samples probed. NaN where a target
+        has a single class or too few samples.
+    """
+    score = np.asarray(genetic_score, dtype=np.float64)
+    carrier = np.asarray(carrier, dtype=np.float64)
+    keep = np.asarray(present, dtype=bool) & np.isfinite(score) & np.isfinite(carrier)
+    if not np.isin(carrier[keep], (0.0, 1.0)).all():
+        raise ValueError("genetic signal: carrier status must be 0/1 (or NaN when unknown)")
+    targets = (carrier[keep].astype(int), score[keep], np.asarray(labels)[keep].astype(int))
+    out: dict[str, Any] = {"n": int(keep.sum())}
+    for prefix, z in (("", genotype_embedding), ("fused_", fused)):
+        z = np.asarray(z, dtype=np.float64)[keep]
+        out[f"{prefix}carrier_auroc"] = _cv_auroc(z, targets[0], folds, seed)
+        out[f"{prefix}genetic_score_r2"] = _cv_r2(z, targets[1], folds, seed)
+        out[f"{prefix}outcome_auroc"] = _cv_auroc(z, targets[2], folds, seed)
+    return out
+
+
+def _cv_auroc(z: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
+    """AUROC of a logistic probe's out-of-fold decision function for binary ``y``."""
+    counts = np.unique(y, return_counts=True)[1]
+    k = int(min(folds, counts.min())) if len(counts) == 2 else 0
+    if k < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        cv = StratifiedKFold(k, shuffle=True, random_state=seed)
+        scores = cross_val_predict(_probe(seed), z, y, cv=cv, method="decision_function")
+    return auroc(y, scores)
+
+
+def _cv_r2(z: np.ndarray, target: np.ndarray, folds: int, seed: int) -> float:
+    """Out-of-fold R^2 of a ridge probe (standardized inputs, alpha 1) for ``target``."""
+    k = int(min(folds, len(target) // 2))
+    if k < 2:
+        return float("nan")
+    probe = make_pipeline(StandardScaler(), Ridge(alpha=1.0))
+    pred = cross_val_predict(probe, z, target, cv=KFold(k, shuffle=True, random_state=seed))
+    return float(r2_score(target, pred))
 
 
 def _probe(seed: int):

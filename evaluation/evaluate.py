@@ -18,7 +18,7 @@ import torch
 
 from clinfuse.datasets.schema import ORACLE_FILE, sidecar_root
 from clinfuse.errors import InputError
-from clinfuse.evaluation.audit import run_audit
+from clinfuse.evaluation.audit import genetic_signal, run_audit
 from clinfuse.evaluation.metrics import (
     auroc,
     auroc_drop,
@@ -84,6 +84,9 @@ def evaluate(
     }
     risk_factors = _risk_factors(cohort_dir, samples)
     metrics["audit"] = _audit(pred["fused"], y, samples, seed, risk_factors, modality_embeddings)
+    signal = _genetic_signal(pred, y, risk_factors, seed)
+    if signal is not None:
+        metrics["audit"]["genetic_signal"] = signal
     metrics["attribution"] = _attribution_summary(art, batches)
     metrics.update(_group_selection(art, cohort_dir))
     plots = plot_curves(y, p, out)
@@ -293,6 +296,25 @@ def _audit(
         confounds[name] = np.array([index.get(v, -1) for v in values.to_list()])
     return run_audit(
         fused, y, confounds, vocab, seed, risk_factors, modality_embeddings=modality_embeddings
+    )
+
+
+def _genetic_signal(
+    pred: dict[str, np.ndarray], y: np.ndarray, risk_factors: np.ndarray | None, seed: int
+) -> dict[str, Any] | None:
+    """The true genetic signal read from the genotype embedding and the fused representation
+    (``audit.genetic_signal``), when the cohort has an oracle and the model a genotype encoder."""
+    if risk_factors is None or "embedding_genomics" not in pred:
+        return None
+    column = {name: risk_factors[:, i] for i, name in enumerate(RISK_FACTORS)}
+    return genetic_signal(
+        pred["embedding_genomics"],
+        pred["present_genomics"],
+        pred["fused"],
+        y,
+        column["genetic_score"],
+        column["modifier_carrier"],
+        seed=seed,
     )
 
 

@@ -233,7 +233,28 @@ def _audit(audit: dict[str, Any]) -> str:
     )
     return (
         f"{note}<table>{head}{rows}</table>{_audit_by_modality(audit)}"
+        f"{_genetic_signal(audit.get('genetic_signal'))}"
         f"<h3>Leave-one-site-out outcome probe</h3>{loso_html}"
+    )
+
+
+def _genetic_signal(signal: dict[str, Any] | None) -> str:
+    """One line: the true genetic signal read from the genotype and fused representations."""
+    if not signal:
+        return ""
+
+    def read(prefix: str) -> str:
+        return (
+            f"carrier AUROC {_fmt(signal.get(prefix + 'carrier_auroc'))}, "
+            f"genetic score R<sup>2</sup> {_fmt(signal.get(prefix + 'genetic_score_r2'))}, "
+            f"outcome AUROC {_fmt(signal.get(prefix + 'outcome_auroc'))}"
+        )
+
+    return (
+        "<h3>Genetic signal kept</h3><p class='genetic-signal'>Linear probes over the "
+        f"{signal.get('n')} patients with genotypes: genotype embedding {read('')}; "
+        f"fused representation {read('fused_')}. Confound treatment should leave these "
+        "where the untreated model has them.</p>"
     )
 
 

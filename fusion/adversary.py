@@ -130,7 +130,7 @@ class AdversaryConfig:
             independent of ``enabled``. The risk head is then refitted on the erased
             representation.
         erase_ridge: ridge on the representation's covariance before whitening,
-            as a fraction of its mean variance.
+            as a fraction of its mean variance (0: none, a pseudo-inverse root).
         erase_refit_steps: full-batch steps of the head-only refit after erasure.
         head_steps: updates of the adversary heads per training step. Extra updates
             (``head_steps - 1``) train the heads alone on the detached representation

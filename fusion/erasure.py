@@ -13,6 +13,9 @@ projection the smallest change in the Mahalanobis sense; a ridge on ``Sigma_zz``
 keeps ``W`` finite when the representation has dead dimensions (the erasure of the
 covariance stays exact: ``W^+ W = I`` for any ridge > 0).
 
+The eraser is computed by ``concept-erasure`` (``LeaceFitter``), the authors'
+package; this module keeps the fitted edit as model buffers and adds the ridge.
+
 Several confounds (site and ancestry) are erased jointly by stacking their
 one-hot columns into one concept. The edit is linear: a non-linear probe may still
 read what is left (class-conditional variances, interactions), which is why the
@@ -84,24 +87,43 @@ class ConceptEraser(nn.Module):
 def leace_fit(
     z: np.ndarray, concept: np.ndarray, ridge: float = 1e-3
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The LEACE mean and oblique projection ``W^+ P W`` (float64).
+    """The LEACE mean and oblique projection ``W^+ P W`` (float64), by ``concept-erasure``.
+
+    The authors' ``LeaceFitter`` computes the eraser, configured as the closed form
+    above: no covariance shrinkage, no cap on the erased covariance's trace, and
+    singular values of ``W Sigma_zc`` dropped only at rounding level. The ridge is
+    added to its covariance statistics.
 
     Args:
         z: representations (N, D).
         concept: the concept per row (N, K), e.g. stacked one-hot confounds.
-        ridge: added to ``Sigma_zz`` as ``ridge * trace / D`` before the inverse root.
+        ridge: added to ``Sigma_zz`` as ``ridge * trace / D`` before the inverse root;
+            0 leaves the package's pseudo-inverse (exact LEACE, smallest edit).
 
     Returns:
         ``mean (D,)`` and ``projection (D, D)``; ``r(z) = z - (z - mean) @ projection.T``.
     """
+    from concept_erasure import LeaceFitter
+
     z, concept = _check_fit_inputs(z, concept)
-    mean = z.mean(axis=0)
-    zc, cc = z - mean, concept - concept.mean(axis=0)  # (N, D), (N, K)
-    sigma_zz = zc.T @ zc / len(z)  # (D, D)
-    sigma_zc = zc.T @ cc / len(z)  # (D, K)
-    whiten, unwhiten = _inverse_sqrt(sigma_zz, ridge)
-    basis = _column_basis(whiten @ sigma_zc)  # (D, r)
-    return mean, unwhiten @ (basis @ basis.T) @ whiten
+    if ridge < 0:
+        raise ValueError(f"erasure fit: ridge must be >= 0, got {ridge}")
+    d, k = z.shape[1], concept.shape[1]
+    fitter = LeaceFitter(
+        d, k, dtype=torch.float64, shrinkage=False, constrain_cov_trace=False, svd_tol=_SVD_TOL
+    )
+    fitter.update(torch.from_numpy(z), torch.from_numpy(concept))
+    if ridge > 0:  # sigma_xx_ is the unnormalized X^T X: the ridge enters scaled by n - 1
+        cov = fitter.sigma_xx
+        eps = max(ridge * float(torch.trace(cov)) / d, 1e-12)
+        fitter.sigma_xx_ += eps * (len(z) - 1) * torch.eye(d, dtype=torch.float64)
+    eraser = fitter.eraser
+    return eraser.bias.numpy().copy(), (eraser.proj_left @ eraser.proj_right).numpy()
+
+
+# Singular values of the whitened cross-covariance below this are rounding (the
+# one-hot columns of a confound sum to one, so one direction is always ~1e-16).
+_SVD_TOL = 1e-8
 
 
 def one_hot_concept(
@@ -129,23 +151,6 @@ def one_hot_concept(
         blocks.append(np.eye(k)[np.clip(c, 0, None)])  # (N, K) rows of unknowns dropped below
     concept = np.concatenate(blocks, axis=1) if blocks else np.zeros((n, 0))
     return concept, known
-
-
-def _inverse_sqrt(sigma: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(Sigma + eps I)^{-1/2}`` and ``(Sigma + eps I)^{1/2}`` with ``eps = ridge * tr / D``."""
-    d = sigma.shape[0]
-    eps = max(ridge * float(np.trace(sigma)) / d, 1e-12)
-    evals, evecs = np.linalg.eigh(sigma + eps * np.eye(d))
-    evals = np.clip(evals, eps, None)
-    return (evecs / np.sqrt(evals)) @ evecs.T, (evecs * np.sqrt(evals)) @ evecs.T
-
-
-def _column_basis(a: np.ndarray, rtol: float = 1e-8) -> np.ndarray:
-    """An orthonormal basis (D, r) of the column space of ``a``."""
-    u, s, _ = np.linalg.svd(a, full_matrices=False)
-    if s.size == 0 or s[0] == 0.0:
-        return u[:, :0]
-    return u[:, s > rtol * s[0]]
 
 
 def _check_fit_inputs(z: np.ndarray, concept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

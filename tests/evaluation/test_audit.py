@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clinfuse.evaluation.audit import probe_confound, run_audit
+from clinfuse.evaluation.audit import genetic_signal, probe_confound, run_audit
 
 
 def test_probe_finds_site_encoded_in_embeddings():
@@ -148,3 +148,81 @@ def test_probes_run_on_a_small_held_out_split():
     res = probe_confound(rng.normal(size=(18, 4)), site)
     for key in ("probe_accuracy", "mlp_probe_accuracy", "gbt_probe_accuracy"):
         assert 0.0 <= res[key] <= 1.0, key
+
+
+SIGNAL_KEYS = ("carrier_auroc", "genetic_score_r2", "outcome_auroc")
+
+
+def _planted_genetics(seed: int, n: int = 800):
+    """Carriers (a third), a genetic score and an outcome driven by both, as the simulator."""
+    rng = np.random.default_rng(seed)
+    carrier = (rng.uniform(size=n) < 1 / 3).astype(float)
+    score = rng.normal(size=n)
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-(1.5 * score + 1.5 * carrier - 1)))).astype(int)
+    return rng, carrier, score, y
+
+
+def test_genetic_signal_reads_a_planted_carrier_and_not_noise():
+    rng, carrier, score, y = _planted_genetics(8)
+    n = len(y)
+    present = rng.uniform(size=n) < 0.8
+    carries = rng.normal(size=(n, 6))
+    carries[:, 0] += 3.0 * carrier  # the carrier written plainly into one dimension
+    carries[:, 1] += 2.0 * score
+    carries[~present] = 0.0  # no genotypes: zero embedding, left out
+    noise = rng.normal(size=(n, 6))
+    score_missing = score.copy()
+    score_missing[:5] = np.nan  # subjects the oracle does not list
+    res = genetic_signal(carries, present, noise, y, score_missing, carrier, seed=0)
+    assert res["n"] == int(present[5:].sum())
+    # Carrier shift d = 3 in unit noise: Bayes AUROC Phi(3 / sqrt 2) = 0.983.
+    assert res["carrier_auroc"] > 0.9
+    # Score var 4 in unit noise: R^2 4/5 = 0.8 at best.
+    assert res["genetic_score_r2"] == pytest.approx(0.8, abs=0.06)
+    assert res["outcome_auroc"] > 0.7
+    # The fused representation here is pure noise: nothing to read (AUROC s.e. ~0.02).
+    assert res["fused_carrier_auroc"] < 0.65
+    assert res["fused_genetic_score_r2"] < 0.02
+    assert res["fused_outcome_auroc"] < 0.65
+
+
+def test_genetic_signal_same_answer_for_the_same_seed_and_nan_for_one_class():
+    rng, carrier, score, y = _planted_genetics(9, n=300)
+    z = np.column_stack([carrier + rng.normal(size=300), rng.normal(size=300)])
+    present = np.ones(300, dtype=bool)
+    first = genetic_signal(z, present, z, y, score, carrier, seed=3)
+    assert first == genetic_signal(z, present, z, y, score, carrier, seed=3)
+    flat = genetic_signal(z, present, z, y, score, np.zeros(300), seed=3)
+    assert np.isnan(flat["carrier_auroc"]) and np.isnan(flat["fused_carrier_auroc"])
+    assert flat["outcome_auroc"] == first["outcome_auroc"]
+
+
+def test_genetic_signal_refuses_a_non_binary_carrier():
+    z = np.zeros((4, 2))
+    with pytest.raises(ValueError, match="carrier status must be 0/1"):
+        genetic_signal(z, np.ones(4, bool), z, np.array([0, 1, 0, 1]), np.zeros(4), np.arange(4))
+
+
+def test_genetic_signal_needs_an_oracle_and_a_genotype_encoder():
+    from clinfuse.evaluation.evaluate import RISK_FACTORS, _genetic_signal
+
+    z, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    pred = {"fused": z, "embedding_image": z, "present_image": np.ones(4, bool)}
+    factors = np.zeros((4, len(RISK_FACTORS)))
+    assert _genetic_signal(pred, y, factors, seed=0) is None  # no genotype encoder
+    pred.update(embedding_genomics=z, present_genomics=np.ones(4, bool))
+    assert _genetic_signal(pred, y, None, seed=0) is None  # no oracle
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_genetic_signal(evaluated_run):
+    out, metrics = evaluated_run
+    signal = metrics["audit"]["genetic_signal"]
+    assert 0 < signal["n"] <= metrics["n"]
+    for prefix in ("", "fused_"):
+        for key in ("carrier_auroc", "outcome_auroc"):
+            assert 0.0 <= signal[prefix + key] <= 1.0, prefix + key
+        assert signal[prefix + "genetic_score_r2"] <= 1.0
+    html = (out / "report.html").read_text()
+    assert "Genetic signal kept" in html
+    assert f"carrier AUROC {signal['carrier_auroc']:.3f}" in html

@@ -107,6 +107,72 @@ def test_module_is_identity_until_fitted_and_keeps_the_fit_through_safetensors(t
     assert loaded(zt.reshape(20, 25, 8)).shape == (20, 25, 8)  # any leading dims
 
 
+def _closed_form(z: np.ndarray, concept: np.ndarray, ridge: float) -> tuple[np.ndarray, ...]:
+    """LEACE written out in NumPy (Belrose et al. 2023, eq. in the module docstring):
+    ``W = (Sigma_zz + eps I)^{-1/2}``, ``P`` the projection onto ``colspace(W Sigma_zc)``;
+    the edit ``W^+ P W`` that clinfuse computed itself before using ``concept-erasure``."""
+    mean = z.mean(0)
+    zc, cc = z - mean, concept - concept.mean(0)
+    szz, szc = zc.T @ zc / len(z), zc.T @ cc / len(z)
+    eps = ridge * np.trace(szz) / len(szz)
+    evals, evecs = np.linalg.eigh(szz + eps * np.eye(len(szz)))
+    whiten, unwhiten = (evecs / np.sqrt(evals)) @ evecs.T, (evecs * np.sqrt(evals)) @ evecs.T
+    u, s, _ = np.linalg.svd(whiten @ szc, full_matrices=False)
+    basis = u[:, s > 1e-8 * s[0]]
+    return mean, unwhiten @ basis @ basis.T @ whiten
+
+
+@pytest.mark.parametrize("ridge", [1e-3, 0.1])
+def test_package_fit_is_the_closed_form(ridge):
+    z, site, _ = _world(700, 6)
+    anc = np.random.default_rng(7).integers(0, 2, 700)
+    concept, _ = one_hot_concept({"site": site, "ancestry": anc}, {"site": 3, "ancestry": 2})
+    mean, proj = leace_fit(z, concept, ridge=ridge)
+    ref_mean, ref_proj = _closed_form(z, concept, ridge)
+    np.testing.assert_allclose(mean, ref_mean, atol=1e-12)
+    np.testing.assert_allclose(proj, ref_proj, atol=1e-9)
+
+
+def test_an_eraser_saved_before_the_package_loads_and_erases_the_same(tmp_path):
+    # A saved model keeps the edit as the buffers mean (D,), projection (D, D) and
+    # fitted (): an eraser written in that layout (the closed form, float32, as the
+    # artifact stores it) loads strictly and gives the outputs it gave, and a fresh
+    # fit on the same rows gives the same outputs.
+    from safetensors.torch import save_file
+
+    z, site, _ = _world(500, 8)
+    concept, _ = one_hot_concept({"site": site}, {"site": 3})
+    mean, proj = _closed_form(z, concept, 1e-3)
+    old = {
+        "mean": torch.as_tensor(mean, dtype=torch.float32),
+        "projection": torch.as_tensor(proj, dtype=torch.float32),
+        "fitted": torch.ones((), dtype=torch.bool),
+    }
+    save_file(old, str(tmp_path / "old.safetensors"))
+    loaded = ConceptEraser(8, ["site"])
+    load_model(loaded, str(tmp_path / "old.safetensors"), strict=True)
+    zt = torch.as_tensor(z, dtype=torch.float32)
+    expected = zt - (zt - old["mean"]) @ old["projection"].T
+    torch.testing.assert_close(loaded(zt), expected)
+    refit = ConceptEraser(8, ["site"])
+    refit.fit(z, concept)
+    torch.testing.assert_close(refit(zt), loaded(zt), atol=1e-5, rtol=1e-5)
+
+
+def test_without_ridge_a_dead_dimension_is_erased_exactly():
+    # A constant dimension makes Sigma_zz singular: the package's pseudo-inverse
+    # still gives a finite edit with zero cross-covariance and leaves it constant.
+    z, site, _ = _world(600, 9)
+    z[:, 5] = 0.25
+    concept, _ = one_hot_concept({"site": site}, {"site": 3})
+    mean, proj = leace_fit(z, concept, ridge=0.0)
+    erased = _erase(z, mean, proj)
+    assert np.isfinite(proj).all()
+    cov = (erased - erased.mean(0)).T @ (concept - concept.mean(0)) / len(z)
+    assert np.abs(cov).max() < 1e-10
+    np.testing.assert_allclose(erased[:, 5], 0.25, atol=1e-10)
+
+
 def test_fit_rejects_nan_representations():
     z = np.zeros((4, 2))
     z[1, 0] = np.nan
