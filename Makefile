@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=23.2"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
-	$(BIN)/python -c "import clinfuse, timm, pydicom, polars, ray, torch_geometric, pytorch_forecasting, concept_erasure"
+	$(BIN)/python -c "import clinfuse, timm, pydicom, polars, ray, torch_geometric, pytorch_forecasting, concept_erasure, neuroCombat"
 	touch $(STAMP)
 
 demo: install
