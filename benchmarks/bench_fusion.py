@@ -67,7 +67,7 @@ from typing import Any
 
 import clinfuse  # noqa: F401  (installs the compat shim before timm/torch imports)
 from clinfuse.config import apply_overrides, from_dict, load_yaml, to_dict
-from clinfuse.evaluation.evaluate import discrimination, evaluate
+from clinfuse.evaluation.evaluate import discrimination, evaluate, run_genetic_signal
 from clinfuse.simulation.simulator import SimConfig, simulate_cohort
 from clinfuse.training.artifact import load_artifact
 from clinfuse.training.config import RunConfig
@@ -774,6 +774,7 @@ def shift(
                 continue
             v = Variant(name, preset=str(ctx.user_preset), overrides=edits, seed=seed)
             held = linked.run(v)["metrics"]
+            held = {**held, "genetic_signal": _genetic_signal(linked, v.run_name, train, held)}
             for link, test in tests.items():
                 scores = _shift_scores(linked, v.run_name, test, link, held)
                 rows.append(_shift_row(name, seed, link, held, scores, reference[link], ref_held))
@@ -803,6 +804,20 @@ def _shift_scores(
         raise ValueError(f"{cohort}: expected one site not in training, found {new}")
     before = statistics.fmean(per_site[s]["auroc"] for s in per_site if s in seen)
     return {"before": before, "after": per_site[new[0]]["auroc"]}
+
+
+def _genetic_signal(ctx: Context, run: str, cohort: Path, held: dict[str, Any]) -> dict[str, Any]:
+    """The run's ``audit.genetic_signal`` on the held-out split (computed and cached
+    beside the run when its evaluation predates it)."""
+    if "genetic_signal" in held.get("audit", {}):
+        return held["audit"]["genetic_signal"]
+    run_dir = ctx.out / "runs" / run
+    path = run_dir / "genetic_signal.json"
+    if path.is_file() and path.stat().st_mtime >= (run_dir / RESULT_FILE).stat().st_mtime:
+        return json.loads(path.read_text())
+    signal = run_genetic_signal(load_artifact(run_dir / "model"), cohort, run_dir / "image_cache")
+    path.write_text(json.dumps(signal or {}, indent=2))
+    return signal or {}
 
 
 def _shift_auroc(ctx: Context, run: str, cohort: Path, link: str) -> dict[str, Any]:
@@ -848,6 +863,8 @@ def _shift_row(
         "ancestry_probe": audit["ancestry"]["probe_accuracy"],
         "ancestry_gbt_probe": audit["ancestry"].get("gbt_probe_accuracy", float("nan")),
         "ancestry_genotype_probe": genotype_ancestry.get("probe_accuracy", float("nan")),
+        "carrier_auroc": held["genetic_signal"].get("carrier_auroc", float("nan")),
+        "genetic_score_r2": held["genetic_signal"].get("genetic_score_r2", float("nan")),
     }
 
 
@@ -1239,6 +1256,7 @@ SUMMARY = {
             "site_gbt_probe",
             "ancestry_probe",
             "ancestry_gbt_probe",
+            "carrier_auroc",
         ),
     ),
 }

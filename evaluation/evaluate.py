@@ -299,6 +299,17 @@ def _audit(
     )
 
 
+def run_genetic_signal(
+    art: ModelArtifact, cohort_dir, cache_dir: Path | None, split: str = "held_out", seed: int = 0
+) -> dict[str, Any] | None:
+    """``audit.genetic_signal`` of a model on a cohort split, without the rest of the
+    evaluation (benchmarks that compare it across confound treatments)."""
+    samples, _ = _select_samples(cohort_dir, art, split)
+    pred = collect_predictions(art.model, _batches(cohort_dir, samples, art, cache_dir))
+    y = pred["label"].astype(int)
+    return _genetic_signal(pred, y, _risk_factors(cohort_dir, samples), seed)
+
+
 def _genetic_signal(
     pred: dict[str, np.ndarray], y: np.ndarray, risk_factors: np.ndarray | None, seed: int
 ) -> dict[str, Any] | None:
