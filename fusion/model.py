@@ -302,15 +302,22 @@ class FusionModel(nn.Module):
     def aux_logits(self, outputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Each auxiliary head's logit on its encoder's embedding (before modality dropout).
 
+        Computed once per forward pass and kept in ``outputs["aux_logits"]``, so the
+        confound offsets and the auxiliary loss of a training step read the same logits.
+
         Shapes:
             -> logits (B, M), present (B, M) bool, in ``aux_heads`` order
         """
+        cached = outputs.get("aux_logits")
+        if cached is not None:
+            return cached
         logits, present = [], []
         for m, head in self.aux_heads.items():
             emb, here = outputs["encoded"][m]  # (B, D_m), (B,)
             logits.append(head(emb).squeeze(-1))
             present.append(here.bool())
-        return torch.stack(logits, dim=1), torch.stack(present, dim=1)
+        outputs["aux_logits"] = torch.stack(logits, dim=1), torch.stack(present, dim=1)
+        return outputs["aux_logits"]
 
     def confound_offset(
         self, outputs: dict[str, Any], batch: dict[str, Any], pos_weight: Tensor | None = None
@@ -347,17 +354,16 @@ class FusionModel(nn.Module):
         """
         if self.aux_heads is None:
             return outputs["logit"].new_zeros(())
+        logits, present = self.aux_logits(outputs)  # (B, M), (B, M)
+        if offset is not None:
+            logits = logits + offset[:, 1:]
         terms = []
-        for j, (m, head) in enumerate(self.aux_heads.items()):
-            emb, present = outputs["encoded"][m]  # (B, D_m), (B,)
-            present = present.bool()
-            if present.any():
-                logit = head(emb[present]).squeeze(-1)
-                if offset is not None:
-                    logit = logit + offset[present, 1 + j]
-                terms.append(loss_fn(logit, label[present]))
-            else:  # keep the heads in the graph so every parameter gets a (zero) gradient
-                terms.append(head(emb[:0]).sum())
+        for j in range(logits.shape[1]):
+            here = present[:, j]
+            if here.any():
+                terms.append(loss_fn(logits[here, j], label[here]))
+            else:  # keep the head in the graph so every parameter gets a (zero) gradient
+                terms.append(logits[:0, j].sum())
         return self.aux_weight * torch.stack(terms).mean()
 
     def adversary_head_loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> Tensor:
