@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from clinfuse.config import save_yaml
+from clinfuse.datasets.batch import IMAGE_KEYS
 from clinfuse.datasets.events import events_to_tensors
 from clinfuse.datasets.images import ImageLoader
 from clinfuse.datasets.meds.options import MedsOptions
@@ -238,6 +239,10 @@ class CohortDataset(Dataset):
         tensors: a batch dict without ``image``/``image_present`` (see ``batch``).
         image_paths: per sample, the DICOM path or None.
         loader: decodes and caches images.
+
+    Attributes:
+        images: False leaves the image keys out of every item, for a model without an
+            image encoder (each item would otherwise read a film nothing looks at).
     """
 
     def __init__(
@@ -246,6 +251,7 @@ class CohortDataset(Dataset):
         self.tensors = tensors
         self.image_paths = list(image_paths)
         self.loader = loader
+        self.images = True
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -253,6 +259,8 @@ class CohortDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = {k: v[index] for k, v in self.tensors.items() if k != "confounds"}
         item["confounds"] = {k: v[index] for k, v in self.tensors["confounds"].items()}
+        if not self.images:
+            return {k: v for k, v in item.items() if k not in IMAGE_KEYS}
         image = self.loader.load(self.image_paths[index])
         size = self.loader.image_size
         item["image"] = image if image is not None else torch.zeros(1, size, size)
@@ -368,6 +376,12 @@ class CohortDataModule(L.LightningDataModule):
             self.datasets[split] = make_dataset(
                 self.cohort_dir, self._split(split), self.spec, loader
             )
+
+    def use_images(self, images: bool) -> None:
+        """Whether batches carry the image keys; False for a model without an image
+        encoder, which then never reads a film. Call after ``setup``."""
+        for dataset in self.datasets.values():
+            dataset.images = images
 
     def split_samples(self, split: str) -> pl.DataFrame:
         """The samples of ``split``, in dataset order."""

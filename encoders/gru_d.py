@@ -15,7 +15,9 @@ Everything that does not depend on ``h`` (``x_last``, ``x_hat``, the input
 projections of all three gates, ``gamma_h``) is computed for all steps at once.
 The loop runs only over valid steps: samples are sorted by length and the active
 batch shrinks as sequences end, so padded steps cost nothing and leave ``h``
-unchanged.
+unchanged. The loop itself is one autograd node with a hand-written backward pass
+(``encoders.gru_d_recurrence``): per-step autograd bookkeeping cost more than the
+step's arithmetic.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders.base import ModalityEncoder, register_encoder
+from clinfuse.encoders.gru_d_recurrence import grud_recurrence
 
 
 @dataclass
@@ -182,53 +185,14 @@ class GRUD(ModalityEncoder):
             gi_t = gi_t + F.linear(_time_features(batch, order), self.weight_it)  # (T, B, 3H)
         gamma_t = self.hidden_decay(delta)  # (T, B, H)
         active = _active_counts(lengths[order], x.shape[0])
-        h_last, steps = self._loop(gi_t, gamma_t, active)
-        states = _pad_steps(steps, active, gamma_t)[unsort] if keep_states else None
-        return h_last[unsort], states
-
-    def _loop(self, gi: Tensor, gamma_h: Tensor, active: list[int]) -> tuple[Tensor, list[Tensor]]:
-        """The recurrent part; the batch shrinks as the (sorted) sequences end.
-
-        Args:
-            gi: input-side gate pre-activations, time-major.
-            gamma_h: hidden decays, time-major.
-            active: number of sequences still running at each step (non-increasing).
-
-        Returns:
-            The last valid state of each sequence (sorted order) and the active states
-            of each step.
-
-        Shapes:
-            - gi: (T, B, 3H); gamma_h: (T, B, H)
-            - output: (B, H) and a list of (active[t], H)
-        """
-        h = gi.new_zeros(gi.shape[1], self.hidden)
-        # unbind: one stack in backward instead of a full-size zero gradient per step.
-        gi_steps, gamma_steps = gi.unbind(0), gamma_h.unbind(0)
-        done, steps = [], []  # done: states of sequences that ended, latest-ending last
-        for t, n in enumerate(active):
-            if n < h.shape[0]:
-                done.append(h[n:])
-                h = h[:n]
-            if n == 0:
-                break
-            h = self.cell(gi_steps[t][:n], gamma_steps[t][:n] * h)  # (n, H)
-            steps.append(h)
-        done.append(h)
-        return torch.cat(done[::-1]), steps
-
-    def cell(self, gi: Tensor, h: Tensor) -> Tensor:
-        """One GRU step (``nn.GRUCell`` equations) from precomputed input gates.
-
-        Shapes:
-            - gi: (N, 3H) = W_ih [x_hat, m] + b_ih; h: (N, H) already decayed
-            - output: (N, H)
-        """
-        gh = F.linear(h, self.weight_hh, self.bias_hh)  # (N, 3H)
-        hidden = self.hidden
-        r, z = torch.sigmoid(gi[:, : 2 * hidden] + gh[:, : 2 * hidden]).chunk(2, -1)  # (N, H)
-        n = torch.tanh(gi[:, 2 * hidden :] + r * gh[:, 2 * hidden :])
-        return n + z * (h - n)  # (1 - z) * n + z * h
+        states = grud_recurrence(gi_t, gamma_t, self.weight_hh, self.bias_hh, active)
+        if states.shape[0] == 0:  # no steps at all: every state stays zero
+            return states.new_zeros(states.shape[1], self.hidden)[unsort], states.transpose(0, 1)
+        h_last = states[-1][unsort]  # ended sequences carry their last state: (B, H)
+        if not keep_states:
+            return h_last, None
+        states = states.transpose(0, 1)[unsort]  # (B, T, H)
+        return h_last, states * _step_mask(batch, states.shape[1]).unsqueeze(-1)
 
     # -- the decays (public so tests can check them against the paper) -------------
 
@@ -326,23 +290,6 @@ def _active_counts(sorted_lengths: Tensor, t_max: int) -> list[int]:
     """How many sequences (sorted by decreasing length) are still running at each step."""
     steps = torch.arange(t_max, device=sorted_lengths.device)
     return (sorted_lengths.unsqueeze(1) > steps).sum(0).tolist()
-
-
-def _pad_steps(steps: list[Tensor], active: list[int], template: Tensor) -> Tensor:
-    """Scatters the per-step active states into a zero-padded batch-major tensor.
-
-    Shapes:
-        - steps: list of (active[t], H); template: (T, B, H), only its shape/dtype/device
-        - output: (B, T, H)
-    """
-    t_max, b, h = template.shape
-    flat = template.new_zeros(t_max * b, h)
-    if steps:
-        idx = [
-            t * b + torch.arange(n, device=flat.device) for t, n in enumerate(active[: len(steps)])
-        ]
-        flat = flat.index_copy(0, torch.cat(idx), torch.cat(steps))
-    return flat.view(t_max, b, h).transpose(0, 1)
 
 
 def _present(batch: dict[str, Any]) -> Tensor:

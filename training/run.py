@@ -128,6 +128,7 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
         if genotype_path is not None:
             save_yaml(cfg, run / "config.yaml")  # now with the chosen keep_groups
         module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
+    dm.use_images("image" in module.model.encoders)
     harmonization = fit_image_harmonization(module, dm)
     trainer, checkpoint = build_trainer(cfg, run)
     if resuming:

@@ -397,3 +397,23 @@ def test_genotype_pcs_are_fitted_on_train_and_survive_the_spec_file(cohort, tmp_
 
     save_spec(spec, tmp_path / "spec.yaml")
     np.testing.assert_allclose(np.array(load_spec(tmp_path / "spec.yaml").marker_pcs), axes)
+
+
+def test_batches_without_images_read_no_film_and_keep_everything_else(cohort, tmp_path):
+    """A model without an image encoder: no image keys, no decode, the rest unchanged."""
+    cfg = DataConfig(image_size=16, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    dm = CohortDataModule(cohort, cfg)
+    dm.setup("fit")
+    dm.use_images(False)
+    plain = list(dm.train_dataloader())
+    assert not (tmp_path / "cache").exists()  # no film was decoded, so none was cached
+    assert all(not set(b) & {"image", "image_present", "image_age"} for b in plain)
+    dm.use_images(True)
+    with pytest.warns(UserWarning, match=f"{CORRUPT}_before.dcm"):
+        full = list(dm.train_dataloader())
+    assert len(plain) == len(full)
+    for a, b in zip(plain, full, strict=True):
+        assert set(b) - set(a) == {"image", "image_present", "image_age"}
+        for key in a:
+            if key != "confounds":
+                torch.testing.assert_close(a[key], b[key], msg=key)
