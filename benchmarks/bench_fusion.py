@@ -765,6 +765,10 @@ def shift(
     for seed in seeds:
         ref = Variant("preset", preset=str(ctx.user_preset), seed=seed)
         ref_held = reference_ctx.run(ref)["metrics"]
+        # The reference on the linked cohort's held-out patients, the treated models' own
+        # held-out split: what a model without either shortcut reaches where they hold.
+        linked_held = _shift_auroc(reference_ctx, ref.run_name, train, "linked", "held_out")
+        ref_held = {**ref_held, "auroc_linked": linked_held["auroc"]}
         reference = {
             link: _shift_scores(reference_ctx, ref.run_name, test, link, ref_held)
             for link, test in tests.items()
@@ -820,8 +824,11 @@ def _genetic_signal(ctx: Context, run: str, cohort: Path, held: dict[str, Any]) 
     return signal or {}
 
 
-def _shift_auroc(ctx: Context, run: str, cohort: Path, link: str) -> dict[str, Any]:
-    """Metrics of a run on a shifted cohort (every subject), cached beside the run."""
+def _shift_auroc(
+    ctx: Context, run: str, cohort: Path, link: str, split: str = "all"
+) -> dict[str, Any]:
+    """Metrics of a run on a shifted cohort (every subject of ``split``), cached beside
+    the run."""
     run_dir = ctx.out / "runs" / run
     out = run_dir / f"evaluation_shift_{link}"
     path = out / "metrics.json"
@@ -829,7 +836,7 @@ def _shift_auroc(ctx: Context, run: str, cohort: Path, link: str) -> dict[str, A
         return json.loads(path.read_text())
     # AUROC only (no audit): the audit is read from the held-out evaluation.
     art = load_artifact(run_dir / "model")
-    metrics = discrimination(art, cohort, run_dir / "image_cache", "all", ctx.n_bootstrap)[0]
+    metrics = discrimination(art, cohort, run_dir / "image_cache", split, ctx.n_bootstrap)[0]
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -855,6 +862,8 @@ def _shift_row(
         "auroc_shifted": scores["after"],
         "drop": scores["before"] - scores["after"],
         "reference_held_out": reference_held["auroc"],
+        "reference_linked_held_out": reference_held["auroc_linked"],
+        "vs_reference_held_out": held["auroc"] - reference_held["auroc_linked"],
         "reference_drop": reference["before"] - reference["after"],
         "reference_shifted": reference["after"],
         "vs_reference": scores["after"] - reference["after"],
@@ -1249,6 +1258,8 @@ SUMMARY = {
             "auroc_shifted",
             "drop",
             "reference_held_out",
+            "reference_linked_held_out",
+            "vs_reference_held_out",
             "reference_drop",
             "reference_shifted",
             "vs_reference",

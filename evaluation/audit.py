@@ -203,7 +203,55 @@ def run_audit(
         out["leave_one_site_out_auroc"] = leave_one_site_out(
             embeddings, labels, confounds["site"], vocabularies.get("site", []), seed
         )
+    out["verdict"] = audit_verdict({name: out[name] for name in confounds})
     return out
+
+
+# Probe kinds of the audit: key prefix -> name in the verdict.
+PROBE_KINDS = {"": "logistic", "mlp_": "MLP", "gbt_": "trees"}
+
+
+def probe_limit(majority: float, risk_factor: float, n: int) -> tuple[float, float]:
+    """The floor a probe may reach and the limit it is held to: ``(floor, floor + 2 s.e.)``.
+
+    floor = max(majority rate, the same probe on the true risk factors): a
+    representation that carries the risk reads the confound as well as the risk
+    factors do (sites differ in case mix). Two binomial standard errors of an accuracy
+    at the floor over ``n`` patients allow for the probe's own sampling noise.
+    """
+    floor = majority if not np.isfinite(risk_factor) else max(majority, risk_factor)
+    return floor, floor + 2.0 * float(np.sqrt(floor * (1.0 - floor) / max(n, 1)))
+
+
+def audit_verdict(probes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every probe (fused and per modality, each kind) against its floor + 2 s.e.
+
+    Args:
+        probes: confound -> ``probe_confound`` result (with ``by_modality`` when run).
+
+    Returns:
+        ``passed`` (bool: no probe above its limit), ``above`` (one entry per probe
+        above: confound, representation, probe kind, accuracy, floor, limit) and
+        ``checked`` (probes compared).
+    """
+    above, checked = [], 0
+    for name, a in probes.items():
+        places = [("fused", a, a["majority_rate"], a["n"])]
+        places += [(m, b, b["majority_rate"], b["n"]) for m, b in a.get("by_modality", {}).items()]
+        for where, res, majority, n in places:
+            for prefix, kind in PROBE_KINDS.items():
+                acc = res.get(f"{prefix}probe_accuracy", float("nan"))
+                if not np.isfinite(acc):
+                    continue
+                rf = a.get(f"risk_factor_{prefix}probe_accuracy", float("nan"))
+                floor, limit = probe_limit(majority, rf, n)
+                checked += 1
+                if acc > limit:
+                    above.append(
+                        {"confound": name, "representation": where, "probe": kind,
+                         "accuracy": acc, "floor": floor, "limit": limit}
+                    )  # fmt: skip
+    return {"passed": not above, "above": above, "checked": checked}
 
 
 def probe_by_modality(

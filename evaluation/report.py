@@ -215,10 +215,12 @@ def _audit(audit: dict[str, Any]) -> str:
     floor = any(isinstance(a, dict) and "risk_factor_probe_accuracy" in a for a in audit.values())
     head = (
         "<tr><th>confound</th><th>probe accuracy (logistic)</th><th>probe accuracy (MLP)</th>"
-        + ("<th>risk-factor floor (logistic / MLP)</th>" if floor else "")
+        "<th>probe accuracy (trees)</th>"
+        + ("<th>risk-factor floor (logistic / MLP / trees)</th>" if floor else "")
         + "<th>majority rate</th><th>probe balanced acc.</th><th>chance</th><th>n</th></tr>"
     )
-    rows = "".join(_audit_row(name, a, floor) for name, a in audit.items() if _is_probe(a))
+    flagged = _flagged(audit)
+    rows = "".join(_audit_row(name, a, floor, flagged) for name, a in audit.items() if _is_probe(a))
     note = (
         "<p>Fresh cross-validated probes (logistic regression and a one-hidden-layer MLP) on "
         "the frozen embeddings of these patients. Probe accuracy well above the majority rate "
@@ -232,9 +234,35 @@ def _audit(audit: dict[str, Any]) -> str:
         [(k, _fmt(v)) for k, v in loso.items()], "left-out site", "outcome AUROC"
     )
     return (
-        f"{note}<table>{head}{rows}</table>{_audit_by_modality(audit)}"
+        f"{note}{_verdict(audit.get('verdict'))}<table>{head}{rows}</table>"
+        f"{_audit_by_modality(audit, flagged)}"
         f"{_genetic_signal(audit.get('genetic_signal'))}"
         f"<h3>Leave-one-site-out outcome probe</h3>{loso_html}"
+    )
+
+
+def _verdict(verdict: dict[str, Any] | None) -> str:
+    """The audit's verdict: every probe against max(majority, risk-factor probe) + 2 s.e."""
+    if not verdict:
+        return ""
+    rule = (
+        "Each probe (logistic, MLP, gradient-boosted trees; on the fused representation and "
+        "on each modality's embedding) is held to its floor, max(majority rate, the same "
+        "probe on the true risk factors when known), plus two binomial standard errors."
+    )
+    if verdict["passed"]:
+        return (
+            f"<p class='verdict'>{rule} <b>All {verdict['checked']} probes are within it.</b></p>"
+        )
+    items = "".join(
+        f"<li>{html.escape(a['confound'])} from {html.escape(a['representation'])} "
+        f"({html.escape(a['probe'])}): {_fmt(a['accuracy'])} &gt; {_fmt(a['limit'])} "
+        f"(floor {_fmt(a['floor'])})</li>"
+        for a in verdict["above"]
+    )
+    return (
+        f"<p class='verdict warn'>{rule} <b>{len(verdict['above'])} of {verdict['checked']} "
+        f"probes read the confound above it:</b></p><ul>{items}</ul>"
     )
 
 
@@ -258,7 +286,7 @@ def _genetic_signal(signal: dict[str, Any] | None) -> str:
     )
 
 
-def _audit_by_modality(audit: dict[str, Any]) -> str:
+def _audit_by_modality(audit: dict[str, Any], flagged: set | None = None) -> str:
     """Probe accuracy (logistic / MLP) per confound and modality embedding, before fusion."""
     probes = {
         name: a["by_modality"] for name, a in audit.items() if _is_probe(a) and a.get("by_modality")
@@ -276,12 +304,14 @@ def _audit_by_modality(audit: dict[str, Any]) -> str:
                 cells.append("<td></td>")
                 continue
             cells.append(
-                f"<td{_warn_class(p)}>{_fmt(p['probe_accuracy'])} / {_fmt(p['mlp_probe_accuracy'])} "
+                f"<td{_warn_class(p, flagged, (name, m))}>{_fmt(p['probe_accuracy'])} / "
+                f"{_fmt(p['mlp_probe_accuracy'])}"
+                f" / {_fmt(p.get('gbt_probe_accuracy'))} "
                 f"(majority {_fmt(p['majority_rate'])}, n {p['n']})</td>"
             )
         rows.append(f"<tr><td>{html.escape(name)}</td>{''.join(cells)}</tr>")
     return (
-        "<h3>Where the confound enters</h3><p>The same probes (logistic / MLP) on each "
+        "<h3>Where the confound enters</h3><p>The same probes (logistic / MLP / trees) on each "
         "modality's own embedding, before fusion, over the patients that have it.</p>"
         f"<table>{head}</tr>{''.join(rows)}</table>"
     )
@@ -291,23 +321,38 @@ def _is_probe(a: Any) -> bool:
     return isinstance(a, dict) and "probe_accuracy" in a
 
 
-def _warn_class(a: dict[str, Any]) -> str:
-    """The red-row class when a probe reads the confound 0.05 above the majority rate."""
-    best = max(a["probe_accuracy"], a.get("mlp_probe_accuracy", float("-inf")))
+def _flagged(audit: dict[str, Any]) -> set | None:
+    """(confound, representation) pairs the audit's verdict puts above their floor, or
+    None for an audit written before the verdict existed."""
+    verdict = audit.get("verdict")
+    if verdict is None:
+        return None
+    return {(a["confound"], a["representation"]) for a in verdict["above"]}
+
+
+def _warn_class(a: dict[str, Any], flagged: set | None = None, key: tuple = ()) -> str:
+    """The red class for a probe above its floor + 2 s.e. (the verdict); without a
+    verdict, for one 0.05 above the majority rate."""
+    if flagged is not None:
+        return " class='warn'" if key in flagged else ""
+    accs = [a.get(f"{k}probe_accuracy", float("nan")) for k in ("", "mlp_", "gbt_")]
+    best = max((x for x in accs if x == x), default=float("-inf"))
     return " class='warn'" if best - a["majority_rate"] > 0.05 else ""
 
 
-def _audit_row(name: str, a: dict[str, Any], floor: bool) -> str:
-    cls = _warn_class(a)
+def _audit_row(name: str, a: dict[str, Any], floor: bool, flagged: set | None = None) -> str:
+    cls = _warn_class(a, flagged, (name, "fused"))
     floor_cell = (
         f"<td>{_fmt(a.get('risk_factor_probe_accuracy'))} / "
-        f"{_fmt(a.get('risk_factor_mlp_probe_accuracy'))}</td>"
+        f"{_fmt(a.get('risk_factor_mlp_probe_accuracy'))} / "
+        f"{_fmt(a.get('risk_factor_gbt_probe_accuracy'))}</td>"
         if floor
         else ""
     )
     return (
         f"<tr{cls}><td>{html.escape(name)}</td><td>{_fmt(a['probe_accuracy'])}</td>"
-        f"<td>{_fmt(a.get('mlp_probe_accuracy'))}</td>{floor_cell}"
+        f"<td>{_fmt(a.get('mlp_probe_accuracy'))}</td>"
+        f"<td>{_fmt(a.get('gbt_probe_accuracy'))}</td>{floor_cell}"
         f"<td>{_fmt(a['majority_rate'])}</td><td>{_fmt(a['probe_balanced_accuracy'])}</td>"
         f"<td>{_fmt(a['chance_balanced'])}</td><td>{a['n']}</td></tr>"
     )

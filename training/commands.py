@@ -165,4 +165,24 @@ def _summary_line(m: dict) -> str:
             parts.append(
                 f"{name} probe {a['probe_accuracy']:.2f} (majority {a['majority_rate']:.2f})"
             )
+    verdict = audit.get("verdict")
+    if verdict:
+        parts.append(_verdict_text(verdict))
     return "; ".join(parts)
+
+
+def _verdict_text(verdict: dict) -> str:
+    """The audit's verdict in one clause: every probe within its floor + 2 s.e., or which not."""
+    if verdict["passed"]:
+        return f"audit: all {verdict['checked']} probes within floor + 2 s.e."
+    worst = sorted(verdict["above"], key=lambda a: a["limit"] - a["accuracy"])[:3]
+    listed = ", ".join(
+        f"{a['confound']} from {a['representation']} ({a['probe']}) {a['accuracy']:.2f} > "
+        f"{a['limit']:.2f}"
+        for a in worst
+    )
+    more = len(verdict["above"]) - len(worst)
+    return (
+        f"audit: {len(verdict['above'])} of {verdict['checked']} probes above floor + 2 s.e. "
+        f"({listed}{f', {more} more' if more > 0 else ''})"
+    )

@@ -226,3 +226,80 @@ def test_evaluate_writes_the_genetic_signal(evaluated_run):
     html = (out / "report.html").read_text()
     assert "Genetic signal kept" in html
     assert f"carrier AUROC {signal['carrier_auroc']:.3f}" in html
+
+
+def _case_mix_cohort(seed: int, n: int = 800):
+    """Two sites differing in case mix: a risk factor shifted by 1.5 at site 1."""
+    rng = np.random.default_rng(seed)
+    site = rng.integers(0, 2, n)
+    factors = np.column_stack([1.5 * site + rng.normal(size=n), rng.normal(size=n)])
+    return rng, site, factors
+
+
+def test_verdict_passes_a_representation_that_reads_the_site_only_through_the_risk():
+    # The embedding is the risk factors plus noise: its probes read the site at about
+    # 0.77, far above the majority rate, but no better than the risk factors do.
+    rng, site, factors = _case_mix_cohort(7)
+    z = np.column_stack([factors, rng.normal(size=(len(site), 4))])
+    res = run_audit(z, rng.integers(0, 2, len(site)), {"site": site}, {}, risk_factors=factors)
+    assert res["site"]["probe_accuracy"] > res["site"]["majority_rate"] + 0.15
+    assert res["verdict"] == {"passed": True, "above": [], "checked": 3}
+
+
+def test_verdict_names_every_probe_and_embedding_that_reads_the_site_beyond_the_risk():
+    rng, site, factors = _case_mix_cohort(8)
+    n = len(site)
+    scanner = rng.normal(size=(n, 4))
+    scanner[:, 0] += 3.0 * site  # the scanner itself shows in the image embedding
+    fused = np.column_stack([factors, scanner[:, :1]])
+    res = run_audit(
+        fused,
+        rng.integers(0, 2, n),
+        {"site": site},
+        {},
+        risk_factors=factors,
+        modality_embeddings={
+            "image": (scanner, np.ones(n, dtype=bool)),
+            "timeseries": (rng.normal(size=(n, 4)), np.ones(n, dtype=bool)),
+        },
+    )
+    verdict = res["verdict"]
+    assert not verdict["passed"] and verdict["checked"] == 9
+    flagged = {(a["representation"], a["probe"]) for a in verdict["above"]}
+    kinds = ("logistic", "MLP", "trees")
+    assert {("fused", k) for k in kinds} <= flagged
+    assert {("image", k) for k in kinds} <= flagged
+    assert not any(where == "timeseries" for where, _ in flagged)
+    for a in verdict["above"]:
+        assert a["accuracy"] > a["limit"] > a["floor"] >= res["site"]["majority_rate"]
+
+
+def test_probe_limit_is_the_floor_plus_two_binomial_standard_errors():
+    from clinfuse.evaluation.audit import probe_limit
+
+    assert probe_limit(0.5, float("nan"), 400) == pytest.approx((0.5, 0.55))
+    floor, limit = probe_limit(0.4, 0.6, 600)
+    assert floor == 0.6 and limit == pytest.approx(0.6 + 2 * (0.24 / 600) ** 0.5)
+
+
+def test_report_and_summary_line_say_which_probes_are_above_their_floor():
+    from clinfuse.evaluation.report import _audit
+    from clinfuse.training.commands import _summary_line
+
+    rng, site, factors = _case_mix_cohort(9)
+    n = len(site)
+    scanner = rng.normal(size=(n, 3))
+    scanner[:, 0] += 3.0 * site
+    audit = run_audit(
+        factors, rng.integers(0, 2, n), {"site": site}, {}, risk_factors=factors,
+        modality_embeddings={"image": (scanner, np.ones(n, dtype=bool))},
+    )  # fmt: skip
+    html = _audit(audit)
+    assert "3 of 6 probes read the confound above it" in html
+    assert "site from image (trees)" in html and "site from fused" not in html
+    line = _summary_line({"auroc": 0.8, "audit": audit})
+    assert "audit: 3 of 6 probes above floor + 2 s.e. (site from image" in line
+    clean = run_audit(factors, rng.integers(0, 2, n), {"site": site}, {}, risk_factors=factors)
+    assert "audit: all 3 probes within floor + 2 s.e." in _summary_line(
+        {"auroc": 0.8, "audit": clean}
+    )
