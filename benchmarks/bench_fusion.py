@@ -865,6 +865,13 @@ def _shift_row(
         "reference_linked_held_out": reference_held["auroc_linked"],
         "vs_reference_held_out": held["auroc"] - reference_held["auroc_linked"],
         "reference_drop": reference["before"] - reference["after"],
+        # Like for like with ``drop`` for the reversed links: the reference from the
+        # linked cohort's held-out split to the reversed cohort.
+        "reference_linked_drop": (
+            reference_held["auroc_linked"] - reference["after"]
+            if link != NEW_SITE
+            else reference["before"] - reference["after"]
+        ),
         "reference_shifted": reference["after"],
         "vs_reference": scores["after"] - reference["after"],
         "site_probe": audit["site"]["probe_accuracy"],
@@ -1261,6 +1268,7 @@ SUMMARY = {
             "reference_linked_held_out",
             "vs_reference_held_out",
             "reference_drop",
+            "reference_linked_drop",
             "reference_shifted",
             "vs_reference",
             "site_probe",
