@@ -203,7 +203,8 @@ def run_audit(
         out["leave_one_site_out_auroc"] = leave_one_site_out(
             embeddings, labels, confounds["site"], vocabularies.get("site", []), seed
         )
-    out["verdict"] = audit_verdict({name: out[name] for name in confounds})
+    if confounds:
+        out["verdict"] = audit_verdict({name: out[name] for name in confounds})
     return out
 
 

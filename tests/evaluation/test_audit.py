@@ -303,3 +303,8 @@ def test_report_and_summary_line_say_which_probes_are_above_their_floor():
     assert "audit: all 3 probes within floor + 2 s.e." in _summary_line(
         {"auroc": 0.8, "audit": clean}
     )
+
+
+def test_no_confound_no_verdict():
+    rng = np.random.default_rng(10)
+    assert "verdict" not in run_audit(rng.normal(size=(50, 3)), rng.integers(0, 2, 50), {}, {})
