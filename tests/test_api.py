@@ -85,3 +85,15 @@ def test_cohort_open_lists_every_error_in_one_line(tmp_path):
     message = str(err)
     assert "\n" not in message
     assert all(p in message for p in err.problems)
+
+
+def test_the_confound_free_preset_is_the_demo_preset_with_the_measured_treatments():
+    from clinfuse.training.config import load_run_config
+
+    treated = [
+        "model.encoders.timm_image.harmonize=combat",
+        "model.confound_offsets=[site,ancestry]",
+        "data.genotype_pcs=5",
+        "model.encoders.sgl_mlp.ancestry_pcs=5",
+    ]
+    assert load_run_config("confound_free") == load_run_config("demo", treated)
