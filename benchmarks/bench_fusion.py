@@ -816,30 +816,36 @@ def _genetic_signal(ctx: Context, run: str, cohort: Path, held: dict[str, Any]) 
     if "genetic_signal" in held.get("audit", {}):
         return held["audit"]["genetic_signal"]
     run_dir = ctx.out / "runs" / run
-    path = run_dir / "genetic_signal.json"
-    if path.is_file() and path.stat().st_mtime >= (run_dir / RESULT_FILE).stat().st_mtime:
-        return json.loads(path.read_text())
-    signal = run_genetic_signal(load_artifact(run_dir / "model"), cohort, run_dir / "image_cache")
-    path.write_text(json.dumps(signal or {}, indent=2))
-    return signal or {}
+
+    def compute() -> dict[str, Any]:
+        art = load_artifact(run_dir / "model")
+        return run_genetic_signal(art, cohort, run_dir / "image_cache") or {}
+
+    return _beside_run(run_dir, run_dir / "genetic_signal.json", compute)
 
 
 def _shift_auroc(
     ctx: Context, run: str, cohort: Path, link: str, split: str = "all"
 ) -> dict[str, Any]:
     """Metrics of a run on a shifted cohort (every subject of ``split``), cached beside
-    the run."""
+    the run. AUROC only (no audit): the audit is read from the held-out evaluation."""
     run_dir = ctx.out / "runs" / run
-    out = run_dir / f"evaluation_shift_{link}"
-    path = out / "metrics.json"
+
+    def compute() -> dict[str, Any]:
+        art = load_artifact(run_dir / "model")
+        return discrimination(art, cohort, run_dir / "image_cache", split, ctx.n_bootstrap)[0]
+
+    return _beside_run(run_dir, run_dir / f"evaluation_shift_{link}" / "metrics.json", compute)
+
+
+def _beside_run(run_dir: Path, path: Path, compute: Any) -> dict[str, Any]:
+    """``path``'s JSON when it is newer than the run's result, else ``compute()`` written there."""
     if path.is_file() and path.stat().st_mtime >= (run_dir / RESULT_FILE).stat().st_mtime:
         return json.loads(path.read_text())
-    # AUROC only (no audit): the audit is read from the held-out evaluation.
-    art = load_artifact(run_dir / "model")
-    metrics = discrimination(art, cohort, run_dir / "image_cache", split, ctx.n_bootstrap)[0]
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2))
-    return metrics
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def _shift_row(
