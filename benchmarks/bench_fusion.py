@@ -338,6 +338,7 @@ def strategies(
     only: list[str] | None = None,
     seeds: tuple[int, ...] = (0,),
     candidates: dict[str, list[str]] | None = None,
+    stack: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """Every fusion strategy and every single-modality model on one cohort.
 
@@ -350,6 +351,9 @@ def strategies(
             splits and so the ceilings stay the same).
         candidates: name -> ``key=value`` edits of the user preset; each becomes a row
             ``candidate_<name>`` (settings tried for the preset, side by side with it).
+        stack: candidate names (single-modality edits of the preset) whose logits a
+            logistic regression stacks into the row ``stacked_candidates``: the stack
+            of singles trained with the preset's own encoder settings.
     """
     suffix = "" if adversary else "_no_adv"
     fusions = ("attention", "early", "late", "gated")
@@ -374,6 +378,12 @@ def strategies(
         singles = [v.run_name for v in seeded if len(v.modalities) == 1]
         if len(singles) == len(ALL_MODALITIES):
             rows.append(stacked_singles(ctx, singles, ceilings["fused_additive"], seed))
+        if stack:
+            names = [replace(Variant(f"candidate_{c}"), seed=seed).run_name for c in stack]
+            row = stacked_singles(
+                ctx, names, ceilings["fused_additive"], seed, name="stacked_candidates"
+            )
+            rows.append(row)
     return rows + ceiling_rows(scores, ctx.n_bootstrap)
 
 
@@ -455,13 +465,19 @@ def samples_and_spec(ctx: Context, variant: Variant) -> tuple[Any, Any, RunConfi
     return samples, fit_spec(cohort, samples.filter(_split_filter("train")), cfg.data), cfg
 
 
-def paired_rows(ctx: Context, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
-    """AUROC(a) - AUROC(b) on the held-out subjects with a paired bootstrap 95% CI, per seed."""
+def paired_rows(
+    ctx: Context, seeds: tuple[int, ...], extra: tuple[tuple[str, str], ...] = ()
+) -> list[dict[str, Any]]:
+    """AUROC(a) - AUROC(b) on the held-out subjects with a paired bootstrap 95% CI, per seed.
+
+    ``extra`` pairs (e.g. candidate rows) come after ``PAIRS``; a pair whose runs are
+    not all there is left out.
+    """
     from clinfuse.evaluation.metrics import paired_auroc_delta
 
     rows, logits = [], {}  # a run in several pairs is scored once
     for seed in seeds:
-        for a, b in PAIRS:
+        for a, b in PAIRS + extra:
             runs = [r if seed == 0 else f"{r}_seed{seed}" for r in (a, b)]
             if not all((ctx.out / "runs" / r / RESULT_FILE).is_file() for r in runs):
                 continue
@@ -516,14 +532,16 @@ def _token_variant(base: dict[str, Any], adversary: bool, suffix: str) -> Varian
 
 
 def stacked_singles(
-    ctx: Context, names: list[str], ceiling: float, seed: int = 0
+    ctx: Context, names: list[str], ceiling: float, seed: int = 0, name: str = "stacked_singles"
 ) -> dict[str, Any]:
     """A logistic regression on the single-modality models' logits (fit on tuning).
 
     The additive late-fusion baseline built from separately trained encoders:
     ``logit = b + sum_m w_m logit_m``, weights fit on the tuning split, scored on
-    held_out.
+    held_out. The row and its held-out logits are kept in ``runs/<name>[_seedN]`` so
+    the paired comparisons can read it like any other row.
     """
+    import numpy as np
     from sklearn.linear_model import LogisticRegression
 
     from clinfuse.evaluation.metrics import auroc, bootstrap_ci
@@ -533,8 +551,8 @@ def stacked_singles(
     p = LogisticRegression().fit(x_tune, y_tune).decision_function(x_held)  # (N,)
     low, high = bootstrap_ci(auroc, y_held, p, ctx.n_bootstrap)
     oracle = _oracle_auroc(ctx.out / "runs" / names[0])
-    return {
-        "model": "stacked_singles",
+    row = {
+        "model": name,
         "seed": seed,
         "modalities": "+".join(ALL_MODALITIES),
         "fusion": "logistic stack",
@@ -548,6 +566,11 @@ def stacked_singles(
         "epochs": 0,
         "train_s": 0.0,
     }
+    run_dir = ctx.out / "runs" / replace(Variant(name), seed=seed).run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.save(run_dir / "held_out_logits.npy", p)
+    (run_dir / RESULT_FILE).write_text(json.dumps(row, indent=2))
+    return row
 
 
 def _logit_matrix(ctx: Context, names: list[str], split: str) -> tuple[Any, Any]:
@@ -653,16 +676,15 @@ def _strategy_row(
     variant: Variant, result: dict[str, Any], ceilings: dict[str, float]
 ) -> dict[str, Any]:
     m = result["metrics"]
-    ceiling = (
-        CEILING_SET[variant.modalities[0]] if len(variant.modalities) == 1 else "fused_interaction"
-    )
+    modalities, fusion = _trained_modalities(variant, result)
+    ceiling = CEILING_SET[modalities[0]] if len(modalities) == 1 else "fused_interaction"
     low, high = m.get("auroc_ci", [float("nan")] * 2)
     oracle = m.get("oracle_auroc", float("nan"))
     return {
         "model": variant.name,
         "seed": variant.seed,
-        "modalities": "+".join(variant.modalities),
-        "fusion": variant.fusion,
+        "modalities": "+".join(modalities),
+        "fusion": fusion,
         "n_held_out": m["n"],
         "auroc": m["auroc"],
         "ci_low": low,
@@ -673,6 +695,17 @@ def _strategy_row(
         "epochs": result["epochs"],
         "train_s": result["train_s"],
     }
+
+
+def _trained_modalities(variant: Variant, result: dict[str, Any]) -> tuple[tuple[str, ...], str]:
+    """The modalities and fusion a run was trained with, read from its stored config
+    (a candidate row's edits can remove encoders or change the fusion)."""
+    model = result.get("config", {}).get("model", {})
+    encoders = model.get("encoders") or {}
+    if not encoders:
+        return variant.modalities, variant.fusion
+    kept = tuple(m for m in ALL_MODALITIES if encoders.get(MODALITY_ENCODER[m]) is not None)
+    return kept or variant.modalities, model.get("fusion", {}).get("name", variant.fusion)
 
 
 def confound(ctx: Context, seeds: tuple[int, ...] = (0,)) -> list[dict[str, Any]]:
@@ -1151,6 +1184,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "candidate_<name> of the strategies table",
     )
     ap.add_argument(
+        "--stack",
+        nargs="+",
+        default=(),
+        help="candidate names (single-modality edits of --preset) stacked by a logistic "
+        "regression into the row stacked_candidates",
+    )
+    ap.add_argument(
+        "--pairs",
+        nargs="+",
+        default=(),
+        help="extra paired comparisons A:B (row names) of the strategies table",
+    )
+    ap.add_argument(
         "--seeds",
         type=int,
         nargs="+",
@@ -1209,17 +1255,26 @@ def main(argv: list[str] | None = None) -> int:
             summary = seed_summary(rows, keys, values)
             print(write_outputs(out, f"{label}_seeds", summary, NOTES[name](summary)), flush=True)
         if name == "strategies":
-            pairs = paired_rows(contexts[subjects], tuple(args.seeds))
+            extra = tuple(_pair(p) for p in args.pairs)
+            pairs = paired_rows(contexts[subjects], tuple(args.seeds), extra)
             note = "Held-out AUROC(a) - AUROC(b), paired bootstrap 95% CI (same subjects)."
             print(write_outputs(out, f"{label}_paired", pairs, note), flush=True)
     return 0
+
+
+def _pair(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition(":")
+    if not sep or not a or not b:
+        raise SystemExit(f"--pairs {text!r}: write each pair as A:B (two row names)")
+    return a, b
 
 
 def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[dict[str, Any]]:
     seeds = tuple(args.seeds)
     if name == "strategies":
         candidates = load_yaml(args.candidates) if args.candidates else None
-        return strategies(ctx, args.adversary == "on", args.only, seeds, candidates)
+        stack = tuple(args.stack)
+        return strategies(ctx, args.adversary == "on", args.only, seeds, candidates, stack)
     if name == "confound":
         return confound(ctx, seeds)
     if name == "shift":
