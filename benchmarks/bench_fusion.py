@@ -954,7 +954,51 @@ def missing(
             rows.append(
                 _missing_row("gbdt_features", seed, modality, share, base["auroc"], complete)
             )
+        ceiling = observed_ceiling(sub.cohorts["train"])
+        rows.append(_missing_row("ceiling_observed", 0, modality, share, ceiling, complete))
     return rows
+
+
+def observed_ceiling(cohort: Path) -> float:
+    """Held-out AUROC of the interaction ceiling on the data each subject has.
+
+    ``simulation.oracle.observed_ceiling_scores`` with presence read from the cohort's
+    own tables: a subject is filmed when it has a film at or before its prediction
+    time, genotyped when it has a genotypes row. The ceiling's drop from the complete
+    cohort is what the missing data costs any model, the yardstick of each row's drop.
+    """
+    import polars as pl
+
+    from clinfuse.datasets.schema import (
+        GENOTYPES,
+        IMAGES,
+        LABELS,
+        ORACLE_FILE,
+        SUBJECT_SPLITS,
+        table_paths,
+    )
+    from clinfuse.evaluation.metrics import auroc
+    from clinfuse.simulation.oracle import observed_ceiling_scores
+
+    def read(spec: Any, columns: list[str]) -> pl.DataFrame:
+        return pl.concat([pl.read_parquet(p, columns=columns) for p in table_paths(cohort, spec)])
+
+    oracle = pl.read_parquet(cohort / ORACLE_FILE)
+    labels = read(LABELS, ["subject_id", "prediction_time"])
+    films = read(IMAGES, ["subject_id", "time"])
+    filmed = (
+        films.join(labels, on="subject_id")
+        .filter(pl.col("time") <= pl.col("prediction_time"))["subject_id"]
+        .unique()
+    )
+    typed = read(GENOTYPES, ["subject_id"])["subject_id"]
+    ids = oracle["subject_id"]
+    present = {"image": ids.is_in(filmed).to_numpy(), "genomics": ids.is_in(typed).to_numpy()}
+    splits = read(SUBJECT_SPLITS, ["subject_id", "split"])
+    scores = observed_ceiling_scores(oracle, splits, present)
+    return auroc(
+        scores["outcome"].to_numpy().astype(int), scores["observed_interaction"].to_numpy()
+    )
 
 
 def _missing_context(

@@ -9,6 +9,10 @@ oracle row (the true risk itself) is the Bayes-optimal AUROC of the cohort.
 (train) and scores the subjects of another (held_out), so a model evaluated on
 held_out can be read against ceilings on exactly its subjects and its sample of
 outcomes.
+
+``observed_ceiling_scores(oracle, splits, present)`` does the same for a cohort whose
+subjects miss a modality: the ceiling of what any model could reach from the data
+that is there.
 """
 
 from __future__ import annotations
@@ -131,6 +135,75 @@ def split_ceiling_scores(
         model = LogisticRegression(max_iter=1000).fit(x[fit], y[fit])
         out = out.with_columns(pl.Series(name, model.decision_function(x[score])))
     return out
+
+
+# The latent factors each missing-able modality's data carries.
+MODALITY_FACTORS = {
+    "image": ("lung_disease",),
+    "genomics": ("genetic_score", "modifier_carrier"),
+}
+
+
+def observed_ceiling_scores(
+    oracle: pl.DataFrame,
+    splits: pl.DataFrame,
+    present: dict[str, np.ndarray],
+    fit_split: str = "train",
+    score_split: str = "held_out",
+) -> pl.DataFrame:
+    """Held-out scores of the interaction ceiling on the data each subject has.
+
+    The ``fused_interaction`` factors, with the factors of a modality a subject lacks
+    set to 0 (the physiology x carrier term too, when genotypes are missing) and one
+    presence indicator per modality of ``present`` as a feature, so the fit can use
+    missingness itself (informative when sicker patients are filmed more often).
+    A logistic regression (C=1) fitted on ``fit_split``, scored on ``score_split``:
+    the AUROC no model of that cohort can beat, up to sampling.
+
+    Args:
+        oracle: ``oracle.parquet`` of a simulated cohort.
+        splits: ``subject_splits.parquet`` (subject_id, split).
+        present: modality (a key of ``MODALITY_FACTORS``) -> (N,) bool per oracle row;
+            a modality not given is present for every subject.
+        fit_split, score_split: split names.
+
+    Returns:
+        ``subject_id``, ``outcome``, ``true_risk`` and ``observed_interaction``, one row
+        per ``score_split`` subject (oracle order).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    unknown = sorted(set(present) - set(MODALITY_FACTORS))
+    if unknown:
+        raise ValueError(f"present: unknown modality {unknown}; known: {sorted(MODALITY_FACTORS)}")
+    n = oracle.height
+    for modality, mask in present.items():
+        if np.shape(mask) != (n,):
+            raise ValueError(
+                f"present[{modality!r}] has shape {np.shape(mask)}, expected ({n},) "
+                "(one flag per oracle row)"
+            )
+    factors: dict[str, np.ndarray] = {
+        c: oracle[c].to_numpy().astype(float)
+        for c in ("lung_disease", "physio_severity", "genetic_score", "modifier_carrier")
+    }
+    indicators = []
+    for modality, mask in present.items():
+        seen = np.asarray(mask, dtype=bool)
+        for c in MODALITY_FACTORS[modality]:
+            factors[c] = np.where(seen, factors[c], 0.0)
+        indicators.append(seen.astype(float))
+    inter = factors["physio_severity"] * factors["modifier_carrier"]
+    x = np.column_stack([*factors.values(), inter, *indicators])  # (N, F)
+    split = _split_of(oracle, splits)
+    fit, score = split == fit_split, split == score_split
+    for wanted, rows in ((fit_split, fit), (score_split, score)):
+        if not rows.any():
+            raise ValueError(f"subject_splits has no subject of split {wanted!r} in the oracle")
+    y = oracle["outcome"].to_numpy().astype(int)
+    model = LogisticRegression(max_iter=2000).fit(x[fit], y[fit])
+    out = oracle.filter(pl.Series(score)).select("subject_id", "outcome", "true_risk")
+    return out.with_columns(pl.Series("observed_interaction", model.decision_function(x[score])))
 
 
 def _split_of(oracle: pl.DataFrame, splits: pl.DataFrame) -> np.ndarray:

@@ -7,7 +7,11 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from clinfuse.simulation.oracle import FEATURE_SETS, split_ceiling_scores
+from clinfuse.simulation.oracle import (
+    FEATURE_SETS,
+    observed_ceiling_scores,
+    split_ceiling_scores,
+)
 
 N_PER_SPLIT = 200
 
@@ -76,3 +80,41 @@ def test_an_empty_split_is_refused():
     oracle, splits = _oracle()
     with pytest.raises(ValueError, match="'tuning'"):
         split_ceiling_scores(oracle, splits, ("image",), score_split="tuning")
+
+
+def test_the_observed_ceiling_with_every_film_present_separates_like_the_full_one():
+    oracle, splits = _oracle()
+    everyone = np.ones(oracle.height, dtype=bool)
+    scores = observed_ceiling_scores(oracle, splits, {"image": everyone})
+    held = splits.filter(pl.col("split") == "held_out")["subject_id"]
+    assert scores["subject_id"].to_list() == held.to_list()
+    assert (
+        _auroc(scores, "observed_interaction") > 0.98
+    )  # the cause is observed (noise factors cost a little)
+
+
+def test_a_missing_film_hides_the_cause_from_the_observed_ceiling():
+    # Films of a random half are missing: the half without one is ranked by noise only,
+    # so the ceiling sits near (1 + 0.5) / 2 AUROC-wise, well below the full 1.0, and
+    # with no film at all it is at chance.
+    oracle, splits = _oracle()
+    rng = np.random.default_rng(1)
+    half = rng.random(oracle.height) < 0.5
+    partial = _auroc(
+        observed_ceiling_scores(oracle, splits, {"image": half}), "observed_interaction"
+    )
+    nobody = np.zeros(oracle.height, dtype=bool)
+    none = _auroc(
+        observed_ceiling_scores(oracle, splits, {"image": nobody}), "observed_interaction"
+    )
+    se = np.sqrt((N_PER_SPLIT + 1) / (12 * (N_PER_SPLIT / 2) ** 2))
+    assert 0.6 < partial < 0.95
+    assert abs(none - 0.5) < 4 * se
+
+
+def test_the_observed_ceiling_refuses_flags_of_the_wrong_length_or_modality():
+    oracle, splits = _oracle()
+    with pytest.raises(ValueError, match="expected \\(400,\\)"):
+        observed_ceiling_scores(oracle, splits, {"image": np.ones(3, dtype=bool)})
+    with pytest.raises(ValueError, match="unknown modality"):
+        observed_ceiling_scores(oracle, splits, {"vitals": np.ones(oracle.height, dtype=bool)})
