@@ -8,6 +8,9 @@ Public API:
     sample_oracle(cfg) -> pl.DataFrame: the per-subject ground truth alone
         (latent factors, true risk, outcome) without charting events or films;
         cheap enough for thousands of subjects.
+    sample_presence(cfg) -> pl.DataFrame: each subject's split and which modalities
+        its data will have (a film by prediction time, a genotypes row), also without
+        writing anything.
     build_world_for(cfg) -> World: the population parameters of ``cfg.world_seed``.
     main(args) -> int: the ``clinfuse simulate`` command.
 
@@ -296,6 +299,25 @@ def sample_oracle(cfg: SimConfig) -> pl.DataFrame:
     """The ground truth of the cohort ``simulate_cohort(out, cfg)`` would write (same rows)."""
     world = build_world_for(cfg)
     return _oracle_frame(_draw_cohort(cfg, world), world, cfg)
+
+
+def sample_presence(cfg: SimConfig) -> pl.DataFrame:
+    """Split and modality presence of the cohort ``simulate_cohort(out, cfg)`` would write.
+
+    Returns:
+        ``subject_id``, ``split``, ``filmed`` (a film at or before prediction time),
+        ``genotyped`` (a genotypes row), one row per subject in oracle order.
+    """
+    world = build_world_for(cfg)
+    c = _draw_cohort(cfg, world)
+    films = _plan_films(_rng(cfg, "films"), c, cfg)
+    in_time = films.time_us <= c.prediction[films.subject]
+    filmed = np.zeros(c.subject_id.size, dtype=bool)
+    filmed[films.subject[in_time]] = True
+    split = _splits_frame(c, cfg, len(world.sites) - 1)
+    return split.with_columns(
+        pl.Series("filmed", filmed), pl.Series("genotyped", _genotyped(cfg, c.subject_id.size))
+    )
 
 
 def _oracle_frame(c: _Cohort, world: World, cfg: SimConfig) -> pl.DataFrame:

@@ -24,6 +24,7 @@ from clinfuse.simulation.simulator import (
     SimConfig,
     build_world_for,
     sample_oracle,
+    sample_presence,
     simulate_cohort,
 )
 
@@ -380,3 +381,21 @@ def test_ancestry_effect_links_ancestry_to_outcome_and_flips_when_reversed():
         for col in ("genetic_score", "modifier_carrier", "physio_severity"):
             assert o[col].equals(by["none"][0][col]), (effect, col)
     np.testing.assert_array_equal(by["none"][0]["ancestry_term"].to_numpy(), 0.0)
+
+
+def test_sample_presence_matches_what_the_cohort_writes(tmp_path):
+    # Informative film missingness and untyped subjects: the flags computed without
+    # writing are the films and genotype rows the written cohort holds.
+    cfg = dataclasses.replace(
+        CFG, image_missing=0.5, image_missing_mode="informative", genotype_missing=0.5
+    )
+    cohort = simulate_cohort(tmp_path / "m", cfg)
+    presence = sample_presence(cfg)
+    films = _read(cohort, "images").join(_read(cohort, "labels"), on="subject_id")
+    filmed = set(films.filter(pl.col("time") <= pl.col("prediction_time"))["subject_id"])
+    typed = set(_read(cohort, "genotypes")["subject_id"])
+    assert presence["subject_id"].to_list() == _read(cohort, "oracle")["subject_id"].to_list()
+    assert set(presence.filter("filmed")["subject_id"]) == filmed
+    assert set(presence.filter("genotyped")["subject_id"]) == typed
+    assert presence.select("subject_id", "split").equals(_read(cohort, "subject_splits"))
+    assert 0 < len(filmed) < cfg.n_subjects and 0 < len(typed) < cfg.n_subjects
