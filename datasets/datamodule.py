@@ -304,10 +304,16 @@ def make_loader(
     spec: DataSpec,
     cfg: DataConfig,
     cache_dir: str | Path | None = None,
+    images: bool = True,
 ) -> DataLoader:
-    """An in-order DataLoader over ``samples`` under an existing spec (evaluation, scoring)."""
+    """An in-order DataLoader over ``samples`` under an existing spec (evaluation, scoring).
+
+    ``images=False`` (a model without an image encoder) leaves the image keys out of
+    every batch, so no film is read.
+    """
     loader = ImageLoader(spec.image_size, cache_dir if cache_dir is not None else cfg.cache_dir)
     dataset = make_dataset(cohort_dir, samples, spec, loader)
+    dataset.images = images
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,

@@ -164,7 +164,8 @@ def _batches(
     from clinfuse.datasets.datamodule import config_from_dict, make_loader
 
     cfg = config_from_dict(art.data_config)
-    return list(make_loader(cohort_dir, samples, art.spec, cfg, cache_dir=cache_dir))
+    images = "image" in art.model.encoders  # a model without one reads no film
+    return list(make_loader(cohort_dir, samples, art.spec, cfg, cache_dir, images))
 
 
 def _oracle(cohort_dir, samples: pl.DataFrame, y: np.ndarray) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from clinfuse.datasets.datamodule import (
     collate,
     fit_spec,
     load_spec,
+    make_loader,
 )
 from clinfuse.datasets.images import ImageLoader, resize_square
 from clinfuse.datasets.samples import load_samples
@@ -417,3 +418,19 @@ def test_batches_without_images_read_no_film_and_keep_everything_else(cohort, tm
         for key in a:
             if key != "confounds":
                 torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_an_evaluation_loader_without_images_reads_no_film(cohort, tmp_path):
+    """make_loader(images=False), as evaluate builds it for a model without an image
+    encoder: the same batches minus the image keys, and no film decoded."""
+    samples = load_samples(cohort)
+    cfg = DataConfig(image_size=16, batch_size=4)
+    spec = fit_spec(cohort, samples.filter(pl.col("split") == "train"), cfg)
+    plain = list(make_loader(cohort, samples, spec, cfg, tmp_path / "cache", images=False))
+    assert not (tmp_path / "cache").exists()
+    assert all(not set(b) & {"image", "image_present", "image_age"} for b in plain)
+    with pytest.warns(UserWarning, match=f"{CORRUPT}_before.dcm"):
+        full = list(make_loader(cohort, samples, spec, cfg, tmp_path / "cache2"))
+    for a, b in zip(plain, full, strict=True):
+        assert set(b) - set(a) == {"image", "image_present", "image_age"}
+        torch.testing.assert_close(a["label"], b["label"])
