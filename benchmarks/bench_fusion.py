@@ -80,11 +80,19 @@ USER_PRESET = CONFIGS / "demo.yaml"
 EXPERIMENTS = ("strategies", "confound", "transfer", "missing", "shift")
 # The shift experiment: preset edits per treatment (the untreated model drops its
 # adversary; pcs adds the genotype principal-component adjustment; offsets profiles
-# per-site and per-ancestry logit offsets out of training, fusion/offsets.py).
+# per-site and per-ancestry logit offsets out of training, fusion/offsets.py; path
+# selects the genotype groups, encoders/sgl_path.py).
 NO_ADVERSARY = "model.adversary.enabled=false"
 OFFSETS = "model.confound_offsets=[site,ancestry]"
 PCS = ("data.genotype_pcs=5", "model.encoders.sgl_mlp.ancestry_pcs=5")
 COMBAT = "model.encoders.timm_image.harmonize=combat"
+# The genotype encoder reads only the groups the ancestry-adjusted path keeps, unpenalized.
+PATH = (
+    "model.encoders.sgl_mlp.select=path",
+    "model.encoders.sgl_mlp.lambda_=0.0",
+    "model.encoders.sgl_mlp.path_pcs=5",
+    "data.genotype_pcs=5",
+)
 SHIFT_TREATMENTS: dict[str, tuple[str, ...]] = {
     "preset": (),
     "untreated": (NO_ADVERSARY,),
@@ -94,6 +102,11 @@ SHIFT_TREATMENTS: dict[str, tuple[str, ...]] = {
     "combat": (COMBAT,),
     "combat_offsets": (COMBAT, OFFSETS),
     "combat_offsets_pcs": (COMBAT, OFFSETS, *PCS),
+    # Offsets with only the selected (causal) genes read and no adversary: the model's
+    # differences between ancestries can then come only from those genes, which keeps
+    # the true genetic difference between populations that PC adjustment removes.
+    "path_offsets": (*PATH, OFFSETS, NO_ADVERSARY),
+    "combat_path_offsets": (COMBAT, *PATH, OFFSETS, NO_ADVERSARY),
 }
 # The missing experiment: (modality, share of subjects without it) per cohort;
 # ("none", 0.0) is the complete-data reference every drop is measured from.
