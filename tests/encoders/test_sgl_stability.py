@@ -71,3 +71,15 @@ def test_bad_settings_are_named(two_populations):
         create_encoder("sgl_mlp", spec=spec, path_rule="stability", path_threshold=0.4)
     with pytest.raises(ValueError, match="path_rule='vote'"):
         create_encoder("sgl_mlp", spec=spec, path_rule="vote")
+
+
+def test_the_rule_does_not_depend_on_the_thread_count(planted):
+    spec, data, _, path = planted
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before > 1 else 2)
+        other = _stability_path(spec, data, pairs=10, seed=0)
+    finally:
+        torch.set_num_threads(before)
+    assert other.stability["groups"] == path.stability["groups"]
+    assert other.stability["frequency_path"] == path.stability["frequency_path"]
