@@ -207,7 +207,10 @@ def test_a_null_encoder_override_trains_without_that_modality(tiny_cohort, tmp_p
 # 2,000 subjects with the lowest tuning loss keep two genes, and so does the stability
 # rule; the tiny cohort's path keeps none (its first strength is far best on the tuning
 # split).
-@pytest.mark.parametrize(("n_subjects", "rule"), [(2000, "min"), (2000, "stability"), (120, "1se")])
+@pytest.mark.parametrize(
+    ("n_subjects", "rule"),
+    [(2000, "min"), pytest.param(2000, "stability", marks=pytest.mark.slow), (120, "1se")],
+)
 def test_genes_chosen_on_the_path_are_the_ones_the_saved_model_reads(n_subjects, rule, tmp_path):
     cohort = tmp_path / "cohort"
     simulate_cohort(cohort, SimConfig(n_subjects=n_subjects, image_size=32, seed=3, progress=False))
