@@ -99,7 +99,7 @@ class SGLMLPConfig:
     path_pcs: int = 0
     path_lambdas: int = 20
     path_threshold: float = 0.75
-    path_max_false: float = 1.0
+    path_max_false: float = 2.0
     path_pairs: int = 25
     path_seed: int = 0
 
@@ -452,7 +452,7 @@ def sgl_mlp(
     path_pcs: int = 0,
     path_lambdas: int = 20,
     path_threshold: float = 0.75,
-    path_max_false: float = 1.0,
+    path_max_false: float = 2.0,
     path_pairs: int = 25,
     path_seed: int = 0,
 ) -> SGLMLPEncoder:

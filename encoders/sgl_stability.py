@@ -89,7 +89,7 @@ def stability_selection(
     lambdas: list[float],
     alpha: float,
     threshold: float = 0.75,
-    max_false: float = 1.0,
+    max_false: float = 2.0,
     pairs: int = 25,
     seed: int = 0,
     max_iter: int = 1000,
