@@ -16,6 +16,8 @@ Rows, on the same dosages and the same split:
   principal components of the training dosages; AUROC of its relaxed logistic fit
   (the chosen groups plus the PC scores) on the held-out subjects.
 * ``ours_unadjusted``: the same path without the ancestry adjustment.
+* with several ``--rule`` (``1se``, ``min``, ``stability``), one ``ours_RULE`` and one
+  ``ours_unadj_RULE`` row per rule.
 * ``groupyr``: ``groupyr.LogisticSGLCV`` (l1_ratio 0.5, 20 strengths, 5-fold
   cross-validation on the train split), run in its own virtual environment
   (``.venv-sgl``, ``make bench-sgl`` builds it) on the same standardized dosages.
@@ -32,7 +34,9 @@ settings) on simulator cohorts (``clinfuse simulate``) and scores the kept group
 against ``oracle_groups.parquet``:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sgl_selection.py \
-        --cohort runs/sim_w0_s0 runs/sim_w0_s1 ...
+        --rule 1se min stability --cohort runs/sim_w0_s0 runs/sim_w0_s1 ...
+
+(a table of the rules side by side, with the stable groups' frequencies).
 """
 
 from __future__ import annotations
