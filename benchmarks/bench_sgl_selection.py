@@ -16,6 +16,8 @@ Rows, on the same dosages and the same split:
   principal components of the training dosages; AUROC of its relaxed logistic fit
   (the chosen groups plus the PC scores) on the held-out subjects.
 * ``ours_unadjusted``: the same path without the ancestry adjustment.
+* with several ``--rule`` (``1se``, ``min``, ``stability``), one ``ours_RULE`` and one
+  ``ours_unadj_RULE`` row per rule.
 * ``groupyr``: ``groupyr.LogisticSGLCV`` (l1_ratio 0.5, 20 strengths, 5-fold
   cross-validation on the train split), run in its own virtual environment
   (``.venv-sgl``, ``make bench-sgl`` builds it) on the same standardized dosages.
@@ -32,7 +34,9 @@ settings) on simulator cohorts (``clinfuse simulate``) and scores the kept group
 against ``oracle_groups.parquet``:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sgl_selection.py \
-        --cohort runs/sim_w0_s0 runs/sim_w0_s1 ...
+        --rule 1se min stability --cohort runs/sim_w0_s0 runs/sim_w0_s1 ...
+
+(a table of the rules side by side, with the stable groups' frequencies).
 """
 
 from __future__ import annotations
@@ -52,7 +56,12 @@ from sklearn.metrics import roc_auc_score
 from clinfuse.datasets.datamodule import genotype_principal_axes
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders.genomics import group_selection_metrics
-from clinfuse.encoders.sgl_path import GenotypeDesign, refit_logistic, regularization_path
+from clinfuse.encoders.sgl_path import (
+    RULES,
+    GenotypeDesign,
+    refit_logistic,
+    regularization_path,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / ".venv-sgl" / "bin" / "python"
@@ -125,10 +134,12 @@ def batch(x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
     }
 
 
-def ours(spec: DataSpec, data: dict, pcs: int) -> tuple[list[str], float, float, object]:
+def ours(
+    spec: DataSpec, data: dict, pcs: int, rule: str = "1se"
+) -> tuple[list[str], float, float, object]:
     """Our path: kept groups, held-out AUROC of the relaxed fit, seconds, the path."""
     start = time.perf_counter()
-    path = regularization_path(spec, data["train"], data["tuning"], ancestry_pcs=pcs)
+    path = regularization_path(spec, data["train"], data["tuning"], ancestry_pcs=pcs, rule=rule)
     design = GenotypeDesign.fit(
         spec, data["train"]["genotype"], data["train"]["genotype_mask"], pcs
     )
@@ -171,7 +182,7 @@ def jaccard(sets: list[list[str]]) -> float:
 
 
 def print_path(path, truth: dict) -> None:
-    print(f"\nour path (seed {path.rule} rule, chosen lambda {path.lambda_:.3g}):")
+    print(f"\nour path (first seed, {path.rule} rule, chosen lambda {path.lambda_:.3g}):")
     print(f"{'lambda':>9} {'kept':>4} {'precision':>9} {'recall':>6} {'tuning loss':>11}")
     for i, lam in enumerate(path.lambdas):
         m = group_selection_metrics(path.selected[i], truth["causal"])
@@ -180,6 +191,11 @@ def print_path(path, truth: dict) -> None:
             f"{lam:>9.3g} {path.n_selected[i]:>4d} {m['precision']:>9.2f} {m['recall']:>6.2f} "
             f"{path.tuning_loss[i]:>11.4f}{mark}"
         )
+    if path.stability is not None:
+        freq = dict(zip(truth["names"], path.stability["frequency"], strict=True))
+        print(f"stable groups {path.groups}; frequencies: " + ", ".join(
+            f"{g} {f:.2f}" for g, f in sorted(freq.items(), key=lambda kv: -kv[1]) if f > 0
+        ))  # fmt: skip
 
 
 def main() -> None:
@@ -197,14 +213,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-peer", action="store_true", help="skip the groupyr row")
     ap.add_argument("--cohort", nargs="+", help="simulator cohorts: the preset's path on each")
+    ap.add_argument(
+        "--rule", nargs="+", default=["1se"], choices=RULES,
+        help="how our path keeps groups; several give one row (one column with --cohort) each",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.cohort:
-        for cohort in args.cohort:
-            cohort_path(cohort, args.pcs)
+        cohort_table([cohort_path(c, args.pcs, args.rule) for c in args.cohort], args.rule)
         return
     world = draw_world(args)
     names = [f"G{g:02d}" for g in range(args.groups)]
     truth = {k: [names[g] for g in world[k]] for k in ("causal", "ancestral")}
+    truth["names"] = names
     print(f"causal groups: {sorted(truth['causal'])}; ancestry-only: {sorted(truth['ancestral'])}")
     rows = []
     for seed in args.seeds:
@@ -213,12 +233,16 @@ def main() -> None:
         xs, ys = {s: x[i] for s, i in idx.items()}, {s: y[i] for s, i in idx.items()}
         spec = make_spec(xs["train"], args)
         data = {s: batch(xs[s], ys[s]) for s in idx}
-        kept, auc, secs, path = ours(spec, data, args.pcs)
-        rows.append(row("ours", seed, kept, auc, secs, truth))
-        if seed == args.seeds[0]:
-            print_path(path, truth)
-        kept, auc, secs, _ = ours(spec, data, 0)
-        rows.append(row("ours_unadjusted", seed, kept, auc, secs, truth))
+        for rule in args.rule:
+            name = "ours" if len(args.rule) == 1 else f"ours_{rule}"
+            kept, auc, secs, path = ours(spec, data, args.pcs, rule)
+            rows.append(row(name, seed, kept, auc, secs, truth))
+            if seed == args.seeds[0]:
+                print_path(path, truth)
+        for rule in args.rule:
+            name = "ours_unadjusted" if len(args.rule) == 1 else f"ours_unadj_{rule}"
+            kept, auc, secs, _ = ours(spec, data, 0, rule)
+            rows.append(row(name, seed, kept, auc, secs, truth))
         if not args.no_peer:
             with tempfile.TemporaryDirectory() as work:
                 kept, auc, secs = groupyr(spec, xs, ys, Path(work))
@@ -226,8 +250,8 @@ def main() -> None:
     print_table(rows)
 
 
-def cohort_path(cohort: str, pcs: int) -> None:
-    """The preset's path on a simulator cohort's train and tuning splits, scored."""
+def cohort_path(cohort: str, pcs: int, rules: list[str]) -> dict[str, dict]:
+    """The preset's path on a simulator cohort's train and tuning splits, scored per rule."""
     import polars as pl
 
     from clinfuse.datasets.datamodule import CohortDataModule, DataConfig
@@ -236,17 +260,51 @@ def cohort_path(cohort: str, pcs: int) -> None:
     dm.setup("fit")
     truth = pl.read_parquet(Path(cohort) / "oracle_groups.parquet").filter(pl.col("causal"))
     causal = {"causal": truth["group"].to_list(), "ancestral": []}
-    start = time.perf_counter()
-    path = regularization_path(
-        dm.spec, dm.datasets["train"].tensors, dm.datasets["tuning"].tensors, ancestry_pcs=pcs
-    )
-    r = row("ours", 0, path.groups, float("nan"), time.perf_counter() - start, causal)
     roles = dict(zip(truth["group"], truth["role"], strict=True))
-    missed = [f"{g} ({roles[g]})" for g in causal["causal"] if g not in path.groups]
-    print(
-        f"{cohort}: kept {r['n']} {r['kept']}, precision {r['precision']:.2f}, recall "
-        f"{r['recall']:.2f}, missed {missed or 'none'}, {r['seconds']:.0f} s"
-    )
+    out = {}
+    for rule in rules:
+        start = time.perf_counter()
+        path = regularization_path(
+            dm.spec, dm.datasets["train"].tensors, dm.datasets["tuning"].tensors,
+            ancestry_pcs=pcs, rule=rule,
+        )  # fmt: skip
+        r = row(rule, 0, path.groups, float("nan"), time.perf_counter() - start, causal)
+        r["missed"] = [f"{g} ({roles[g]})" for g in causal["causal"] if g not in path.groups]
+        r["main_kept"] = all(g in path.groups for g in causal["causal"] if roles[g] == "main")
+        out[rule] = r
+        print(
+            f"{cohort} [{rule}]: kept {r['n']} {r['kept']}, precision {r['precision']:.2f}, "
+            f"recall {r['recall']:.2f}, missed {r['missed'] or 'none'}, {r['seconds']:.0f} s",
+            flush=True,
+        )
+        if path.stability is not None:
+            freq = dict(zip(dm.spec.groups, path.stability["frequency"], strict=True))
+            print("    frequencies: " + ", ".join(
+                f"{g} {f:.2f}" for g, f in sorted(freq.items(), key=lambda kv: -kv[1]) if f > 0
+            ))  # fmt: skip
+    return {"cohort": cohort, **out}
+
+
+def cohort_table(results: list[dict], rules: list[str]) -> None:
+    """Kept groups and precision / recall of every rule side by side, one cohort a row."""
+    print("\n| cohort | " + " | ".join(rules) + " |")
+    print("|---" * (len(rules) + 1) + "|")
+    for res in results:
+        cells = []
+        for rule in rules:
+            r = res[rule]
+            cells.append(
+                f"{r['n']} ({r['precision']:.2f} / {r['recall']:.2f})" if r["n"] else "none"
+            )
+        print(f"| {Path(res['cohort']).name} | " + " | ".join(cells) + " |")
+    for rule in rules:
+        rs = [res[rule] for res in results]
+        print(
+            f"{rule}: mean precision {np.mean([r['precision'] for r in rs]):.2f}, recall "
+            f"{np.mean([r['recall'] for r in rs]):.2f}, empty {sum(r['n'] == 0 for r in rs)}, "
+            f"main genes all kept {sum(r['main_kept'] for r in rs)}/{len(rs)}, "
+            f"mean {np.mean([r['seconds'] for r in rs]):.1f} s"
+        )
 
 
 def print_table(rows: list[dict]) -> None:

@@ -22,6 +22,7 @@ from clinfuse.encoders.base import ModalityEncoder, register_encoder
 
 MISSING_MODES = ("impute", "mask")
 SELECT_MODES = ("fixed", "path")
+PATH_RULES = ("min", "1se", "stability")
 # Allele frequencies are clamped to [_MIN_FREQ, 1 - _MIN_FREQ] before scaling, so a
 # marker monomorphic on the train split does not divide by a zero variance.
 _MIN_FREQ = 0.01
@@ -68,10 +69,20 @@ class SGLMLPConfig:
         keep_groups: the only groups the first layer reads (None = all). Written by
             training when ``select`` is ``path``; the resolved config records it, so
             the artifact rebuilds the same encoder.
-        path_rule: ``min`` or ``1se`` (``sgl_path.choose``).
+        path_rule: ``min`` or ``1se`` (a strength chosen on the tuning split,
+            ``sgl_path.choose``), or ``stability``: the groups the path selects on at
+            least ``path_threshold`` of ``2 * path_pairs`` complementary halves of the
+            train split (``sgl_stability``).
         path_pcs: principal axes the path adjusts for (needs ``data.genotype_pcs``
             at least as large); independent of ``ancestry_pcs``.
         path_lambdas: strengths on the path.
+        path_threshold: the ``stability`` rule's selection frequency, in (0.5, 1].
+        path_max_false: the ``stability`` rule's bound on the expected number of
+            groups kept that carry no signal; it sets how far down the grid
+            frequencies are counted.
+        path_pairs: complementary pairs of halves for the ``stability`` rule.
+        path_seed: seed of the halves; fixed apart from the training seed, so the
+            genes chosen are a function of the cohort alone.
     """
 
     hidden: tuple[int, ...] = (64,)
@@ -87,13 +98,24 @@ class SGLMLPConfig:
     path_rule: str = "1se"
     path_pcs: int = 0
     path_lambdas: int = 20
+    path_threshold: float = 0.75
+    path_max_false: float = 2.0
+    path_pairs: int = 25
+    path_seed: int = 0
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
         if self.select not in SELECT_MODES:
             raise ValueError(f"sgl_mlp: select={self.select!r}; choose one of {SELECT_MODES}")
-        if self.path_rule not in ("min", "1se"):
-            raise ValueError(f"sgl_mlp: path_rule={self.path_rule!r}; choose 'min' or '1se'")
+        if self.path_rule not in PATH_RULES:
+            raise ValueError(f"sgl_mlp: path_rule={self.path_rule!r}; choose one of {PATH_RULES}")
+        if not 0.5 < self.path_threshold <= 1.0:
+            raise ValueError(f"sgl_mlp: path_threshold={self.path_threshold} must lie in (0.5, 1]")
+        if self.path_pairs < 1 or self.path_max_false <= 0:
+            raise ValueError(
+                f"sgl_mlp: path_pairs={self.path_pairs} must be >= 1 and "
+                f"path_max_false={self.path_max_false} > 0"
+            )
         if self.path_pcs < 0 or self.path_lambdas < 2:
             raise ValueError(
                 f"sgl_mlp: path_pcs={self.path_pcs} must be >= 0 and "
@@ -429,12 +451,16 @@ def sgl_mlp(
     path_rule: str = "1se",
     path_pcs: int = 0,
     path_lambdas: int = 20,
+    path_threshold: float = 0.75,
+    path_max_false: float = 2.0,
+    path_pairs: int = 25,
+    path_seed: int = 0,
 ) -> SGLMLPEncoder:
     """Builds the sparse-group-lasso MLP genotype encoder (see ``SGLMLPConfig``)."""
     cfg = SGLMLPConfig(
         tuple(hidden), embed_dim, lambda_, alpha, dropout, missing, prox_lr, ancestry_pcs,
         select, None if keep_groups is None else list(keep_groups), path_rule, path_pcs,
-        path_lambdas,
+        path_lambdas, path_threshold, path_max_false, path_pairs, path_seed,
     )  # fmt: skip
     return SGLMLPEncoder(spec, cfg)
 

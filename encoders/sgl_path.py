@@ -37,8 +37,9 @@ from clinfuse.encoders.genomics import (
     sparse_group_prox,
     standardize_genotype,
 )
+from clinfuse.encoders.sgl_stability import stability_selection
 
-RULES = ("min", "1se")
+RULES = ("min", "1se", "stability")
 # Ridge (on the mean loss) of the all-groups fit whose group norms weight the
 # adaptive penalty.
 _ADAPTIVE_RIDGE = 1e-2
@@ -61,7 +62,8 @@ class PathResult:
             without the penalty), per strength.
         tuning_se: standard error of that mean, per strength.
         chosen: index of the chosen strength.
-        rule: ``min`` or ``1se`` (see ``choose``).
+        rule: ``min``, ``1se`` (see ``choose``) or ``stability`` (the groups selected
+            on most half-samples of the train split, ``sgl_stability``).
         alpha: L1 share of the penalty.
         ancestry_pcs: principal axes adjusted for.
         adaptive: whether group penalties were weighted by a ridge fit.
@@ -83,6 +85,7 @@ class PathResult:
     n_train: int
     n_tuning: int
     group_norms: list[list[float]] = field(default_factory=list)
+    stability: dict[str, Any] | None = None
 
     @property
     def lambda_(self) -> float:
@@ -90,7 +93,9 @@ class PathResult:
 
     @property
     def groups(self) -> list[str]:
-        """The chosen strength's groups."""
+        """The chosen groups: the stable ones (``stability`` rule), else the chosen strength's."""
+        if self.stability is not None:
+            return list(self.stability["groups"])
         return self.selected[self.chosen]
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,8 +262,8 @@ def choose(tuning_loss: Tensor, rule: str) -> int:
             itself (0.018 on 750 subjects) is mostly spread between subjects that
             every strength shares, and would wave through models missing a gene.
     """
-    if rule not in RULES:
-        raise ValueError(f"rule={rule!r}: choose one of {RULES}")
+    if rule not in ("min", "1se"):
+        raise ValueError(f"rule={rule!r}: choose 'min' or '1se'")
     mean = tuning_loss.mean(1)  # (L,)
     best = int(mean.argmin())
     if rule == "min":
@@ -280,6 +285,7 @@ def regularization_path(
     adaptive: bool = True,
     max_iter: int = 3000,
     tol: float = 1e-6,
+    stability: dict[str, Any] | None = None,
 ) -> PathResult:
     """Fits the path on ``train``, scores it on ``tuning``, chooses a strength.
 
@@ -296,7 +302,13 @@ def regularization_path(
         ancestry_pcs: principal axes to adjust for (``DataSpec.marker_pcs``).
         n_lambdas, min_ratio: the grid, ``lambda_max`` down to ``min_ratio * lambda_max``
             in equal log steps.
-        rule: how the strength is chosen (``choose``).
+        rule: ``min`` or ``1se``: how the strength is chosen (``choose``);
+            ``stability``: the groups are the stable ones over complementary halves of
+            the train split (``sgl_stability.stability_selection`` on the same
+            adjusted, weighted inputs and the same grid), and the chosen strength
+            marks the lower end of the strengths they were counted over.
+        stability: keyword arguments of ``stability_selection`` (``threshold``,
+            ``max_false``, ``pairs``, ``seed``) for the ``stability`` rule.
         adaptive: weight each group's penalty by the inverse norm of its coefficients
             in a ridge fit of every group (the adaptive group lasso, Wang & Leng 2008),
             so groups with no signal are penalized harder than groups with some.
@@ -306,6 +318,8 @@ def regularization_path(
         ValueError: when either split has no genotyped subject of each outcome.
     """
     check_genotype_spec(spec)
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r}: choose one of {RULES}")
     y, yt = _labels(train, "train"), _labels(tuning, "tuning")
     design = GenotypeDesign.fit(spec, *_called(train), ancestry_pcs)
     x, cov = design.transform(*_called(train))
@@ -338,6 +352,11 @@ def regularization_path(
         rows["tune"].append(_bce(torch.cat([xt[:, keep], covt], 1) @ w, yt))
         rows["norms"].append([float(v) for v in norms])
     losses = torch.stack(rows["tune"])  # (L, N_tuning)
+    stable = None
+    if rule == "stability":
+        stable = stability_selection(
+            x, cov, y, groups, list(spec.groups), lambdas, alpha, **(stability or {})
+        )
     return PathResult(
         lambdas=lambdas,
         n_selected=[len(s) for s in rows["sel"]],
@@ -345,7 +364,7 @@ def regularization_path(
         train_loss=rows["train"],
         tuning_loss=[float(v) for v in losses.mean(1)],
         tuning_se=[float(v) for v in losses.std(1) / math.sqrt(losses.shape[1])],
-        chosen=choose(losses, rule),
+        chosen=stable.n_strengths - 1 if stable else choose(losses, rule),
         rule=rule,
         alpha=alpha,
         ancestry_pcs=ancestry_pcs,
@@ -353,6 +372,7 @@ def regularization_path(
         n_train=x.shape[0],
         n_tuning=xt.shape[0],
         group_norms=rows["norms"],
+        stability=stable.to_dict() if stable else None,
     )
 
 

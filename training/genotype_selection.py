@@ -1,7 +1,8 @@
 """Chooses the genotype encoder's marker groups before the model is trained.
 
 With ``model.encoders.sgl_mlp.select: path``, a sparse-group-lasso path is fitted on
-the train split and its strength chosen on the tuning split (``encoders.sgl_path``);
+the train split and its strength chosen on the tuning split, or its stable groups
+kept over half-samples of the train split (``encoders.sgl_path``, ``sgl_stability``);
 the chosen groups are written into the encoder's config (``keep_groups``), so the
 resolved ``config.yaml`` and the exported artifact both say which genes the model
 reads. The whole path (strengths, groups kept, tuning loss) is saved beside them.
@@ -56,6 +57,12 @@ def choose_genotype_groups(
             ancestry_pcs=cfg.path_pcs,
             n_lambdas=cfg.path_lambdas,
             rule=cfg.path_rule,
+            stability={
+                "threshold": cfg.path_threshold,
+                "max_false": cfg.path_max_false,
+                "pairs": cfg.path_pairs,
+                "seed": cfg.path_seed,
+            },
         )
     except ValueError as err:
         raise ValueError(f"model.encoders.{ENCODER}.select=path: {err}") from err

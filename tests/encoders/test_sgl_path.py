@@ -2,61 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from clinfuse.datasets.datamodule import genotype_principal_axes
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders import create_encoder
 from clinfuse.encoders.genomics import _group_norms, sparse_group_prox
 from clinfuse.encoders.sgl_path import choose, lambda_max, regularization_path
 
-GROUPS, PER_GROUP = 12, 4
-CAUSAL, ANCESTRAL = (1, 7), (4,)
-
-
-def _two_populations(n: int, seed: int) -> tuple[DataSpec, dict, dict]:
-    """Two populations; groups 1 and 7 causal; group 4's frequencies differ by 0.35
-    between populations and population 1 has +1.2 on the logit, so group 4 is
-    associated with the outcome without carrying any risk."""
-    rng = np.random.default_rng(seed)
-    m = GROUPS * PER_GROUP
-    freq = np.tile(rng.uniform(0.15, 0.45, m), (2, 1))  # (2, M)
-    cols4 = slice(4 * PER_GROUP, 5 * PER_GROUP)
-    freq[1, cols4] = freq[0, cols4] + 0.35
-    pop = rng.integers(0, 2, n)
-    x = rng.binomial(2, freq[pop]).astype(np.float32)  # (N, M)
-    z = (x - x.mean(0)) / x.std(0)
-    cols = [g * PER_GROUP + j for g in CAUSAL for j in range(PER_GROUP)]
-    beta = rng.choice([-1.0, 1.0], len(cols)) * 0.35
-    y = (rng.random(n) < 1 / (1 + np.exp(-(z[:, cols] @ beta + 1.2 * (pop - 0.5))))).astype(
-        np.float32
-    )
-    split = {"train": slice(0, int(0.7 * n)), "tuning": slice(int(0.7 * n), n)}
-    data = {
-        s: {
-            "genotype": torch.from_numpy(x[i]),
-            "genotype_mask": torch.ones_like(torch.from_numpy(x[i])),
-            "genotype_present": torch.ones(x[i].shape[0], dtype=torch.bool),
-            "label": torch.from_numpy(y[i]),
-        }
-        for s, i in split.items()
-    }
-    mean = data["train"]["genotype"].mean(0)
-    spec = DataSpec(
-        markers=[f"rs{i}" for i in range(m)],
-        marker_groups=[i // PER_GROUP for i in range(m)],
-        groups=[f"G{g:02d}" for g in range(GROUPS)],
-        marker_mean=mean.tolist(),
-        marker_pcs=genotype_principal_axes(data["train"], mean, 2),
-    )
-    return spec, data, {"causal": [f"G{g:02d}" for g in CAUSAL], "ancestral": "G04"}
-
 
 @pytest.fixture(scope="module")
-def planted() -> tuple[DataSpec, dict, dict]:
-    return _two_populations(n=3000, seed=0)
+def planted(two_populations) -> tuple[DataSpec, dict, dict]:
+    return two_populations(n=3000, seed=0)
 
 
 def test_path_keeps_the_planted_causal_groups_and_not_the_ancestry_only_one(planted) -> None:
@@ -132,8 +89,8 @@ def test_choose_rules_on_hand_made_losses() -> None:
         choose(losses, "best")
 
 
-def test_keep_groups_zeroes_the_rest_and_keeps_them_zero_under_training() -> None:
-    spec, data, _ = _two_populations(n=200, seed=1)
+def test_keep_groups_zeroes_the_rest_and_keeps_them_zero_under_training(two_populations) -> None:
+    spec, data, _ = two_populations(n=200, seed=1)
     enc = create_encoder("sgl_mlp", spec=spec, hidden=(8,), embed_dim=4, lambda_=0.0,
                          keep_groups=["G01", "G07"])  # fmt: skip
     assert enc.selected_groups() == ["G01", "G07"]

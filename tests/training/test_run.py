@@ -204,9 +204,13 @@ def test_a_null_encoder_override_trains_without_that_modality(tiny_cohort, tmp_p
     assert load_artifact(run_dir / "model").model.modalities == ["timeseries"]
 
 
-# 2,000 subjects with the lowest tuning loss keep two genes; the tiny cohort's path
-# keeps none (its first strength is far best on the tuning split).
-@pytest.mark.parametrize(("n_subjects", "rule"), [(2000, "min"), (120, "1se")])
+# 2,000 subjects with the lowest tuning loss keep two genes, and so does the stability
+# rule; the tiny cohort's path keeps none (its first strength is far best on the tuning
+# split).
+@pytest.mark.parametrize(
+    ("n_subjects", "rule"),
+    [(2000, "min"), pytest.param(2000, "stability", marks=pytest.mark.slow), (120, "1se")],
+)
 def test_genes_chosen_on_the_path_are_the_ones_the_saved_model_reads(n_subjects, rule, tmp_path):
     cohort = tmp_path / "cohort"
     simulate_cohort(cohort, SimConfig(n_subjects=n_subjects, image_size=32, seed=3, progress=False))
@@ -225,6 +229,7 @@ def test_genes_chosen_on_the_path_are_the_ones_the_saved_model_reads(n_subjects,
     assert chosen == list(path["groups"])
     assert len(path["lambdas"]) == len(path["tuning_loss"]) > 1
     assert (len(chosen) > 0) == (n_subjects == 2000)
+    assert (path["stability"] is not None) == (rule == "stability")
     encoder = load_artifact(run_dir / "model").model.encoders["genomics"]
     assert sorted(encoder.selected_groups()) == sorted(chosen)
 

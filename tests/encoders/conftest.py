@@ -1,0 +1,57 @@
+"""Shared genotype designs of the encoder tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clinfuse.datasets.datamodule import genotype_principal_axes
+from clinfuse.datasets.spec import DataSpec
+
+GROUPS, PER_GROUP = 12, 4
+CAUSAL, ANCESTRAL = (1, 7), (4,)
+
+
+def two_populations_design(n: int, seed: int) -> tuple[DataSpec, dict, dict]:
+    """Two populations; groups 1 and 7 causal; group 4's frequencies differ by 0.35
+    between populations and population 1 has +1.2 on the logit, so group 4 is
+    associated with the outcome without carrying any risk."""
+    rng = np.random.default_rng(seed)
+    m = GROUPS * PER_GROUP
+    freq = np.tile(rng.uniform(0.15, 0.45, m), (2, 1))  # (2, M)
+    cols4 = slice(4 * PER_GROUP, 5 * PER_GROUP)
+    freq[1, cols4] = freq[0, cols4] + 0.35
+    pop = rng.integers(0, 2, n)
+    x = rng.binomial(2, freq[pop]).astype(np.float32)  # (N, M)
+    z = (x - x.mean(0)) / x.std(0)
+    cols = [g * PER_GROUP + j for g in CAUSAL for j in range(PER_GROUP)]
+    beta = rng.choice([-1.0, 1.0], len(cols)) * 0.35
+    y = (rng.random(n) < 1 / (1 + np.exp(-(z[:, cols] @ beta + 1.2 * (pop - 0.5))))).astype(
+        np.float32
+    )
+    split = {"train": slice(0, int(0.7 * n)), "tuning": slice(int(0.7 * n), n)}
+    data = {
+        s: {
+            "genotype": torch.from_numpy(x[i]),
+            "genotype_mask": torch.ones_like(torch.from_numpy(x[i])),
+            "genotype_present": torch.ones(x[i].shape[0], dtype=torch.bool),
+            "label": torch.from_numpy(y[i]),
+        }
+        for s, i in split.items()
+    }
+    mean = data["train"]["genotype"].mean(0)
+    spec = DataSpec(
+        markers=[f"rs{i}" for i in range(m)],
+        marker_groups=[i // PER_GROUP for i in range(m)],
+        groups=[f"G{g:02d}" for g in range(GROUPS)],
+        marker_mean=mean.tolist(),
+        marker_pcs=genotype_principal_axes(data["train"], mean, 2),
+    )
+    return spec, data, {"causal": [f"G{g:02d}" for g in CAUSAL], "ancestral": "G04"}
+
+
+@pytest.fixture(scope="session")
+def two_populations():
+    """``two_populations_design(n, seed)``: (spec, train/tuning batches, truth)."""
+    return two_populations_design
