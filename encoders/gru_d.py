@@ -50,6 +50,11 @@ class GRUDConfig:
             GRU-D's own inputs only say how stale each channel is (``delta``), so the
             recurrence cannot tell an early value from a late one; a trend over the
             stay (the change from admission to now) needs both.
+        delta_inputs: also feed ``log(1 + delta)``, each channel's hours since its
+            last observation, to the GRU (as GRU-Simple does in Che et al. 2018).
+            GRU-D uses ``delta`` only to decay the state and the imputed values, so how
+            often a patient is charted, which the care team sets by how sick the
+            patient looks, reaches the state only through those decays.
         readout: what the embedding summarizes: ``"last"``, the state after the last
             valid step (GRU-D as published); ``"mean"``, the mean of the states over
             the valid steps; ``"attention"``, their softmax-weighted sum with weights
@@ -68,6 +73,7 @@ class GRUDConfig:
     dropout: float = 0.0
     learn_mean: bool = False
     time_inputs: bool = False
+    delta_inputs: bool = False
     readout: str = "last"
     forecast_weight: float = 0.0
 
@@ -83,11 +89,14 @@ def gru_d(
     dropout: float = 0.0,
     learn_mean: bool = False,
     time_inputs: bool = False,
+    delta_inputs: bool = False,
     readout: str = "last",
     forecast_weight: float = 0.0,
 ) -> GRUD:
     """Builds a GRU-D encoder for ``spec.n_channels`` channels."""
-    cfg = GRUDConfig(hidden, embed_dim, dropout, learn_mean, time_inputs, readout, forecast_weight)
+    cfg = GRUDConfig(
+        hidden, embed_dim, dropout, learn_mean, time_inputs, delta_inputs, readout, forecast_weight
+    )
     return GRUD(spec.n_channels, **asdict(cfg))
 
 
@@ -102,6 +111,7 @@ class GRUD(ModalityEncoder):
         learn_mean: make ``x_mean`` a parameter (else a zero buffer).
         time_inputs: add ``W_it [t_before, t_since_first] / 24`` to the input gates
             (see ``GRUDConfig``).
+        delta_inputs: add ``W_id log(1 + delta)`` to the input gates (see ``GRUDConfig``).
         readout: ``"last"``, ``"mean"`` or ``"attention"`` (see ``GRUDConfig``).
         forecast_weight: weight of the next-observation loss (see ``GRUDConfig``).
 
@@ -122,6 +132,7 @@ class GRUD(ModalityEncoder):
         dropout: float = 0.0,
         learn_mean: bool = False,
         time_inputs: bool = False,
+        delta_inputs: bool = False,
         readout: str = "last",
         forecast_weight: float = 0.0,
     ) -> None:
@@ -149,6 +160,7 @@ class GRUD(ModalityEncoder):
         self.bias_hh = nn.Parameter(torch.empty(3 * hidden))
         # Separate from weight_ih so models without time inputs keep their weights.
         self.weight_it = nn.Parameter(torch.empty(3 * hidden, 2)) if time_inputs else None
+        self.weight_id = nn.Parameter(torch.empty(3 * hidden, n_channels)) if delta_inputs else None
         # One score per step state for the attention readout: softmax_t(w . h_t).
         self.attn_score = nn.Linear(hidden, 1, bias=False) if readout == "attention" else None
         # W_f, b_f: the next step's values from the state (forecast_weight > 0).
@@ -161,7 +173,8 @@ class GRUD(ModalityEncoder):
     def reset_parameters(self) -> None:
         """GRU weights as ``nn.GRUCell``; input decay rates between 1/50 h and 1/5 h."""
         bound = 1.0 / math.sqrt(self.hidden)
-        for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.weight_it):
+        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        for p in (*params, self.weight_it, self.weight_id):
             if p is not None:
                 nn.init.uniform_(p, -bound, bound)
         # Positive rates so every channel decays (and gets gradient) from the start.
@@ -262,6 +275,8 @@ class GRUD(ModalityEncoder):
         gi_t = F.linear(torch.cat([x_hat.transpose(0, 1), m], -1), self.weight_ih, self.bias_ih)
         if self.weight_it is not None:
             gi_t = gi_t + F.linear(_time_features(batch, order), self.weight_it)  # (T, B, 3H)
+        if self.weight_id is not None:
+            gi_t = gi_t + F.linear(torch.log1p(delta), self.weight_id)  # (T, B, 3H)
         gamma_t = self.hidden_decay(delta)  # (T, B, H)
         active = _active_counts(lengths[order], x.shape[0])
         states = grud_recurrence(gi_t, gamma_t, self.weight_hh, self.bias_hh, active)

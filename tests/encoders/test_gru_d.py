@@ -195,9 +195,9 @@ def test_batch_order_does_not_matter(time_inputs):
     assert torch.allclose(emb[perm], emb_p, atol=1e-6)
 
 
-@pytest.mark.parametrize("time_inputs", [False, True])
-def test_gradient_reaches_every_parameter(time_inputs):
-    enc = _encoder(learn_mean=True, time_inputs=time_inputs)
+@pytest.mark.parametrize("time_inputs, delta_inputs", [(False, False), (True, True)])
+def test_gradient_reaches_every_parameter(time_inputs, delta_inputs):
+    enc = _encoder(learn_mean=True, time_inputs=time_inputs, delta_inputs=delta_inputs)
     batch = _batch([6, 4, 0, 6], t_max=6, p_obs=0.4, seed=6)
     emb, _ = enc(batch)
     tokens, mask, _ = enc.forward_tokens(batch)
@@ -259,6 +259,9 @@ def _reference(enc: GRUD, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         t = batch["ts_time"]
         feats = torch.stack([t, (t[:, :1] - t).clamp_min(0.0)], -1) / 24.0
         inputs, w_ih = torch.cat([inputs, feats], -1), torch.cat([w_ih, enc.weight_it], 1)
+    if enc.weight_id is not None:
+        inputs = torch.cat([inputs, torch.log1p(delta)], -1)
+        w_ih = torch.cat([w_ih, enc.weight_id], 1)
     gamma = enc.hidden_decay(delta)  # (B, T, H)
     last, steps = [], torch.zeros(*x.shape[:2], enc.hidden, dtype=x.dtype)
     for i, n in enumerate(batch["ts_length"].tolist()):
@@ -273,11 +276,11 @@ def _reference(enc: GRUD, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return enc.proj(torch.stack(last)), enc.proj(steps)
 
 
-@pytest.mark.parametrize("time_inputs", [False, True])
-def test_outputs_and_gradients_match_step_by_step_gru_cell(time_inputs):
+@pytest.mark.parametrize("time_inputs, delta_inputs", [(False, False), (True, False), (True, True)])
+def test_outputs_and_gradients_match_step_by_step_gru_cell(time_inputs, delta_inputs):
     """The hand-written backward through time against autograd through ATen's GRU cell:
     same embedding, step tokens and gradient of every parameter (float64)."""
-    enc = _encoder(learn_mean=True, time_inputs=time_inputs).double()
+    enc = _encoder(learn_mean=True, time_inputs=time_inputs, delta_inputs=delta_inputs).double()
     batch = {k: v.double() if v.is_floating_point() else v for k, v in
              _batch([7, 3, 0, 7, 1, 5], t_max=8, p_obs=0.4, seed=11).items()}  # fmt: skip
     g = torch.Generator().manual_seed(12)
@@ -424,3 +427,16 @@ def test_forecast_loss_trains_the_recurrence_and_is_off_in_eval():
     assert enc.regularization_loss() == 0  # no loss from evaluation passes
     plain = _encoder()
     assert plain.forecast is None and plain.regularization_loss() == 0
+
+
+def test_delta_inputs_tell_how_often_the_same_values_were_charted():
+    batch = _batch([5, 5], t_max=5, p_obs=1.0, seed=3)
+    sparser = dict(batch, ts_delta=batch["ts_delta"] + 2.0)  # same values, charted less often
+    with torch.no_grad():
+        plain = _encoder().eval()
+        plain.decay_h.weight.zero_()  # no hidden decay and (all observed) no imputation:
+        plain.decay_h.bias.zero_()  # plain GRU-D cannot see the gaps at all
+        torch.testing.assert_close(plain(batch)[0], plain(sparser)[0])
+        timed = _encoder(delta_inputs=True).eval()
+        timed.load_state_dict(dict(timed.state_dict(), **plain.state_dict()))
+        assert not torch.allclose(timed(batch)[0], timed(sparser)[0], atol=1e-4)
