@@ -58,8 +58,11 @@ class GRUDConfig:
         readout: what the embedding summarizes: ``"last"``, the state after the last
             valid step (GRU-D as published); ``"mean"``, the mean of the states over
             the valid steps; ``"attention"``, their softmax-weighted sum with weights
-            ``softmax_t(w . h_t)`` over the valid steps. A pooled readout hands the head
-            the whole stay, where the last state weighs the latest hours most.
+            ``softmax_t(w . h_t)`` over the valid steps; ``"recent"``, the same with a
+            learned recency prior, ``softmax_t(w . h_t - age_t / tau)`` (``age_t`` hours
+            before prediction_time, ``tau`` learned from 12 h): at ``w = 0`` an
+            exponentially weighted mean of the latest states. A pooled readout hands
+            the head several states, where the last one carries the last step's noise.
         forecast_weight: weight of a self-supervised loss added to the training loss
             (``regularization_loss``): each valid state ``h_t`` predicts the values
             observed at the next step, the mean over observed ``(t+1, c)`` of
@@ -78,7 +81,7 @@ class GRUDConfig:
     forecast_weight: float = 0.0
 
 
-READOUTS = ("last", "mean", "attention")
+READOUTS = ("last", "mean", "attention", "recent")
 
 
 @register_encoder("gru_d")
@@ -162,7 +165,10 @@ class GRUD(ModalityEncoder):
         self.weight_it = nn.Parameter(torch.empty(3 * hidden, 2)) if time_inputs else None
         self.weight_id = nn.Parameter(torch.empty(3 * hidden, n_channels)) if delta_inputs else None
         # One score per step state for the attention readout: softmax_t(w . h_t).
-        self.attn_score = nn.Linear(hidden, 1, bias=False) if readout == "attention" else None
+        scored = readout in ("attention", "recent")
+        self.attn_score = nn.Linear(hidden, 1, bias=False) if scored else None
+        # log tau of the "recent" readout's prior, in hours.
+        self.log_tau = nn.Parameter(torch.tensor(math.log(12.0))) if readout == "recent" else None
         # W_f, b_f: the next step's values from the state (forecast_weight > 0).
         self.forecast = nn.Linear(hidden, n_channels) if forecast_weight > 0 else None
         self._forecast_loss: Tensor | None = None  # this training step's, until read
@@ -177,6 +183,9 @@ class GRUD(ModalityEncoder):
         for p in (*params, self.weight_it, self.weight_id):
             if p is not None:
                 nn.init.uniform_(p, -bound, bound)
+        if self.log_tau is not None:  # "recent" starts as an exponentially weighted mean
+            nn.init.zeros_(self.attn_score.weight)
+            nn.init.constant_(self.log_tau, math.log(12.0))
         # Positive rates so every channel decays (and gets gradient) from the start.
         nn.init.uniform_(self.decay_x_weight, 0.02, 0.2)
         nn.init.zeros_(self.decay_x_bias)
@@ -257,7 +266,11 @@ class GRUD(ModalityEncoder):
         mask = _step_mask(batch, states.shape[1]).unsqueeze(-1)  # (B, T, 1)
         if self.readout == "mean":
             return states.sum(1) / mask.sum(1).clamp_min(1)  # (B, H)
-        score = self.attn_score(states).masked_fill(~mask, float("-inf"))  # (B, T, 1)
+        score = self.attn_score(states)  # (B, T, 1)
+        if self.log_tau is not None:  # recency prior: older steps weigh exp(-age / tau) less
+            age = batch["ts_time"].to(states.dtype).unsqueeze(-1)  # (B, T, 1) hours
+            score = score - age * torch.exp(-self.log_tau)
+        score = score.masked_fill(~mask, float("-inf"))
         weight = torch.softmax(score, dim=1).nan_to_num(0.0)  # all-padded rows -> 0
         return (weight * states).sum(1)  # (B, H)
 

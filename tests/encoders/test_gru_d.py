@@ -327,7 +327,7 @@ def test_recurrence_gradcheck():
 # -- pooled readouts ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("readout", ["mean", "attention"])
+@pytest.mark.parametrize("readout", ["mean", "attention", "recent"])
 def test_pooled_readout_shapes_and_padding_invariance(readout):
     enc = _encoder(readout=readout)
     short = _batch([3, 1, 0], t_max=3, seed=2)
@@ -371,13 +371,29 @@ def test_attention_readout_with_equal_scores_is_the_mean_and_weights_follow_scor
     assert not torch.allclose(attn(batch)[0], mean(batch)[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("readout", ["mean", "attention"])
+@pytest.mark.parametrize("readout", ["mean", "attention", "recent"])
 def test_pooled_readout_gradient_reaches_every_parameter(readout):
     enc = _encoder(learn_mean=True, readout=readout)
     emb, _ = enc(_batch([6, 4, 0, 6], t_max=6, p_obs=0.4, seed=6))
     emb.pow(2).sum().backward()
     for name, p in enc.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_recent_readout_starts_as_an_exponentially_weighted_mean_of_the_step_tokens():
+    """At w = 0 the weights are exp(-age / 12 h), normalized over the valid steps; the
+    projection is affine, so the embedding is the same weighted mean of the tokens."""
+    enc = _encoder(readout="recent").double().eval()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in
+             _batch([5, 3], t_max=5, p_obs=0.6, seed=17).items()}  # fmt: skip
+    emb, _ = enc(batch)
+    tokens, mask, age = enc.forward_tokens(batch)
+    weight = torch.exp(-age / 12.0) * mask  # (B, T)
+    ref = (weight.unsqueeze(-1) * tokens).sum(1) / weight.sum(1, keepdim=True)
+    # tau is stored as a float32 log(12) before .double(): a 1e-7 relative difference
+    torch.testing.assert_close(emb, ref, rtol=1e-6, atol=1e-8)
+    mean, _ = _encoder(readout="mean").double().eval()(batch)
+    assert not torch.allclose(emb, mean)  # the latest states weigh more
 
 
 def test_unknown_readout_is_refused_with_the_choices():
