@@ -55,6 +55,9 @@ class GRUDConfig:
             GRU-D uses ``delta`` only to decay the state and the imputed values, so how
             often a patient is charted, which the care team sets by how sick the
             patient looks, reaches the state only through those decays.
+        baseline_inputs: also feed each channel's first observed value in the window
+            (0, the mean, before it is seen) to the GRU, so each step can compare a
+            value with the patient's own baseline; the decays make the state forget it.
         readout: what the embedding summarizes: ``"last"``, the state after the last
             valid step (GRU-D as published); ``"mean"``, the mean of the states over
             the valid steps; ``"attention"``, their softmax-weighted sum with weights
@@ -77,6 +80,7 @@ class GRUDConfig:
     learn_mean: bool = False
     time_inputs: bool = False
     delta_inputs: bool = False
+    baseline_inputs: bool = False
     readout: str = "last"
     forecast_weight: float = 0.0
 
@@ -95,10 +99,19 @@ def gru_d(
     delta_inputs: bool = False,
     readout: str = "last",
     forecast_weight: float = 0.0,
+    baseline_inputs: bool = False,
 ) -> GRUD:
     """Builds a GRU-D encoder for ``spec.n_channels`` channels."""
     cfg = GRUDConfig(
-        hidden, embed_dim, dropout, learn_mean, time_inputs, delta_inputs, readout, forecast_weight
+        hidden,
+        embed_dim,
+        dropout,
+        learn_mean,
+        time_inputs,
+        delta_inputs,
+        baseline_inputs,
+        readout,
+        forecast_weight,
     )
     return GRUD(spec.n_channels, **asdict(cfg))
 
@@ -115,6 +128,7 @@ class GRUD(ModalityEncoder):
         time_inputs: add ``W_it [t_before, t_since_first] / 24`` to the input gates
             (see ``GRUDConfig``).
         delta_inputs: add ``W_id log(1 + delta)`` to the input gates (see ``GRUDConfig``).
+        baseline_inputs: add ``W_ib x_first`` to the input gates (see ``GRUDConfig``).
         readout: ``"last"``, ``"mean"`` or ``"attention"`` (see ``GRUDConfig``).
         forecast_weight: weight of the next-observation loss (see ``GRUDConfig``).
 
@@ -136,6 +150,7 @@ class GRUD(ModalityEncoder):
         learn_mean: bool = False,
         time_inputs: bool = False,
         delta_inputs: bool = False,
+        baseline_inputs: bool = False,
         readout: str = "last",
         forecast_weight: float = 0.0,
     ) -> None:
@@ -164,6 +179,9 @@ class GRUD(ModalityEncoder):
         # Separate from weight_ih so models without time inputs keep their weights.
         self.weight_it = nn.Parameter(torch.empty(3 * hidden, 2)) if time_inputs else None
         self.weight_id = nn.Parameter(torch.empty(3 * hidden, n_channels)) if delta_inputs else None
+        self.weight_ib = (
+            nn.Parameter(torch.empty(3 * hidden, n_channels)) if baseline_inputs else None
+        )
         # One score per step state for the attention readout: softmax_t(w . h_t).
         scored = readout in ("attention", "recent")
         self.attn_score = nn.Linear(hidden, 1, bias=False) if scored else None
@@ -180,7 +198,7 @@ class GRUD(ModalityEncoder):
         """GRU weights as ``nn.GRUCell``; input decay rates between 1/50 h and 1/5 h."""
         bound = 1.0 / math.sqrt(self.hidden)
         params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        for p in (*params, self.weight_it, self.weight_id):
+        for p in (*params, self.weight_it, self.weight_id, self.weight_ib):
             if p is not None:
                 nn.init.uniform_(p, -bound, bound)
         if self.log_tau is not None:  # "recent" starts as an exponentially weighted mean
@@ -290,6 +308,8 @@ class GRUD(ModalityEncoder):
             gi_t = gi_t + F.linear(_time_features(batch, order), self.weight_it)  # (T, B, 3H)
         if self.weight_id is not None:
             gi_t = gi_t + F.linear(torch.log1p(delta), self.weight_id)  # (T, B, 3H)
+        if self.weight_ib is not None:
+            gi_t = gi_t + F.linear(first_observed(x, m), self.weight_ib)  # (T, B, 3H)
         gamma_t = self.hidden_decay(delta)  # (T, B, H)
         active = _active_counts(lengths[order], x.shape[0])
         states = grud_recurrence(gi_t, gamma_t, self.weight_hh, self.bias_hh, active)
@@ -353,6 +373,16 @@ def last_observed(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
         any_seen = any_seen | observed[:, t]
         x_last[:, t], seen[:, t] = value, any_seen
     return x_last, seen
+
+
+def first_observed(x: Tensor, m: Tensor) -> Tensor:
+    """Each channel's first observed value, from its first observation on; 0 before.
+
+    Shapes:
+        x, m: (T, B, C) time-major values and 0/1 mask -> (T, B, C)
+    """
+    first = m * (m.cumsum(0) == 1)  # 1 only at each channel's first observation
+    return (x * first).cumsum(0)
 
 
 def _inputs(batch: dict[str, Any], n_channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

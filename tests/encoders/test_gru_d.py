@@ -9,7 +9,7 @@ import torch
 
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders import create_encoder, list_encoders
-from clinfuse.encoders.gru_d import GRUD, last_observed
+from clinfuse.encoders.gru_d import GRUD, first_observed, last_observed
 from clinfuse.encoders.gru_d_recurrence import grud_recurrence
 
 C, H, D = 3, 8, 5
@@ -195,9 +195,9 @@ def test_batch_order_does_not_matter(time_inputs):
     assert torch.allclose(emb[perm], emb_p, atol=1e-6)
 
 
-@pytest.mark.parametrize("time_inputs, delta_inputs", [(False, False), (True, True)])
-def test_gradient_reaches_every_parameter(time_inputs, delta_inputs):
-    enc = _encoder(learn_mean=True, time_inputs=time_inputs, delta_inputs=delta_inputs)
+@pytest.mark.parametrize("extra", [False, True])
+def test_gradient_reaches_every_parameter(extra):
+    enc = _encoder(learn_mean=True, time_inputs=extra, delta_inputs=extra, baseline_inputs=extra)
     batch = _batch([6, 4, 0, 6], t_max=6, p_obs=0.4, seed=6)
     emb, _ = enc(batch)
     tokens, mask, _ = enc.forward_tokens(batch)
@@ -262,6 +262,9 @@ def _reference(enc: GRUD, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if enc.weight_id is not None:
         inputs = torch.cat([inputs, torch.log1p(delta)], -1)
         w_ih = torch.cat([w_ih, enc.weight_id], 1)
+    if enc.weight_ib is not None:
+        first = first_observed(x.transpose(0, 1), m.transpose(0, 1)).transpose(0, 1)
+        inputs, w_ih = torch.cat([inputs, first], -1), torch.cat([w_ih, enc.weight_ib], 1)
     gamma = enc.hidden_decay(delta)  # (B, T, H)
     last, steps = [], torch.zeros(*x.shape[:2], enc.hidden, dtype=x.dtype)
     for i, n in enumerate(batch["ts_length"].tolist()):
@@ -276,11 +279,12 @@ def _reference(enc: GRUD, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return enc.proj(torch.stack(last)), enc.proj(steps)
 
 
-@pytest.mark.parametrize("time_inputs, delta_inputs", [(False, False), (True, False), (True, True)])
-def test_outputs_and_gradients_match_step_by_step_gru_cell(time_inputs, delta_inputs):
+@pytest.mark.parametrize("extra", [(), ("time_inputs",), ("time_inputs", "delta_inputs",
+                                   "baseline_inputs")])  # fmt: skip
+def test_outputs_and_gradients_match_step_by_step_gru_cell(extra):
     """The hand-written backward through time against autograd through ATen's GRU cell:
     same embedding, step tokens and gradient of every parameter (float64)."""
-    enc = _encoder(learn_mean=True, time_inputs=time_inputs, delta_inputs=delta_inputs).double()
+    enc = _encoder(learn_mean=True, **dict.fromkeys(extra, True)).double()
     batch = {k: v.double() if v.is_floating_point() else v for k, v in
              _batch([7, 3, 0, 7, 1, 5], t_max=8, p_obs=0.4, seed=11).items()}  # fmt: skip
     g = torch.Generator().manual_seed(12)
@@ -456,3 +460,10 @@ def test_delta_inputs_tell_how_often_the_same_values_were_charted():
         timed = _encoder(delta_inputs=True).eval()
         timed.load_state_dict(dict(timed.state_dict(), **plain.state_dict()))
         assert not torch.allclose(timed(batch)[0], timed(sparser)[0], atol=1e-4)
+
+
+def test_first_observed_hand_example():
+    x = torch.tensor([[0.0, 5.0], [2.0, 0.0], [3.0, 7.0], [0.0, 1.0]]).unsqueeze(1)  # (T, 1, 2)
+    m = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).unsqueeze(1)
+    expected = torch.tensor([[0.0, 5.0], [2.0, 5.0], [2.0, 5.0], [2.0, 5.0]]).unsqueeze(1)
+    torch.testing.assert_close(first_observed(x, m), expected)
