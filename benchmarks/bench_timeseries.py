@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ import clinfuse  # noqa: F401  (installs the compat shim before timm/torch impor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_fusion as bf  # noqa: E402  (the same cohort, presets and run machinery)
 
+from clinfuse.config import apply_overrides, load_yaml  # noqa: E402
 from clinfuse.datasets.samples import (  # noqa: E402
     US_PER_HOUR,
     scan_events,
@@ -113,16 +115,28 @@ def run_peers(data: Path, out: Path, args: argparse.Namespace) -> list[dict[str,
     return json.loads(out.read_text())
 
 
-def ours(ctx: bf.Context, seeds: list[int]) -> list[dict[str, Any]]:
-    """Our GRU-D, vitals and labs only, once per seed."""
+def ours(
+    ctx: bf.Context, seeds: list[int], name: str = "", edits: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """Our GRU-D, vitals and labs only, once per seed.
+
+    Args:
+        name: a candidate's name (rows ``clinfuse_gru_d_<name>``, runs
+            ``only_vitals_no_adv_<name>``); empty for the base preset's row.
+        edits: ``key=value`` edits of the base preset for this candidate
+            (``config.apply_overrides``), e.g. ``model.encoders.gru_d.readout=mean``.
+    """
+    if edits:
+        ctx = replace(ctx, base=apply_overrides(ctx.base, list(edits)))
+    suffix = f"_{name}" if name else ""
     rows = []
     for seed in seeds:
-        v = bf.Variant("only_vitals_no_adv", ("vitals/labs",), "early", False, seed=seed)
+        v = bf.Variant(f"only_vitals_no_adv{suffix}", ("vitals/labs",), "early", False, seed=seed)
         result = ctx.run(v)
         m = result["metrics"]
         rows.append(
             {
-                "model": "clinfuse_gru_d",
+                "model": f"clinfuse_gru_d{suffix}",
                 "seed": seed,
                 "auroc": m["auroc"],
                 "epochs": result["epochs"],
@@ -190,6 +204,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bootstrap", type=int, default=500)
     ap.add_argument("--peer-models", nargs="+", default=["GRUD", "BRITS"])
     ap.add_argument("--config", default=str(bf.BASE_PRESET))
+    ap.add_argument(
+        "--candidates",
+        help="YAML of name -> [key=value edits of the base preset]; each is a row "
+        "clinfuse_gru_d_<name> (e.g. benchmarks/candidates/grud.yaml)",
+    )
+    ap.add_argument("--only", nargs="+", help="candidate names to run (default: all)")
+    ap.add_argument("--no-base", action="store_true", help="skip the unedited clinfuse_gru_d row")
+    ap.add_argument("--no-peers", action="store_true", help="skip PyPOTS (development runs)")
     ap.add_argument("--out", default="runs/bench_fusion", help="shared with bench_fusion.py")
     return ap.parse_args(argv)
 
@@ -208,9 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     data = peers_dir / f"grid_n{args.subjects}.npz"
     if not data.is_file():
         export_grid(ctx, data)
-    rows = ours(ctx, args.seeds)
+    rows = [] if args.no_base else ours(ctx, args.seeds)
+    candidates = load_yaml(args.candidates) if args.candidates else {}
+    for name, edits in candidates.items():
+        if args.only is None or name in args.only:
+            rows += ours(ctx, args.seeds, name, tuple(edits))
     seeds = "-".join(map(str, args.seeds))
-    rows += run_peers(data, peers_dir / f"pypots_e{args.epochs}_s{seeds}.json", args)
+    if not args.no_peers:
+        rows += run_peers(data, peers_dir / f"pypots_e{args.epochs}_s{seeds}.json", args)
     rows.append(gbdt_row(ctx))
     summary = summarize(rows) + [ceiling_row(ctx)]
     note = (

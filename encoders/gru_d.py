@@ -50,6 +50,28 @@ class GRUDConfig:
             GRU-D's own inputs only say how stale each channel is (``delta``), so the
             recurrence cannot tell an early value from a late one; a trend over the
             stay (the change from admission to now) needs both.
+        delta_inputs: also feed ``log(1 + delta)``, each channel's hours since its
+            last observation, to the GRU (as GRU-Simple does in Che et al. 2018).
+            GRU-D uses ``delta`` only to decay the state and the imputed values, so how
+            often a patient is charted, which the care team sets by how sick the
+            patient looks, reaches the state only through those decays.
+        baseline_inputs: also feed each channel's first observed value in the window
+            (0, the mean, before it is seen) to the GRU, so each step can compare a
+            value with the patient's own baseline; the decays make the state forget it.
+        readout: what the embedding summarizes: ``"last"``, the state after the last
+            valid step (GRU-D as published); ``"mean"``, the mean of the states over
+            the valid steps; ``"attention"``, their softmax-weighted sum with weights
+            ``softmax_t(w . h_t)`` over the valid steps; ``"recent"``, the same with a
+            learned recency prior, ``softmax_t(w . h_t - age_t / tau)`` (``age_t`` hours
+            before prediction_time, ``tau`` learned from 12 h): at ``w = 0`` an
+            exponentially weighted mean of the latest states. A pooled readout hands
+            the head several states, where the last one carries the last step's noise.
+        forecast_weight: weight of a self-supervised loss added to the training loss
+            (``regularization_loss``): each valid state ``h_t`` predicts the values
+            observed at the next step, the mean over observed ``(t+1, c)`` of
+            ``(x_{t+1,c} - (W_f h_t + b_f)_c)^2`` on standardized values. Every
+            observation then trains the recurrence, not only each subject's one label.
+            0 turns it off.
     """
 
     hidden: int = 64
@@ -57,6 +79,13 @@ class GRUDConfig:
     dropout: float = 0.0
     learn_mean: bool = False
     time_inputs: bool = False
+    delta_inputs: bool = False
+    baseline_inputs: bool = False
+    readout: str = "last"
+    forecast_weight: float = 0.0
+
+
+READOUTS = ("last", "mean", "attention", "recent")
 
 
 @register_encoder("gru_d")
@@ -67,9 +96,23 @@ def gru_d(
     dropout: float = 0.0,
     learn_mean: bool = False,
     time_inputs: bool = False,
+    delta_inputs: bool = False,
+    readout: str = "last",
+    forecast_weight: float = 0.0,
+    baseline_inputs: bool = False,
 ) -> GRUD:
     """Builds a GRU-D encoder for ``spec.n_channels`` channels."""
-    cfg = GRUDConfig(hidden, embed_dim, dropout, learn_mean, time_inputs)
+    cfg = GRUDConfig(
+        hidden,
+        embed_dim,
+        dropout,
+        learn_mean,
+        time_inputs,
+        delta_inputs,
+        baseline_inputs,
+        readout,
+        forecast_weight,
+    )
     return GRUD(spec.n_channels, **asdict(cfg))
 
 
@@ -84,6 +127,10 @@ class GRUD(ModalityEncoder):
         learn_mean: make ``x_mean`` a parameter (else a zero buffer).
         time_inputs: add ``W_it [t_before, t_since_first] / 24`` to the input gates
             (see ``GRUDConfig``).
+        delta_inputs: add ``W_id log(1 + delta)`` to the input gates (see ``GRUDConfig``).
+        baseline_inputs: add ``W_ib x_first`` to the input gates (see ``GRUDConfig``).
+        readout: ``"last"``, ``"mean"`` or ``"attention"`` (see ``GRUDConfig``).
+        forecast_weight: weight of the next-observation loss (see ``GRUDConfig``).
 
     Shapes:
         - ts_values, ts_mask, ts_delta: (B, T, C)
@@ -102,10 +149,19 @@ class GRUD(ModalityEncoder):
         dropout: float = 0.0,
         learn_mean: bool = False,
         time_inputs: bool = False,
+        delta_inputs: bool = False,
+        baseline_inputs: bool = False,
+        readout: str = "last",
+        forecast_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if n_channels < 1:
             raise ValueError(f"GRU-D needs at least one channel, got n_channels={n_channels}")
+        if readout not in READOUTS:
+            raise ValueError(f"GRU-D readout must be one of {READOUTS}, got {readout!r}")
+        if forecast_weight < 0:
+            raise ValueError(f"GRU-D forecast_weight must be >= 0, got {forecast_weight}")
+        self.readout, self.forecast_weight = readout, forecast_weight
         self.n_channels, self.hidden, self.embed_dim = n_channels, hidden, embed_dim
         self.decay_x_weight = nn.Parameter(torch.empty(n_channels))  # diagonal W_gx
         self.decay_x_bias = nn.Parameter(torch.zeros(n_channels))
@@ -122,6 +178,18 @@ class GRUD(ModalityEncoder):
         self.bias_hh = nn.Parameter(torch.empty(3 * hidden))
         # Separate from weight_ih so models without time inputs keep their weights.
         self.weight_it = nn.Parameter(torch.empty(3 * hidden, 2)) if time_inputs else None
+        self.weight_id = nn.Parameter(torch.empty(3 * hidden, n_channels)) if delta_inputs else None
+        self.weight_ib = (
+            nn.Parameter(torch.empty(3 * hidden, n_channels)) if baseline_inputs else None
+        )
+        # One score per step state for the attention readout: softmax_t(w . h_t).
+        scored = readout in ("attention", "recent")
+        self.attn_score = nn.Linear(hidden, 1, bias=False) if scored else None
+        # log tau of the "recent" readout's prior, in hours.
+        self.log_tau = nn.Parameter(torch.tensor(math.log(12.0))) if readout == "recent" else None
+        # W_f, b_f: the next step's values from the state (forecast_weight > 0).
+        self.forecast = nn.Linear(hidden, n_channels) if forecast_weight > 0 else None
+        self._forecast_loss: Tensor | None = None  # this training step's, until read
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Linear(hidden, embed_dim)
         self.reset_parameters()
@@ -129,21 +197,56 @@ class GRUD(ModalityEncoder):
     def reset_parameters(self) -> None:
         """GRU weights as ``nn.GRUCell``; input decay rates between 1/50 h and 1/5 h."""
         bound = 1.0 / math.sqrt(self.hidden)
-        for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.weight_it):
+        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        for p in (*params, self.weight_it, self.weight_id, self.weight_ib):
             if p is not None:
                 nn.init.uniform_(p, -bound, bound)
+        if self.log_tau is not None:  # "recent" starts as an exponentially weighted mean
+            nn.init.zeros_(self.attn_score.weight)
+            nn.init.constant_(self.log_tau, math.log(12.0))
         # Positive rates so every channel decays (and gets gradient) from the start.
         nn.init.uniform_(self.decay_x_weight, 0.02, 0.2)
         nn.init.zeros_(self.decay_x_bias)
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """Returns the projected last valid hidden state and ``ts_present``.
+        """Returns the projected readout (the last valid state, or the pooled states)
+        and ``ts_present``.
 
         Shapes:
             - output: embedding (B, D), present (B,) bool
         """
-        h_last, _ = self._run(batch, keep_states=False)  # (B, H)
-        return self.proj(self.dropout(h_last)), _present(batch)
+        forecasting = self.forecast is not None and self.training
+        keep = self.readout != "last" or forecasting
+        h_last, states = self._run(batch, keep_states=keep)  # (B, H), (B, T, H) or None
+        if forecasting:
+            self._forecast_loss = self.forecast_loss(batch, states)
+        summary = self._readout(batch, h_last, states)  # (B, H)
+        return self.proj(self.dropout(summary)), _present(batch)
+
+    def forecast_loss(self, batch: dict[str, Any], states: Tensor) -> Tensor:
+        """Mean squared error of ``W_f h_t + b_f`` against the values observed at t+1.
+
+        Shapes:
+            - states: (B, T, H), zero at padded steps
+            - output: () scalar, 0 when no step has an observed successor
+        """
+        x, m, _, _ = _inputs(batch, self.n_channels)
+        t = states.shape[1]
+        valid = _step_mask(batch, t)[:, 1:].unsqueeze(-1)  # (B, T-1, 1): t+1 is a real step
+        target_mask = m[:, 1:t] * valid  # (B, T-1, C)
+        pred = self.forecast(states[:, :-1])  # (B, T-1, C)
+        err = (pred - x[:, 1:t]).pow(2) * target_mask  # garbage at padded steps is masked out
+        return err.sum() / target_mask.sum().clamp_min(1.0)
+
+    def regularization_loss(self) -> Tensor:
+        """``forecast_weight`` x the forecast loss of the last training forward pass.
+
+        Read once: the training step adds it after the forward pass.
+        """
+        loss, self._forecast_loss = self._forecast_loss, None
+        if loss is None:
+            return torch.zeros((), device=self.proj.weight.device)
+        return self.forecast_weight * loss
 
     def forward_tokens(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """One token per time step: the projected hidden state after that step.
@@ -164,10 +267,30 @@ class GRUD(ModalityEncoder):
             - output: (B, D), (B,), ((B, T, D), (B, T), (B, T))
         """
         h_last, states = self._run(batch, keep_states=True)  # (B, H), (B, T, H)
-        emb = self.proj(self.dropout(h_last))  # (B, D)
+        if self.forecast is not None and self.training:
+            self._forecast_loss = self.forecast_loss(batch, states)
+        emb = self.proj(self.dropout(self._readout(batch, h_last, states)))  # (B, D)
         tokens = self.proj(self.dropout(states))  # (B, T, D)
         mask = _step_mask(batch, tokens.shape[1])
         return emb, _present(batch), (tokens, mask, batch["ts_time"].to(tokens.dtype))
+
+    def _readout(self, batch: dict[str, Any], h_last: Tensor, states: Tensor | None) -> Tensor:
+        """The (B, H) summary of the stay; padded steps (zero states) get no weight.
+
+        A sample without steps gets the zero state, as with the ``"last"`` readout.
+        """
+        if self.readout == "last":
+            return h_last
+        mask = _step_mask(batch, states.shape[1]).unsqueeze(-1)  # (B, T, 1)
+        if self.readout == "mean":
+            return states.sum(1) / mask.sum(1).clamp_min(1)  # (B, H)
+        score = self.attn_score(states)  # (B, T, 1)
+        if self.log_tau is not None:  # recency prior: older steps weigh exp(-age / tau) less
+            age = batch["ts_time"].to(states.dtype).unsqueeze(-1)  # (B, T, 1) hours
+            score = score - age * torch.exp(-self.log_tau)
+        score = score.masked_fill(~mask, float("-inf"))
+        weight = torch.softmax(score, dim=1).nan_to_num(0.0)  # all-padded rows -> 0
+        return (weight * states).sum(1)  # (B, H)
 
     # -- the recurrence ------------------------------------------------------------
 
@@ -183,6 +306,10 @@ class GRUD(ModalityEncoder):
         gi_t = F.linear(torch.cat([x_hat.transpose(0, 1), m], -1), self.weight_ih, self.bias_ih)
         if self.weight_it is not None:
             gi_t = gi_t + F.linear(_time_features(batch, order), self.weight_it)  # (T, B, 3H)
+        if self.weight_id is not None:
+            gi_t = gi_t + F.linear(torch.log1p(delta), self.weight_id)  # (T, B, 3H)
+        if self.weight_ib is not None:
+            gi_t = gi_t + F.linear(first_observed(x, m), self.weight_ib)  # (T, B, 3H)
         gamma_t = self.hidden_decay(delta)  # (T, B, H)
         active = _active_counts(lengths[order], x.shape[0])
         states = grud_recurrence(gi_t, gamma_t, self.weight_hh, self.bias_hh, active)
@@ -246,6 +373,16 @@ def last_observed(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
         any_seen = any_seen | observed[:, t]
         x_last[:, t], seen[:, t] = value, any_seen
     return x_last, seen
+
+
+def first_observed(x: Tensor, m: Tensor) -> Tensor:
+    """Each channel's first observed value, from its first observation on; 0 before.
+
+    Shapes:
+        x, m: (T, B, C) time-major values and 0/1 mask -> (T, B, C)
+    """
+    first = m * (m.cumsum(0) == 1)  # 1 only at each channel's first observation
+    return (x * first).cumsum(0)
 
 
 def _inputs(batch: dict[str, Any], n_channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

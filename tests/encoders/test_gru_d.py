@@ -9,7 +9,7 @@ import torch
 
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders import create_encoder, list_encoders
-from clinfuse.encoders.gru_d import GRUD, last_observed
+from clinfuse.encoders.gru_d import GRUD, first_observed, last_observed
 from clinfuse.encoders.gru_d_recurrence import grud_recurrence
 
 C, H, D = 3, 8, 5
@@ -195,9 +195,9 @@ def test_batch_order_does_not_matter(time_inputs):
     assert torch.allclose(emb[perm], emb_p, atol=1e-6)
 
 
-@pytest.mark.parametrize("time_inputs", [False, True])
-def test_gradient_reaches_every_parameter(time_inputs):
-    enc = _encoder(learn_mean=True, time_inputs=time_inputs)
+@pytest.mark.parametrize("extra", [False, True])
+def test_gradient_reaches_every_parameter(extra):
+    enc = _encoder(learn_mean=True, time_inputs=extra, delta_inputs=extra, baseline_inputs=extra)
     batch = _batch([6, 4, 0, 6], t_max=6, p_obs=0.4, seed=6)
     emb, _ = enc(batch)
     tokens, mask, _ = enc.forward_tokens(batch)
@@ -259,6 +259,12 @@ def _reference(enc: GRUD, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         t = batch["ts_time"]
         feats = torch.stack([t, (t[:, :1] - t).clamp_min(0.0)], -1) / 24.0
         inputs, w_ih = torch.cat([inputs, feats], -1), torch.cat([w_ih, enc.weight_it], 1)
+    if enc.weight_id is not None:
+        inputs = torch.cat([inputs, torch.log1p(delta)], -1)
+        w_ih = torch.cat([w_ih, enc.weight_id], 1)
+    if enc.weight_ib is not None:
+        first = first_observed(x.transpose(0, 1), m.transpose(0, 1)).transpose(0, 1)
+        inputs, w_ih = torch.cat([inputs, first], -1), torch.cat([w_ih, enc.weight_ib], 1)
     gamma = enc.hidden_decay(delta)  # (B, T, H)
     last, steps = [], torch.zeros(*x.shape[:2], enc.hidden, dtype=x.dtype)
     for i, n in enumerate(batch["ts_length"].tolist()):
@@ -273,11 +279,12 @@ def _reference(enc: GRUD, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return enc.proj(torch.stack(last)), enc.proj(steps)
 
 
-@pytest.mark.parametrize("time_inputs", [False, True])
-def test_outputs_and_gradients_match_step_by_step_gru_cell(time_inputs):
+@pytest.mark.parametrize("extra", [(), ("time_inputs",), ("time_inputs", "delta_inputs",
+                                   "baseline_inputs")])  # fmt: skip
+def test_outputs_and_gradients_match_step_by_step_gru_cell(extra):
     """The hand-written backward through time against autograd through ATen's GRU cell:
     same embedding, step tokens and gradient of every parameter (float64)."""
-    enc = _encoder(learn_mean=True, time_inputs=time_inputs).double()
+    enc = _encoder(learn_mean=True, **dict.fromkeys(extra, True)).double()
     batch = {k: v.double() if v.is_floating_point() else v for k, v in
              _batch([7, 3, 0, 7, 1, 5], t_max=8, p_obs=0.4, seed=11).items()}  # fmt: skip
     g = torch.Generator().manual_seed(12)
@@ -319,3 +326,144 @@ def test_recurrence_gradcheck():
     for a in args:
         a.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda *a: grud_recurrence(*a, active), args)
+
+
+# -- pooled readouts ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("readout", ["mean", "attention", "recent"])
+def test_pooled_readout_shapes_and_padding_invariance(readout):
+    enc = _encoder(readout=readout)
+    short = _batch([3, 1, 0], t_max=3, seed=2)
+    long = _batch([3, 1, 0], t_max=7, seed=9)  # different garbage in the padding
+    for key in ("ts_values", "ts_mask", "ts_delta", "ts_time"):
+        long[key][:, :3] = short[key]
+    emb_s, present = enc(short)
+    emb_l, _ = enc(long)
+    assert emb_s.shape == (3, D) and present.tolist() == [True, True, False]
+    torch.testing.assert_close(emb_s, emb_l)  # padded steps contribute nothing
+    # a sample without steps gets the zero-state projection, as with the last state
+    torch.testing.assert_close(emb_s[2], enc.proj.bias)
+    emb_t, _, _ = enc.forward_with_tokens(long)
+    torch.testing.assert_close(emb_t, emb_l)  # the token path gives the same embedding
+
+
+def test_mean_readout_is_the_mean_of_the_valid_step_states():
+    """The projection is affine, so proj(mean of states) = mean of the step tokens,
+    which match the step-by-step reference through ATen's GRU cell."""
+    enc = _encoder(readout="mean").double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in
+             _batch([6, 2, 5], t_max=6, p_obs=0.5, seed=13).items()}  # fmt: skip
+    emb, _ = enc(batch)
+    _, ref_tokens = _reference(enc, batch)  # (B, T, D)
+    mask = _step_lengths_mask(batch["ts_length"], 6).unsqueeze(-1)  # (B, T, 1)
+    ref = (ref_tokens * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(emb, ref, rtol=1e-10, atol=1e-12)
+    last, _ = _encoder().double()(batch)
+    assert not torch.allclose(emb, last)  # not the last state in disguise
+
+
+def test_attention_readout_with_equal_scores_is_the_mean_and_weights_follow_scores():
+    batch = _batch([5, 3], t_max=5, p_obs=0.6, seed=14)
+    mean = _encoder(readout="mean").eval()
+    attn = _encoder(readout="attention").eval()
+    # Equal scores (a zero score vector): uniform weights over the valid steps.
+    attn.load_state_dict(dict(mean.state_dict(), **{"attn_score.weight": torch.zeros(1, H)}))
+    torch.testing.assert_close(attn(batch)[0], mean(batch)[0])
+    with torch.no_grad():
+        attn.attn_score.weight.normal_(generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(attn(batch)[0], mean(batch)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("readout", ["mean", "attention", "recent"])
+def test_pooled_readout_gradient_reaches_every_parameter(readout):
+    enc = _encoder(learn_mean=True, readout=readout)
+    emb, _ = enc(_batch([6, 4, 0, 6], t_max=6, p_obs=0.4, seed=6))
+    emb.pow(2).sum().backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_recent_readout_starts_as_an_exponentially_weighted_mean_of_the_step_tokens():
+    """At w = 0 the weights are exp(-age / 12 h), normalized over the valid steps; the
+    projection is affine, so the embedding is the same weighted mean of the tokens."""
+    enc = _encoder(readout="recent").double().eval()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in
+             _batch([5, 3], t_max=5, p_obs=0.6, seed=17).items()}  # fmt: skip
+    emb, _ = enc(batch)
+    tokens, mask, age = enc.forward_tokens(batch)
+    weight = torch.exp(-age / 12.0) * mask  # (B, T)
+    ref = (weight.unsqueeze(-1) * tokens).sum(1) / weight.sum(1, keepdim=True)
+    # tau is stored as a float32 log(12) before .double(): a 1e-7 relative difference
+    torch.testing.assert_close(emb, ref, rtol=1e-6, atol=1e-8)
+    mean, _ = _encoder(readout="mean").double().eval()(batch)
+    assert not torch.allclose(emb, mean)  # the latest states weigh more
+
+
+def test_unknown_readout_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="readout must be one of.*'max'"):
+        _encoder(readout="max")
+
+
+# -- the self-supervised forecast loss ---------------------------------------------
+
+
+def test_forecast_loss_matches_hand_computation_and_ignores_padding():
+    enc = _encoder(forecast_weight=0.5).double().train()
+    short = {k: v.double() if v.is_floating_point() else v for k, v in
+             _batch([4, 2, 0], t_max=4, p_obs=0.5, seed=15).items()}  # fmt: skip
+    long = {k: v.double() if v.is_floating_point() else v for k, v in
+            _batch([4, 2, 0], t_max=7, p_obs=0.5, seed=16).items()}  # fmt: skip
+    for key in ("ts_values", "ts_mask", "ts_delta", "ts_time"):
+        long[key][:, :4] = short[key]
+    enc(short)
+    loss = enc.regularization_loss()
+    # By hand, one (sample, step) at a time, on the step states (checked against ATen's
+    # GRU cell in test_outputs_and_gradients_match_step_by_step_gru_cell).
+    _, all_states = enc._run(short, keep_states=True)  # (B, T, H)
+    num, den = 0.0, 0.0
+    for i, n in enumerate(short["ts_length"].tolist()):
+        for t in range(n - 1):
+            m = short["ts_mask"][i, t + 1]
+            pred = enc.forecast(all_states[i, t])
+            num += ((pred - short["ts_values"][i, t + 1]) ** 2 * m).sum()
+            den += m.sum()
+    torch.testing.assert_close(loss, 0.5 * num / den)
+    enc(long)  # different garbage past each length: the same loss
+    torch.testing.assert_close(enc.regularization_loss(), loss)
+    assert enc.regularization_loss() == 0  # read once: a later step does not count it again
+
+
+def test_forecast_loss_trains_the_recurrence_and_is_off_in_eval():
+    enc = _encoder(forecast_weight=1.0).train()
+    enc(_batch([6, 4, 0, 6], t_max=6, p_obs=0.4, seed=6))
+    enc.regularization_loss().backward()
+    for name, p in enc.named_parameters():
+        if name.startswith("proj."):  # the embedding is not part of this loss
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    enc.eval()
+    enc(_batch([3], t_max=3))
+    assert enc.regularization_loss() == 0  # no loss from evaluation passes
+    plain = _encoder()
+    assert plain.forecast is None and plain.regularization_loss() == 0
+
+
+def test_delta_inputs_tell_how_often_the_same_values_were_charted():
+    batch = _batch([5, 5], t_max=5, p_obs=1.0, seed=3)
+    sparser = dict(batch, ts_delta=batch["ts_delta"] + 2.0)  # same values, charted less often
+    with torch.no_grad():
+        plain = _encoder().eval()
+        plain.decay_h.weight.zero_()  # no hidden decay and (all observed) no imputation:
+        plain.decay_h.bias.zero_()  # plain GRU-D cannot see the gaps at all
+        torch.testing.assert_close(plain(batch)[0], plain(sparser)[0])
+        timed = _encoder(delta_inputs=True).eval()
+        timed.load_state_dict(dict(timed.state_dict(), **plain.state_dict()))
+        assert not torch.allclose(timed(batch)[0], timed(sparser)[0], atol=1e-4)
+
+
+def test_first_observed_hand_example():
+    x = torch.tensor([[0.0, 5.0], [2.0, 0.0], [3.0, 7.0], [0.0, 1.0]]).unsqueeze(1)  # (T, 1, 2)
+    m = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).unsqueeze(1)
+    expected = torch.tensor([[0.0, 5.0], [2.0, 5.0], [2.0, 5.0], [2.0, 5.0]]).unsqueeze(1)
+    torch.testing.assert_close(first_observed(x, m), expected)
