@@ -207,6 +207,10 @@ TINY_RUN_OVERRIDES = (
     "model.encoders.gru_d.hidden=16", "model.encoders.gru_d.embed_dim=16",
     "model.encoders.sgl_mlp.hidden=[16]", "model.encoders.sgl_mlp.embed_dim=16",
     "model.fusion.cfg.dim=16", "model.fusion.cfg.heads=2",
+    # 120-subject cohorts are too small to choose genes on (the demo preset's path keeps
+    # none there): the tiny runs train the fixed-penalty genotype encoder, and the path
+    # has its own tests (tests/encoders/test_sgl_*.py, test_run.py's genes_chosen).
+    "model.encoders.sgl_mlp.select=fixed", "model.encoders.sgl_mlp.lambda_=0.005",
 )  # fmt: skip
 
 

@@ -25,8 +25,10 @@ from clinfuse.scoring.score import read_scores
 from .conftest import simulate
 
 # Scored one subject per chunk: with the shared 24-subject cohort a loaded machine let
-# the run finish between the first part file and the signal; 120 chunks leave time.
-N_SCORED = 120
+# the run finish between the first part file and the signal, and at load average 8 on
+# 2 cores so did 120 chunks (the test process was not scheduled for the seconds the
+# whole run took); 480 chunks leave four times that.
+N_SCORED = 480
 
 
 @pytest.fixture(scope="module")
