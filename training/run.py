@@ -260,10 +260,16 @@ def unused_modality_warnings(model: torch.nn.Module) -> list[str]:
         if not hasattr(encoder, "selected_groups") or encoder.selected_groups():
             continue
         if getattr(encoder.cfg, "select", "fixed") == "path":
+            rule = getattr(encoder.cfg, "path_rule", "1se")
+            why = (
+                "no group was selected on enough half-samples of the train split"
+                if rule == "stability"
+                else "none lowered the tuning loss"
+            )
             out.append(
-                f"{modality}: the genotype lambda path kept no marker group (none lowered the "
-                f"tuning loss; see genotype_path.json in the run directory), so the model "
-                f"ignores {modality}"
+                f"{modality}: the genotype lambda path kept no marker group ({why}; see "
+                f"genotype_path.json in the run directory), so the model ignores {modality}; "
+                f"on a small cohort, model.encoders.sgl_mlp.select=fixed reads every group"
             )
         else:
             out.append(

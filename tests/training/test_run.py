@@ -188,8 +188,14 @@ def test_a_zeroed_genotype_layer_is_reported_not_silent(tiny_run):
     assert message.startswith("genomics: the sparse-group-lasso penalty zeroed every group")
     # Groups chosen on the lambda path (select: path): the message points at the path.
     model.encoders["genomics"].cfg.select = "path"
+    model.encoders["genomics"].cfg.path_rule = "1se"
     (message,) = unused_modality_warnings(model)
     assert message.startswith("genomics: the genotype lambda path kept no marker group")
+    assert "tuning loss" in message
+    # The stability rule (the preset's) gives its own reason.
+    model.encoders["genomics"].cfg.path_rule = "stability"
+    (message,) = unused_modality_warnings(model)
+    assert "half-samples" in message and "select=fixed" in message
 
 
 def test_a_null_encoder_override_trains_without_that_modality(tiny_cohort, tmp_path):
