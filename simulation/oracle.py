@@ -123,11 +123,7 @@ def split_ceiling_scores(
     from sklearn.linear_model import LogisticRegression
 
     names = tuple(FEATURE_SETS) if names is None else names
-    split = _split_of(oracle, splits)
-    fit, score = split == fit_split, split == score_split
-    for wanted, rows in ((fit_split, fit), (score_split, score)):
-        if not rows.any():
-            raise ValueError(f"subject_splits has no subject of split {wanted!r} in the oracle")
+    fit, score = _split_masks(oracle, splits, fit_split, score_split)
     y = oracle["outcome"].to_numpy().astype(int)
     out = oracle.filter(pl.Series(score)).select("subject_id", "outcome", "true_risk")
     for name in names:
@@ -195,15 +191,24 @@ def observed_ceiling_scores(
         indicators.append(seen.astype(float))
     inter = factors["physio_severity"] * factors["modifier_carrier"]
     x = np.column_stack([*factors.values(), inter, *indicators])  # (N, F)
+    fit, score = _split_masks(oracle, splits, fit_split, score_split)
+    y = oracle["outcome"].to_numpy().astype(int)
+    model = LogisticRegression(max_iter=2000).fit(x[fit], y[fit])
+    out = oracle.filter(pl.Series(score)).select("subject_id", "outcome", "true_risk")
+    return out.with_columns(pl.Series("observed_interaction", model.decision_function(x[score])))
+
+
+def _split_masks(
+    oracle: pl.DataFrame, splits: pl.DataFrame, fit_split: str, score_split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) bool masks of the oracle rows in ``fit_split`` and ``score_split``; an empty
+    one is an error naming the split."""
     split = _split_of(oracle, splits)
     fit, score = split == fit_split, split == score_split
     for wanted, rows in ((fit_split, fit), (score_split, score)):
         if not rows.any():
             raise ValueError(f"subject_splits has no subject of split {wanted!r} in the oracle")
-    y = oracle["outcome"].to_numpy().astype(int)
-    model = LogisticRegression(max_iter=2000).fit(x[fit], y[fit])
-    out = oracle.filter(pl.Series(score)).select("subject_id", "outcome", "true_risk")
-    return out.with_columns(pl.Series("observed_interaction", model.decision_function(x[score])))
+    return fit, score
 
 
 def _split_of(oracle: pl.DataFrame, splits: pl.DataFrame) -> np.ndarray:
