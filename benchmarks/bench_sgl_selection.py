@@ -37,6 +37,9 @@ against ``oracle_groups.parquet``:
         --rule 1se min stability --cohort runs/sim_w0_s0 runs/sim_w0_s1 ...
 
 (a table of the rules side by side, with the stable groups' frequencies).
+``--interaction`` adds, per rule, a ``RULE+gxe`` column: the same path with each
+group's dosage x vitals/labs-risk columns (``path_interaction: timeseries``, the
+environment cross-fitted as training does), which is how a modifier gene is found.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from clinfuse.datasets.datamodule import genotype_principal_axes
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders.genomics import group_selection_metrics
 from clinfuse.encoders.sgl_path import (
+    INTERACTION_SUFFIX,
     RULES,
     GenotypeDesign,
     refit_logistic,
@@ -217,9 +221,15 @@ def main() -> None:
         "--rule", nargs="+", default=["1se"], choices=RULES,
         help="how our path keeps groups; several give one row (one column with --cohort) each",
     )  # fmt: skip
+    ap.add_argument(
+        "--interaction", action="store_true",
+        help="with --cohort: also each rule with the gene x vitals/labs-risk columns",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.cohort:
-        cohort_table([cohort_path(c, args.pcs, args.rule) for c in args.cohort], args.rule)
+        results = [cohort_path(c, args.pcs, args.rule, args.interaction) for c in args.cohort]
+        columns = [r + s for r in args.rule for s in (["", "+gxe"] if args.interaction else [""])]
+        cohort_table(results, columns)
         return
     world = draw_world(args)
     names = [f"G{g:02d}" for g in range(args.groups)]
@@ -250,11 +260,15 @@ def main() -> None:
     print_table(rows)
 
 
-def cohort_path(cohort: str, pcs: int, rules: list[str]) -> dict[str, dict]:
-    """The preset's path on a simulator cohort's train and tuning splits, scored per rule."""
+def cohort_path(
+    cohort: str, pcs: int, rules: list[str], interaction: bool = False
+) -> dict[str, dict]:
+    """The preset's path on a simulator cohort's train and tuning splits, scored per rule
+    (and per rule with the gene x vitals/labs-risk columns, ``RULE+gxe``)."""
     import polars as pl
 
     from clinfuse.datasets.datamodule import CohortDataModule, DataConfig
+    from clinfuse.training.genotype_selection import timeseries_environment
 
     dm = CohortDataModule(cohort, DataConfig(genotype_pcs=pcs, image_size=32))
     dm.setup("fit")
@@ -262,23 +276,38 @@ def cohort_path(cohort: str, pcs: int, rules: list[str]) -> dict[str, dict]:
     causal = {"causal": truth["group"].to_list(), "ancestral": []}
     roles = dict(zip(truth["group"], truth["role"], strict=True))
     out = {}
-    for rule in rules:
+    env_seconds, environment = 0.0, None
+    if interaction:
+        start = time.perf_counter()
+        *environment, info = timeseries_environment(dm)
+        env_seconds = time.perf_counter() - start
+        print(f"{cohort}: vitals/labs score AUROC {info['train_auroc']:.3f} (cross-fitted), "
+              f"{env_seconds:.0f} s")  # fmt: skip
+    runs = [(r, None) for r in rules]
+    if interaction:
+        runs = [(r + s, e) for r in rules for s, e in (("", None), ("+gxe", environment))]
+    for name, env in runs:
         start = time.perf_counter()
         path = regularization_path(
             dm.spec, dm.datasets["train"].tensors, dm.datasets["tuning"].tensors,
-            ancestry_pcs=pcs, rule=rule,
+            ancestry_pcs=pcs, rule=name.removesuffix("+gxe"),
+            environment=None if env is None else tuple(env),
         )  # fmt: skip
-        r = row(rule, 0, path.groups, float("nan"), time.perf_counter() - start, causal)
+        secs = time.perf_counter() - start + (env_seconds if env is not None else 0.0)
+        r = row(name, 0, path.groups, float("nan"), secs, causal)
         r["missed"] = [f"{g} ({roles[g]})" for g in causal["causal"] if g not in path.groups]
         r["main_kept"] = all(g in path.groups for g in causal["causal"] if roles[g] == "main")
-        out[rule] = r
+        out[name] = r
         print(
-            f"{cohort} [{rule}]: kept {r['n']} {r['kept']}, precision {r['precision']:.2f}, "
+            f"{cohort} [{name}]: kept {r['n']} {r['kept']}, precision {r['precision']:.2f}, "
             f"recall {r['recall']:.2f}, missed {r['missed'] or 'none'}, {r['seconds']:.0f} s",
             flush=True,
         )
         if path.stability is not None:
-            freq = dict(zip(dm.spec.groups, path.stability["frequency"], strict=True))
+            names = list(dm.spec.groups)
+            if path.interaction:
+                names += [g + INTERACTION_SUFFIX for g in dm.spec.groups]
+            freq = dict(zip(names, path.stability["frequency"], strict=True))
             print("    frequencies: " + ", ".join(
                 f"{g} {f:.2f}" for g, f in sorted(freq.items(), key=lambda kv: -kv[1]) if f > 0
             ))  # fmt: skip

@@ -23,6 +23,7 @@ from clinfuse.encoders.base import ModalityEncoder, register_encoder
 MISSING_MODES = ("impute", "mask")
 SELECT_MODES = ("fixed", "path")
 PATH_RULES = ("min", "1se", "stability")
+PATH_INTERACTIONS = ("none", "timeseries")
 # Allele frequencies are clamped to [_MIN_FREQ, 1 - _MIN_FREQ] before scaling, so a
 # marker monomorphic on the train split does not divide by a zero variance.
 _MIN_FREQ = 0.01
@@ -83,6 +84,12 @@ class SGLMLPConfig:
         path_pairs: complementary pairs of halves for the ``stability`` rule.
         path_seed: seed of the halves; fixed apart from the training seed, so the
             genes chosen are a function of the cohort alone.
+        path_interaction: ``none``, or ``timeseries``: the path also tests each group
+            for a change of the vitals/labs risk's effect (gene x environment). The
+            environment is a gradient-boosting score of the window's vitals/labs
+            features, cross-fitted on the train split
+            (``training.genotype_selection.timeseries_environment``), so a gene that
+            acts only through physiology (a modifier) can be kept.
     """
 
     hidden: tuple[int, ...] = (64,)
@@ -102,6 +109,7 @@ class SGLMLPConfig:
     path_max_false: float = 2.0
     path_pairs: int = 25
     path_seed: int = 0
+    path_interaction: str = "none"
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -109,6 +117,11 @@ class SGLMLPConfig:
             raise ValueError(f"sgl_mlp: select={self.select!r}; choose one of {SELECT_MODES}")
         if self.path_rule not in PATH_RULES:
             raise ValueError(f"sgl_mlp: path_rule={self.path_rule!r}; choose one of {PATH_RULES}")
+        if self.path_interaction not in PATH_INTERACTIONS:
+            raise ValueError(
+                f"sgl_mlp: path_interaction={self.path_interaction!r}; choose one of "
+                f"{PATH_INTERACTIONS}"
+            )
         if not 0.5 < self.path_threshold <= 1.0:
             raise ValueError(f"sgl_mlp: path_threshold={self.path_threshold} must lie in (0.5, 1]")
         if self.path_pairs < 1 or self.path_max_false <= 0:
@@ -455,12 +468,13 @@ def sgl_mlp(
     path_max_false: float = 2.0,
     path_pairs: int = 25,
     path_seed: int = 0,
+    path_interaction: str = "none",
 ) -> SGLMLPEncoder:
     """Builds the sparse-group-lasso MLP genotype encoder (see ``SGLMLPConfig``)."""
     cfg = SGLMLPConfig(
         tuple(hidden), embed_dim, lambda_, alpha, dropout, missing, prox_lr, ancestry_pcs,
         select, None if keep_groups is None else list(keep_groups), path_rule, path_pcs,
-        path_lambdas, path_threshold, path_max_false, path_pairs, path_seed,
+        path_lambdas, path_threshold, path_max_false, path_pairs, path_seed, path_interaction,
     )  # fmt: skip
     return SGLMLPEncoder(spec, cfg)
 

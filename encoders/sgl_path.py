@@ -17,6 +17,17 @@ subjects' scores on those axes enter the model as unpenalized covariates. A mark
 that differs in frequency between populations but carries no risk then has nothing
 left to explain, while the part of a causal marker's dosage that is not ancestry
 keeps its effect.
+
+Genes that change the effect of another modality (gene x environment) are found the
+same way when an environment score is given: every group gets a twin, its markers'
+adjusted dosages times the score (standardized on the train split), penalized as a
+group of its own, and the score itself is one more unpenalized covariate. A gene is
+kept when its main group, its interaction group or both are. A gene that acts only by
+modifying the effect of physiology has no main effect for a marginal screen to find
+(measured on the simulator's modifier gene: kept on 0.54 of the half-samples without
+the interaction groups, on all of them with them). Twin groups rather than one group
+of both column sets: one group of twice the columns carries a penalty sqrt(2) times
+larger, which on 2,000-subject cohorts cost main-effect genes their stability.
 """
 
 from __future__ import annotations
@@ -40,6 +51,8 @@ from clinfuse.encoders.genomics import (
 from clinfuse.encoders.sgl_stability import stability_selection
 
 RULES = ("min", "1se", "stability")
+# Name of a group's interaction twin: "GENE02 x environment".
+INTERACTION_SUFFIX = " x environment"
 # Ridge (on the mean loss) of the all-groups fit whose group norms weight the
 # adaptive penalty.
 _ADAPTIVE_RIDGE = 1e-2
@@ -56,7 +69,8 @@ class PathResult:
     Attributes:
         lambdas: strengths, largest first (the order they were fitted in).
         n_selected: groups with a non-zero coefficient, per strength.
-        selected: those groups' names, per strength.
+        selected: those groups' names, per strength (an interaction twin as
+            ``GENE x environment``).
         train_loss: mean training BCE (penalty excluded), per strength.
         tuning_loss: mean tuning BCE of the strength's relaxed fit (its groups refitted
             without the penalty), per strength.
@@ -68,7 +82,10 @@ class PathResult:
         ancestry_pcs: principal axes adjusted for.
         adaptive: whether group penalties were weighted by a ridge fit.
         n_train, n_tuning: genotyped subjects used.
-        group_norms: norm of each group's coefficients, per strength (G per row).
+        group_norms: norm of each group's coefficients, per strength (G per row; 2 G
+            with interaction twins, the twins after the genes).
+        stability: the ``stability`` rule's frequencies (``StabilityResult.to_dict``).
+        interaction: whether each group had its dosage x environment twin.
     """
 
     lambdas: list[float]
@@ -86,20 +103,37 @@ class PathResult:
     n_tuning: int
     group_norms: list[list[float]] = field(default_factory=list)
     stability: dict[str, Any] | None = None
+    interaction: bool = False
 
     @property
     def lambda_(self) -> float:
         return self.lambdas[self.chosen]
 
     @property
+    def _chosen_names(self) -> list[str]:
+        return (
+            self.stability["groups"] if self.stability is not None else self.selected[self.chosen]
+        )
+
+    @property
     def groups(self) -> list[str]:
-        """The chosen groups: the stable ones (``stability`` rule), else the chosen strength's."""
-        if self.stability is not None:
-            return list(self.stability["groups"])
-        return self.selected[self.chosen]
+        """The chosen genes: the stable groups (``stability`` rule), else the chosen
+        strength's; a gene kept by its interaction twin (``GENE x environment``) counts."""
+        return list(dict.fromkeys(g.removesuffix(INTERACTION_SUFFIX) for g in self._chosen_names))
+
+    @property
+    def interaction_groups(self) -> list[str]:
+        """The chosen genes whose interaction twin was chosen."""
+        return [g.removesuffix(INTERACTION_SUFFIX) for g in self._chosen_names
+                if g.endswith(INTERACTION_SUFFIX)]  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "lambda_": self.lambda_, "groups": self.groups}
+        return {
+            **asdict(self),
+            "lambda_": self.lambda_,
+            "groups": self.groups,
+            "interaction_groups": self.interaction_groups,
+        }
 
 
 @dataclass
@@ -286,6 +320,7 @@ def regularization_path(
     max_iter: int = 3000,
     tol: float = 1e-6,
     stability: dict[str, Any] | None = None,
+    environment: tuple[Tensor, Tensor] | None = None,
 ) -> PathResult:
     """Fits the path on ``train``, scores it on ``tuning``, chooses a strength.
 
@@ -313,9 +348,14 @@ def regularization_path(
             in a ridge fit of every group (the adaptive group lasso, Wang & Leng 2008),
             so groups with no signal are penalized harder than groups with some.
         max_iter, tol: per-strength solver limits (largest coefficient change).
+        environment: a score per subject of ``train`` and of ``tuning`` (every row of
+            the batch, genotyped or not) whose effect a gene may change; each group
+            then has a twin group, its markers' products with the score (standardized
+            on the genotyped train subjects), and the score is an unpenalized covariate.
 
     Raises:
-        ValueError: when either split has no genotyped subject of each outcome.
+        ValueError: when either split has no genotyped subject of each outcome, or an
+            environment score is not finite or does not match its batch.
     """
     check_genotype_spec(spec)
     if rule not in RULES:
@@ -325,12 +365,18 @@ def regularization_path(
     x, cov = design.transform(*_called(train))
     xt, covt = design.transform(*_called(tuning))
     groups = torch.tensor(spec.marker_groups, dtype=torch.long)
-    sizes = torch.bincount(groups, minlength=spec.n_groups).double()
+    names = list(spec.groups)
+    if environment is not None:
+        (x, cov), (xt, covt) = _with_interaction(x, cov, xt, covt, train, tuning, environment)
+        groups = torch.cat([groups, groups + spec.n_groups])
+        names += [g + INTERACTION_SUFFIX for g in spec.groups]
+    n_groups = len(names)
+    sizes = torch.bincount(groups, minlength=n_groups).double()
     if adaptive:
         # Penalizing beta_g / w_g is fitting columns scaled by w_g: both terms of the
         # penalty get the group's weight, and zero groups stay zero groups.
         init = refit_logistic(torch.cat([x, cov], 1), y, ridge=_ADAPTIVE_RIDGE)[: x.shape[1]]
-        weight = _group_norms(init[None], groups, spec.n_groups)[groups]  # (M,)
+        weight = _group_norms(init[None], groups, n_groups)[groups]  # (M,)
         x, xt = x * weight, xt * weight
     beta = torch.zeros(x.shape[1], dtype=x.dtype)
     gamma = torch.zeros(cov.shape[1], dtype=x.dtype)
@@ -344,19 +390,17 @@ def regularization_path(
     rows: dict[str, list] = {k: [] for k in ("sel", "train", "tune", "norms")}
     for lam in lambdas:
         beta, gamma = fit_sgl(x, cov, y, groups, sizes, lam, alpha, beta, gamma, max_iter, tol)
-        norms = _group_norms(beta[None], groups, spec.n_groups)
+        norms = _group_norms(beta[None], groups, n_groups)
         keep = norms[groups] > 0  # (M,)
         w = refit_logistic(torch.cat([x[:, keep], cov], 1), y)
-        rows["sel"].append([spec.groups[i] for i in (norms > 0).nonzero().flatten().tolist()])
+        rows["sel"].append([names[i] for i in (norms > 0).nonzero().flatten().tolist()])
         rows["train"].append(float(_bce(x @ beta + cov @ gamma, y).mean()))
         rows["tune"].append(_bce(torch.cat([xt[:, keep], covt], 1) @ w, yt))
         rows["norms"].append([float(v) for v in norms])
     losses = torch.stack(rows["tune"])  # (L, N_tuning)
     stable = None
     if rule == "stability":
-        stable = stability_selection(
-            x, cov, y, groups, list(spec.groups), lambdas, alpha, **(stability or {})
-        )
+        stable = stability_selection(x, cov, y, groups, names, lambdas, alpha, **(stability or {}))
     return PathResult(
         lambdas=lambdas,
         n_selected=[len(s) for s in rows["sel"]],
@@ -373,7 +417,31 @@ def regularization_path(
         n_tuning=xt.shape[0],
         group_norms=rows["norms"],
         stability=stable.to_dict() if stable else None,
+        interaction=environment is not None,
     )
+
+
+def _with_interaction(x, cov, xt, covt, train, tuning, environment):
+    """Both splits' inputs with each marker's x environment column and the score.
+
+    Shapes:
+        x: (N, M); cov: (N, C) -> (N, 2 M), (N, C + 1); the same for the tuning split
+    """
+    scores = []
+    for name, batch, e in (("train", train, environment[0]), ("tuning", tuning, environment[1])):
+        e = torch.as_tensor(e, dtype=torch.float64).flatten()
+        if e.numel() != batch["genotype_present"].shape[0] or not bool(e.isfinite().all()):
+            raise ValueError(
+                f"genotype lambda path: the {name} environment score needs one finite value "
+                f"per subject ({batch['genotype_present'].shape[0]}), got {e.numel()} values"
+            )
+        scores.append(e[batch["genotype_present"].bool()])
+    mean, sd = scores[0].mean(), scores[0].std().clamp_min(_MIN_STD)
+    out = []
+    for (a, c), e in zip(((x, cov), (xt, covt)), scores, strict=True):
+        z = ((e - mean) / sd)[:, None]  # (N, 1)
+        out.append((torch.cat([a, a * z], 1), torch.cat([c, z], 1)))
+    return out
 
 
 def _called(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

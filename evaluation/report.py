@@ -391,6 +391,15 @@ def _genomics(g: dict[str, Any]) -> str:
                 ),
             ),
         ]
+        if path.get("interaction"):
+            env = path.get("environment") or {}
+            score = f", its cross-fitted AUROC {env['train_auroc']:.3f}" if env else ""
+            kept = ", ".join(path.get("interaction_groups", [])) or "none"
+            rows.append((
+                "gene x environment",
+                f"every gene also tested for changing the effect of the vitals/labs risk "
+                f"score{score}; kept for that: {kept}",
+            ))  # fmt: skip
     return _table_rows(rows, "measure", "value")
 
 

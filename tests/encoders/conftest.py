@@ -55,3 +55,48 @@ def two_populations_design(n: int, seed: int) -> tuple[DataSpec, dict, dict]:
 def two_populations():
     """``two_populations_design(n, seed)``: (spec, train/tuning batches, truth)."""
     return two_populations_design
+
+
+def modifier_design(n: int, seed: int) -> tuple[DataSpec, dict, dict, dict]:
+    """One population; group 2 is a main effect; group 6 only modifies the effect of an
+    environment score ``e`` (carriers, group score above its median, have
+    ``e``'s effect 2.5 times larger), so with the intercept at 0 it has no marginal
+    association with the outcome at all.
+
+    Returns:
+        spec, train/tuning batches, ``{"train": e, "tuning": e}``, truth.
+    """
+    rng = np.random.default_rng(seed)
+    m = GROUPS * PER_GROUP
+    x = rng.binomial(2, rng.uniform(0.2, 0.5, m), size=(n, m)).astype(np.float32)
+    z = (x - x.mean(0)) / x.std(0)
+    main = z[:, 2 * PER_GROUP : 3 * PER_GROUP].mean(1)
+    modifier = z[:, 6 * PER_GROUP : 7 * PER_GROUP].mean(1)
+    carrier = modifier > np.median(modifier)
+    e = rng.normal(size=n)
+    logit = 1.2 * e * (1.0 + 1.5 * carrier) + 1.0 * main / main.std()
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    split = {"train": slice(0, int(0.7 * n)), "tuning": slice(int(0.7 * n), n)}
+    data = {
+        s: {
+            "genotype": torch.from_numpy(x[i]),
+            "genotype_mask": torch.ones_like(torch.from_numpy(x[i])),
+            "genotype_present": torch.ones(x[i].shape[0], dtype=torch.bool),
+            "label": torch.from_numpy(y[i]),
+        }
+        for s, i in split.items()
+    }
+    spec = DataSpec(
+        markers=[f"rs{i}" for i in range(m)],
+        marker_groups=[i // PER_GROUP for i in range(m)],
+        groups=[f"G{g:02d}" for g in range(GROUPS)],
+        marker_mean=data["train"]["genotype"].mean(0).tolist(),
+    )
+    env = {s: torch.from_numpy(e[i]) for s, i in split.items()}
+    return spec, data, env, {"main": "G02", "modifier": "G06"}
+
+
+@pytest.fixture(scope="session")
+def modifier_genes():
+    """``modifier_design(n, seed)``: (spec, batches, environment scores, truth)."""
+    return modifier_design
