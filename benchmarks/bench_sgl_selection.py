@@ -222,12 +222,19 @@ def main() -> None:
         help="how our path keeps groups; several give one row (one column with --cohort) each",
     )  # fmt: skip
     ap.add_argument(
+        "--max-false", type=float, default=2.0,
+        help="the stability rule's bound on expected false selections (path_max_false)",
+    )  # fmt: skip
+    ap.add_argument(
         "--interaction", action="store_true",
         help="with --cohort: also each rule with the gene x vitals/labs-risk columns",
     )  # fmt: skip
     args = ap.parse_args()
     if args.cohort:
-        results = [cohort_path(c, args.pcs, args.rule, args.interaction) for c in args.cohort]
+        results = [
+            cohort_path(c, args.pcs, args.rule, args.interaction, args.max_false)
+            for c in args.cohort
+        ]
         columns = [r + s for r in args.rule for s in (["", "+gxe"] if args.interaction else [""])]
         cohort_table(results, columns)
         return
@@ -261,7 +268,7 @@ def main() -> None:
 
 
 def cohort_path(
-    cohort: str, pcs: int, rules: list[str], interaction: bool = False
+    cohort: str, pcs: int, rules: list[str], interaction: bool = False, max_false: float = 2.0
 ) -> dict[str, dict]:
     """The preset's path on a simulator cohort's train and tuning splits, scored per rule
     (and per rule with the gene x vitals/labs-risk columns, ``RULE+gxe``)."""
@@ -292,6 +299,7 @@ def cohort_path(
             dm.spec, dm.datasets["train"].tensors, dm.datasets["tuning"].tensors,
             ancestry_pcs=pcs, rule=name.removesuffix("+gxe"),
             environment=None if env is None else tuple(env),
+            stability={"max_false": max_false},
         )  # fmt: skip
         secs = time.perf_counter() - start + (env_seconds if env is not None else 0.0)
         r = row(name, 0, path.groups, float("nan"), secs, causal)

@@ -440,7 +440,7 @@ def _with_interaction(x, cov, xt, covt, train, tuning, environment):
     out = []
     for (a, c), e in zip(((x, cov), (xt, covt)), scores, strict=True):
         z = ((e - mean) / sd)[:, None]  # (N, 1)
-        out.append((torch.cat([a, a * z], 1), torch.cat([c, z], 1)))
+        out.append((torch.cat([a, a * z], 1), torch.cat([c, z, c[:, 1:] * z], 1)))
     return out
 
 

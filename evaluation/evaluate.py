@@ -83,7 +83,10 @@ def evaluate(
         m: (pred[f"embedding_{m}"], pred[f"present_{m}"]) for m in art.model.modalities
     }
     risk_factors = _risk_factors(cohort_dir, samples)
-    metrics["audit"] = _audit(pred["fused"], y, samples, seed, risk_factors, modality_embeddings)
+    markers = _risk_markers(cohort_dir, samples) if risk_factors is not None else None
+    metrics["audit"] = _audit(
+        pred["fused"], y, samples, seed, risk_factors, modality_embeddings, markers
+    )
     signal = _genetic_signal(pred, y, risk_factors, seed)
     if signal is not None:
         metrics["audit"]["genetic_signal"] = signal
@@ -279,6 +282,31 @@ def _risk_factors(cohort_dir, samples: pl.DataFrame) -> np.ndarray | None:
     return factors.fill_null(float("nan")).to_numpy()  # (N, F)
 
 
+def _risk_markers(cohort_dir, samples: pl.DataFrame) -> np.ndarray | None:
+    """The causal markers' dosages of each sample (N, K), when the cohort names its causal
+    groups (the simulator's ``oracle_groups.parquet``) and has genotypes, else None.
+
+    Missing calls and patients without genotypes take the marker's mean over these
+    samples: what a model can read of them is nothing beyond the cohort's average.
+    """
+    from clinfuse.evaluation.baseline import genotype_features
+
+    root = sidecar_root(cohort_dir)
+    truth, markers = root / "oracle_groups.parquet", root / "markers.parquet"
+    if not truth.is_file() or not markers.is_file():
+        return None
+    causal = pl.read_parquet(truth).filter(pl.col("causal"))["group"].to_list()
+    names = pl.read_parquet(markers).filter(pl.col("group").is_in(causal))["marker"].to_list()
+    if not names:
+        return None
+    dosage, _ = genotype_features(cohort_dir, samples, names)  # (N, K), NaN = not called
+    called = np.isfinite(dosage)
+    if not called.any():
+        return None
+    mean = np.where(called.any(0), np.nansum(dosage, 0) / np.maximum(called.sum(0), 1), 0.0)
+    return np.where(called, dosage, mean)
+
+
 def _audit(
     fused: np.ndarray,
     y: np.ndarray,
@@ -286,6 +314,7 @@ def _audit(
     seed: int,
     risk_factors: np.ndarray | None = None,
     modality_embeddings: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    risk_markers: np.ndarray | None = None,
 ) -> dict[str, Any]:
     confounds, vocab = {}, {}
     for name in ("site", "ancestry"):
@@ -296,7 +325,7 @@ def _audit(
         index = {v: i for i, v in enumerate(vocab[name])}
         confounds[name] = np.array([index.get(v, -1) for v in values.to_list()])
     return run_audit(
-        fused, y, confounds, vocab, seed, risk_factors, modality_embeddings=modality_embeddings
+        fused, y, confounds, vocab, seed, risk_factors, modality_embeddings, risk_markers
     )
 
 

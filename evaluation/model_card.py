@@ -343,10 +343,14 @@ def _floor_note(p: dict, margin: float) -> str:
     floor = p.get("risk_factor_probe_accuracy")
     if not _finite(floor):
         return ""
+    what = "the true risk factors"
+    genes = p.get("risk_marker_probe_accuracy")
+    if _finite(genes) and genes > floor:
+        floor, what = genes, "the true risk factors with the causal genes' dosages"
     best = max(p.get(k) for k, _ in _PROBES if _finite(p.get(k)))
     if best - floor > margin:
-        return f"; above the {floor:.3f} that the true risk factors give away"
-    return f"; no more than the {floor:.3f} that the true risk factors themselves give away"
+        return f"; above the {floor:.3f} that {what} give away"
+    return f"; no more than the {floor:.3f} that {what} themselves give away"
 
 
 def _loso_table(loso: dict) -> str:

@@ -212,22 +212,35 @@ def _subgroup_table(groups: dict[str, dict[str, Any]]) -> str:
 def _audit(audit: dict[str, Any]) -> str:
     if not audit:
         return "<p>not run</p>"
-    floor = any(isinstance(a, dict) and "risk_factor_probe_accuracy" in a for a in audit.values())
+    floors = [
+        (src, label)
+        for src, label in (
+            ("risk_factor_", "risk-factor floor"),
+            ("risk_marker_", "with the causal genes' dosages"),
+        )
+        if any(isinstance(a, dict) and f"{src}probe_accuracy" in a for a in audit.values())
+    ]
     head = (
         "<tr><th>confound</th><th>probe accuracy (logistic)</th><th>probe accuracy (MLP)</th>"
         "<th>probe accuracy (trees)</th>"
-        + ("<th>risk-factor floor (logistic / MLP / trees)</th>" if floor else "")
+        + "".join(f"<th>{label} (logistic / MLP / trees)</th>" for _, label in floors)
         + "<th>majority rate</th><th>probe balanced acc.</th><th>chance</th><th>n</th></tr>"
     )
     flagged = _flagged(audit)
-    rows = "".join(_audit_row(name, a, floor, flagged) for name, a in audit.items() if _is_probe(a))
+    sources = [src for src, _ in floors]
+    rows = "".join(
+        _audit_row(name, a, sources, flagged) for name, a in audit.items() if _is_probe(a)
+    )
     note = (
         "<p>Fresh cross-validated probes (logistic regression and a one-hidden-layer MLP) on "
         "the frozen embeddings of these patients. Probe accuracy well above the majority rate "
         "(red) means the representation still encodes the confound, whatever the adversary's "
         "training loss said. The risk-factor floor, when the cohort has the simulator's "
         "oracle, is what the same probes read from the true risk factors alone: a "
-        "representation that carries the risk cannot go below it.</p>"
+        "representation that carries the risk cannot go below it. The causal genes' "
+        "dosages (when the cohort names them) also differ between populations: a model "
+        "that reads those genes cannot go below what the same probes read from them "
+        "with the risk factors.</p>"
     )
     loso = audit.get("leave_one_site_out_auroc") or {}
     loso_html = _table_rows(
@@ -248,7 +261,8 @@ def _verdict(verdict: dict[str, Any] | None) -> str:
     rule = (
         "Each probe (logistic, MLP, gradient-boosted trees; on the fused representation and "
         "on each modality's embedding) is held to its floor, max(majority rate, the same "
-        "probe on the true risk factors when known), plus two binomial standard errors."
+        "probe on the true risk factors when known, the same probe on them with the "
+        "causal genes' dosages when known), plus two binomial standard errors."
     )
     if verdict["passed"]:
         return (
@@ -340,14 +354,13 @@ def _warn_class(a: dict[str, Any], flagged: set | None = None, key: tuple = ()) 
     return " class='warn'" if best - a["majority_rate"] > 0.05 else ""
 
 
-def _audit_row(name: str, a: dict[str, Any], floor: bool, flagged: set | None = None) -> str:
+def _audit_row(name: str, a: dict[str, Any], floors: list[str], flagged: set | None = None) -> str:
     cls = _warn_class(a, flagged, (name, "fused"))
-    floor_cell = (
-        f"<td>{_fmt(a.get('risk_factor_probe_accuracy'))} / "
-        f"{_fmt(a.get('risk_factor_mlp_probe_accuracy'))} / "
-        f"{_fmt(a.get('risk_factor_gbt_probe_accuracy'))}</td>"
-        if floor
-        else ""
+    floor_cell = "".join(
+        f"<td>{_fmt(a.get(f'{src}probe_accuracy'))} / "
+        f"{_fmt(a.get(f'{src}mlp_probe_accuracy'))} / "
+        f"{_fmt(a.get(f'{src}gbt_probe_accuracy'))}</td>"
+        for src in floors
     )
     return (
         f"<tr{cls}><td>{html.escape(name)}</td><td>{_fmt(a['probe_accuracy'])}</td>"

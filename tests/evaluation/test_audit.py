@@ -308,3 +308,37 @@ def test_report_and_summary_line_say_which_probes_are_above_their_floor():
 def test_no_confound_no_verdict():
     rng = np.random.default_rng(10)
     assert "verdict" not in run_audit(rng.normal(size=(50, 3)), rng.integers(0, 2, 50), {}, {})
+
+
+def _ancestry_in_the_genes(seed: int = 11, n: int = 800):
+    """Two populations whose causal markers differ in frequency; the scalar risk factor
+    (the genetic score of a balanced set of markers) does not say the population."""
+    rng = np.random.default_rng(seed)
+    anc = rng.integers(0, 2, n)
+    freq = np.where(anc[:, None] == 1, 0.65, 0.25)  # (N, 1) -> every marker drifts
+    markers = rng.binomial(2, np.repeat(freq, 6, axis=1)).astype(float)  # (N, 6)
+    factor = rng.normal(size=(n, 1))  # a risk factor with no population in it
+    return anc, markers, factor
+
+
+def test_a_model_reading_the_causal_genes_is_held_to_what_the_genes_say_of_ancestry():
+    anc, markers, factor = _ancestry_in_the_genes()
+    z = np.hstack([markers, factor]) + np.random.default_rng(1).normal(0, 0.1, (len(anc), 7))
+    y = np.random.default_rng(2).integers(0, 2, len(anc))
+    scalar = run_audit(z, y, {"ancestry": anc}, {}, risk_factors=factor)
+    genes = run_audit(z, y, {"ancestry": anc}, {}, risk_factors=factor, risk_markers=markers)
+    # The scalar factor gives the population away at the majority rate; the genes at
+    # far more, and the representation reads no more than they do.
+    assert scalar["ancestry"]["risk_factor_probe_accuracy"] < 0.6
+    assert genes["ancestry"]["risk_marker_probe_accuracy"] > 0.75
+    assert not scalar["verdict"]["passed"]
+    assert genes["verdict"]["passed"], genes["verdict"]["above"]
+
+
+def test_the_genes_floor_does_not_excuse_ancestry_read_from_elsewhere():
+    anc, markers, factor = _ancestry_in_the_genes()
+    z = np.hstack([markers, factor, anc[:, None] * 3.0])  # the population itself, too
+    y = np.random.default_rng(3).integers(0, 2, len(anc))
+    res = run_audit(z, y, {"ancestry": anc}, {}, risk_factors=factor, risk_markers=markers)
+    assert not res["verdict"]["passed"]
+    assert {a["probe"] for a in res["verdict"]["above"]} >= {"logistic"}
