@@ -93,6 +93,13 @@ PATH = (
     "model.encoders.sgl_mlp.path_pcs=5",
     "data.genotype_pcs=5",
 )
+# The path also keeps genes that change the effect of physiology (gene x environment
+# twin groups, encoders/sgl_path.py); with twice the candidate groups, a false-selection
+# bound of 1 counts the same strengths as 2 does over the genes alone.
+GXE = (
+    "model.encoders.sgl_mlp.path_interaction=timeseries",
+    "model.encoders.sgl_mlp.path_max_false=1.0",
+)
 SHIFT_TREATMENTS: dict[str, tuple[str, ...]] = {
     "preset": (),
     "untreated": (NO_ADVERSARY,),
@@ -107,6 +114,9 @@ SHIFT_TREATMENTS: dict[str, tuple[str, ...]] = {
     # the true genetic difference between populations that PC adjustment removes.
     "path_offsets": (*PATH, OFFSETS, NO_ADVERSARY),
     "combat_path_offsets": (COMBAT, *PATH, OFFSETS, NO_ADVERSARY),
+    # The same with the modifier gene kept (gene x environment selection).
+    "path_offsets_gxe": (*PATH, *GXE, OFFSETS, NO_ADVERSARY),
+    "combat_path_offsets_gxe": (COMBAT, *PATH, *GXE, OFFSETS, NO_ADVERSARY),
 }
 # The missing experiment: (modality, share of subjects without it) per cohort;
 # ("none", 0.0) is the complete-data reference every drop is measured from.
