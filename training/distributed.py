@@ -65,6 +65,7 @@ from clinfuse.training.module import RiskModule
 from clinfuse.training.run import (
     build_trainer,
     finish_run,
+    fit_image_harmonization,
     keep_earlier_metrics,
     prepare_run,
     write_json,
@@ -74,6 +75,8 @@ RECORD_FILE = "distributed.json"
 STARTS_FILE = "logs/worker_group_starts.jsonl"  # one line per worker-group start (rank 0)
 THROUGHPUT_FILE = "logs/worker_throughput.jsonl"  # one line per epoch (rank 0)
 FIT_FILE = "logs/worker_fit.json"  # rank 0's best checkpoint and epochs
+# ComBat maps of the image features, fitted on the driver over the whole train split.
+HARMONIZATION_FILE = "harmonization.safetensors"
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -144,7 +147,7 @@ def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
         genotype_path = _choose_genotype_groups(cfg, run, spec)  # before the workers build
         RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)  # fails here, not on a worker
-        _refuse_harmonization(cfg)
+    harmonization = _fit_harmonization_on_driver(cfg, run, spec, resume)
     name = record.get("ray_run_name") or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     record = {
         "ray_run_name": name,
@@ -155,7 +158,7 @@ def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool
     write_json(run / RECORD_FILE, record)
     _fit_on_workers(cfg, run, opts, name, storage, resume)
 
-    fit = json.loads((run / FIT_FILE).read_text())
+    fit = {**json.loads((run / FIT_FILE).read_text()), **harmonization}
     dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run, spec=spec)
     dm.setup("fit")
     module = RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)
@@ -167,15 +170,73 @@ def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool
     return summary
 
 
-def _refuse_harmonization(cfg: RunConfig) -> None:
-    """ComBat harmonization is fitted on the whole training split before the first epoch;
-    data-parallel workers each read a share, so the Ray path does not offer it yet."""
+def _fit_harmonization_on_driver(
+    cfg: RunConfig, run: Path, spec: Any, resume: bool
+) -> dict[str, Any]:
+    """ComBat on the whole training split's frozen image features, on the driver, when
+    the image encoder asks for it (``timm_image.harmonize: combat``).
+
+    The workers each read a share of the subjects, so none of them could fit it; the
+    driver fits it once (``training.run.fit_image_harmonization``, as a local run does)
+    and writes the maps to ``harmonization.safetensors``, which every worker loads
+    before its first epoch. A resumed run keeps the file it has.
+
+    Returns:
+        ``{"harmonization": summary}`` for summary.json, or ``{}`` when not asked for.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     image = cfg.model.encoders.get("timm_image") or {}
-    if image.get("harmonize", "none") != "none":
-        raise InputError(
-            "model.encoders.timm_image.harmonize: not available with --ray-address yet; "
-            "train without --ray-address, or set harmonize: none"
-        )
+    if image.get("harmonize", "none") == "none":
+        return {}
+    path = run / HARMONIZATION_FILE
+    if resume and path.is_file():
+        with safe_open(str(path), "pt") as f:
+            kept = (f.metadata() or {}).get("harmonization")
+        if kept is not None:
+            return {"harmonization": json.loads(kept)}
+    dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run, spec=spec)
+    dm.setup("fit")
+    module = RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)
+    info = fit_image_harmonization(module, dm)
+    encoder = module.model.encoders["image"]
+    tensors = {k: getattr(encoder, k).detach().clone() for k in ("harm_scale", "harm_shift")}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"harmonization": json.dumps(info["harmonization"])})
+    tmp.replace(path)
+    return info
+
+
+def load_harmonization(module: RiskModule, run: Path) -> None:
+    """Sets the image encoder's ComBat maps from the driver's ``harmonization.safetensors``
+    (a worker, before its first epoch); a no-op when the encoder does not harmonize.
+
+    Raises:
+        InputError: the file is missing, unreadable, or does not fit the encoder (its
+            shapes or non-finite values), named with its path.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    encoder = dict(module.model.encoders).get("image")
+    if encoder is None or getattr(encoder.config, "harmonize", "none") == "none":
+        return
+    path = run / HARMONIZATION_FILE
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise InputError(f"{path}: the driver's ComBat maps cannot be read ({err})") from err
+    for key in ("harm_scale", "harm_shift"):
+        value, target = tensors.get(key), getattr(encoder, key)
+        if value is None or value.shape != target.shape or not bool(value.isfinite().all()):
+            raise InputError(
+                f"{path}: {key} must be finite with shape {tuple(target.shape)} (got "
+                f"{None if value is None else tuple(value.shape)}); delete the file and "
+                f"train again"
+            )
+        target.copy_(value)
+    encoder.harm_fitted.fill_(True)
 
 
 def _choose_genotype_groups(cfg: RunConfig, run: Path, spec: Any) -> dict[str, Any] | None:
@@ -272,6 +333,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     data = per_worker_config(cfg.data, world)
     dm = ShardedDataModule(cfg.cohort, data, spec, rank, world, run_dir=run)
     module = RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)
+    load_harmonization(module, run)
     reported = ray.train.get_checkpoint()
     last = run / "checkpoints" / "last.ckpt"
     source = "ray" if reported else "last.ckpt" if config["resume"] and last.is_file() else None

@@ -4,7 +4,8 @@ The head has two logical CPUs and the worker node one; the two DDP workers are
 spread over both nodes. Both tests are slow (two Ray Train worker-group starts each);
 ``-m cluster`` runs them. A worker node killed mid-run makes Ray Train restart the
 worker group on the head, from the last registered checkpoint; a driver killed
-mid-run continues with ``--resume`` (slow: a second Ray Train start). Nodes are stopped by the processes the cluster
+mid-run continues with ``--resume`` (slow: a second Ray Train start). The image features
+are ComBat-harmonized (fitted on the driver, loaded by every worker). Nodes are stopped by the processes the cluster
 started (``training.local_cluster``), never with ``ray stop``.
 """
 
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 
 EPOCHS = 5
 TINY = ["data.batch_size=32", "data.image_size=32", "data.max_steps=32",
-        "model.encoders={timm_image: {embed_dim: 8}, gru_d: {hidden: 8, embed_dim: 8}, sgl_mlp: {embed_dim: 8, hidden: [8]}}",
+        "model.encoders={timm_image: {embed_dim: 8, harmonize: combat}, gru_d: {hidden: 8, embed_dim: 8}, sgl_mlp: {embed_dim: 8, hidden: [8]}}",
         "model.fusion.cfg={dim: 8, heads: 2}", f"optim.max_epochs={EPOCHS}",
         f"optim.patience={EPOCHS}", "optim.progress_bar=false"]  # fmt: skip
 # A killed node is declared dead after about a second instead of the default ~15 s.
@@ -94,6 +95,8 @@ def _finished(proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
 def _check_run_dir(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == EPOCHS and 0.0 <= summary["best_val_auroc"] <= 1.0
+    # ComBat was fitted once on the driver over every training film and is in the model.
+    assert summary["harmonization"]["n"] > 0 and (run_dir / "harmonization.safetensors").is_file()
     for name in ("config.yaml", "provenance.json", "data_spec.yaml", "checkpoints/best.ckpt",
                  "checkpoints/last.ckpt", "logs/metrics.csv", "model/artifact.json"):  # fmt: skip
         assert (run_dir / name).is_file(), name

@@ -43,13 +43,74 @@ def test_run_fits_combat_on_the_training_films_and_the_artifact_keeps_it(
     assert summary["harmonization"]["n"] == len(site)
 
 
-def test_data_parallel_training_refuses_harmonization_with_a_clear_error(tiny_cohort, tiny_config):
-    import pytest
+def test_data_parallel_workers_load_the_map_the_driver_fitted_on_the_whole_split(
+    tiny_cohort, tiny_config, tmp_path
+):
+    # The Ray path: the driver fits ComBat once over every training film and each
+    # worker, which reads only its share, loads those maps before its first epoch.
+    from clinfuse.datasets.datamodule import CohortDataModule
+    from clinfuse.training.distributed import (
+        HARMONIZATION_FILE,
+        _fit_harmonization_on_driver,
+        load_harmonization,
+    )
+    from clinfuse.training.module import RiskModule
+    from clinfuse.training.run import fit_image_harmonization, prepare_run
 
-    from clinfuse.errors import InputError
-    from clinfuse.training.distributed import _refuse_harmonization
-
-    _refuse_harmonization(tiny_config(tiny_cohort))  # not asked for: nothing to refuse
+    run = tmp_path / "run"
     cfg = tiny_config(tiny_cohort, "model.encoders.timm_image.harmonize=combat")
-    with pytest.raises(InputError, match="harmonize: not available with --ray-address"):
-        _refuse_harmonization(cfg)
+    prepare_run(cfg, run)
+    dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
+    dm.setup("fit")
+    info = _fit_harmonization_on_driver(cfg, run, dm.spec, resume=False)
+    assert (run / HARMONIZATION_FILE).is_file() and info["harmonization"]["n"] > 0
+
+    worker = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
+    assert not bool(worker.model.encoders["image"].harm_fitted)
+    load_harmonization(worker, run)
+    local = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
+    assert fit_image_harmonization(local, dm)["harmonization"] == info["harmonization"]
+    for key in ("harm_scale", "harm_shift"):
+        torch.testing.assert_close(
+            getattr(worker.model.encoders["image"], key),
+            getattr(local.model.encoders["image"], key),
+        )
+    assert bool(worker.model.encoders["image"].harm_fitted)
+    # Resumed: the file is kept, not refitted.
+    stamp = (run / HARMONIZATION_FILE).stat().st_mtime_ns
+    assert _fit_harmonization_on_driver(cfg, run, dm.spec, resume=True) == info
+    assert (run / HARMONIZATION_FILE).stat().st_mtime_ns == stamp
+    # Without harmonize, nothing is fitted, written or loaded.
+    plain = tiny_config(tiny_cohort)
+    assert _fit_harmonization_on_driver(plain, tmp_path / "plain", dm.spec, resume=False) == {}
+
+
+def test_a_worker_refuses_a_damaged_map_by_its_path(tiny_cohort, tiny_config, tmp_path):
+    import pytest
+    from safetensors.torch import save_file
+
+    from clinfuse.datasets.datamodule import CohortDataModule
+    from clinfuse.errors import InputError
+    from clinfuse.training.distributed import HARMONIZATION_FILE, load_harmonization
+    from clinfuse.training.module import RiskModule
+
+    cfg = tiny_config(tiny_cohort, "model.encoders.timm_image.harmonize=combat")
+    dm = CohortDataModule(cfg.cohort, cfg.data)
+    dm.setup("fit")
+    module = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
+    path = tmp_path / HARMONIZATION_FILE
+    with pytest.raises(InputError, match="harmonization.safetensors: the driver's ComBat maps"):
+        load_harmonization(module, tmp_path)  # missing
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="cannot be read"):
+        load_harmonization(module, tmp_path)
+    enc = module.model.encoders["image"]
+    bad_shift = torch.zeros_like(enc.harm_shift)
+    bad_shift[0, 0] = float("nan")
+    save_file({"harm_scale": enc.harm_scale.clone(), "harm_shift": bad_shift}, str(path))
+    with pytest.raises(InputError, match="harm_shift must be finite"):
+        load_harmonization(module, tmp_path)
+    save_file({"harm_scale": enc.harm_scale[:, :3].clone(), "harm_shift": bad_shift}, str(path))
+    with pytest.raises(InputError, match="harm_scale must be finite with shape"):
+        load_harmonization(module, tmp_path)
+    assert not bool(enc.harm_fitted)
