@@ -13,6 +13,24 @@ GROUPS, PER_GROUP = 12, 4
 CAUSAL, ANCESTRAL = (1, 7), (4,)
 
 
+def _split(n: int) -> dict[str, slice]:
+    """The first 70% of the subjects train, the rest tune."""
+    return {"train": slice(0, int(0.7 * n)), "tuning": slice(int(0.7 * n), n)}
+
+
+def _batches(x: np.ndarray, y: np.ndarray, split: dict[str, slice]) -> dict[str, dict]:
+    """Fully called genotype batches of every split. Shapes: x (N, M), y (N,)"""
+    return {
+        s: {
+            "genotype": torch.from_numpy(x[i]),
+            "genotype_mask": torch.ones_like(torch.from_numpy(x[i])),
+            "genotype_present": torch.ones(x[i].shape[0], dtype=torch.bool),
+            "label": torch.from_numpy(y[i]),
+        }
+        for s, i in split.items()
+    }
+
+
 def two_populations_design(n: int, seed: int) -> tuple[DataSpec, dict, dict]:
     """Two populations; groups 1 and 7 causal; group 4's frequencies differ by 0.35
     between populations and population 1 has +1.2 on the logit, so group 4 is
@@ -30,16 +48,8 @@ def two_populations_design(n: int, seed: int) -> tuple[DataSpec, dict, dict]:
     y = (rng.random(n) < 1 / (1 + np.exp(-(z[:, cols] @ beta + 1.2 * (pop - 0.5))))).astype(
         np.float32
     )
-    split = {"train": slice(0, int(0.7 * n)), "tuning": slice(int(0.7 * n), n)}
-    data = {
-        s: {
-            "genotype": torch.from_numpy(x[i]),
-            "genotype_mask": torch.ones_like(torch.from_numpy(x[i])),
-            "genotype_present": torch.ones(x[i].shape[0], dtype=torch.bool),
-            "label": torch.from_numpy(y[i]),
-        }
-        for s, i in split.items()
-    }
+    split = _split(n)
+    data = _batches(x, y, split)
     mean = data["train"]["genotype"].mean(0)
     spec = DataSpec(
         markers=[f"rs{i}" for i in range(m)],
@@ -76,16 +86,8 @@ def modifier_design(n: int, seed: int) -> tuple[DataSpec, dict, dict, dict]:
     e = rng.normal(size=n)
     logit = 1.2 * e * (1.0 + 1.5 * carrier) + 1.0 * main / main.std()
     y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
-    split = {"train": slice(0, int(0.7 * n)), "tuning": slice(int(0.7 * n), n)}
-    data = {
-        s: {
-            "genotype": torch.from_numpy(x[i]),
-            "genotype_mask": torch.ones_like(torch.from_numpy(x[i])),
-            "genotype_present": torch.ones(x[i].shape[0], dtype=torch.bool),
-            "label": torch.from_numpy(y[i]),
-        }
-        for s, i in split.items()
-    }
+    split = _split(n)
+    data = _batches(x, y, split)
     spec = DataSpec(
         markers=[f"rs{i}" for i in range(m)],
         marker_groups=[i // PER_GROUP for i in range(m)],
