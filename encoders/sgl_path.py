@@ -21,11 +21,13 @@ keeps its effect.
 Genes that change the effect of another modality (gene x environment) are found the
 same way when an environment score is given: every group gets a twin, its markers'
 adjusted dosages times the score (standardized on the train split), penalized as a
-group of its own, and the score itself is one more unpenalized covariate. A gene is
-kept when its main group, its interaction group or both are. A gene that acts only by
-modifying the effect of physiology has no main effect for a marginal screen to find
-(measured on the simulator's modifier gene: kept on 0.54 of the half-samples without
-the interaction groups, on all of them with them). Twin groups rather than one group
+group of its own; the score and the ancestry scores times the score are unpenalized
+covariates (so an interaction of ancestry with the score is not read off the genes
+that differ by ancestry). A gene is kept when its main group, its interaction group or
+both are. A gene that acts only by modifying the effect of physiology has no main
+effect for a marginal screen to find (measured on the simulator's modifier gene, on
+the 5,000-subject strategies cohort: kept on 0.04 of the half-samples without the
+twins, its twin on all of them). Twin groups rather than one group
 of both column sets: one group of twice the columns carries a penalty sqrt(2) times
 larger, which on 2,000-subject cohorts cost main-effect genes their stability.
 """
@@ -351,7 +353,8 @@ def regularization_path(
         environment: a score per subject of ``train`` and of ``tuning`` (every row of
             the batch, genotyped or not) whose effect a gene may change; each group
             then has a twin group, its markers' products with the score (standardized
-            on the genotyped train subjects), and the score is an unpenalized covariate.
+            on the genotyped train subjects), and the score and the ancestry scores
+            times the score are unpenalized covariates.
 
     Raises:
         ValueError: when either split has no genotyped subject of each outcome, or an
@@ -422,10 +425,11 @@ def regularization_path(
 
 
 def _with_interaction(x, cov, xt, covt, train, tuning, environment):
-    """Both splits' inputs with each marker's x environment column and the score.
+    """Both splits' inputs with each marker's x environment column, and the covariates
+    with the score and the ancestry scores x the score (``cov[:, 0]`` is the intercept).
 
     Shapes:
-        x: (N, M); cov: (N, C) -> (N, 2 M), (N, C + 1); the same for the tuning split
+        x: (N, M); cov: (N, C) -> (N, 2 M), (N, 2 C); the same for the tuning split
     """
     scores = []
     for name, batch, e in (("train", train, environment[0]), ("tuning", tuning, environment[1])):
