@@ -120,7 +120,7 @@ def timeseries_environment(
     feats, labels = {}, {}
     for split in ("train", "tuning"):
         feats[split], _ = timeseries_features(
-            dm.cohort_dir, dm._split(split), spec.channels, spec.window_hours
+            dm.cohort_dir, dm.split_samples(split), spec.channels, spec.window_hours
         )
         labels[split] = dm.datasets[split].tensors["label"].numpy().astype(int)
     y = labels["train"]

@@ -26,7 +26,9 @@ def test_the_environment_is_the_physiology_the_vitals_carry_not_the_lungs(cohort
     train, tuning, info = timeseries_environment(dm)
     oracle = pl.read_parquet(cohort_400 / "oracle.parquet")
     truth = {
-        split: dm._split(split).select("subject_id").join(oracle, on="subject_id", how="left")
+        split: dm.split_samples(split)
+        .select("subject_id")
+        .join(oracle, on="subject_id", how="left")
         for split in ("train", "tuning")
     }
     assert train.shape == (truth["train"].height,) and tuning.shape == (truth["tuning"].height,)
