@@ -112,6 +112,8 @@ class ImageEncoderConfig:
 
 
 HARMONIZE_MODES = ("none", "combat")
+# The buffers of the fitted ComBat maps, one row per site and one for an unknown site.
+HARMONIZATION_MAPS = ("harm_scale", "harm_shift")
 
 
 @register_encoder("timm_image")
@@ -307,10 +309,23 @@ class TimmImageEncoder(ModalityEncoder):
         scale, shift, info = combat_affine(
             np.asarray(features)[known], sites[known], np.asarray(labels)[known], n_sites
         )
-        self.harm_scale.copy_(torch.as_tensor(scale, dtype=self.harm_scale.dtype))
-        self.harm_shift.copy_(torch.as_tensor(shift, dtype=self.harm_shift.dtype))
-        self.harm_fitted.fill_(True)
+        self.set_harmonization(
+            {"harm_scale": torch.as_tensor(scale), "harm_shift": torch.as_tensor(shift)}
+        )
         return info
+
+    def harmonization_maps(self) -> dict[str, Tensor]:
+        """The per-site ComBat maps (copies): ``harm_scale`` and ``harm_shift``, (S + 1, F)."""
+        return {k: getattr(self, k).detach().clone() for k in HARMONIZATION_MAPS}
+
+    @torch.no_grad()
+    def set_harmonization(self, maps: dict[str, Tensor]) -> None:
+        """Takes fitted ComBat maps (``harmonization_maps`` of a fitted encoder, or
+        ``fit_harmonization``'s); the caller checks them against this encoder's shapes."""
+        for key in HARMONIZATION_MAPS:
+            target = getattr(self, key)
+            target.copy_(torch.as_tensor(maps[key], dtype=target.dtype))
+        self.harm_fitted.fill_(True)
 
     def _harmonized(
         self, batch: dict[str, Any], pooled: Tensor, tokens: Tensor | None

@@ -37,9 +37,11 @@ same paths (shared storage), and the same clinfuse installation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,7 @@ from clinfuse.training.run import (
     build_trainer,
     finish_run,
     fit_image_harmonization,
+    harmonizing_encoder,
     keep_earlier_metrics,
     prepare_run,
     write_json,
@@ -144,10 +147,21 @@ def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool
     prepare_run(cfg, run)
     shards = describe_shards(cfg.cohort, cfg.data, opts.num_workers)
     spec = fit_run_spec(cfg.cohort, cfg.data, run)
+
+    @functools.cache
+    def whole_cohort() -> CohortDataModule:
+        """The cohort on the driver, built once for what must see every training subject
+        (the genotype path, ComBat); released before the workers start."""
+        dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run, spec=spec)
+        dm.setup("fit")
+        return dm
+
     with config_errors(run / "config.yaml", "fix the model.* and optim.* settings"):
-        genotype_path = _choose_genotype_groups(cfg, run, spec)  # before the workers build
-        RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)  # fails here, not on a worker
-    harmonization = _fit_harmonization_on_driver(cfg, run, spec, resume)
+        genotype_path = _choose_genotype_groups(cfg, run, whole_cohort)  # before workers build
+        # A bad model config fails here, not on a worker; ComBat is fitted into this one.
+        module = RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)
+    harmonization = _fit_harmonization_on_driver(run, module, whole_cohort, resume)
+    whole_cohort.cache_clear()
     name = record.get("ray_run_name") or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     record = {
         "ray_run_name": name,
@@ -171,7 +185,7 @@ def _train_on_ray(cfg: RunConfig, run: Path, opts: RayTrainOptions, resume: bool
 
 
 def _fit_harmonization_on_driver(
-    cfg: RunConfig, run: Path, spec: Any, resume: bool
+    run: Path, module: RiskModule, whole_cohort: Callable[[], CohortDataModule], resume: bool
 ) -> dict[str, Any]:
     """ComBat on the whole training split's frozen image features, on the driver, when
     the image encoder asks for it (``timm_image.harmonize: combat``).
@@ -187,8 +201,8 @@ def _fit_harmonization_on_driver(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    image = cfg.model.encoders.get("timm_image") or {}
-    if image.get("harmonize", "none") == "none":
+    encoder = harmonizing_encoder(module)
+    if encoder is None:
         return {}
     path = run / HARMONIZATION_FILE
     if resume and path.is_file():
@@ -196,14 +210,10 @@ def _fit_harmonization_on_driver(
             kept = (f.metadata() or {}).get("harmonization")
         if kept is not None:
             return {"harmonization": json.loads(kept)}
-    dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run, spec=spec)
-    dm.setup("fit")
-    module = RiskModule.create(cfg.model, spec, cfg.optim, cfg.seed)
-    info = fit_image_harmonization(module, dm)
-    encoder = module.model.encoders["image"]
-    tensors = {k: getattr(encoder, k).detach().clone() for k in ("harm_scale", "harm_shift")}
+    info = fit_image_harmonization(module, whole_cohort())
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"harmonization": json.dumps(info["harmonization"])})
+    metadata = {"harmonization": json.dumps(info["harmonization"])}
+    save_file(encoder.harmonization_maps(), str(tmp), metadata=metadata)
     tmp.replace(path)
     return info
 
@@ -219,34 +229,33 @@ def load_harmonization(module: RiskModule, run: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    encoder = dict(module.model.encoders).get("image")
-    if encoder is None or getattr(encoder.config, "harmonize", "none") == "none":
+    encoder = harmonizing_encoder(module)
+    if encoder is None:
         return
     path = run / HARMONIZATION_FILE
     try:
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as err:
         raise InputError(f"{path}: the driver's ComBat maps cannot be read ({err})") from err
-    for key in ("harm_scale", "harm_shift"):
-        value, target = tensors.get(key), getattr(encoder, key)
+    for key, target in encoder.harmonization_maps().items():
+        value = tensors.get(key)
         if value is None or value.shape != target.shape or not bool(value.isfinite().all()):
             raise InputError(
                 f"{path}: {key} must be finite with shape {tuple(target.shape)} (got "
                 f"{None if value is None else tuple(value.shape)}); delete the file and "
                 f"train again"
             )
-        target.copy_(value)
-    encoder.harm_fitted.fill_(True)
+    encoder.set_harmonization(tensors)
 
 
-def _choose_genotype_groups(cfg: RunConfig, run: Path, spec: Any) -> dict[str, Any] | None:
+def _choose_genotype_groups(
+    cfg: RunConfig, run: Path, whole_cohort: Callable[[], CohortDataModule]
+) -> dict[str, Any] | None:
     """The genotype path on the driver (``training.genotype_selection``), when the config
     asks for it; the workers then build the encoder from the chosen ``keep_groups``."""
     if not wants_genotype_path(cfg.model.encoders):
         return None
-    dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run, spec=spec)
-    dm.setup("fit")
-    path = choose_genotype_groups(cfg.model.encoders, dm, run)
+    path = choose_genotype_groups(cfg.model.encoders, whole_cohort(), run)
     save_yaml(cfg, run / "config.yaml")  # now with the chosen keep_groups
     return path
 

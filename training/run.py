@@ -150,6 +150,15 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def harmonizing_encoder(module: RiskModule) -> torch.nn.Module | None:
+    """The image encoder when it harmonizes its features across sites
+    (``timm_image.harmonize`` other than ``none``), else None."""
+    encoder = dict(module.model.encoders).get("image")
+    if encoder is None or getattr(encoder.config, "harmonize", "none") == "none":
+        return None
+    return encoder
+
+
 def fit_image_harmonization(module: RiskModule, dm: CohortDataModule) -> dict[str, Any]:
     """ComBat on the training split's frozen image features, when the image encoder asks
     for it (``timm_image.harmonize: combat``, ``encoders.harmonize``).
@@ -160,8 +169,8 @@ def fit_image_harmonization(module: RiskModule, dm: CohortDataModule) -> dict[st
     Returns:
         ``{"harmonization": summary}`` for summary.json, or ``{}`` when not asked for.
     """
-    encoder = dict(module.model.encoders).get("image")
-    if encoder is None or getattr(encoder.config, "harmonize", "none") == "none":
+    encoder = harmonizing_encoder(module)
+    if encoder is None:
         return {}
     was_training = encoder.training
     encoder.eval()  # no augmentation, frozen statistics

@@ -62,7 +62,8 @@ def test_data_parallel_workers_load_the_map_the_driver_fitted_on_the_whole_split
     prepare_run(cfg, run)
     dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
     dm.setup("fit")
-    info = _fit_harmonization_on_driver(cfg, run, dm.spec, resume=False)
+    driver = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
+    info = _fit_harmonization_on_driver(run, driver, lambda: dm, resume=False)
     assert (run / HARMONIZATION_FILE).is_file() and info["harmonization"]["n"] > 0
 
     worker = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
@@ -78,11 +79,13 @@ def test_data_parallel_workers_load_the_map_the_driver_fitted_on_the_whole_split
     assert bool(worker.model.encoders["image"].harm_fitted)
     # Resumed: the file is kept, not refitted.
     stamp = (run / HARMONIZATION_FILE).stat().st_mtime_ns
-    assert _fit_harmonization_on_driver(cfg, run, dm.spec, resume=True) == info
+    fresh = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
+    assert _fit_harmonization_on_driver(run, fresh, lambda: dm, resume=True) == info
     assert (run / HARMONIZATION_FILE).stat().st_mtime_ns == stamp
     # Without harmonize, nothing is fitted, written or loaded.
     plain = tiny_config(tiny_cohort)
-    assert _fit_harmonization_on_driver(plain, tmp_path / "plain", dm.spec, resume=False) == {}
+    unharmonized = RiskModule.create(plain.model, dm.spec, plain.optim, plain.seed)
+    assert _fit_harmonization_on_driver(tmp_path / "plain", unharmonized, lambda: dm, False) == {}
 
 
 def test_a_worker_refuses_a_damaged_map_by_its_path(tiny_cohort, tiny_config, tmp_path):
