@@ -60,9 +60,9 @@ from clinfuse.datasets.datamodule import genotype_principal_axes
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders.genomics import group_selection_metrics
 from clinfuse.encoders.sgl_path import (
-    INTERACTION_SUFFIX,
     RULES,
     GenotypeDesign,
+    path_group_names,
     refit_logistic,
     regularization_path,
 )
@@ -312,9 +312,7 @@ def cohort_path(
             flush=True,
         )
         if path.stability is not None:
-            names = list(dm.spec.groups)
-            if path.interaction:
-                names += [g + INTERACTION_SUFFIX for g in dm.spec.groups]
+            names = path_group_names(dm.spec.groups, path.interaction)
             freq = dict(zip(names, path.stability["frequency"], strict=True))
             print("    frequencies: " + ", ".join(
                 f"{g} {f:.2f}" for g, f in sorted(freq.items(), key=lambda kv: -kv[1]) if f > 0

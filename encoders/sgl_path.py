@@ -368,11 +368,10 @@ def regularization_path(
     x, cov = design.transform(*_called(train))
     xt, covt = design.transform(*_called(tuning))
     groups = torch.tensor(spec.marker_groups, dtype=torch.long)
-    names = list(spec.groups)
+    names = path_group_names(spec.groups, environment is not None)
     if environment is not None:
         (x, cov), (xt, covt) = _with_interaction(x, cov, xt, covt, train, tuning, environment)
         groups = torch.cat([groups, groups + spec.n_groups])
-        names += [g + INTERACTION_SUFFIX for g in spec.groups]
     n_groups = len(names)
     sizes = torch.bincount(groups, minlength=n_groups).double()
     if adaptive:
@@ -422,6 +421,11 @@ def regularization_path(
         stability=stable.to_dict() if stable else None,
         interaction=environment is not None,
     )
+
+
+def path_group_names(genes: list[str], interaction: bool) -> list[str]:
+    """The path's groups in order: the genes, then (with interaction) their twins."""
+    return list(genes) + ([g + INTERACTION_SUFFIX for g in genes] if interaction else [])
 
 
 def _with_interaction(x, cov, xt, covt, train, tuning, environment):

@@ -13,7 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
+from clinfuse.evaluation.audit import RISK_SOURCES  # noqa: E402
 from clinfuse.evaluation.metrics import calibration_bins  # noqa: E402
+
+# Column headings of the audit's floors (``audit.RISK_SOURCES``).
+FLOOR_LABELS = {
+    "risk_factor_": "risk-factor floor",
+    "risk_marker_": "with the causal genes' dosages",
+}
 
 
 def plot_curves(y: np.ndarray, p: np.ndarray, out_dir: Path) -> dict[str, str]:
@@ -213,11 +220,8 @@ def _audit(audit: dict[str, Any]) -> str:
     if not audit:
         return "<p>not run</p>"
     floors = [
-        (src, label)
-        for src, label in (
-            ("risk_factor_", "risk-factor floor"),
-            ("risk_marker_", "with the causal genes' dosages"),
-        )
+        (src, FLOOR_LABELS[src])
+        for src in RISK_SOURCES
         if any(isinstance(a, dict) and f"{src}probe_accuracy" in a for a in audit.values())
     ]
     head = (
