@@ -72,6 +72,14 @@ class GRUDConfig:
             ``(x_{t+1,c} - (W_f h_t + b_f)_c)^2`` on standardized values. Every
             observation then trains the recurrence, not only each subject's one label.
             0 turns it off.
+        summary_inputs: add a linear map of three window summaries per channel to the
+            embedding, beside the recurrence's readout: the mean of the values observed
+            in the last ``summary_hours`` before prediction_time (0 if none), the first
+            value in the window (the patient's own baseline) and ``log(1 + n)`` of the
+            number of observations (how often the care team charted it). The state
+            decays what it saw early and averages nothing, so these reach the head
+            straight (a wide-and-deep skip).
+        summary_hours: the recent window of the first summary, in hours.
     """
 
     hidden: int = 64
@@ -83,6 +91,8 @@ class GRUDConfig:
     baseline_inputs: bool = False
     readout: str = "last"
     forecast_weight: float = 0.0
+    summary_inputs: bool = False
+    summary_hours: float = 12.0
 
 
 READOUTS = ("last", "mean", "attention", "recent")
@@ -100,6 +110,8 @@ def gru_d(
     readout: str = "last",
     forecast_weight: float = 0.0,
     baseline_inputs: bool = False,
+    summary_inputs: bool = False,
+    summary_hours: float = 12.0,
 ) -> GRUD:
     """Builds a GRU-D encoder for ``spec.n_channels`` channels."""
     cfg = GRUDConfig(
@@ -112,6 +124,8 @@ def gru_d(
         baseline_inputs,
         readout,
         forecast_weight,
+        summary_inputs,
+        summary_hours,
     )
     return GRUD(spec.n_channels, **asdict(cfg))
 
@@ -131,6 +145,8 @@ class GRUD(ModalityEncoder):
         baseline_inputs: add ``W_ib x_first`` to the input gates (see ``GRUDConfig``).
         readout: ``"last"``, ``"mean"`` or ``"attention"`` (see ``GRUDConfig``).
         forecast_weight: weight of the next-observation loss (see ``GRUDConfig``).
+        summary_inputs: add ``W_s summaries`` to the embedding (see ``GRUDConfig``).
+        summary_hours: the recent window of the summaries' mean, in hours.
 
     Shapes:
         - ts_values, ts_mask, ts_delta: (B, T, C)
@@ -153,6 +169,8 @@ class GRUD(ModalityEncoder):
         baseline_inputs: bool = False,
         readout: str = "last",
         forecast_weight: float = 0.0,
+        summary_inputs: bool = False,
+        summary_hours: float = 12.0,
     ) -> None:
         super().__init__()
         if n_channels < 1:
@@ -161,6 +179,9 @@ class GRUD(ModalityEncoder):
             raise ValueError(f"GRU-D readout must be one of {READOUTS}, got {readout!r}")
         if forecast_weight < 0:
             raise ValueError(f"GRU-D forecast_weight must be >= 0, got {forecast_weight}")
+        if not summary_hours > 0:
+            raise ValueError(f"GRU-D summary_hours must be > 0, got {summary_hours}")
+        self.summary_hours = float(summary_hours)
         self.readout, self.forecast_weight = readout, forecast_weight
         self.n_channels, self.hidden, self.embed_dim = n_channels, hidden, embed_dim
         self.decay_x_weight = nn.Parameter(torch.empty(n_channels))  # diagonal W_gx
@@ -192,6 +213,10 @@ class GRUD(ModalityEncoder):
         self._forecast_loss: Tensor | None = None  # this training step's, until read
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Linear(hidden, embed_dim)
+        # W_s: the window summaries (3 per channel) straight into the embedding.
+        self.summary_proj = (
+            nn.Linear(3 * n_channels, embed_dim, bias=False) if summary_inputs else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -221,7 +246,16 @@ class GRUD(ModalityEncoder):
         if forecasting:
             self._forecast_loss = self.forecast_loss(batch, states)
         summary = self._readout(batch, h_last, states)  # (B, H)
-        return self.proj(self.dropout(summary)), _present(batch)
+        return self._embed(batch, summary), _present(batch)
+
+    def _embed(self, batch: dict[str, Any], summary: Tensor) -> Tensor:
+        """The projected readout, plus the window summaries' map when configured. (B, D)"""
+        emb = self.proj(self.dropout(summary))
+        if self.summary_proj is not None:
+            emb = emb + self.summary_proj(
+                window_summaries(batch, self.n_channels, self.summary_hours)
+            )
+        return emb
 
     def forecast_loss(self, batch: dict[str, Any], states: Tensor) -> Tensor:
         """Mean squared error of ``W_f h_t + b_f`` against the values observed at t+1.
@@ -269,7 +303,7 @@ class GRUD(ModalityEncoder):
         h_last, states = self._run(batch, keep_states=True)  # (B, H), (B, T, H)
         if self.forecast is not None and self.training:
             self._forecast_loss = self.forecast_loss(batch, states)
-        emb = self.proj(self.dropout(self._readout(batch, h_last, states)))  # (B, D)
+        emb = self._embed(batch, self._readout(batch, h_last, states))  # (B, D)
         tokens = self.proj(self.dropout(states))  # (B, T, D)
         mask = _step_mask(batch, tokens.shape[1])
         return emb, _present(batch), (tokens, mask, batch["ts_time"].to(tokens.dtype))
@@ -383,6 +417,28 @@ def first_observed(x: Tensor, m: Tensor) -> Tensor:
     """
     first = m * (m.cumsum(0) == 1)  # 1 only at each channel's first observation
     return (x * first).cumsum(0)
+
+
+def window_summaries(batch: dict[str, Any], n_channels: int, recent_hours: float) -> Tensor:
+    """Per channel: the mean of the values observed in the last ``recent_hours`` (0 if
+    none), the first observed value (0 if never), ``log(1 + observations)``.
+
+    Only valid steps (``t < ts_length``) count.
+
+    Shapes:
+        batch ts_* (B, T, C), ts_time (B, T) hours before prediction_time -> (B, 3C),
+        the three blocks in that order
+    """
+    x, m, _, lengths = _inputs(batch, n_channels)
+    t = x.shape[1]
+    valid = (torch.arange(t, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).to(x.dtype)
+    m = m * valid.unsqueeze(-1)  # (B, T, C)
+    recent = (batch["ts_time"].to(x.dtype) <= recent_hours).to(x.dtype).unsqueeze(-1)
+    mr = m * recent
+    recent_mean = (x * mr).sum(1) / mr.sum(1).clamp_min(1.0)  # (B, C)
+    first = (x * m * (m.cumsum(1) == 1)).sum(1)  # (B, C)
+    count = torch.log1p(m.sum(1))  # (B, C)
+    return torch.cat([recent_mean, first, count], dim=-1)
 
 
 def _inputs(batch: dict[str, Any], n_channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

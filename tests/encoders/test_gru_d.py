@@ -9,7 +9,7 @@ import torch
 
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders import create_encoder, list_encoders
-from clinfuse.encoders.gru_d import GRUD, first_observed, last_observed
+from clinfuse.encoders.gru_d import GRUD, first_observed, last_observed, window_summaries
 from clinfuse.encoders.gru_d_recurrence import grud_recurrence
 
 C, H, D = 3, 8, 5
@@ -171,7 +171,7 @@ def test_fully_observed_reduces_to_gru_cell():
 
 @pytest.mark.parametrize("time_inputs", [False, True])
 def test_padding_invariance(time_inputs):
-    enc = _encoder(time_inputs=time_inputs)
+    enc = _encoder(time_inputs=time_inputs, summary_inputs=time_inputs)
     short = _batch([3, 1, 0], t_max=3, seed=2)
     long = _batch([3, 1, 0], t_max=7, seed=9)  # different garbage in the padding
     for key in ("ts_values", "ts_mask", "ts_delta", "ts_time"):
@@ -197,7 +197,13 @@ def test_batch_order_does_not_matter(time_inputs):
 
 @pytest.mark.parametrize("extra", [False, True])
 def test_gradient_reaches_every_parameter(extra):
-    enc = _encoder(learn_mean=True, time_inputs=extra, delta_inputs=extra, baseline_inputs=extra)
+    enc = _encoder(
+        learn_mean=True,
+        time_inputs=extra,
+        delta_inputs=extra,
+        baseline_inputs=extra,
+        summary_inputs=extra,
+    )
     batch = _batch([6, 4, 0, 6], t_max=6, p_obs=0.4, seed=6)
     emb, _ = enc(batch)
     tokens, mask, _ = enc.forward_tokens(batch)
@@ -467,3 +473,45 @@ def test_first_observed_hand_example():
     m = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).unsqueeze(1)
     expected = torch.tensor([[0.0, 5.0], [2.0, 5.0], [2.0, 5.0], [2.0, 5.0]]).unsqueeze(1)
     torch.testing.assert_close(first_observed(x, m), expected)
+
+
+def test_window_summaries_hand_example():
+    # One subject, 4 valid steps of 5 (the fifth is padding with garbage), 2 channels.
+    values = torch.tensor([[[1.0, 9.0], [2.0, 0.0], [0.0, 4.0], [6.0, 0.0], [99.0, 99.0]]])
+    mask = torch.tensor([[[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]])
+    time = torch.tensor([[30.0, 20.0, 10.0, 2.0, 0.0]])  # hours before prediction_time
+    batch = dict(
+        ts_values=values,
+        ts_mask=mask,
+        ts_delta=torch.zeros_like(values),
+        ts_time=time,
+        ts_length=torch.tensor([4]),
+    )
+    got = window_summaries(batch, 2, recent_hours=12.0)
+    # recent (<= 12 h): channel 0 saw 6 (at 2 h), channel 1 saw 4 (at 10 h);
+    # first: 1 and 9; observations: 3 and 2.
+    expected = torch.tensor([[6.0, 4.0, 1.0, 9.0, math.log(4.0), math.log(3.0)]])
+    torch.testing.assert_close(got, expected)
+    # A channel never charted in the recent window, or at all, summarizes to 0.
+    late = dict(batch, ts_time=time + 100.0)
+    torch.testing.assert_close(window_summaries(late, 2, 12.0)[:, :2], torch.zeros(1, 2))
+    empty = dict(batch, ts_length=torch.tensor([0]))
+    torch.testing.assert_close(window_summaries(empty, 2, 12.0), torch.zeros(1, 6))
+
+
+def test_summary_inputs_add_a_linear_map_of_the_summaries_to_the_readout():
+    batch = _batch([5, 3, 0], t_max=5, p_obs=0.6, seed=3)
+    with torch.no_grad():
+        plain = _encoder().eval()
+        wide = _encoder(summary_inputs=True, summary_hours=20.0).eval()
+        wide.load_state_dict(dict(wide.state_dict(), **plain.state_dict()))
+        summaries = window_summaries(batch, C, recent_hours=20.0)  # (B, 3C)
+        expected = plain(batch)[0] + summaries @ wide.summary_proj.weight.T
+        torch.testing.assert_close(wide(batch)[0], expected)
+        emb_tokens, _, _ = wide.forward_with_tokens(batch)
+        torch.testing.assert_close(emb_tokens, expected)
+        # The same stays with another baseline (first values) are told apart.
+        shifted = dict(batch, ts_values=batch["ts_values"] - 3.0 * batch["ts_mask"])
+        assert not torch.allclose(window_summaries(shifted, C, 20.0), summaries, atol=1e-3)
+    with pytest.raises(ValueError, match="summary_hours"):
+        _encoder(summary_inputs=True, summary_hours=0.0)
