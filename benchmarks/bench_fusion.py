@@ -117,6 +117,16 @@ SHIFT_TREATMENTS: dict[str, tuple[str, ...]] = {
     # The same with the modifier gene kept (gene x environment selection).
     "path_offsets_gxe": (*PATH, *GXE, OFFSETS, NO_ADVERSARY),
     "combat_path_offsets_gxe": (COMBAT, *PATH, *GXE, OFFSETS, NO_ADVERSARY),
+    # The same, early stopped and checkpointed on the tuning AUROC within site x
+    # ancestry cells, which a shortcut through the confounds cannot raise.
+    "combat_path_offsets_gxe_within": (
+        COMBAT,
+        *PATH,
+        *GXE,
+        OFFSETS,
+        NO_ADVERSARY,
+        "optim.monitor=val_auroc_stratified",
+    ),
 }
 # The missing experiment: (modality, share of subjects without it) per cohort;
 # ("none", 0.0) is the complete-data reference every drop is measured from.

@@ -22,6 +22,30 @@ def auroc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p))
 
 
+def stratified_auroc(y: np.ndarray, p: np.ndarray, strata: np.ndarray) -> float:
+    """AUROC over the (positive, negative) pairs that share a stratum; NaN without any.
+
+    The probability that a positive scores above a negative of the same stratum (ties
+    count half): each stratum's AUROC weighted by its number of such pairs. A score that
+    differs between strata by a constant (a site's or an ancestry's own outcome rate)
+    neither helps nor hurts it, where the plain AUROC rewards it.
+
+    Shapes:
+        y, p, strata: (N,)
+    """
+    y, p, strata = np.asarray(y), np.asarray(p, float), np.asarray(strata)
+    total, pairs = 0.0, 0.0
+    for stratum in np.unique(strata):
+        rows = strata == stratum
+        n_pos = float(y[rows].sum())
+        n_pairs = n_pos * (rows.sum() - n_pos)
+        if n_pairs == 0:
+            continue
+        total += n_pairs * roc_auc_score(y[rows], p[rows])
+        pairs += n_pairs
+    return total / pairs if pairs else float("nan")
+
+
 def auprc(y: np.ndarray, p: np.ndarray) -> float:
     """Average precision (area under the precision-recall curve)."""
     y = np.asarray(y)

@@ -27,7 +27,10 @@ class OptimConfig:
         loss: "bce" (class-weighted by the train split's negatives/positives when
             ``class_weight``) or "focal" (Lin et al. 2017, ``focal_gamma``).
         lr: base learning rate; encoders scale it per layer group.
-        monitor: metric for early stopping and the best checkpoint.
+        monitor: metric for early stopping and the best checkpoint: ``val_auroc``, or
+            with ``model.confound_offsets`` ``val_auroc_stratified``, the tuning AUROC
+            over pairs of patients in the same cell of those confounds' classes (what
+            the model reads beyond their outcome rates; ``evaluation.metrics``).
         select_from_epoch: the first epoch (0-based) that can become the best
             checkpoint or count towards early stopping; earlier epochs still train
             and write ``last.ckpt``. A confound adversary with
@@ -68,6 +71,17 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if self.optim.monitor == STRATIFIED_MONITOR and not self.model.confound_offsets:
+            raise ValueError(
+                f"optim.monitor={STRATIFIED_MONITOR} needs model.confound_offsets: it is the "
+                "AUROC within the cells of those confounds' classes"
+            )
+
+
+# The tuning AUROC within site x ancestry cells, logged when confound offsets are on.
+STRATIFIED_MONITOR = "val_auroc_stratified"
 
 
 def run_cohort(cfg: RunConfig) -> Any:

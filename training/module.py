@@ -36,7 +36,7 @@ from torch import Tensor
 
 from clinfuse.config import from_dict, to_dict
 from clinfuse.datasets.spec import DataSpec
-from clinfuse.evaluation.metrics import auroc
+from clinfuse.evaluation.metrics import auroc, stratified_auroc
 from clinfuse.fusion.adversary import ramp_progress
 from clinfuse.fusion.model import ModelConfig, build_model
 from clinfuse.training.config import OptimConfig
@@ -68,6 +68,7 @@ class RiskModule(L.LightningModule):
         self._val_logits: list[Tensor] = []
         self._val_labels: list[Tensor] = []
         self._val_keys: list[Tensor] = []  # (subject_id, prediction_time) per row
+        self._val_strata: list[Tensor] = []  # the confound-offset classes' cell per row
         self._val_confounds: dict[str, list[tuple[Tensor, Tensor]]] = {}
 
     @classmethod
@@ -145,6 +146,8 @@ class RiskModule(L.LightningModule):
         if "subject_id" in batch and "prediction_time" in batch:
             keys = torch.stack([batch["subject_id"], batch["prediction_time"]], dim=1)  # (B, 2)
             self._val_keys.append(keys.detach().cpu())
+        if self.model.confound_offsets is not None:
+            self._val_strata.append(_stratum(batch, self.model.confound_offsets.names))
         self._collect_confound_predictions(out, batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -159,6 +162,13 @@ class RiskModule(L.LightningModule):
         # would count the rows that pad a worker's share twice.
         loss = self._risk_loss(rows["logit"].to(self.device), rows["label"].to(self.device))
         self.log("val_loss", loss, sync_dist=True)
+        if "stratum" in rows:
+            # Within site x ancestry cells only: what the model reads beyond the confounds'
+            # own outcome rates, which the offsets keep out of its logit. As a monitor it
+            # keeps early stopping from choosing the epoch that leans on them most.
+            y, logit = rows["label"].numpy(), rows["logit"].numpy()
+            within = stratified_auroc(y, logit, rows["stratum"].numpy())
+            self.log("val_auroc_stratified", 0.0 if np.isnan(within) else within, sync_dist=True)
         self._log_confound_accuracy(rows)
 
     def _validation_rows(self) -> dict[str, Tensor] | None:
@@ -169,10 +179,17 @@ class RiskModule(L.LightningModule):
         rows of every worker are gathered and each (subject_id, prediction_time)
         kept once, so every worker computes the same AUROC on the whole split.
         """
-        rows = _cat_rows(self._val_logits, self._val_labels, self._val_keys, self._val_confounds)
+        rows = _cat_rows(
+            self._val_logits,
+            self._val_labels,
+            self._val_keys,
+            self._val_confounds,
+            self._val_strata,
+        )
         self._val_logits.clear()
         self._val_labels.clear()
         self._val_keys.clear()
+        self._val_strata.clear()
         self._val_confounds.clear()
         if self.trainer is not None and self.trainer.world_size > 1:
             rows = _gather_unique(rows)
@@ -258,6 +275,7 @@ def _cat_rows(
     labels: list[Tensor],
     keys: list[Tensor],
     confounds: dict[str, list[tuple[Tensor, Tensor]]],
+    strata: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The validation step outputs as one tensor per column (empty dict when none)."""
     if not logits:
@@ -265,10 +283,29 @@ def _cat_rows(
     rows = {"logit": torch.cat(logits), "label": torch.cat(labels)}
     if keys:
         rows["key"] = torch.cat(keys)  # (N, 2)
+    if strata:
+        rows["stratum"] = torch.cat(strata)  # (N,)
     for name, pairs in confounds.items():
         rows[f"guess/{name}"] = torch.cat([g for g, _ in pairs])
         rows[f"target/{name}"] = torch.cat([t for _, t in pairs])
     return rows
+
+
+def _stratum(batch: dict[str, Any], names: list[str]) -> Tensor:
+    """One cell id per row from the confounds' class codes (-1, unknown, is a class too).
+
+    Shapes:
+        batch["confounds"][name]: (B,) int -> (B,) int64
+    """
+    cell = torch.zeros_like(batch["label"], dtype=torch.int64)
+    for name in names:
+        code = batch["confounds"][name].detach().long() + 1  # >= 0
+        cell = cell * STRATUM_BASE + code
+    return cell.cpu()
+
+
+# Class codes per confound stay below this (sites and ancestries number a handful).
+STRATUM_BASE = 1 << 16
 
 
 def _gather_unique(rows: dict[str, Tensor]) -> dict[str, Tensor]:

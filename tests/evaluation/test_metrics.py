@@ -54,3 +54,34 @@ def test_choose_threshold_separates_perfectly_separable_scores():
     p = np.array([0.1, 0.2, 0.3, 0.35, 0.9])
     t = metrics.choose_threshold(y, p)
     assert metrics.confusion_metrics(y, p, t)["g_mean"] == 1.0
+
+
+def test_stratified_auroc_counts_only_pairs_within_a_stratum():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 120)
+    p = rng.normal(size=120) + y
+    strata = rng.integers(0, 4, 120)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    wins = [
+        1.0 if p[i] > p[j] else 0.5 if p[i] == p[j] else 0.0
+        for i in pos
+        for j in neg
+        if strata[i] == strata[j]
+    ]
+    assert metrics.stratified_auroc(y, p, strata) == pytest.approx(np.mean(wins))
+    # One stratum: the plain AUROC.
+    assert metrics.stratified_auroc(y, p, np.zeros(120)) == pytest.approx(metrics.auroc(y, p))
+
+
+def test_stratified_auroc_ignores_what_a_stratum_adds_to_every_score():
+    rng = np.random.default_rng(4)
+    strata = rng.integers(0, 3, 300)
+    y = (rng.random(300) < np.array([0.1, 0.3, 0.6])[strata]).astype(int)  # rates differ
+    p = rng.normal(size=300) + 0.8 * y
+    shortcut = p + 2.0 * strata  # reads the stratum's own outcome rate
+    assert metrics.auroc(y, shortcut) > metrics.auroc(y, p) + 0.05
+    assert metrics.stratified_auroc(y, shortcut, strata) == pytest.approx(
+        metrics.stratified_auroc(y, p, strata)
+    )
+    # Strata with one class hold no pair; none at all gives NaN.
+    assert math.isnan(metrics.stratified_auroc(np.array([0, 1]), np.array([0.1, 0.2]), [0, 1]))

@@ -81,3 +81,27 @@ def test_offsets_are_profiled_in_training_and_left_out_of_predictions(
     art.model.confound_offsets = None
     without = collect_predictions(art.model, batches)["logit"]
     np.testing.assert_array_equal(with_offsets, without)
+
+
+def test_stratified_monitor_selects_the_checkpoint_and_needs_offsets(
+    tiny_cohort, tiny_config, tmp_path
+) -> None:
+    from clinfuse.errors import InputError
+    from clinfuse.training.config import load_run_config
+    from clinfuse.training.run import train
+
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_cohort, "model.confound_offsets=[site,ancestry]", "optim.monitor=val_auroc_stratified"
+    )
+    train(cfg, run_dir)
+    log = pl.read_csv(run_dir / "logs" / "metrics.csv")
+    within = log.filter(pl.col("val_auroc_stratified").is_not_null())
+    assert within.height >= 1
+    assert within["val_auroc_stratified"].is_between(0.0, 1.0).all()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_val_auroc"] == pytest.approx(
+        within["val_auroc_stratified"].max(), abs=1e-6
+    )
+    with pytest.raises(InputError, match="confound_offsets"):
+        load_run_config(None, ["optim.monitor=val_auroc_stratified"])
