@@ -87,6 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     TensorBoard), checkpoints, data hashes, code version and the exported model artifact.
     """
     from clinfuse.api import train
+    from clinfuse.training.config import monitor_label
 
     run = train(
         _cohort(args), args.config, run_dir=args.run_dir, overrides=args.overrides,
@@ -94,7 +95,8 @@ def _train(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
         max_failures=args.max_failures, placement_strategy=args.placement_strategy,
     )  # fmt: skip
-    print(f"best val AUROC {run.summary['best_val_auroc']}; artifact in {run.model_dir}")
+    best = run.summary["best_val_auroc"]
+    print(f"best {monitor_label(run.summary)} {best}; artifact in {run.model_dir}")
     return 0
 
 

@@ -82,6 +82,16 @@ class RunConfig:
 
 # The tuning AUROC within site x ancestry cells, logged when confound offsets are on.
 STRATIFIED_MONITOR = "val_auroc_stratified"
+MONITOR_LABELS = {
+    "val_auroc": "validation AUROC",
+    STRATIFIED_MONITOR: "validation AUROC within site x ancestry cells",
+}
+
+
+def monitor_label(summary: dict[str, Any]) -> str:
+    """How to print a run summary's ``best_val_auroc``: the metric it is the best of."""
+    monitor = summary.get("monitor", "val_auroc")
+    return MONITOR_LABELS.get(monitor, monitor)
 
 
 def run_cohort(cfg: RunConfig) -> Any:

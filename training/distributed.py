@@ -372,6 +372,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         fit = {
             "best_checkpoint": checkpoint.best_model_path or str(last),
             "best_val_auroc": _score(checkpoint),
+            "monitor": cfg.optim.monitor,  # what best_val_auroc is the best of
             "epochs": trainer.current_epoch,
         }
         write_json(run / FIT_FILE, fit)

@@ -139,6 +139,7 @@ def _train(cfg: RunConfig, run: Path, resume: bool) -> dict[str, Any]:
     fit = {
         "best_checkpoint": checkpoint.best_model_path or str(last),
         "best_val_auroc": _score(checkpoint),
+        "monitor": cfg.optim.monitor,  # what best_val_auroc is the best of
         "epochs": trainer.current_epoch,
         # Wall seconds of the epochs this invocation ran (training and validation),
         # without the data preparation, calibration and export around them.
