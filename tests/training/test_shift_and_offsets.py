@@ -100,6 +100,7 @@ def test_stratified_monitor_selects_the_checkpoint_and_needs_offsets(
     assert within.height >= 1
     assert within["val_auroc_stratified"].is_between(0.0, 1.0).all()
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["monitor"] == "val_auroc_stratified"
     assert summary["best_val_auroc"] == pytest.approx(
         within["val_auroc_stratified"].max(), abs=1e-6
     )
