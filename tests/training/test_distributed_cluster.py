@@ -11,6 +11,7 @@ started (``training.local_cluster``), never with ``ray stop``.
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
@@ -31,7 +32,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 EPOCHS = 5
 TINY = ["data.batch_size=32", "data.image_size=32", "data.max_steps=32",
         "model.encoders={timm_image: {embed_dim: 8, harmonize: combat}, gru_d: {hidden: 8, embed_dim: 8}, sgl_mlp: {embed_dim: 8, hidden: [8]}}",
-        "model.fusion.cfg={dim: 8, heads: 2}", f"optim.max_epochs={EPOCHS}",
+        "model.fusion.cfg={dim: 8, heads: 2}", "model.confound_offsets=[site,ancestry]",
+        "optim.monitor=val_auroc_stratified", f"optim.max_epochs={EPOCHS}",
         f"optim.patience={EPOCHS}", "optim.progress_bar=false"]  # fmt: skip
 # A killed node is declared dead after about a second instead of the default ~15 s.
 FAST_DEATH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
@@ -92,9 +94,20 @@ def _finished(proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _column(path: Path, name: str) -> list[str]:
+    """The non-empty values of one column of a CSV file."""
+    with path.open(newline="") as f:
+        return [row[name] for row in csv.DictReader(f) if row.get(name)]
+
+
 def _check_run_dir(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == EPOCHS and 0.0 <= summary["best_val_auroc"] <= 1.0
+    # The best checkpoint followed the AUROC within site x ancestry cells, computed over
+    # the whole tuning split from every worker's rows.
+    assert summary["monitor"] == "val_auroc_stratified"
+    logged = [float(v) for v in _column(run_dir / "logs" / "metrics.csv", "val_auroc_stratified")]
+    assert logged and abs(max(logged) - summary["best_val_auroc"]) < 1e-6
     # ComBat was fitted once on the driver over every training film and is in the model.
     assert summary["harmonization"]["n"] > 0 and (run_dir / "harmonization.safetensors").is_file()
     for name in ("config.yaml", "provenance.json", "data_spec.yaml", "checkpoints/best.ckpt",
