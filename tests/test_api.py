@@ -96,6 +96,5 @@ def test_the_confound_free_preset_is_the_demo_preset_with_the_measured_treatment
         "model.adversary.enabled=false",
         "model.encoders.sgl_mlp.path_interaction=timeseries",
         "model.encoders.sgl_mlp.path_max_false=1.0",
-        "optim.monitor=val_auroc_stratified",
     ]
     assert load_run_config("confound_free") == load_run_config("demo", treated)
