@@ -28,8 +28,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from clinfuse.config import save_yaml, to_dict
 from clinfuse.datasets.datamodule import CohortDataModule
@@ -88,6 +89,31 @@ class EpochLines(Callback):
         if last is not None and last > epoch:
             text += f", ETA {format_seconds(per_epoch * (last - epoch))}"
         return text
+
+
+class ParameterEMA(WeightAveraging):
+    """An exponential moving average of the parameters, updated after every optimizer step.
+
+    Lightning's ``WeightAveraging``: validation runs on the average, checkpoints hold it
+    in ``state_dict`` (the current weights in ``current_model_state``, so a resumed run
+    continues both), and the model left after training is the average. Buffers are not
+    averaged: the average keeps the current ones (confound offsets, ComBat maps, masks),
+    copied after each update.
+    """
+
+    def __init__(self, decay: float) -> None:
+        super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
+        if self._average_model is not None:
+            with torch.no_grad():
+                for kept, current in zip(
+                    self._average_model.module.buffers(), pl_module.buffers(), strict=True
+                ):
+                    kept.copy_(current)
 
 
 class GradualUnfreezing(Callback):
@@ -421,6 +447,8 @@ def build_trainer(
     checkpoint, stopping = _selection_callbacks(o, selection_start(cfg), run / "checkpoints")
     last = last_checkpoint(run / "checkpoints")
     callbacks = [checkpoint, last, stopping, GradualUnfreezing(), *(extra_callbacks or [])]
+    if o.ema_decay > 0:
+        callbacks.append(ParameterEMA(o.ema_decay))
     # A bar where it redraws in place; in a log file, one line per epoch instead.
     bars = o.progress_bar and interactive(sys.stdout)  # Lightning's bar writes to stdout
     if o.progress_bar and not bars:

@@ -38,8 +38,13 @@ def _epoch_of(ckpt: Path) -> int | None:
 # own optimiser state must come back too, or the resumed weights differ.
 @pytest.mark.parametrize(
     "extra",
-    [[], ["model.adversary.ramp_epochs=2"], ["model.adversary.head_steps=3"]],
-    ids=["plain", "ramp", "head_steps"],
+    [
+        [],
+        ["model.adversary.ramp_epochs=2"],
+        ["model.adversary.head_steps=3"],
+        ["optim.ema_decay=0.9"],  # the weight average must come back as well
+    ],
+    ids=["plain", "ramp", "head_steps", "ema"],
 )
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_cohort, tmp_path, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -285,3 +285,33 @@ def test_summary_times_the_epochs_apart_from_the_run_around_them(tiny_run):
     assert summary["fit_seconds"] > 0
     written = json.loads((run_dir / "summary.json").read_text())
     assert written["fit_seconds"] == summary["fit_seconds"]
+
+
+def test_ema_weights_are_validated_checkpointed_and_exported(tiny_cohort, tiny_config, tmp_path):
+    from clinfuse.errors import InputError
+    from clinfuse.training.checkpoints import load_checkpoint
+    from clinfuse.training.config import load_run_config
+    from clinfuse.training.module import RiskModule
+    from clinfuse.training.run import train
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(tiny_cohort, "optim.ema_decay=0.5"), run_dir)
+    best = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    average, current = best["state_dict"], best["current_model_state"]
+    assert any(not torch.equal(average[k], current[k]) for k in average)  # averaged, not a copy
+    # The logged validation AUROC of the chosen epoch is the average's.
+    module = RiskModule(**best["hyper_parameters"])
+    module.load_state_dict(average)
+    samples = load_samples(tiny_cohort).filter(pl.col("split") == "tuning")
+    art = load_artifact(run_dir / "model")
+    loader = make_loader(tiny_cohort, samples, art.spec, config_from_dict(art.data_config))
+    pred = collect_predictions(module.model, loader)
+    metrics = pl.read_csv(run_dir / "logs" / "metrics.csv").drop_nulls("val_auroc")
+    (logged,) = metrics.filter(pl.col("epoch") == best["epoch"]).iter_rows(named=True)
+    assert logged["val_auroc"] == pytest.approx(auroc(pred["label"], pred["logit"]), abs=1e-6)
+    # The exported model is the average.
+    exported = art.model.state_dict()
+    for name, value in exported.items():
+        torch.testing.assert_close(value, average[f"model.{name}"], msg=name)
+    with pytest.raises(InputError, match="ema_decay"):
+        load_run_config(None, ["optim.ema_decay=1.0"])
