@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import clinfuse
 from clinfuse.training.distributed import worker_group_starts, worker_throughput
@@ -33,7 +34,7 @@ EPOCHS = 5
 TINY = ["data.batch_size=32", "data.image_size=32", "data.max_steps=32",
         "model.encoders={timm_image: {embed_dim: 8, harmonize: combat}, gru_d: {hidden: 8, embed_dim: 8}, sgl_mlp: {embed_dim: 8, hidden: [8]}}",
         "model.fusion.cfg={dim: 8, heads: 2}", "model.confound_offsets=[site,ancestry]",
-        "optim.monitor=val_auroc_stratified", f"optim.max_epochs={EPOCHS}",
+        "optim.monitor=val_auroc_stratified", "optim.ema_decay=0.9", f"optim.max_epochs={EPOCHS}",
         f"optim.patience={EPOCHS}", "optim.progress_bar=false"]  # fmt: skip
 # A killed node is declared dead after about a second instead of the default ~15 s.
 FAST_DEATH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
@@ -108,6 +109,9 @@ def _check_run_dir(run_dir: Path) -> None:
     assert summary["monitor"] == "val_auroc_stratified"
     logged = [float(v) for v in _column(run_dir / "logs" / "metrics.csv", "val_auroc_stratified")]
     assert logged and abs(max(logged) - summary["best_val_auroc"]) < 1e-6
+    # The weight average was kept on the workers and is what the best checkpoint holds.
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert "current_model_state" in best and "averaging_state" in best
     # ComBat was fitted once on the driver over every training film and is in the model.
     assert summary["harmonization"]["n"] > 0 and (run_dir / "harmonization.safetensors").is_file()
     for name in ("config.yaml", "provenance.json", "data_spec.yaml", "checkpoints/best.ckpt",
