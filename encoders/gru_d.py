@@ -429,10 +429,8 @@ def window_summaries(batch: dict[str, Any], n_channels: int, recent_hours: float
         batch ts_* (B, T, C), ts_time (B, T) hours before prediction_time -> (B, 3C),
         the three blocks in that order
     """
-    x, m, _, lengths = _inputs(batch, n_channels)
-    t = x.shape[1]
-    valid = (torch.arange(t, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).to(x.dtype)
-    m = m * valid.unsqueeze(-1)  # (B, T, C)
+    x, m, _, _ = _inputs(batch, n_channels)
+    m = m * _step_mask(batch, x.shape[1]).unsqueeze(-1).to(x.dtype)  # (B, T, C)
     recent = (batch["ts_time"].to(x.dtype) <= recent_hours).to(x.dtype).unsqueeze(-1)
     mr = m * recent
     recent_mean = (x * mr).sum(1) / mr.sum(1).clamp_min(1.0)  # (B, C)
