@@ -77,8 +77,12 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BASE_PRESET = CONFIGS / "bench_fusion.yaml"
 # The preset a user gets (``make demo``, ``clinfuse train`` without --config).
 USER_PRESET = CONFIGS / "demo.yaml"
+# The preset the confound treatments were developed from (the default before them, with
+# the confusion adversary): the shift experiment's treatments are edits of it, and its
+# reference is it trained without either link.
+SHIFT_BASE = CONFIGS / "adversary.yaml"
 EXPERIMENTS = ("strategies", "confound", "transfer", "missing", "shift")
-# The shift experiment: preset edits per treatment (the untreated model drops its
+# The shift experiment: SHIFT_BASE edits per treatment (the untreated model drops its
 # adversary; pcs adds the genotype principal-component adjustment; offsets profiles
 # per-site and per-ancestry logit offsets out of training, fusion/offsets.py; path
 # selects the genotype groups, encoders/sgl_path.py).
@@ -101,7 +105,7 @@ GXE = (
     "model.encoders.sgl_mlp.path_max_false=1.0",
 )
 SHIFT_TREATMENTS: dict[str, tuple[str, ...]] = {
-    "preset": (),
+    "adversary": (),
     "untreated": (NO_ADVERSARY,),
     "pcs": PCS,
     "offsets": (OFFSETS,),
@@ -804,10 +808,11 @@ def shift(
     Training cohort: site and ancestry both linked to the outcome (``site_effect`` and
     ``ancestry_effect`` normal). Test cohorts of the same world (other subjects): the
     ancestry link reversed, the site link reversed, and both links kept but with the
-    world's held-back site added. The reference is the confound-free model: the same
-    preset trained on a cohort of the same size and subjects drawn with both links
-    ``none`` (it cannot learn either shortcut), scored on the same test cohorts:
-    removing a shortcut must cost what the shortcut gave in-distribution, no more.
+    world's held-back site added. The reference is the confound-free model: the preset
+    the treatments edit (``SHIFT_BASE``) trained on a cohort of the same size and
+    subjects drawn with both links ``none`` (it cannot learn either shortcut), scored on
+    the same test cohorts: removing a shortcut must cost what the shortcut gave
+    in-distribution, no more. The row ``preset`` is the user preset as it ships.
 
     For the unseen site the comparison is within sites, on the same test cohort: the
     model's AUROC among the new site's subjects against its mean AUROC within each of
@@ -836,7 +841,7 @@ def shift(
                             ctx.user_preset, ctx.caches)  # fmt: skip
     rows = []
     for seed in seeds:
-        ref = Variant("preset", preset=str(ctx.user_preset), seed=seed)
+        ref = Variant("preset", preset=str(SHIFT_BASE), seed=seed)
         ref_held = reference_ctx.run(ref)["metrics"]
         # The reference on the linked cohort's held-out patients, the treated models' own
         # held-out split: what a model without either shortcut reaches where they hold.
@@ -846,10 +851,10 @@ def shift(
             link: _shift_scores(reference_ctx, ref.run_name, test, link, ref_held)
             for link, test in tests.items()
         }
-        for name, edits in SHIFT_TREATMENTS.items():
+        for name, (preset, edits) in _shift_rows(ctx).items():
             if only is not None and name not in only:
                 continue
-            v = Variant(name, preset=str(ctx.user_preset), overrides=edits, seed=seed)
+            v = Variant(name, preset=str(preset), overrides=edits, seed=seed)
             held = linked.run(v)["metrics"]
             held = {**held, "genetic_signal": _genetic_signal(linked, v.run_name, train, held)}
             for link, test in tests.items():
@@ -859,6 +864,13 @@ def shift(
             peer = _gbdt_shift(linked, seed, tests)
             for link, scores in peer["scores"].items():
                 rows.append(_gbdt_shift_row(seed, link, peer, scores, reference[link], ref_held))
+    return rows
+
+
+def _shift_rows(ctx: Context) -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """Row name -> (preset, edits): the user preset as it ships, then the treatments."""
+    rows = {"preset": (ctx.user_preset, ())}
+    rows.update({name: (SHIFT_BASE, edits) for name, edits in SHIFT_TREATMENTS.items()})
     return rows
 
 

@@ -119,7 +119,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """simulate a cohort, train attention fusion with the adversary, evaluate
+    """simulate a cohort, train the confound-free attention fusion, evaluate
 
     End to end on a small simulated cohort, a few minutes on 2 CPU cores.
     """

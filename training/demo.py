@@ -1,4 +1,4 @@
-"""``make demo``: simulate a small cohort, train attention fusion with the adversary, evaluate."""
+"""``make demo``: simulate a small cohort, train the default (confound-free) preset, evaluate."""
 
 from __future__ import annotations
 
