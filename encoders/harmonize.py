@@ -20,7 +20,9 @@ as two buffers and applies in training and at scoring alike:
 
 with ``m`` the standardized mean and ``v`` the pooled variance of each feature. A site
 the fit never saw (and a sample whose site is unknown) passes through unchanged: ComBat
-has no estimate for it.
+has no estimate for it. So does a site with fewer than ``MIN_SITE_FILMS`` training films
+(no variance to estimate), and every site when fewer than two sites have enough: a
+single-scanner cohort has nothing to harmonize. The fit's summary names those sites.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import numpy as np
 
 # Features whose pooled variance is below this are left as they are (ComBat divides by it).
 MIN_VARIANCE = 1e-10
+# A site needs this many training films for ComBat to estimate its scale.
+MIN_SITE_FILMS = 2
 
 
 def combat_affine(
@@ -49,11 +53,13 @@ def combat_affine(
 
     Returns:
         scale (n_sites + 1, F), shift (n_sites + 1, F): ``x* = x * scale[s] + shift[s]``;
-        sites without training samples get the identity row. And a summary
-        (sites fitted, samples, features left unchanged).
+        sites without training samples get the identity row, and so do sites with fewer
+        than ``MIN_SITE_FILMS`` (all sites, when fewer than two have enough). And a
+        summary: sites fitted, samples, features left unchanged, ``unharmonized_sites``
+        (codes with training films that kept the identity) and, when some did, ``note``.
 
     Raises:
-        ValueError: fewer than two sites, or a site with fewer than two samples.
+        ValueError: features, sites and labels that do not align.
     """
     from neuroCombat import neuroCombat
 
@@ -65,11 +71,25 @@ def combat_affine(
             f"combat: features {x.shape}, sites {s.shape} and labels {y.shape} must align"
         )
     present, counts = np.unique(s, return_counts=True)
-    if len(present) < 2:
-        raise ValueError(f"combat: the training films come from {len(present)} site(s); need 2+")
-    if counts.min() < 2:
-        few = present[counts < 2].tolist()
-        raise ValueError(f"combat: site code(s) {few} have fewer than 2 training films")
+    fitted = present[counts >= MIN_SITE_FILMS]
+    if len(fitted) < 2:
+        fitted = present[:0]
+    info: dict[str, Any] = {
+        "method": "combat",
+        "sites": sorted(int(c) for c in fitted),
+        "n": int(np.isin(s, fitted).sum()),
+        "features": int(x.shape[1]),
+        "unharmonized_sites": sorted(int(c) for c in present if c not in fitted),
+    }
+    scale = np.ones((n_sites + 1, x.shape[1]))
+    shift = np.zeros((n_sites + 1, x.shape[1]))
+    if info["unharmonized_sites"]:
+        info["note"] = _unharmonized_note(present, counts, fitted)
+    if len(fitted) == 0:
+        info["unchanged_features"] = int(x.shape[1])
+        return scale, shift, info
+    keep = np.isin(s, fitted)
+    x, s, y = x[keep], s[keep], y[keep]
     varying = x.var(axis=0) > MIN_VARIANCE  # (F,)
     import pandas as pd
 
@@ -82,8 +102,6 @@ def combat_affine(
             batch_col="site",
             categorical_cols=categorical,
         )["estimates"]
-    scale = np.ones((n_sites + 1, x.shape[1]))
-    shift = np.zeros((n_sites + 1, x.shape[1]))
     mean = est["stand.mean"][:, 0] + est["mod.mean"].mean(axis=1)  # (F',)
     sd = np.sqrt(est["var.pooled"][:, 0])  # (F',)
     for row, name in enumerate(est["batches"]):
@@ -92,11 +110,20 @@ def combat_affine(
         g = est["gamma.star"][row]  # (F',)
         scale[code, varying] = 1.0 / d
         shift[code, varying] = mean - (mean + g * sd) / d
-    info = {
-        "method": "combat",
-        "sites": sorted(int(c) for c in present),
-        "n": int(len(s)),
-        "features": int(x.shape[1]),
-        "unchanged_features": int((~varying).sum()),
-    }
+    info["unchanged_features"] = int((~varying).sum())
     return scale, shift, info
+
+
+def _unharmonized_note(present: np.ndarray, counts: np.ndarray, fitted: np.ndarray) -> str:
+    """Why some sites' films keep their features as they are."""
+    if len(fitted) == 0:
+        return (
+            f"combat: {len(present)} site(s) with training films, "
+            f"{int((counts >= MIN_SITE_FILMS).sum())} with {MIN_SITE_FILMS} or more; "
+            "nothing to harmonize, the image features are left as they are"
+        )
+    few = [int(c) for c, n in zip(present, counts, strict=True) if c not in fitted]
+    return (
+        f"combat: site code(s) {few} have fewer than {MIN_SITE_FILMS} training films; "
+        "their films keep their features as they are"
+    )

@@ -87,14 +87,14 @@ def test_cohort_open_lists_every_error_in_one_line(tmp_path):
     assert all(p in message for p in err.problems)
 
 
-def test_the_previous_preset_is_the_demo_preset_with_the_adversary_for_the_treatments():
+def test_the_default_preset_is_the_previous_one_with_the_measured_confound_treatments():
     from clinfuse.training.config import load_run_config
 
-    untreated = [
-        "model.encoders.timm_image.harmonize=none",
-        "model.confound_offsets=[]",
-        "model.adversary.enabled=true",
-        "model.encoders.sgl_mlp.path_interaction=none",
-        "model.encoders.sgl_mlp.path_max_false=2.0",
+    treated = [
+        "model.encoders.timm_image.harmonize=combat",
+        "model.confound_offsets=[site,ancestry]",
+        "model.adversary.enabled=false",
+        "model.encoders.sgl_mlp.path_interaction=timeseries",
+        "model.encoders.sgl_mlp.path_max_false=1.0",
     ]
-    assert load_run_config("adversary") == load_run_config("demo", untreated)
+    assert load_run_config("demo") == load_run_config("adversary", treated)

@@ -217,6 +217,13 @@ def fit_image_harmonization(module: RiskModule, dm: CohortDataModule) -> dict[st
         )
     except ValueError as err:
         raise InputError(f"timm_image harmonize: {err}") from err
+    if info["unharmonized_sites"]:
+        names = dm.spec.sites
+        info["unharmonized_site_names"] = [names[c] for c in info["unharmonized_sites"]]
+        warnings.warn(
+            f"timm_image harmonize: {info['note']} (sites {info['unharmonized_site_names']})",
+            stacklevel=2,
+        )
     return {"harmonization": info}
 
 

@@ -190,6 +190,7 @@ def test_a_trainer_that_reloads_every_epoch_trains_each_epoch_on_its_blocks(
     from lightning.pytorch.callbacks import Callback
 
     from clinfuse.training.module import RiskModule
+    from clinfuse.training.run import fit_image_harmonization
 
     cfg = tiny_run_config(cohort, "optim.max_epochs=3")
     full = CohortDataModule(cohort, cfg.data)
@@ -209,7 +210,9 @@ def test_a_trainer_that_reloads_every_epoch_trains_each_epoch_on_its_blocks(
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, default_root_dir=tmp_path,
     )  # fmt: skip
-    trainer.fit(RiskModule.create(cfg.model, full.spec, cfg.optim, cfg.seed), datamodule=dm)
+    module = RiskModule.create(cfg.model, full.spec, cfg.optim, cfg.seed)
+    fit_image_harmonization(module, full)  # the driver's ComBat fit, which workers load
+    trainer.fit(module, datamodule=dm)
     n_blocks = len(dm._blocks)
     assert [epoch for epoch, _, _ in seen] == [0, 1, 2]
     for epoch, blocks, _ in seen:

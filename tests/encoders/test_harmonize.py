@@ -57,16 +57,27 @@ def test_sites_without_training_films_pass_through_unchanged():
     assert info["sites"] == [0, 2]
 
 
-def test_combat_refuses_a_single_site_or_a_site_with_one_film():
+def test_a_single_site_or_a_site_with_one_film_keeps_its_features_and_is_named():
     x, site, y = _planted()
-    with pytest.raises(ValueError, match="1 site"):
-        combat_affine(x, np.zeros_like(site), y, n_sites=3)
-    site = site.copy()
-    site[0] = 2
-    site[site == 2] = 0
-    site[0] = 2
-    with pytest.raises(ValueError, match=r"\[2\] have fewer than 2"):
-        combat_affine(x, site, y, n_sites=3)
+    scale, shift, info = combat_affine(x, np.zeros_like(site), y, n_sites=3)
+    np.testing.assert_array_equal(scale, 1.0)  # one scanner: nothing to harmonize
+    np.testing.assert_array_equal(shift, 0.0)
+    assert info["sites"] == [] and info["unharmonized_sites"] == [0]
+    assert "nothing to harmonize" in info["note"]
+
+    lone = site.copy()
+    lone[np.flatnonzero(site == 2)[1:]] = 0  # site 2 keeps one film
+    scale, shift, info = combat_affine(x, lone, y, n_sites=3)
+    np.testing.assert_array_equal(scale[2], 1.0)
+    np.testing.assert_array_equal(shift[2], 0.0)
+    assert info["sites"] == [0, 1] and info["unharmonized_sites"] == [2]
+    assert "[2] have fewer than 2 training films" in info["note"]
+    # The other two sites are fitted as if the lone film were not there.
+    keep = lone != 2
+    ref_scale, ref_shift, _ = combat_affine(x[keep], lone[keep], y[keep], n_sites=3)
+    np.testing.assert_allclose(scale, ref_scale)
+    np.testing.assert_allclose(shift, ref_shift)
+    assert not np.allclose(scale[:2], 1.0)
 
 
 def _spec() -> DataSpec:

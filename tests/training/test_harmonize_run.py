@@ -82,8 +82,8 @@ def test_data_parallel_workers_load_the_map_the_driver_fitted_on_the_whole_split
     fresh = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
     assert _fit_harmonization_on_driver(run, fresh, lambda: dm, resume=True) == info
     assert (run / HARMONIZATION_FILE).stat().st_mtime_ns == stamp
-    # Without harmonize, nothing is fitted, written or loaded.
-    plain = tiny_config(tiny_cohort)
+    # Without harmonize (the preset has it on), nothing is fitted, written or loaded.
+    plain = tiny_config(tiny_cohort, "model.encoders.timm_image.harmonize=none")
     unharmonized = RiskModule.create(plain.model, dm.spec, plain.optim, plain.seed)
     assert _fit_harmonization_on_driver(tmp_path / "plain", unharmonized, lambda: dm, False) == {}
 
@@ -117,3 +117,30 @@ def test_a_worker_refuses_a_damaged_map_by_its_path(tiny_cohort, tiny_config, tm
     with pytest.raises(InputError, match="harm_scale must be finite with shape"):
         load_harmonization(module, tmp_path)
     assert not bool(enc.harm_fitted)
+
+
+def test_a_single_scanner_cohort_trains_the_default_with_its_films_as_they_are(
+    tiny_cohort, tiny_config, tmp_path
+):
+    # One hospital, one scanner: the default preset's ComBat has nothing to harmonize.
+    # The run trains, says so naming the site, and the saved map is the identity.
+    import shutil
+
+    import pytest
+
+    from clinfuse.training.run import train
+
+    cohort = shutil.copytree(tiny_cohort, tmp_path / "cohort")
+    subjects = pl.read_parquet(cohort / "subjects.parquet")
+    subjects.with_columns(site=pl.lit("only")).write_parquet(cohort / "subjects.parquet")
+    images = pl.read_parquet(cohort / "images.parquet")
+    if "site" in images.columns:
+        images.with_columns(site=pl.lit("only")).write_parquet(cohort / "images.parquet")
+    cfg = tiny_config(cohort, "model.encoders.timm_image.harmonize=combat")
+    with pytest.warns(UserWarning, match=r"nothing to harmonize.*\['only'\]"):
+        summary = train(cfg, tmp_path / "run")
+    assert summary["harmonization"]["sites"] == []
+    assert summary["harmonization"]["unharmonized_site_names"] == ["only"]
+    enc = load_artifact(tmp_path / "run" / "model").model.encoders["image"]
+    torch.testing.assert_close(enc.harm_scale, torch.ones_like(enc.harm_scale))
+    torch.testing.assert_close(enc.harm_shift, torch.zeros_like(enc.harm_shift))
