@@ -122,7 +122,7 @@ def _unharmonized_note(present: np.ndarray, counts: np.ndarray, fitted: np.ndarr
             f"{int((counts >= MIN_SITE_FILMS).sum())} with {MIN_SITE_FILMS} or more; "
             "nothing to harmonize, the image features are left as they are"
         )
-    few = [int(c) for c, n in zip(present, counts, strict=True) if c not in fitted]
+    few = [int(c) for c in present if c not in fitted]
     return (
         f"combat: site code(s) {few} have fewer than {MIN_SITE_FILMS} training films; "
         "their films keep their features as they are"
