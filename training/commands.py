@@ -95,8 +95,9 @@ def _train(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
         max_failures=args.max_failures, placement_strategy=args.placement_strategy,
     )  # fmt: skip
-    best = run.summary["best_val_auroc"]
-    print(f"best {monitor_label(run.summary)} {best}; artifact in {run.model_dir}")
+    best = run.summary["best_val_auroc"]  # None when no validation epoch ran
+    shown = "none" if best is None else f"{best:.3f}"
+    print(f"best {monitor_label(run.summary)} {shown}; artifact in {run.model_dir}")
     return 0
 
 

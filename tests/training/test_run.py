@@ -106,13 +106,17 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
     assert bl == pytest.approx(base["auroc"])
 
 
-def test_cli_train_applies_overrides_and_resolves_config(tiny_cohort, tmp_path):
+def test_cli_train_applies_overrides_and_resolves_config(tiny_cohort, tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = ["train", "--config", "configs/demo.yaml", "--cohort", str(tiny_cohort),
             "--run-dir", str(run_dir), "model.fusion.name=gated", "model.fusion.cfg={}",
             "optim.max_epochs=1", "optim.progress_bar=false", "data.image_size=32",
             "model.encoders={gru_d: {hidden: 8, embed_dim: 8}, sgl_mlp: {embed_dim: 8}}"]  # fmt: skip
     assert cli_main(args) == 0
+    best = json.loads((run_dir / "summary.json").read_text())["best_val_auroc"]
+    assert f"best validation AUROC {best:.3f}; artifact in {run_dir / 'model'}" in (
+        capsys.readouterr().out
+    )
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["fusion"]["name"] == "gated"
     assert set(config["model"]["encoders"]) == {"gru_d", "sgl_mlp"}
