@@ -74,10 +74,11 @@ def combat_affine(
     fitted = present[counts >= MIN_SITE_FILMS]
     if len(fitted) < 2:
         fitted = present[:0]
+    keep = np.isin(s, fitted)  # (N,) the films of the fitted sites
     info: dict[str, Any] = {
         "method": "combat",
         "sites": sorted(int(c) for c in fitted),
-        "n": int(np.isin(s, fitted).sum()),
+        "n": int(keep.sum()),
         "features": int(x.shape[1]),
         "unharmonized_sites": sorted(int(c) for c in present if c not in fitted),
     }
@@ -88,7 +89,6 @@ def combat_affine(
     if len(fitted) == 0:
         info["unchanged_features"] = int(x.shape[1])
         return scale, shift, info
-    keep = np.isin(s, fitted)
     x, s, y = x[keep], s[keep], y[keep]
     varying = x.var(axis=0) > MIN_VARIANCE  # (F,)
     import pandas as pd

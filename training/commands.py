@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     TensorBoard), checkpoints, data hashes, code version and the exported model artifact.
     """
     from clinfuse.api import train
-    from clinfuse.training.config import monitor_label
+    from clinfuse.training.config import best_score_text
 
     run = train(
         _cohort(args), args.config, run_dir=args.run_dir, overrides=args.overrides,
@@ -95,9 +95,7 @@ def _train(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
         max_failures=args.max_failures, placement_strategy=args.placement_strategy,
     )  # fmt: skip
-    best = run.summary["best_val_auroc"]  # None when no validation epoch ran
-    shown = "none" if best is None else f"{best:.3f}"
-    print(f"best {monitor_label(run.summary)} {shown}; artifact in {run.model_dir}")
+    print(f"best {best_score_text(run.summary)}; artifact in {run.model_dir}")
     return 0
 
 

@@ -96,10 +96,12 @@ MONITOR_LABELS = {
 }
 
 
-def monitor_label(summary: dict[str, Any]) -> str:
-    """How to print a run summary's ``best_val_auroc``: the metric it is the best of."""
+def best_score_text(summary: dict[str, Any]) -> str:
+    """A run summary's ``best_val_auroc`` as printed, named by the metric it is the best
+    of: ``validation AUROC 0.845`` (``none`` when no validation epoch ran)."""
     monitor = summary.get("monitor", "val_auroc")
-    return MONITOR_LABELS.get(monitor, monitor)
+    best = summary["best_val_auroc"]
+    return f"{MONITOR_LABELS.get(monitor, monitor)} {'none' if best is None else f'{best:.3f}'}"
 
 
 def run_cohort(cfg: RunConfig) -> Any:

@@ -14,7 +14,7 @@ DEMO_CONFIG = files("clinfuse") / "configs" / "demo.yaml"  # package data
 def run_demo(out: str | Path, subjects: int, config: str | None, overrides: list[str]) -> int:
     from clinfuse.api import evaluate, simulate, train
     from clinfuse.training.commands import _summary_line
-    from clinfuse.training.config import load_run_config, monitor_label
+    from clinfuse.training.config import best_score_text, load_run_config
 
     root = Path(out)
     cohort, run_dir = root / "cohort", root / "run"
@@ -26,10 +26,7 @@ def run_demo(out: str | Path, subjects: int, config: str | None, overrides: list
     print(f"[2/3] training {cfg.model.fusion.name} fusion -> {run_dir}")
     save_yaml(cfg, root / "demo_config.yaml")
     summary = train(cohort, config, run_dir=run_dir, overrides=overrides).summary
-    print(
-        f"      best {monitor_label(summary)} {summary['best_val_auroc']:.3f}"
-        f" after {summary['epochs']} epochs"
-    )
+    print(f"      best {best_score_text(summary)} after {summary['epochs']} epochs")
     print("[3/3] evaluating on the held-out split")
     metrics = evaluate(run_dir, cohort, run_dir / "evaluation", bootstrap=200).metrics
     print(_summary_line(metrics))

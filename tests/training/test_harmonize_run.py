@@ -134,8 +134,7 @@ def test_a_single_scanner_cohort_trains_the_default_with_its_films_as_they_are(
     subjects = pl.read_parquet(cohort / "subjects.parquet")
     subjects.with_columns(site=pl.lit("only")).write_parquet(cohort / "subjects.parquet")
     images = pl.read_parquet(cohort / "images.parquet")
-    if "site" in images.columns:
-        images.with_columns(site=pl.lit("only")).write_parquet(cohort / "images.parquet")
+    images.with_columns(site=pl.lit("only")).write_parquet(cohort / "images.parquet")
     cfg = tiny_config(cohort, "model.encoders.timm_image.harmonize=combat")
     with pytest.warns(UserWarning, match=r"nothing to harmonize.*\['only'\]"):
         summary = train(cfg, tmp_path / "run")
