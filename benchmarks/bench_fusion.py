@@ -201,13 +201,21 @@ class Variant:
 # ------------------------------------------------------------------ cohorts
 
 
-def make_cohorts(root: Path, subjects: int, flip_subjects: int, image_size: int) -> dict[str, Path]:
+def make_cohorts(
+    root: Path, subjects: int, flip_subjects: int, image_size: int, site_effect: str = "normal"
+) -> dict[str, Path]:
     """The training cohort and a confound-flip cohort of the same world (simulated once).
+
+    ``site_effect`` is the training cohort's link between site and outcome (the
+    simulator's default ``normal``; ``none`` leaves no site shortcut to read). The flip
+    cohort always reverses it.
 
     Returns:
         ``{"train": dir, "flip": dir}``.
     """
-    train_cfg = SimConfig(n_subjects=subjects, image_size=image_size, seed=0, progress=False)
+    train_cfg = SimConfig(
+        n_subjects=subjects, image_size=image_size, seed=0, site_effect=site_effect, progress=False
+    )
     flip_cfg = SimConfig(
         n_subjects=flip_subjects,
         image_size=image_size,
@@ -217,9 +225,16 @@ def make_cohorts(root: Path, subjects: int, flip_subjects: int, image_size: int)
         progress=False,
     )
     return {
-        "train": _simulate_once(root / f"cohort_n{subjects}_s{image_size}", train_cfg),
+        "train": _simulate_once(
+            root / f"cohort_n{subjects}_s{image_size}{_site_suffix(site_effect)}", train_cfg
+        ),
         "flip": _simulate_once(root / f"flip_n{flip_subjects}_s{image_size}", flip_cfg),
     }
+
+
+def _site_suffix(site_effect: str) -> str:
+    """Cohort folder suffix: none for the simulator's default link, else ``_site<link>``."""
+    return "" if site_effect == "normal" else f"_site{site_effect}"
 
 
 def _simulate_once(path: Path, cfg: SimConfig) -> Path:
@@ -1049,6 +1064,7 @@ def missing(
     adversary: bool,
     seeds: tuple[int, ...],
     only: list[str] | None = None,
+    site_effect: str = "normal",
 ) -> list[dict[str, Any]]:
     """Every fusion strategy, the preset and ``gbdt_features`` with a modality missing.
 
@@ -1056,12 +1072,13 @@ def missing(
     and at test alike), each row's drop measured from its own complete-data run of the
     same seed. Film missingness is ``mode`` (informative: sicker patients are filmed
     more often); genotype missingness is at random (most ICU patients are never typed).
+    ``site_effect`` is the cohorts' link between site and outcome (as ``make_cohorts``).
     """
     suffix = "" if adversary else "_no_adv"
     rows: list[dict[str, Any]] = []
     complete: dict[tuple[str, int], float] = {}
     for modality, share in MISSING_GRID:
-        sub = _missing_context(ctx, subjects, modality, share, mode)
+        sub = _missing_context(ctx, subjects, modality, share, mode, site_effect)
         for seed in seeds:
             for name in [r for r in MISSING_ROWS if only is None or r in only]:
                 v = _missing_variant(name, suffix, adversary, ctx.user_preset, seed)
@@ -1121,7 +1138,7 @@ def observed_ceiling(cohort: Path) -> float:
 
 
 def _missing_context(
-    ctx: Context, subjects: int, modality: str, share: float, mode: str
+    ctx: Context, subjects: int, modality: str, share: float, mode: str, site_effect: str
 ) -> Context:
     """A context whose training cohort misses ``modality`` for a share of subjects."""
     image = share if modality == "image" else 0.0
@@ -1130,7 +1147,7 @@ def _missing_context(
         "complete"
         if modality == "none"
         else f"{modality}_{mode if modality == 'image' else 'random'}_{share:g}"
-    )
+    ) + _site_suffix(site_effect)
     cfg = SimConfig(
         n_subjects=subjects,
         image_size=int(ctx.base["data"]["image_size"]),
@@ -1138,6 +1155,7 @@ def _missing_context(
         image_missing=image,
         image_missing_mode=mode,
         genotype_missing=geno,
+        site_effect=site_effect,
         progress=False,
     )
     cohort = _simulate_once(ctx.out / "cohorts" / f"missing_n{subjects}_{name}", cfg)
@@ -1374,6 +1392,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "are filmed more often)",
     )
     ap.add_argument(
+        "--site-effect",
+        choices=["normal", "none"],
+        default="normal",
+        help="link between site and outcome in the strategies and missing cohorts "
+        "(normal: the simulator's default, a shortcut a model can read; none: no shortcut)",
+    )
+    ap.add_argument(
         "--transfer-modes",
         nargs="+",
         choices=list(TRANSFER_ROWS),
@@ -1392,7 +1417,7 @@ def _base_preset(args: argparse.Namespace) -> dict[str, Any]:
 
 def _context(args: argparse.Namespace, subjects: int, out: Path) -> Context:
     flip = args.flip_subjects or max(subjects // 2, 200)
-    cohorts = make_cohorts(out / "cohorts", subjects, flip, args.image_size)
+    cohorts = make_cohorts(out / "cohorts", subjects, flip, args.image_size, args.site_effect)
     return Context(_base_preset(args), cohorts, out, args.bootstrap, Path(args.preset))
 
 
@@ -1445,7 +1470,9 @@ def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[d
     if name == "missing":
         subjects = args.subjects
         adversary = args.adversary == "on"
-        return missing(ctx, subjects, args.missing_mode, adversary, seeds, args.only)
+        return missing(
+            ctx, subjects, args.missing_mode, adversary, seeds, args.only, args.site_effect
+        )
     return transfer(ctx, args.fractions, args.adversary == "on", tuple(args.transfer_modes), seeds)
 
 
