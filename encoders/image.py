@@ -54,6 +54,7 @@ from clinfuse.encoders.weights import KeyRemap, create_backbone
 TRANSFER_MODES = ("frozen", "bn", "partial", "full")
 BN_STATS = ("auto", "frozen", "update")
 GRAYSCALE_MODES = ("replicate", "fold")
+FEATURE_SETS = ("head", "levels", "levels_head")
 NORMALIZATIONS = ("imagenet", "dataset")
 _LUMA = (0.299, 0.587, 0.114)  # Rec. 601 luminance weights of R, G, B
 
@@ -78,6 +79,13 @@ class ImageEncoderConfig:
         grayscale: "replicate" or "fold".
         normalization: "imagenet" (the weights' statistics) or "dataset"
             (``fit_normalization`` on training images).
+        features: what the pooled feature vector is: "head" (the backbone's own pooled
+            output, ``forward_head(pre_logits=True)``), "levels" (the global average of
+            the feature map at every level of timm's ``feature_info``, concatenated:
+            fine and coarse scales, Head2Toe-style) or "levels_head" (both). Frozen
+            ImageNet features of a small grayscale film carry more of it in the early
+            levels than in the head (docs/benchmarks.md). Token fusion reads the final
+            feature map's cells, so it needs "head".
         embed_dim: width of the linear projection after pooling (0 = none).
         drop_rate: dropout on the pooled features before the projection.
         drop_path_rate: stochastic depth inside the backbone (timm).
@@ -101,6 +109,7 @@ class ImageEncoderConfig:
     layer_decay: float = 0.7
     grayscale: str = "replicate"
     normalization: str = "imagenet"
+    features: str = "head"
     embed_dim: int = 128
     drop_rate: float = 0.1
     drop_path_rate: float = 0.0
@@ -170,7 +179,7 @@ class TimmImageEncoder(ModalityEncoder):
         if cfg.grayscale == "fold":
             fold_first_conv(self.backbone)
         self._register_norm_buffers()
-        self.num_features = int(self.backbone.num_features)
+        self.num_features = _pooled_width(self.backbone, cfg.features)
         self._register_harmonization_buffers(spec)
         self.embed_dim = cfg.embed_dim or self.num_features
         self.dropout = nn.Dropout(cfg.drop_rate)
@@ -424,9 +433,22 @@ class TimmImageEncoder(ModalityEncoder):
         return self._run_backbone(images, want_tokens)
 
     def _run_backbone(self, images: Tensor, want_tokens: bool) -> tuple[Tensor, Tensor | None]:
-        fmap = self.backbone.forward_features(self.preprocess(images))  # (B, F, h, w)
-        pooled = self.backbone.forward_head(fmap, pre_logits=True)  # (B, F)
-        return pooled, _as_tokens(fmap) if want_tokens else None
+        features = self.config.features
+        if want_tokens and features != "head":
+            raise ValueError(
+                f"timm_image: features={features!r} pools several feature maps into one "
+                "vector; a token fusion reads the final map's cells: use features='head'"
+            )
+        x = self.preprocess(images)
+        if features == "head":
+            fmap = self.backbone.forward_features(x)  # (B, F, h, w)
+            pooled = self.backbone.forward_head(fmap, pre_logits=True)  # (B, F)
+            return pooled, _as_tokens(fmap) if want_tokens else None
+        fmap, levels = self.backbone.forward_intermediates(x)  # (B, F, h, w), [(B, C_l, h_l, w_l)]
+        parts = [level.mean(dim=(2, 3)) for level in levels]  # [(B, C_l)]
+        if features == "levels_head":
+            parts.append(self.backbone.forward_head(fmap, pre_logits=True))
+        return torch.cat(parts, dim=1), None  # (B, sum C_l [+ F])
 
     # ------------------------------------------------------------------ cache
     def _cache_active(self) -> bool:
@@ -466,6 +488,7 @@ class TimmImageEncoder(ModalityEncoder):
             "model_name": self.config.model_name,
             "weights_sha256": self.weights_info.sha256,
             "grayscale": self.config.grayscale,
+            **({} if self.config.features == "head" else {"features": self.config.features}),
             "mean": [round(v, 8) for v in self.norm_mean.tolist()],
             "std": [round(v, 8) for v in self.norm_std.tolist()],
             "timm": timm.__version__,
@@ -565,6 +588,7 @@ def _validate(cfg: ImageEncoderConfig) -> None:
         (cfg.normalization, NORMALIZATIONS, "normalization"),
         (cfg.bn_stats, BN_STATS, "bn_stats"),
         (cfg.harmonize, HARMONIZE_MODES, "harmonize"),
+        (cfg.features, FEATURE_SETS, "features"),
     ):
         if value not in allowed:
             raise ValueError(f"timm_image: {name}={value!r}; choose one of {allowed}")
@@ -579,6 +603,20 @@ def _validate(cfg: ImageEncoderConfig) -> None:
         raise ValueError("timm_image: unfreeze_every needs transfer='partial'")
     if isinstance(cfg.augment_config, dict):
         cfg.augment_config = from_dict(AugmentConfig, cfg.augment_config, "augment_config")
+
+
+def _pooled_width(backbone: nn.Module, features: str) -> int:
+    """Width of the pooled feature vector of ``features`` (``ImageEncoderConfig``)."""
+    head = int(backbone.num_features)
+    if features == "head":
+        return head
+    if not hasattr(backbone, "forward_intermediates"):
+        raise ValueError(
+            f"timm_image: features={features!r} needs a timm model with "
+            f"forward_intermediates; {type(backbone).__name__} has none: use features='head'"
+        )
+    levels = sum(int(info["num_chs"]) for info in backbone.feature_info)
+    return levels + head if features == "levels_head" else levels
 
 
 def _depth_groups(model: nn.Module) -> list[list[str]]:
