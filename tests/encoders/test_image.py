@@ -357,3 +357,67 @@ def test_cache_treats_a_torn_file_as_a_miss(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[:10])  # a reader racing a non-atomic writer
     assert cache.get(key) is None
     assert not list(tmp_path.glob("*/*.tmp"))  # atomic writes leave no temporaries
+
+
+# ------------------------------------------------------------------ pooled feature sets
+def _level_means(enc: TimmImageEncoder, images: torch.Tensor) -> list[torch.Tensor]:
+    """Global means of the feature maps at the modules timm's feature_info names,
+    caught by forward hooks on a plain forward pass (not forward_intermediates)."""
+    maps: list[torch.Tensor] = []
+    modules = dict(enc.backbone.named_modules())
+    hooks = [
+        modules[info["module"]].register_forward_hook(lambda m, a, out: maps.append(out))
+        for info in enc.backbone.feature_info
+    ]
+    try:
+        with torch.no_grad():
+            enc.backbone.forward_features(enc.preprocess(images))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [m.mean(dim=(2, 3)) for m in maps]
+
+
+def test_levels_pool_every_feature_level_and_levels_head_adds_the_head() -> None:
+    images = _batch(b=3)["image"]
+    head = _encoder().eval()
+    levels = _encoder(features="levels").eval()
+    both = _encoder(features="levels_head").eval()
+    channels = [int(info["num_chs"]) for info in head.backbone.feature_info]
+    assert channels == [16, 24, 40, 112, 320]  # efficientnet_lite0
+    assert (head.num_features, levels.num_features, both.num_features) == (1280, 512, 1792)
+    want = torch.cat(_level_means(levels, images), dim=1)  # (3, 512)
+    got, _ = levels.frozen_features(images, want_tokens=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    head_pooled, _ = head.frozen_features(images, want_tokens=False)
+    got_both, _ = both.frozen_features(images, want_tokens=False)
+    torch.testing.assert_close(
+        got_both, torch.cat([want, head_pooled], dim=1), atol=1e-5, rtol=1e-4
+    )
+    assert levels.proj.in_features == 512 and both.proj.in_features == 1792
+
+
+def test_levels_keep_absent_images_at_zero_and_train_the_projection() -> None:
+    batch = _batch(present=[True, False, True])
+    enc = _encoder(features="levels").train()
+    emb, present = enc(batch)
+    assert torch.equal(emb[1], torch.zeros_like(emb[1]))
+    emb.pow(2).sum().backward()
+    assert enc.proj.weight.grad is not None and enc.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in enc.backbone.parameters())  # frozen
+
+
+def test_levels_have_their_own_cache_key_and_no_tokens(tmp_path) -> None:
+    head = _encoder(transfer="frozen", cache_dir=str(tmp_path))
+    levels = _encoder(transfer="frozen", cache_dir=str(tmp_path), features="levels")
+    assert head.cache_fingerprint() != levels.cache_fingerprint()
+    with pytest.raises(ValueError, match="features='head'"):
+        levels.forward_tokens(_batch())
+    with pytest.raises(ValueError, match="features='pyramid'"):
+        _encoder(features="pyramid")
+
+
+def test_combat_maps_have_the_levels_width() -> None:
+    spec = DataSpec(image_size=PX, sites=("A", "B"))
+    enc = timm_image(spec=spec, embed_dim=8, augment=False, features="levels", harmonize="combat")
+    assert enc.harm_scale.shape == enc.harm_shift.shape == (3, 512)
