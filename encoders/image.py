@@ -97,6 +97,10 @@ class ImageEncoderConfig:
             features across sites (``encoders.harmonize``), fitted on the training
             split before training (``fit_harmonization``) and kept in the model; needs
             ``transfer: frozen``.
+        standardize: with ``harmonize: combat``, also centre the harmonized features
+            and scale them to unit variance with the training films' statistics
+            (folded into the same per-site maps), so the projection starts from
+            comparable inputs whatever each feature's raw range.
     """
 
     model_name: str = "efficientnet_lite0"
@@ -118,6 +122,7 @@ class ImageEncoderConfig:
     cache_dir: str = ""
     cache_tokens: bool = False
     harmonize: str = "none"
+    standardize: bool = False
 
 
 HARMONIZE_MODES = ("none", "combat")
@@ -315,9 +320,11 @@ class TimmImageEncoder(ModalityEncoder):
         sites = np.asarray(sites)
         known = sites >= 0
         n_sites = self.harm_scale.shape[0] - 1
-        scale, shift, info = combat_affine(
-            np.asarray(features)[known], sites[known], np.asarray(labels)[known], n_sites
-        )
+        x = np.asarray(features)[known]
+        scale, shift, info = combat_affine(x, sites[known], np.asarray(labels)[known], n_sites)
+        if self.config.standardize:
+            scale, shift = _standardized_maps(x, sites[known], scale, shift)
+            info = {**info, "standardized": True}
         self.set_harmonization(
             {"harm_scale": torch.as_tensor(scale), "harm_shift": torch.as_tensor(shift)}
         )
@@ -599,10 +606,33 @@ def _validate(cfg: ImageEncoderConfig) -> None:
             f"timm_image: harmonize={cfg.harmonize!r} needs transfer='frozen' (ComBat is "
             f"fitted once on fixed features), got transfer={cfg.transfer!r}"
         )
+    if cfg.standardize and cfg.harmonize != "combat":
+        raise ValueError(
+            "timm_image: standardize folds into the ComBat maps; it needs harmonize='combat'"
+        )
     if cfg.unfreeze_every and cfg.transfer != "partial":
         raise ValueError("timm_image: unfreeze_every needs transfer='partial'")
     if isinstance(cfg.augment_config, dict):
         cfg.augment_config = from_dict(AugmentConfig, cfg.augment_config, "augment_config")
+
+
+def _standardized_maps(
+    features: np.ndarray, sites: np.ndarray, scale: np.ndarray, shift: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """ComBat maps followed by a z-score with the harmonized training features' moments.
+
+    ``x * scale[s] + shift[s]`` becomes ``(x * scale[s] + shift[s] - mean) / sd`` for
+    every row, the unknown-site row included, so every site lands on the same scale.
+
+    Shapes:
+        features: (N, F); sites: (N,) codes into the maps' rows; scale, shift: (S + 1, F)
+    """
+    x = np.asarray(features, dtype=np.float64)
+    harmonized = x * scale[sites] + shift[sites]  # (N, F)
+    mean = harmonized.mean(axis=0)
+    sd = harmonized.std(axis=0)
+    sd = np.where(sd > 1e-8, sd, 1.0)  # a constant feature stays centred, unscaled
+    return scale / sd, (shift - mean) / sd
 
 
 def _pooled_width(backbone: nn.Module, features: str) -> int:

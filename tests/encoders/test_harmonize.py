@@ -118,3 +118,40 @@ def test_encoder_applies_the_site_map_and_keeps_it_in_its_state():
     again = TimmImageEncoder(cfg, spec=_spec()).eval()
     again.load_state_dict(enc.state_dict())
     torch.testing.assert_close(again(batch)[0], emb)
+
+
+def test_standardize_centres_and_scales_the_harmonized_training_features():
+    cfg = ImageEncoderConfig(weights="none", harmonize="combat", standardize=True, embed_dim=8)
+    enc = TimmImageEncoder(cfg, spec=_spec()).eval()
+    plain = TimmImageEncoder(ImageEncoderConfig(weights="none", harmonize="combat", embed_dim=8),
+                             spec=_spec()).eval()  # fmt: skip
+    rng = np.random.default_rng(3)
+    site = np.repeat([0, 1, 2], 40)
+    feats = rng.normal(size=(120, enc.num_features)) * 0.3 + 4.0 + site[:, None]
+    feats[:, 7] = 2.0  # a constant feature stays finite
+    labels = rng.integers(0, 2, 120)
+    info = enc.fit_harmonization(feats, site, labels)
+    plain.fit_harmonization(feats, site, labels)
+    assert info["standardized"] is True
+    x = torch.as_tensor(feats)
+    rows = torch.as_tensor(site)
+    out = (x * enc.harm_scale[rows].double() + enc.harm_shift[rows].double()).numpy()
+    keep = np.arange(feats.shape[1]) != 7
+    np.testing.assert_allclose(out[:, keep].mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out[:, keep].std(0), 1.0, atol=1e-4)
+    np.testing.assert_allclose(out[:, 7], 0.0, atol=1e-5)
+    # The same ComBat map, then one affine step shared by every site: a feature's
+    # standardized value is its harmonized value moved and rescaled.
+    before = (x * plain.harm_scale[rows].double() + plain.harm_shift[rows].double()).numpy()
+    slope = np.polyfit(before[:, 0], out[:, 0], 1)[0]
+    np.testing.assert_allclose(out[:, 0], (before[:, 0] - before[:, 0].mean()) * slope, atol=1e-4)
+    # An unknown site gets the standardization alone.
+    unknown = enc.harm_scale.shape[0] - 1
+    torch.testing.assert_close(
+        enc.harm_scale[unknown, 0], 1.0 / torch.as_tensor(before[:, 0].std()).float()
+    )
+
+
+def test_standardize_needs_combat():
+    with pytest.raises(ValueError, match="standardize folds into the ComBat maps"):
+        TimmImageEncoder(ImageEncoderConfig(weights="none", standardize=True), spec=_spec())
