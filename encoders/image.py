@@ -92,7 +92,8 @@ class ImageEncoderConfig:
         augment: augment images in training mode.
         augment_config: augmentation strengths.
         cache_dir: directory for cached features of a frozen backbone ("" = off).
-        cache_tokens: also cache spatial tokens (for attention fusion).
+        cache_tokens: also cache spatial tokens (for attention fusion); only with
+            ``features: head``, the one feature set that has them.
         harmonize: "none" or "combat": ComBat harmonization of the frozen backbone's
             features across sites (``encoders.harmonize``), fitted on the training
             split before training (``fit_harmonization``) and kept in the model; needs
@@ -464,7 +465,9 @@ class TimmImageEncoder(ModalityEncoder):
     def _cached_features(self, images: Tensor, want_tokens: bool) -> tuple[Tensor, Tensor | None]:
         cache = self._get_cache()
         keys = cache.keys(images)
-        need = want_tokens or self.config.cache_tokens
+        # cache_tokens stores tokens beside the pooled vector when the feature set has them
+        # (a pooled "levels" vector has none; a fusion that reads tokens is refused below).
+        need = want_tokens or (self.config.cache_tokens and self.config.features == "head")
         found = [cache.get(k) for k in keys]
         miss = [i for i, v in enumerate(found) if v is None or (need and "tokens" not in v)]
         if miss:

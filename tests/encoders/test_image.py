@@ -417,6 +417,21 @@ def test_levels_have_their_own_cache_key_and_no_tokens(tmp_path) -> None:
         _encoder(features="pyramid")
 
 
+def test_levels_with_cache_tokens_cache_the_pooled_vector(tmp_path) -> None:
+    # clinfuse tune sets cache_tokens on every trial; a levels encoder has no tokens to
+    # cache and must still run (a pooled-only fusion never asks for them).
+    batch = _batch(present=[True, True, False])
+    plain = _encoder(features="levels").eval()
+    cached = _encoder(features="levels", cache_dir=str(tmp_path), cache_tokens=True).eval()
+    cached.proj.load_state_dict(plain.proj.state_dict())
+    want, _ = plain(batch)
+    first, _ = cached(batch)
+    second, _ = cached(batch)
+    assert cached._get_cache().hits >= 2
+    torch.testing.assert_close(first, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(second, want, atol=1e-5, rtol=1e-4)
+
+
 def test_combat_maps_have_the_levels_width() -> None:
     spec = DataSpec(image_size=PX, sites=("A", "B"))
     enc = timm_image(spec=spec, embed_dim=8, augment=False, features="levels", harmonize="combat")
