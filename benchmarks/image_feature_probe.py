@@ -17,6 +17,7 @@ readers fit on the train split and scored on the held-out one:
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,9 @@ import polars as pl
 
 from clinfuse.datasets.samples import load_samples
 from clinfuse.datasets.schema import ORACLE_FILE
+from clinfuse.encoders.image import FEATURE_SETS
 from clinfuse.evaluation.baseline import ImageFeatureSource, image_features
 from clinfuse.evaluation.metrics import auroc
-
-FEATURE_SETS = ("head", "levels", "levels_head")
 
 
 def probe(
@@ -56,18 +56,32 @@ def main(argv: list[str] | None = None) -> int:
         "--cohort", required=True, type=Path, help="a simulated cohort (with oracle.parquet)"
     )
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--film-cache", type=Path, default=None, help="decoded-film cache folder")
+    ap.add_argument(
+        "--film-cache",
+        type=Path,
+        default=None,
+        help="decoded-film cache folder (default: a temporary one)",
+    )
     args = ap.parse_args(argv)
     samples = load_samples(args.cohort).filter(pl.col("split").is_in(["train", "held_out"]))
     oracle = pl.read_parquet(args.cohort / ORACLE_FILE, columns=["subject_id", "lung_disease"])
     samples = samples.join(oracle, on="subject_id", how="left")
     print("| features | dims | ridge corr with the true lung disease | outcome probe AUROC |")
     print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        films = args.film_cache or Path(tmp)  # the second backbone pass reads decoded films
+
+        def pooled(features: str) -> np.ndarray:
+            cfg = {"model_name": "efficientnet_lite0", "weights": "package", "features": features}
+            return image_features(
+                args.cohort, samples, ImageFeatureSource(cfg, args.image_size, films)
+            )[0]
+
+        head, levels = pooled("head"), pooled("levels")
+    # levels_head is the levels vector, then the head (encoders/image.py): no third pass.
+    sets = {"head": head, "levels": levels, "levels_head": np.hstack([levels, head])}
     for features in FEATURE_SETS:
-        cfg = {"model_name": "efficientnet_lite0", "weights": "package", "features": features}
-        x, _ = image_features(
-            args.cohort, samples, ImageFeatureSource(cfg, args.image_size, args.film_cache)
-        )
+        x = sets[features]
         filmed = ~np.isnan(x).any(axis=1)
         frame = samples.filter(pl.Series(filmed))
         result = probe(

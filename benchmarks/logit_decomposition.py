@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from clinfuse.datasets.schema import IMAGES, LABELS, ORACLE_FILE, table_paths
+from clinfuse.datasets.samples import latest_images
+from clinfuse.datasets.schema import ORACLE_FILE
 from clinfuse.evaluation.metrics import auroc
 
 FACTORS = ("lung_disease", "physio_severity", "genetic_score", "physio_x_carrier", "site_term")
@@ -33,21 +34,6 @@ def latents(cohort: Path) -> pl.DataFrame:
     oracle = pl.read_parquet(cohort / ORACLE_FILE)
     product = pl.col("physio_severity") * pl.col("modifier_carrier").cast(pl.Float64)
     return oracle.with_columns(product.alias("physio_x_carrier"))
-
-
-def filmed_subjects(cohort: Path) -> pl.Series:
-    """Subjects with a film at or before their prediction time."""
-    films = pl.concat(
-        [pl.read_parquet(p, columns=["subject_id", "time"]) for p in table_paths(cohort, IMAGES)]
-    )
-    labels = pl.concat(
-        [
-            pl.read_parquet(p, columns=["subject_id", "prediction_time"])
-            for p in table_paths(cohort, LABELS)
-        ]
-    )
-    joined = films.join(labels, on="subject_id").filter(pl.col("time") <= pl.col("prediction_time"))
-    return joined["subject_id"].unique()
 
 
 def decompose(frame: pl.DataFrame, target: str) -> tuple[np.ndarray, float]:
@@ -74,7 +60,6 @@ def rows(cohort: Path, runs: list[Path], filmed: bool) -> list[dict[str, object]
             "r2": r2,
         }
     )
-    keep = filmed_subjects(cohort) if filmed else None
     for run in runs:
         pred = pl.read_parquet(run / "evaluation" / "predictions.parquet")
         frame = pred.join(truth, on="subject_id")
@@ -82,8 +67,8 @@ def rows(cohort: Path, runs: list[Path], filmed: bool) -> list[dict[str, object]
             raise SystemExit(
                 f"{run}: {pred.height - frame.height} predictions have no oracle row in {cohort}"
             )
-        if keep is not None:
-            frame = frame.filter(pl.col("subject_id").is_in(keep.implode()))
+        if filmed:  # the sample's own latest film before prediction time, as the model reads it
+            frame = frame.filter(latest_images(cohort, frame)["path"].is_not_null())
         coef, r2 = decompose(frame, "logit")
         score = auroc(frame["label"].cast(int).to_numpy(), frame["logit"].to_numpy())
         out.append({"run": run.name, "n": frame.height, "auroc": score, "coef": coef, "r2": r2})
