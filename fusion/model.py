@@ -25,6 +25,7 @@ from clinfuse.fusion.adversary import (
 )
 from clinfuse.fusion.base import FusionModule, create_fusion
 from clinfuse.fusion.erasure import ConceptEraser
+from clinfuse.fusion.gene_environment import GENE_MODALITY, GeneEnvironment
 from clinfuse.fusion.offsets import ConfoundOffsets, build_offsets
 
 Embeddings = dict[str, tuple[Tensor, Tensor]]
@@ -67,6 +68,11 @@ class ModelConfig:
             and ancestry, and the confound's own share of the outcome stays out of the
             deployed model.
         confound_offset_rate: damping of the offsets' Newton step per batch.
+        gene_environment: a modality (``timeseries``) whose risk the genes may modify:
+            the risk logit gains the genotype embedding's linear read times that
+            modality's auxiliary logit, standardized (``fusion/gene_environment.py``).
+            Needs the genomics encoder, that modality's encoder and ``aux_weight > 0``.
+            None = no such term.
     """
 
     encoders: dict[str, dict[str, Any]] = field(
@@ -80,6 +86,7 @@ class ModelConfig:
     aux_weight: float = 0.0
     confound_offsets: list[str] = field(default_factory=list)
     confound_offset_rate: float = 0.2
+    gene_environment: str | None = None
 
     def __post_init__(self) -> None:
         self.encoders = {k: v for k, v in self.encoders.items() if v is not None}
@@ -131,6 +138,7 @@ class FusionModel(nn.Module):
         head: the risk head (default: linear, bias at the prior log-odds); unused when
             ``fusion.produces_logit``.
         modality_dropout: see ``modality_dropout_mask``; applied in training mode only.
+        gene_environment: see ``ModelConfig.gene_environment``.
 
     Attributes:
         eraser: the LEACE eraser of ``adversary.erase`` confounds (``fusion/erasure.py``)
@@ -153,6 +161,7 @@ class FusionModel(nn.Module):
         aux_weight: float = 0.0,
         confound_offsets: Collection[str] = (),
         confound_offset_rate: float = 0.2,
+        gene_environment: str | None = None,
     ) -> None:
         super().__init__()
         _check_encoders(encoders)
@@ -177,6 +186,8 @@ class FusionModel(nn.Module):
             self.adversary_cfg, fusion.out_dim, confound_classes(spec), dims
         )
         self.eraser = _build_eraser(self.adversary_cfg.erase, fusion, spec)
+        self.gene_environment = gene_environment
+        self.gxe = _build_gene_environment(gene_environment, encoders, aux_weight, self.eraser)
         self.aux_weight = aux_weight
         self.aux_heads = (
             nn.ModuleDict(
@@ -225,6 +236,8 @@ class FusionModel(nn.Module):
         fused = self.fusion(embeddings, tokens if self.fusion.uses_tokens else None)  # (B, D)
         fused = self._erase(fused)  # (B, D)
         logit = fused[:, 0] if self.head is None else self.head(fused).squeeze(-1)  # (B,)
+        if self.gxe is not None:
+            logit = logit + self._gxe_term(embeddings)
         return {
             "logit": logit,
             "fused": fused,
@@ -262,7 +275,19 @@ class FusionModel(nn.Module):
         toks = kept_tokens if self.fusion.uses_tokens else None
         fused = self._erase(self.fusion.forward_variants(kept, toks, variants))  # (B, V, D)
         logit = fused[..., 0] if self.head is None else self.head(fused).squeeze(-1)  # (B, V)
+        if self.gxe is not None:
+            term = self._gxe_term(kept)  # (B,), zero where either modality is absent
+            pair = (GENE_MODALITY, self.gene_environment)
+            on = torch.tensor([not set(pair) & set(gone) for gone in variants], device=term.device)
+            logit = logit + term.unsqueeze(1) * on  # (B, V)
         return {"logit": logit, "fused": fused, "embeddings": kept}
+
+    def _gxe_term(self, embeddings: Embeddings) -> Tensor:
+        """The gene x environment term on the kept embeddings (B,)."""
+        gene, gene_here = embeddings[GENE_MODALITY]
+        env, env_here = embeddings[self.gene_environment]
+        env_logit = self.aux_heads[self.gene_environment](env).squeeze(-1)  # (B,)
+        return self.gxe(gene, env_logit, gene_here.bool() & env_here.bool())
 
     def _check_absent(self, absent: Collection[str]) -> None:
         unknown = set(absent) - set(self.encoders)
@@ -460,6 +485,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> FusionModel:
         cfg.aux_weight,
         cfg.confound_offsets,
         cfg.confound_offset_rate,
+        cfg.gene_environment,
     )
 
 
@@ -524,6 +550,36 @@ def _build_eraser(erase: list[str], fusion: FusionModule, spec: DataSpec) -> Con
             f"fusion {type(fusion).__name__} produces the logit itself"
         )
     return ConceptEraser(fusion.out_dim, erase)
+
+
+def _build_gene_environment(
+    env: str | None,
+    encoders: dict[str, ModalityEncoder],
+    aux_weight: float,
+    eraser: ConceptEraser | None,
+) -> GeneEnvironment | None:
+    """The gene x environment term, or None; a clear error when it cannot be built."""
+    if env is None:
+        return None
+    where = f"model.gene_environment={env!r}"
+    if env == GENE_MODALITY or env not in encoders:
+        others = sorted(m for m in encoders if m != GENE_MODALITY)
+        raise ValueError(
+            f"{where}: the environment must be another modality of the model, one of {others}"
+        )
+    if GENE_MODALITY not in encoders:
+        raise ValueError(f"{where} needs a genomics encoder; the model has {sorted(encoders)}")
+    if aux_weight <= 0:
+        raise ValueError(
+            f"{where} reads the {env} auxiliary head's logit as the environment; "
+            f"set model.aux_weight > 0"
+        )
+    if eraser is not None:
+        raise ValueError(
+            f"{where} adds to the logit outside the risk head, which model.adversary.erase "
+            f"refits alone; use one or the other"
+        )
+    return GeneEnvironment(encoders[GENE_MODALITY].embed_dim)
 
 
 def confound_classes(spec: DataSpec) -> dict[str, int]:

@@ -1,0 +1,84 @@
+"""A gene x environment term: genes that change how much another modality's risk matters.
+
+Some genes carry no risk of their own but change the effect of physiology (a modifier:
+the same lactate trend is worse in carriers). A fused representation can hold such a
+product only by learning two projections whose product it is, and both start at random:
+measured on the strategies cohort, neither attention fusion nor explicit low-rank
+cross-modal products gave the physiology x carrier interaction more than a tenth of the
+weight the simulator plants (docs/benchmarks.md, "Where the default's AUROC goes").
+
+This term states the interaction the genotype path already tests for
+(``sgl_mlp.path_interaction``): the environment is the risk the other modality carries
+alone, its auxiliary head's logit (trained by the auxiliary loss, detached here so the
+term cannot move it), standardized; the modifier is a linear read of the genotype
+embedding, which starts at zero. The risk logit gains::
+
+    logit += (u . g + c) * (e - mean_e) / sd_e
+
+so at initialization the model is unchanged, and since ``e`` is fixed the term is
+linear in ``u`` and ``c``: the first step already moves them along the interaction, with
+no random partner to align first. The term is zero for a sample without either
+modality (absent, or dropped by modality dropout).
+
+Shapes:
+    genotype embedding (B, D); environment logit (B,); both present (B,) bool -> (B,)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+GENE_MODALITY = "genomics"
+
+
+class GeneEnvironment(nn.Module):
+    """``(u . g + c) * standardized(e)`` on the samples with both modalities, else 0.
+
+    The environment's mean and standard deviation are those of the training batch in
+    training mode (over the samples where the term applies) and a running estimate of
+    them otherwise, as batch normalization keeps them.
+
+    Args:
+        gene_dim: width of the genotype embedding.
+        momentum: weight of the newest batch in the running estimate.
+    """
+
+    def __init__(self, gene_dim: int, momentum: float = 0.05) -> None:
+        super().__init__()
+        self.modifier = nn.Linear(gene_dim, 1)
+        nn.init.zeros_(self.modifier.weight)
+        nn.init.zeros_(self.modifier.bias)
+        self.momentum = momentum
+        self.register_buffer("env_mean", torch.zeros(()))
+        self.register_buffer("env_var", torch.ones(()))
+        self.register_buffer("env_seen", torch.zeros((), dtype=torch.long))
+
+    def standardize(self, env: Tensor, both: Tensor) -> Tensor:
+        """The environment logit standardized; updates the running moments in training.
+
+        Shapes:
+            env: (B,); both: (B,) bool -> (B,)
+        """
+        env = env.detach()
+        if self.training and int(both.sum()) > 1:
+            sel = env[both]
+            mean, var = sel.mean(), sel.var()
+            with torch.no_grad():
+                # The first batch sets the estimate; later ones move it.
+                w = 1.0 if int(self.env_seen) == 0 else self.momentum
+                self.env_mean.mul_(1 - w).add_(w * mean)
+                self.env_var.mul_(1 - w).add_(w * var)
+                self.env_seen.add_(1)
+        else:
+            mean, var = self.env_mean, self.env_var
+        return (env - mean) / var.clamp_min(1e-6).sqrt()
+
+    def forward(self, gene: Tensor, env: Tensor, both: Tensor) -> Tensor:
+        z = self.standardize(env, both)  # (B,)
+        term = self.modifier(gene).squeeze(-1) * z  # (B,)
+        return torch.where(both, term, torch.zeros_like(term))
+
+    def modifier_score(self, gene: Tensor) -> Tensor:
+        """How much each sample's genes scale the environment's effect (B,)."""
+        return self.modifier(gene).squeeze(-1)

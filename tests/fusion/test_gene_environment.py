@@ -1,0 +1,171 @@
+"""The gene x environment term: zero at the start, zero without either modality, learns a
+planted modifier, and refuses configurations it cannot serve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clinfuse.fusion import create_fusion
+from clinfuse.fusion.adversary import AdversaryConfig
+from clinfuse.fusion.gene_environment import GeneEnvironment
+from clinfuse.fusion.model import FusionModel, ModelConfig, build_model, has_tokens, token_dim
+
+
+def _model(encoders, spec, gxe="timeseries", aux_weight=0.5, fusion="attention", **kw):
+    torch.manual_seed(0)
+    fus = create_fusion(
+        fusion,
+        in_dims={m: e.embed_dim for m, e in encoders.items()},
+        token_dims={m: token_dim(e) for m, e in encoders.items() if has_tokens(e)},
+    )
+    return FusionModel(encoders, fus, spec, aux_weight=aux_weight, gene_environment=gxe, **kw)
+
+
+def _perturb(model: FusionModel) -> None:
+    """Moves the modifier off its zero start (as training does)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.gxe.modifier.weight.copy_(torch.randn(model.gxe.modifier.weight.shape, generator=g))
+        model.gxe.modifier.bias.fill_(0.7)
+        model.gxe.env_mean.fill_(0.2)
+        model.gxe.env_var.fill_(2.0)
+
+
+def test_the_term_starts_at_zero(tiny_spec, tiny_batch, toy_encoder_factory) -> None:
+    torch.manual_seed(0)
+    with_term = _model(toy_encoder_factory(tiny_spec), tiny_spec).eval()
+    torch.manual_seed(0)
+    without = _model(toy_encoder_factory(tiny_spec), tiny_spec, gxe=None).eval()
+    state = {k: v for k, v in with_term.state_dict().items() if not k.startswith("gxe.")}
+    without.load_state_dict(state)
+    torch.testing.assert_close(with_term(tiny_batch)["logit"], without(tiny_batch)["logit"])
+
+
+def test_the_term_is_the_modifier_times_the_standardized_environment(
+    tiny_spec, tiny_batch, toy_encoders
+) -> None:
+    model = _model(toy_encoders, tiny_spec).eval()
+    _perturb(model)
+    out = model(tiny_batch)
+    gene, g_here = out["embeddings"]["genomics"]
+    ts, t_here = out["embeddings"]["timeseries"]
+    env = model.aux_heads["timeseries"](ts).squeeze(-1)
+    u = model.gxe.modifier(gene).squeeze(-1)
+    want = torch.where(g_here & t_here, u * (env - 0.2) / 2.0**0.5, torch.zeros_like(u))
+    no_term = out["logit"] - model._gxe_term(out["embeddings"])
+    torch.testing.assert_close(out["logit"] - no_term, want)
+    assert (want != 0).sum() == int((g_here & t_here).sum())  # some samples carry a term
+
+
+@pytest.mark.parametrize("gone", ["genomics", "timeseries"])
+def test_a_missing_modality_leaves_no_term(
+    tiny_spec, tiny_batch, toy_encoders, mask_modality, gone
+) -> None:
+    model = _model(toy_encoders, tiny_spec).eval()
+    _perturb(model)
+    batch = mask_modality(tiny_batch, gone)
+    out = model(batch)
+    torch.testing.assert_close(model._gxe_term(out["embeddings"]), torch.zeros(4))
+    # and leaving the modality out by argument is the same as its absence in the data
+    full = model(tiny_batch, absent=[gone])
+    torch.testing.assert_close(full["logit"], out["logit"])
+
+
+def test_variants_equal_one_fuse_each(tiny_spec, tiny_batch, toy_encoders) -> None:
+    model = _model(toy_encoders, tiny_spec).eval()
+    _perturb(model)
+    emb, tokens = model.encode(tiny_batch)
+    variants = [(), ["genomics"], ["timeseries"], ["image"]]
+    runs = model.fuse_variants(emb, tokens, variants)
+    for j, gone in enumerate(variants):
+        one = model.fuse(emb, tokens, absent=gone)["logit"]
+        torch.testing.assert_close(runs["logit"][:, j], one)
+
+
+def test_gradients_reach_the_modifier_and_the_genotype_encoder_not_the_environment(
+    tiny_spec, tiny_batch, toy_encoders
+) -> None:
+    model = _model(toy_encoders, tiny_spec).train()
+    _perturb(model)
+    out = model(tiny_batch)
+    term = model._gxe_term(out["embeddings"])
+    # a weighted sum: the plain sum's bias gradient is the sum of the batch-standardized
+    # environment, zero by construction
+    (term * torch.arange(1.0, 5.0)).sum().backward()
+    assert model.gxe.modifier.weight.grad.abs().sum() > 0
+    assert model.gxe.modifier.bias.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.encoders["genomics"].parameters())  # fmt: skip
+    # the environment is the auxiliary head's own estimate: the term cannot move it
+    assert all(p.grad is None for p in model.aux_heads["timeseries"].parameters())
+
+
+def test_running_moments_follow_the_training_environment() -> None:
+    torch.manual_seed(0)
+    gxe = GeneEnvironment(3).train()
+    both = torch.ones(512, dtype=torch.bool)
+    for _ in range(200):
+        env = 2.0 + 3.0 * torch.randn(512)
+        gxe(torch.randn(512, 3), env, both)
+    assert gxe.env_mean.item() == pytest.approx(2.0, abs=0.15)
+    assert gxe.env_var.sqrt().item() == pytest.approx(3.0, abs=0.15)
+    # samples the term does not apply to do not enter the moments
+    gxe.env_seen.zero_()
+    both[:256] = False
+    env = torch.cat([torch.full((256,), 100.0), torch.zeros(256)])
+    gxe(torch.randn(512, 3), env, both)
+    assert gxe.env_mean.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_term_learns_a_planted_modifier() -> None:
+    # The simulator's interaction: the environment's effect is 2.5 times larger in
+    # carriers. The gene embedding holds the carrier flag and two noise columns.
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    carrier = (torch.rand(n, generator=g) < 0.35).float()
+    gene = torch.stack([carrier, torch.randn(n, generator=g), torch.randn(n, generator=g)], 1)
+    env = torch.randn(n, generator=g)
+    y = torch.bernoulli(torch.sigmoid(env * (1 + 1.5 * carrier)), generator=g)
+    torch.manual_seed(0)
+    gxe = GeneEnvironment(3).train()
+    opt = torch.optim.Adam(gxe.parameters(), lr=0.05)
+    both = torch.ones(n, dtype=torch.bool)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    for _ in range(300):
+        opt.zero_grad()
+        bce(env + gxe(gene, env, both), y).backward()
+        opt.step()
+    w = gxe.modifier.weight.detach().flatten()
+    # truth: 1.5 per unit of carrier on the environment's scale (sd 1), noise 0
+    assert w[0].item() == pytest.approx(1.5, abs=0.4)
+    assert w[1:].abs().max().item() < 0.15
+
+
+def test_configurations_it_cannot_serve_are_refused(tiny_spec, toy_encoder_factory) -> None:
+    with pytest.raises(ValueError, match="aux_weight"):
+        _model(toy_encoder_factory(tiny_spec), tiny_spec, aux_weight=0.0)
+    with pytest.raises(ValueError, match="another modality"):
+        _model(toy_encoder_factory(tiny_spec), tiny_spec, gxe="genomics")
+    with pytest.raises(ValueError, match="another modality"):
+        _model(toy_encoder_factory(tiny_spec), tiny_spec, gxe="vitals")
+    no_genes = {k: v for k, v in toy_encoder_factory(tiny_spec).items() if k != "genomics"}
+    with pytest.raises(ValueError, match="genomics encoder"):
+        _model(no_genes, tiny_spec)
+    erase = AdversaryConfig(erase=["site"])
+    with pytest.raises(ValueError, match="erase"):
+        _model(toy_encoder_factory(tiny_spec), tiny_spec, fusion="early", adversary=erase)
+
+
+def test_build_model_reads_the_setting(tiny_spec) -> None:
+    cfg = ModelConfig(
+        encoders={"gru_d": {"hidden": 8, "embed_dim": 8}, "sgl_mlp": {"embed_dim": 8}},
+        fusion={"name": "early", "cfg": {}},
+        aux_weight=0.5,
+        gene_environment="timeseries",
+    )
+    from clinfuse.config import from_dict
+
+    model = build_model(from_dict(ModelConfig, cfg.__dict__), tiny_spec)
+    assert isinstance(model.gxe, GeneEnvironment)
+    assert build_model(ModelConfig(aux_weight=0.5), tiny_spec).gxe is None
