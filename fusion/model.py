@@ -73,6 +73,9 @@ class ModelConfig:
             modality's auxiliary logit, standardized (``fusion/gene_environment.py``).
             Needs the genomics encoder, that modality's encoder and ``aux_weight > 0``.
             None = no such term.
+        gene_environment_lr: the term's learning rate as a multiple of ``optim.lr``. The
+            term is linear in its few weights and its input is fixed, so it can move
+            faster than the encoders, whose best epoch (early stopping) comes early.
     """
 
     encoders: dict[str, dict[str, Any]] = field(
@@ -87,6 +90,7 @@ class ModelConfig:
     confound_offsets: list[str] = field(default_factory=list)
     confound_offset_rate: float = 0.2
     gene_environment: str | None = None
+    gene_environment_lr: float = 1.0
 
     def __post_init__(self) -> None:
         self.encoders = {k: v for k, v in self.encoders.items() if v is not None}
@@ -162,6 +166,7 @@ class FusionModel(nn.Module):
         confound_offsets: Collection[str] = (),
         confound_offset_rate: float = 0.2,
         gene_environment: str | None = None,
+        gene_environment_lr: float = 1.0,
     ) -> None:
         super().__init__()
         _check_encoders(encoders)
@@ -186,7 +191,10 @@ class FusionModel(nn.Module):
             self.adversary_cfg, fusion.out_dim, confound_classes(spec), dims
         )
         self.eraser = _build_eraser(self.adversary_cfg.erase, fusion, spec)
+        if gene_environment_lr <= 0:
+            raise ValueError(f"gene_environment_lr must be > 0, got {gene_environment_lr}")
         self.gene_environment = gene_environment
+        self.gene_environment_lr = gene_environment_lr
         self.gxe = _build_gene_environment(gene_environment, encoders, aux_weight, self.eraser)
         self.aux_weight = aux_weight
         self.aux_heads = (
@@ -411,13 +419,22 @@ class FusionModel(nn.Module):
         """The encoders' groups (discriminative LRs) plus fusion/head/adversary groups.
 
         Biases, norms and other 1-D parameters of the fusion side get no weight decay.
+        The gene x environment term has its own group at ``gene_environment_lr * lr``.
         """
         groups = [g for enc in self.encoders.values() for g in enc.param_groups(lr, weight_decay)]
         own = [
             p
             for n, p in self.named_parameters()
-            if not n.startswith("encoders.") and p.requires_grad
+            if not n.startswith(("encoders.", "gxe.")) and p.requires_grad
         ]
+        if self.gxe is not None:
+            groups.append(
+                {
+                    "params": list(self.gxe.parameters()),
+                    "lr": lr * self.gene_environment_lr,
+                    "weight_decay": 0.0,
+                }
+            )
         decay = [p for p in own if p.ndim >= 2]
         no_decay = [p for p in own if p.ndim < 2]
         groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay}] if decay else []
@@ -486,6 +503,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> FusionModel:
         cfg.confound_offsets,
         cfg.confound_offset_rate,
         cfg.gene_environment,
+        cfg.gene_environment_lr,
     )
 
 

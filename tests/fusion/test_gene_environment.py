@@ -169,3 +169,16 @@ def test_build_model_reads_the_setting(tiny_spec) -> None:
     model = build_model(from_dict(ModelConfig, cfg.__dict__), tiny_spec)
     assert isinstance(model.gxe, GeneEnvironment)
     assert build_model(ModelConfig(aux_weight=0.5), tiny_spec).gxe is None
+
+
+def test_the_term_has_its_own_learning_rate(tiny_spec, toy_encoders) -> None:
+    model = _model(toy_encoders, tiny_spec, gene_environment_lr=20.0)
+    groups = model.param_groups(1e-3, 1e-4)
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(ids) == sorted(id(p) for p in trainable)  # each parameter once
+    (gxe,) = [g for g in groups if any(p is model.gxe.modifier.weight for p in g["params"])]
+    assert gxe["lr"] == pytest.approx(2e-2)
+    assert {id(p) for p in gxe["params"]} == {id(p) for p in model.gxe.parameters()}
+    with pytest.raises(ValueError, match="gene_environment_lr"):
+        _model(toy_encoders, tiny_spec, gene_environment_lr=0.0)
