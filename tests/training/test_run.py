@@ -323,3 +323,24 @@ def test_ema_weights_are_validated_checkpointed_and_exported(tiny_cohort, tiny_c
         torch.testing.assert_close(value, average[f"model.{name}"], msg=name)
     with pytest.raises(InputError, match="ema_decay"):
         load_run_config(None, ["optim.ema_decay=1.0"])
+
+
+def test_a_gene_environment_term_trains_and_is_exported(tiny_cohort, tiny_config, tmp_path):
+    from clinfuse.training.checkpoints import load_checkpoint
+    from clinfuse.training.run import train
+
+    run_dir = tmp_path / "run"
+    extra = ("model.gene_environment=timeseries", "model.gene_environment_lr=20")
+    train(tiny_config(tiny_cohort, *extra), run_dir)
+    art = load_artifact(run_dir / "model")
+    gxe = art.model.gxe
+    assert gxe is not None and art.model.gene_environment == "timeseries"
+    assert gxe.modifier.weight.abs().sum() > 0  # moved off its zero start
+    assert int(gxe.env_seen) > 0 and float(gxe.env_var) > 0  # moments of the training batches
+    best = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")["state_dict"]
+    for name, value in art.model.gxe.state_dict().items():
+        torch.testing.assert_close(value, best[f"model.gxe.{name}"], msg=name)
+    samples = load_samples(tiny_cohort).filter(pl.col("split") == "held_out")
+    cfg = config_from_dict(art.data_config)
+    pred = collect_predictions(art.model, make_loader(tiny_cohort, samples, art.spec, cfg))
+    assert np.isfinite(pred["logit"]).all() and len(pred["logit"]) == samples.height
