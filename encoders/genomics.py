@@ -90,6 +90,10 @@ class SGLMLPConfig:
             features, cross-fitted on the train split
             (``training.genotype_selection.timeseries_environment``), so a gene that
             acts only through physiology (a modifier) can be kept.
+        interaction_groups: the genes the path kept for their interaction with the
+            environment (written by training with ``path_interaction: timeseries``, like
+            ``keep_groups``); ``interaction_inputs`` reads their markers, the input of
+            the model's gene x environment term (``model.gene_environment``).
     """
 
     hidden: tuple[int, ...] = (64,)
@@ -110,6 +114,7 @@ class SGLMLPConfig:
     path_pairs: int = 25
     path_seed: int = 0
     path_interaction: str = "none"
+    interaction_groups: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -309,6 +314,8 @@ class SGLMLPEncoder(ModalityEncoder):
         self.register_buffer("ancestry_axes", axes, persistent=False)
         keep = _kept_columns(spec, self.cfg.keep_groups, groups)
         self.register_buffer("column_keep", keep, persistent=False)
+        chosen = _kept_columns(spec, self.cfg.interaction_groups or [], groups[: mean.numel()])
+        self.register_buffer("interaction_columns", chosen.nonzero().flatten(), persistent=False)
 
     @property
     def lambda_(self) -> float:
@@ -331,6 +338,14 @@ class SGLMLPEncoder(ModalityEncoder):
         if self.cfg.missing == "impute":
             z = torch.cat([z, 1 - mask], dim=1)  # (B, 2M)
         return z
+
+    def interaction_inputs(self, batch: dict[str, Any]) -> Tensor:
+        """The standardized dosages of the ``interaction_groups`` markers.
+
+        Shapes:
+            output: (B, K), K the markers of those groups (0 when none)
+        """
+        return self.inputs(batch)[:, self.interaction_columns]
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         z = self.inputs(batch)  # (B, P)
@@ -469,12 +484,14 @@ def sgl_mlp(
     path_pairs: int = 25,
     path_seed: int = 0,
     path_interaction: str = "none",
+    interaction_groups: list[str] | None = None,
 ) -> SGLMLPEncoder:
     """Builds the sparse-group-lasso MLP genotype encoder (see ``SGLMLPConfig``)."""
     cfg = SGLMLPConfig(
         tuple(hidden), embed_dim, lambda_, alpha, dropout, missing, prox_lr, ancestry_pcs,
         select, None if keep_groups is None else list(keep_groups), path_rule, path_pcs,
         path_lambdas, path_threshold, path_max_false, path_pairs, path_seed, path_interaction,
+        None if interaction_groups is None else list(interaction_groups),
     )  # fmt: skip
     return SGLMLPEncoder(spec, cfg)
 

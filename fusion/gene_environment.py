@@ -10,8 +10,10 @@ weight the simulator plants (docs/benchmarks.md, "Where the default's AUROC goes
 This term states the interaction the genotype path already tests for
 (``sgl_mlp.path_interaction``): the environment is the risk the other modality carries
 alone, its auxiliary head's logit (trained by the auxiliary loss, detached here so the
-term cannot move it), standardized; the modifier is a linear read of the genotype
-embedding, which starts at zero. The risk logit gains::
+term cannot move it), standardized; the modifier is a linear read, starting at zero, of
+the standardized dosages of the genes the path kept for their interaction
+(``gene_environment_input: dosages``, the default) or of the genotype embedding
+(``embedding``). The risk logit gains::
 
     logit += (u . g + c) * (e - mean_e) / sd_e
 
@@ -20,8 +22,13 @@ linear in ``u`` and ``c``: the first step already moves them along the interacti
 no random partner to align first. The term is zero for a sample without either
 modality (absent, or dropped by modality dropout).
 
+On the strategies cohort, a logistic fit of this form on the default model's held-out
+parts (its logit, the vitals/labs auxiliary logit) lifted AUROC more with the
+interaction gene's ten dosages than with the 64-wide embedding (0.859 -> 0.868 against
+0.863): the embedding, trained for the main-effect genes, blurs the carrier.
+
 Shapes:
-    genotype embedding (B, D); environment logit (B,); both present (B,) bool -> (B,)
+    genotype input (B, D); environment logit (B,); both present (B,) bool -> (B,)
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import torch
 from torch import Tensor, nn
 
 GENE_MODALITY = "genomics"
+# Where ``FusionModel.encode`` puts the dosages the modifier reads, beside the tokens.
+GENE_INPUT_KEY = "genomics/interaction"
 
 
 class GeneEnvironment(nn.Module):

@@ -25,7 +25,7 @@ from clinfuse.fusion.adversary import (
 )
 from clinfuse.fusion.base import FusionModule, create_fusion
 from clinfuse.fusion.erasure import ConceptEraser
-from clinfuse.fusion.gene_environment import GENE_MODALITY, GeneEnvironment
+from clinfuse.fusion.gene_environment import GENE_INPUT_KEY, GENE_MODALITY, GeneEnvironment
 from clinfuse.fusion.offsets import ConfoundOffsets, build_offsets
 
 Embeddings = dict[str, tuple[Tensor, Tensor]]
@@ -73,6 +73,10 @@ class ModelConfig:
             modality's auxiliary logit, standardized (``fusion/gene_environment.py``).
             Needs the genomics encoder, that modality's encoder and ``aux_weight > 0``.
             None = no such term.
+        gene_environment_input: what the term's modifier reads: ``dosages``, the
+            standardized dosages of the genes the genotype path kept for their
+            interaction (``sgl_mlp.interaction_groups``), or ``embedding``, the genotype
+            encoder's embedding.
         gene_environment_lr: the term's learning rate as a multiple of ``optim.lr``. The
             term is linear in its few weights and its input is fixed, so it can move
             faster than the encoders, whose best epoch (early stopping) comes early.
@@ -90,6 +94,7 @@ class ModelConfig:
     confound_offsets: list[str] = field(default_factory=list)
     confound_offset_rate: float = 0.2
     gene_environment: str | None = None
+    gene_environment_input: str = "dosages"
     gene_environment_lr: float = 1.0
 
     def __post_init__(self) -> None:
@@ -166,6 +171,7 @@ class FusionModel(nn.Module):
         confound_offsets: Collection[str] = (),
         confound_offset_rate: float = 0.2,
         gene_environment: str | None = None,
+        gene_environment_input: str = "dosages",
         gene_environment_lr: float = 1.0,
     ) -> None:
         super().__init__()
@@ -195,7 +201,10 @@ class FusionModel(nn.Module):
             raise ValueError(f"gene_environment_lr must be > 0, got {gene_environment_lr}")
         self.gene_environment = gene_environment
         self.gene_environment_lr = gene_environment_lr
-        self.gxe = _build_gene_environment(gene_environment, encoders, aux_weight, self.eraser)
+        self.gene_environment_input = gene_environment_input
+        self.gxe = _build_gene_environment(
+            gene_environment, gene_environment_input, encoders, aux_weight, self.eraser
+        )
         self.aux_weight = aux_weight
         self.aux_heads = (
             nn.ModuleDict(
@@ -239,13 +248,14 @@ class FusionModel(nn.Module):
         encoders (the image CNN dominates the cost).
         """
         self._check_absent(absent)
+        genes = tokens.get(GENE_INPUT_KEY)  # the gene x environment term's dosages
         keep = self._keep_mask(embeddings, absent)  # (B, M)
         embeddings, tokens = _apply_keep(embeddings, tokens, keep, self.modalities)
         fused = self.fusion(embeddings, tokens if self.fusion.uses_tokens else None)  # (B, D)
         fused = self._erase(fused)  # (B, D)
         logit = fused[:, 0] if self.head is None else self.head(fused).squeeze(-1)  # (B,)
         if self.gxe is not None:
-            logit = logit + self._gxe_term(embeddings)
+            logit = logit + self._gxe_term(embeddings, genes)
         return {
             "logit": logit,
             "fused": fused,
@@ -284,15 +294,23 @@ class FusionModel(nn.Module):
         fused = self._erase(self.fusion.forward_variants(kept, toks, variants))  # (B, V, D)
         logit = fused[..., 0] if self.head is None else self.head(fused).squeeze(-1)  # (B, V)
         if self.gxe is not None:
-            term = self._gxe_term(kept)  # (B,), zero where either modality is absent
+            term = self._gxe_term(kept, tokens.get(GENE_INPUT_KEY))  # (B,), 0 if either absent
             pair = (GENE_MODALITY, self.gene_environment)
             on = torch.tensor([not set(pair) & set(gone) for gone in variants], device=term.device)
             logit = logit + term.unsqueeze(1) * on  # (B, V)
         return {"logit": logit, "fused": fused, "embeddings": kept}
 
-    def _gxe_term(self, embeddings: Embeddings) -> Tensor:
-        """The gene x environment term on the kept embeddings (B,)."""
+    def _gxe_term(self, embeddings: Embeddings, genes: Tensor | None = None) -> Tensor:
+        """The gene x environment term on the kept embeddings (B,); ``genes`` the
+        interaction genes' dosages when the modifier reads them."""
         gene, gene_here = embeddings[GENE_MODALITY]
+        if self.gene_environment_input == "dosages":
+            if genes is None:
+                raise ValueError(
+                    "the gene x environment term reads dosages: pass the tokens of "
+                    "FusionModel.encode to fuse"
+                )
+            gene = genes
         env, env_here = embeddings[self.gene_environment]
         env_logit = self.aux_heads[self.gene_environment](env).squeeze(-1)  # (B,)
         return self.gxe(gene, env_logit, gene_here.bool() & env_here.bool())
@@ -312,6 +330,8 @@ class FusionModel(nn.Module):
                 embeddings[m], tokens[m] = _encode_with_tokens(enc, batch)
             else:
                 embeddings[m] = enc(batch)
+        if self.gxe is not None and self.gene_environment_input == "dosages":
+            tokens[GENE_INPUT_KEY] = self.encoders[GENE_MODALITY].interaction_inputs(batch)
         return embeddings, tokens
 
     def set_progress(self, progress: float) -> float:
@@ -503,6 +523,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> FusionModel:
         cfg.confound_offsets,
         cfg.confound_offset_rate,
         cfg.gene_environment,
+        cfg.gene_environment_input,
         cfg.gene_environment_lr,
     )
 
@@ -572,6 +593,7 @@ def _build_eraser(erase: list[str], fusion: FusionModule, spec: DataSpec) -> Con
 
 def _build_gene_environment(
     env: str | None,
+    source: str,
     encoders: dict[str, ModalityEncoder],
     aux_weight: float,
     eraser: ConceptEraser | None,
@@ -597,7 +619,25 @@ def _build_gene_environment(
             f"{where} adds to the logit outside the risk head, which model.adversary.erase "
             f"refits alone; use one or the other"
         )
-    return GeneEnvironment(encoders[GENE_MODALITY].embed_dim)
+    genes = encoders[GENE_MODALITY]
+    if source == "embedding":
+        return GeneEnvironment(genes.embed_dim)
+    if source != "dosages":
+        raise ValueError(
+            f"model.gene_environment_input={source!r}; choose 'dosages' or 'embedding'"
+        )
+    if not hasattr(genes, "interaction_inputs"):
+        raise ValueError(
+            f"{where} with gene_environment_input=dosages needs a genotype encoder that "
+            f"reads dosages (sgl_mlp); {type(genes).__name__} does not, use 'embedding'"
+        )
+    if genes.cfg.interaction_groups is None:
+        raise ValueError(
+            f"{where} with gene_environment_input=dosages reads the genes the genotype "
+            f"path kept for their interaction: set model.encoders.sgl_mlp.select=path with "
+            f"path_interaction=timeseries (or interaction_groups), or use 'embedding'"
+        )
+    return GeneEnvironment(int(genes.interaction_columns.numel()))
 
 
 def confound_classes(spec: DataSpec) -> dict[str, int]:

@@ -55,7 +55,8 @@ def choose_genotype_groups(
     if not wants_genotype_path(encoders):
         return None
     kwargs = encoders[ENCODER]
-    cfg = SGLMLPConfig(**{k: v for k, v in kwargs.items() if k != "keep_groups"})
+    chosen = ("keep_groups", "interaction_groups")
+    cfg = SGLMLPConfig(**{k: v for k, v in kwargs.items() if k not in chosen})
     if dm.spec is None or dm.spec.n_markers == 0:
         return None
     train, tuning = (dm.datasets[s].tensors for s in ("train", "tuning"))
@@ -82,6 +83,8 @@ def choose_genotype_groups(
     except ValueError as err:
         raise ValueError(f"model.encoders.{ENCODER}.select=path: {err}") from err
     kwargs["keep_groups"] = list(result.groups)
+    if cfg.path_interaction != "none":
+        kwargs["interaction_groups"] = list(result.interaction_groups)
     path = result.to_dict()
     if env_info is not None:
         path["environment"] = env_info

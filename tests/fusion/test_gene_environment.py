@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from clinfuse.config import from_dict
 from clinfuse.fusion import create_fusion
 from clinfuse.fusion.adversary import AdversaryConfig
 from clinfuse.fusion.gene_environment import GeneEnvironment
@@ -13,6 +14,8 @@ from clinfuse.fusion.model import FusionModel, ModelConfig, build_model, has_tok
 
 
 def _model(encoders, spec, gxe="timeseries", aux_weight=0.5, fusion="attention", **kw):
+    # The toy genotype encoder has no dosage read: these tests use the embedding input.
+    kw.setdefault("gene_environment_input", "embedding")
     torch.manual_seed(0)
     fus = create_fusion(
         fusion,
@@ -53,7 +56,7 @@ def test_the_term_is_the_modifier_times_the_standardized_environment(
     env = model.aux_heads["timeseries"](ts).squeeze(-1)
     u = model.gxe.modifier(gene).squeeze(-1)
     want = torch.where(g_here & t_here, u * (env - 0.2) / 2.0**0.5, torch.zeros_like(u))
-    no_term = out["logit"] - model._gxe_term(out["embeddings"])
+    no_term = out["logit"] - model._gxe_term(out["embeddings"])  # embedding input
     torch.testing.assert_close(out["logit"] - no_term, want)
     assert (want != 0).sum() == int((g_here & t_here).sum())  # some samples carry a term
 
@@ -157,18 +160,60 @@ def test_configurations_it_cannot_serve_are_refused(tiny_spec, toy_encoder_facto
         _model(toy_encoder_factory(tiny_spec), tiny_spec, fusion="early", adversary=erase)
 
 
-def test_build_model_reads_the_setting(tiny_spec) -> None:
-    cfg = ModelConfig(
-        encoders={"gru_d": {"hidden": 8, "embed_dim": 8}, "sgl_mlp": {"embed_dim": 8}},
+def _real_config(**kw) -> ModelConfig:
+    genes = {"embed_dim": 8, "hidden": [8], "interaction_groups": ["g1"]}
+    genes.update(kw.pop("genes", {}))
+    return ModelConfig(
+        encoders={"gru_d": {"hidden": 8, "embed_dim": 8}, "sgl_mlp": genes},
         fusion={"name": "early", "cfg": {}},
         aux_weight=0.5,
         gene_environment="timeseries",
+        **kw,
     )
-    from clinfuse.config import from_dict
 
-    model = build_model(from_dict(ModelConfig, cfg.__dict__), tiny_spec)
+
+def test_the_modifier_reads_the_interaction_genes_dosages(tiny_spec, tiny_batch) -> None:
+    torch.manual_seed(0)
+    model = _build(_real_config(), tiny_spec).eval()
+    genes = model.encoders["genomics"]
+    assert model.gxe.modifier.in_features == 4  # g1's four markers
+    x = genes.interaction_inputs(tiny_batch)
+    torch.testing.assert_close(x, genes.inputs(tiny_batch)[:, 4:8])
+    emb, tokens = model.encode(tiny_batch)
+    _perturb(model)
+    out = model.fuse(emb, tokens)
+    here = emb["genomics"][1] & emb["timeseries"][1]
+    env = model.aux_heads["timeseries"](emb["timeseries"][0]).squeeze(-1)
+    want = torch.where(here, model.gxe.modifier(x).squeeze(-1) * (env - 0.2) / 2.0**0.5, 0.0)
+    with torch.no_grad():
+        model.gxe.modifier.weight.zero_()
+        model.gxe.modifier.bias.zero_()
+    torch.testing.assert_close(out["logit"] - model.fuse(emb, tokens)["logit"], want)
+    _perturb(model)
+    torch.testing.assert_close(model._gxe_term(out["embeddings"], x), want)
+    # a dosage outside g1 does not reach the term
+    other = dict(tiny_batch, genotype=tiny_batch["genotype"].clone())
+    other["genotype"][:, 0] = 2 - other["genotype"][:, 0]
+    torch.testing.assert_close(genes.interaction_inputs(other), x)
+    with pytest.raises(ValueError, match="tokens"):
+        model.fuse(emb, {})
+
+
+def _build(cfg: ModelConfig, spec):
+    return build_model(from_dict(ModelConfig, cfg.__dict__), spec)
+
+
+def test_build_model_reads_the_setting(tiny_spec) -> None:
+    model = _build(_real_config(), tiny_spec)
     assert isinstance(model.gxe, GeneEnvironment)
+    embedding = _real_config(gene_environment_input="embedding")
+    assert _build(embedding, tiny_spec).gxe.modifier.in_features == 8
     assert build_model(ModelConfig(aux_weight=0.5), tiny_spec).gxe is None
+    no_path = _real_config(genes={"interaction_groups": None})
+    with pytest.raises(ValueError, match="path_interaction"):
+        _build(no_path, tiny_spec)
+    with pytest.raises(ValueError, match="'dosages' or 'embedding'"):
+        _build(_real_config(gene_environment_input="snps"), tiny_spec)
 
 
 def test_the_term_has_its_own_learning_rate(tiny_spec, toy_encoders) -> None:

@@ -330,11 +330,16 @@ def test_a_gene_environment_term_trains_and_is_exported(tiny_cohort, tiny_config
     from clinfuse.training.run import train
 
     run_dir = tmp_path / "run"
-    extra = ("model.gene_environment=timeseries", "model.gene_environment_lr=20")
+    extra = (
+        "model.gene_environment=timeseries",
+        "model.gene_environment_lr=20",
+        "model.encoders.sgl_mlp.interaction_groups=[GENE01]",  # as the path would write
+    )
     train(tiny_config(tiny_cohort, *extra), run_dir)
     art = load_artifact(run_dir / "model")
     gxe = art.model.gxe
     assert gxe is not None and art.model.gene_environment == "timeseries"
+    assert gxe.modifier.in_features > 0  # GENE01's markers
     assert gxe.modifier.weight.abs().sum() > 0  # moved off its zero start
     assert int(gxe.env_seen) > 0 and float(gxe.env_var) > 0  # moments of the training batches
     best = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")["state_dict"]
