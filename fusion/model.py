@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from clinfuse.datasets.batch import MODALITIES
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.encoders import ModalityEncoder, create_encoder
 from clinfuse.fusion.adversary import (
@@ -150,6 +151,8 @@ class FusionModel(nn.Module):
         gene_environment: see ``ModelConfig.gene_environment``.
 
     Attributes:
+        gxe: the gene x environment term (``fusion/gene_environment.py``), or None.
+        gxe_note: why the configured term is left out or reads no gene, else None.
         eraser: the LEACE eraser of ``adversary.erase`` confounds (``fusion/erasure.py``)
             applied to the fused representation before the risk head; None when no
             confound is erased, the identity until ``training.run`` fits it.
@@ -202,7 +205,7 @@ class FusionModel(nn.Module):
         self.gene_environment = gene_environment
         self.gene_environment_lr = gene_environment_lr
         self.gene_environment_input = gene_environment_input
-        self.gxe = _build_gene_environment(
+        self.gxe, self.gxe_note = _build_gene_environment(
             gene_environment, gene_environment_input, encoders, aux_weight, self.eraser
         )
         self.aux_weight = aux_weight
@@ -597,22 +600,30 @@ def _build_gene_environment(
     encoders: dict[str, ModalityEncoder],
     aux_weight: float,
     eraser: ConceptEraser | None,
-) -> GeneEnvironment | None:
-    """The gene x environment term, or None; a clear error when it cannot be built."""
+) -> tuple[GeneEnvironment | None, str | None]:
+    """The gene x environment term and, when it is left out or reads no gene, why.
+
+    A model without the genotype encoder or the environment's encoder (an encoder
+    removed with ``model.encoders.NAME=null``) gets no term; a genotype encoder with no
+    interaction genes chosen gets a term of the environment alone (its bias). Settings
+    that contradict the term are errors.
+    """
     if env is None:
-        return None
+        return None, None
     where = f"model.gene_environment={env!r}"
-    if env == GENE_MODALITY or env not in encoders:
-        others = sorted(m for m in encoders if m != GENE_MODALITY)
+    if source not in ("dosages", "embedding"):
         raise ValueError(
-            f"{where}: the environment must be another modality of the model, one of {others}"
+            f"model.gene_environment_input={source!r}; choose 'dosages' or 'embedding'"
         )
-    if GENE_MODALITY not in encoders:
-        raise ValueError(f"{where} needs a genomics encoder; the model has {sorted(encoders)}")
+    others = [m for m in MODALITIES if m != GENE_MODALITY]
+    if env not in others:
+        raise ValueError(f"{where}: the environment must be another modality, one of {others}")
+    if GENE_MODALITY not in encoders or env not in encoders:
+        return None, f"{where}: the model has no {GENE_MODALITY} or {env} encoder, so no term"
     if aux_weight <= 0:
         raise ValueError(
             f"{where} reads the {env} auxiliary head's logit as the environment; "
-            f"set model.aux_weight > 0"
+            f"set model.aux_weight > 0, or model.gene_environment=null"
         )
     if eraser is not None:
         raise ValueError(
@@ -621,23 +632,21 @@ def _build_gene_environment(
         )
     genes = encoders[GENE_MODALITY]
     if source == "embedding":
-        return GeneEnvironment(genes.embed_dim)
-    if source != "dosages":
-        raise ValueError(
-            f"model.gene_environment_input={source!r}; choose 'dosages' or 'embedding'"
-        )
+        return GeneEnvironment(genes.embed_dim), None
     if not hasattr(genes, "interaction_inputs"):
-        raise ValueError(
-            f"{where} with gene_environment_input=dosages needs a genotype encoder that "
-            f"reads dosages (sgl_mlp); {type(genes).__name__} does not, use 'embedding'"
+        return None, (
+            f"{where}: the genotype encoder {type(genes).__name__} has no dosage read for "
+            f"the term, so no term (model.gene_environment_input=embedding reads its embedding)"
         )
-    if genes.cfg.interaction_groups is None:
-        raise ValueError(
-            f"{where} with gene_environment_input=dosages reads the genes the genotype "
-            f"path kept for their interaction: set model.encoders.sgl_mlp.select=path with "
-            f"path_interaction=timeseries (or interaction_groups), or use 'embedding'"
+    k = int(genes.interaction_columns.numel())
+    note = None
+    if k == 0:
+        note = (
+            f"{where}: no gene was kept for its interaction (model.encoders.sgl_mlp."
+            f"interaction_groups is {genes.cfg.interaction_groups}; the genotype path with "
+            f"path_interaction=timeseries chooses them), so the term reads no gene"
         )
-    return GeneEnvironment(int(genes.interaction_columns.numel()))
+    return GeneEnvironment(k), note
 
 
 def confound_classes(spec: DataSpec) -> dict[str, int]:

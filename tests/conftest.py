@@ -211,6 +211,9 @@ TINY_RUN_OVERRIDES = (
     # none there): the tiny runs train the fixed-penalty genotype encoder, and the path
     # has its own tests (tests/encoders/test_sgl_*.py, test_run.py's genes_chosen).
     "model.encoders.sgl_mlp.select=fixed", "model.encoders.sgl_mlp.lambda_=0.005",
+    # The gene x environment term reads the genes the path kept for their interaction,
+    # so it goes with the path (tests/fusion/test_gene_environment.py, test_run.py).
+    "model.gene_environment=null",
 )  # fmt: skip
 
 

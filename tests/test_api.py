@@ -87,7 +87,7 @@ def test_cohort_open_lists_every_error_in_one_line(tmp_path):
     assert all(p in message for p in err.problems)
 
 
-def test_the_default_preset_is_the_previous_one_with_the_measured_confound_treatments():
+def test_the_default_preset_is_the_previous_one_with_the_measured_treatments():
     from clinfuse.training.config import load_run_config
 
     treated = [
@@ -96,5 +96,7 @@ def test_the_default_preset_is_the_previous_one_with_the_measured_confound_treat
         "model.adversary.enabled=false",
         "model.encoders.sgl_mlp.path_interaction=timeseries",
         "model.encoders.sgl_mlp.path_max_false=1.0",
+        "model.gene_environment=timeseries",
+        "model.gene_environment_lr=10",
     ]
     assert load_run_config("demo") == load_run_config("adversary", treated)

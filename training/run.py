@@ -293,7 +293,8 @@ def finish_run(
 
 
 def unused_modality_warnings(model: torch.nn.Module) -> list[str]:
-    """Messages for encoders whose sparsity penalty zeroed every input group.
+    """Messages for encoders whose sparsity penalty zeroed every input group, and for a
+    configured gene x environment term left out or reading no gene.
 
     A sparse-group-lasso encoder with every group at zero outputs a constant: the
     model then ignores that modality, which no loss curve shows.
@@ -319,6 +320,8 @@ def unused_modality_warnings(model: torch.nn.Module) -> list[str]:
                 f"{modality}: the sparse-group-lasso penalty zeroed every group, so the model "
                 f"ignores {modality}; lower the encoder's lambda_ (model.encoders.sgl_mlp.lambda_)"
             )
+    if getattr(model, "gxe_note", None):
+        out.append(model.gxe_note)
     return out
 
 

@@ -152,12 +152,20 @@ def test_configurations_it_cannot_serve_are_refused(tiny_spec, toy_encoder_facto
         _model(toy_encoder_factory(tiny_spec), tiny_spec, gxe="genomics")
     with pytest.raises(ValueError, match="another modality"):
         _model(toy_encoder_factory(tiny_spec), tiny_spec, gxe="vitals")
-    no_genes = {k: v for k, v in toy_encoder_factory(tiny_spec).items() if k != "genomics"}
-    with pytest.raises(ValueError, match="genomics encoder"):
-        _model(no_genes, tiny_spec)
     erase = AdversaryConfig(erase=["site"])
     with pytest.raises(ValueError, match="erase"):
         _model(toy_encoder_factory(tiny_spec), tiny_spec, fusion="early", adversary=erase)
+
+
+@pytest.mark.parametrize("gone", ["genomics", "timeseries"])
+def test_a_model_without_either_encoder_has_no_term_and_says_so(
+    tiny_spec, tiny_batch, toy_encoder_factory, gone
+) -> None:
+    # model.encoders.sgl_mlp=null on the default preset must still train
+    encoders = {k: v for k, v in toy_encoder_factory(tiny_spec).items() if k != gone}
+    model = _model(encoders, tiny_spec).eval()
+    assert model.gxe is None and gone in model.gxe_note
+    assert model(tiny_batch)["logit"].shape == (4,)
 
 
 def _real_config(**kw) -> ModelConfig:
@@ -209,9 +217,13 @@ def test_build_model_reads_the_setting(tiny_spec) -> None:
     embedding = _real_config(gene_environment_input="embedding")
     assert _build(embedding, tiny_spec).gxe.modifier.in_features == 8
     assert build_model(ModelConfig(aux_weight=0.5), tiny_spec).gxe is None
-    no_path = _real_config(genes={"interaction_groups": None})
-    with pytest.raises(ValueError, match="path_interaction"):
-        _build(no_path, tiny_spec)
+    # without the path's choice the term reads no gene (its bias alone), and says so
+    no_path = _build(_real_config(genes={"interaction_groups": None}), tiny_spec)
+    assert no_path.gxe.modifier.in_features == 0 and "path_interaction" in no_path.gxe_note
+    from clinfuse.training.run import unused_modality_warnings
+
+    assert no_path.gxe_note in unused_modality_warnings(no_path)  # the run's summary says it
+    assert _build(_real_config(), tiny_spec).gxe_note is None
     with pytest.raises(ValueError, match="'dosages' or 'embedding'"):
         _build(_real_config(gene_environment_input="snps"), tiny_spec)
 
