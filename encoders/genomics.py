@@ -314,7 +314,9 @@ class SGLMLPEncoder(ModalityEncoder):
         self.register_buffer("ancestry_axes", axes, persistent=False)
         keep = _kept_columns(spec, self.cfg.keep_groups, groups)
         self.register_buffer("column_keep", keep, persistent=False)
-        chosen = _kept_columns(spec, self.cfg.interaction_groups or [], groups[: mean.numel()])
+        chosen = _kept_columns(
+            spec, self.cfg.interaction_groups or [], groups[: mean.numel()], "interaction_groups"
+        )
         self.register_buffer("interaction_columns", chosen.nonzero().flatten(), persistent=False)
 
     @property
@@ -418,8 +420,14 @@ class SGLMLPEncoder(ModalityEncoder):
         return groups + [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
 
 
-def _kept_columns(spec: DataSpec, keep_groups: list[str] | None, column_group: Tensor) -> Tensor:
-    """1.0 for the first-layer columns of ``keep_groups`` (all when None), else 0.0.
+def _kept_columns(
+    spec: DataSpec,
+    keep_groups: list[str] | None,
+    column_group: Tensor,
+    setting: str = "keep_groups",
+) -> Tensor:
+    """1.0 for the columns of ``keep_groups`` (all when None), else 0.0; ``setting`` is
+    the config field the groups came from, named in the error for an unknown group.
 
     Shapes:
         column_group: (P,) -> (P,)
@@ -429,7 +437,7 @@ def _kept_columns(spec: DataSpec, keep_groups: list[str] | None, column_group: T
     unknown = sorted(set(keep_groups) - set(spec.groups))
     if unknown:
         raise ValueError(
-            f"sgl_mlp: keep_groups names {unknown[0]!r}, not a marker group of this cohort "
+            f"sgl_mlp: {setting} names {unknown[0]!r}, not a marker group of this cohort "
             f"({len(spec.groups)} groups, e.g. {spec.groups[:3]})"
         )
     kept = torch.tensor([g in set(keep_groups) for g in spec.groups])

@@ -84,8 +84,7 @@ class GeneEnvironment(nn.Module):
         return (env - mean) / var.clamp_min(1e-6).sqrt()
 
     def forward(self, gene: Tensor, env: Tensor, both: Tensor) -> Tensor:
-        z = self.standardize(env, both)  # (B,)
-        term = self.modifier(gene).squeeze(-1) * z  # (B,)
+        term = self.modifier_score(gene) * self.standardize(env, both)  # (B,)
         return torch.where(both, term, torch.zeros_like(term))
 
     def modifier_score(self, gene: Tensor) -> Tensor:

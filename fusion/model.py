@@ -70,8 +70,9 @@ class ModelConfig:
             deployed model.
         confound_offset_rate: damping of the offsets' Newton step per batch.
         gene_environment: a modality (``timeseries``) whose risk the genes may modify:
-            the risk logit gains the genotype embedding's linear read times that
-            modality's auxiliary logit, standardized (``fusion/gene_environment.py``).
+            the risk logit gains a linear read of the genes (``gene_environment_input``)
+            times that modality's auxiliary logit, standardized
+            (``fusion/gene_environment.py``).
             Needs the genomics encoder, that modality's encoder and ``aux_weight > 0``.
             None = no such term.
         gene_environment_input: what the term's modifier reads: ``dosages``, the

@@ -45,20 +45,35 @@ def test_the_term_starts_at_zero(tiny_spec, tiny_batch, toy_encoder_factory) -> 
     torch.testing.assert_close(with_term(tiny_batch)["logit"], without(tiny_batch)["logit"])
 
 
+def _expected_term(model: FusionModel, gene: torch.Tensor, embeddings) -> torch.Tensor:
+    """The term by its formula, with ``_perturb``'s moments (mean 0.2, variance 2)."""
+    here = embeddings["genomics"][1] & embeddings["timeseries"][1]
+    env = model.aux_heads["timeseries"](embeddings["timeseries"][0]).squeeze(-1)
+    return torch.where(here, model.gxe.modifier(gene).squeeze(-1) * (env - 0.2) / 2.0**0.5, 0.0)
+
+
+def _logit_without_term(model: FusionModel, emb, tokens) -> torch.Tensor:
+    """The fused logit with the modifier at zero (then put back by ``_perturb``)."""
+    with torch.no_grad():
+        model.gxe.modifier.weight.zero_()
+        model.gxe.modifier.bias.zero_()
+    logit = model.fuse(emb, tokens)["logit"]
+    _perturb(model)
+    return logit
+
+
 def test_the_term_is_the_modifier_times_the_standardized_environment(
     tiny_spec, tiny_batch, toy_encoders
 ) -> None:
     model = _model(toy_encoders, tiny_spec).eval()
     _perturb(model)
-    out = model(tiny_batch)
-    gene, g_here = out["embeddings"]["genomics"]
-    ts, t_here = out["embeddings"]["timeseries"]
-    env = model.aux_heads["timeseries"](ts).squeeze(-1)
-    u = model.gxe.modifier(gene).squeeze(-1)
-    want = torch.where(g_here & t_here, u * (env - 0.2) / 2.0**0.5, torch.zeros_like(u))
-    no_term = out["logit"] - model._gxe_term(out["embeddings"])  # embedding input
-    torch.testing.assert_close(out["logit"] - no_term, want)
-    assert (want != 0).sum() == int((g_here & t_here).sum())  # some samples carry a term
+    emb, tokens = model.encode(tiny_batch)
+    out = model.fuse(emb, tokens)
+    want = _expected_term(model, emb["genomics"][0], emb)  # embedding input
+    torch.testing.assert_close(out["logit"] - _logit_without_term(model, emb, tokens), want)
+    torch.testing.assert_close(model._gxe_term(out["embeddings"]), want)
+    here = emb["genomics"][1] & emb["timeseries"][1]
+    assert (want != 0).sum() == int(here.sum())  # some samples carry a term
 
 
 @pytest.mark.parametrize("gone", ["genomics", "timeseries"])
@@ -190,14 +205,8 @@ def test_the_modifier_reads_the_interaction_genes_dosages(tiny_spec, tiny_batch)
     emb, tokens = model.encode(tiny_batch)
     _perturb(model)
     out = model.fuse(emb, tokens)
-    here = emb["genomics"][1] & emb["timeseries"][1]
-    env = model.aux_heads["timeseries"](emb["timeseries"][0]).squeeze(-1)
-    want = torch.where(here, model.gxe.modifier(x).squeeze(-1) * (env - 0.2) / 2.0**0.5, 0.0)
-    with torch.no_grad():
-        model.gxe.modifier.weight.zero_()
-        model.gxe.modifier.bias.zero_()
-    torch.testing.assert_close(out["logit"] - model.fuse(emb, tokens)["logit"], want)
-    _perturb(model)
+    want = _expected_term(model, x, emb)
+    torch.testing.assert_close(out["logit"] - _logit_without_term(model, emb, tokens), want)
     torch.testing.assert_close(model._gxe_term(out["embeddings"], x), want)
     # a dosage outside g1 does not reach the term
     other = dict(tiny_batch, genotype=tiny_batch["genotype"].clone())
@@ -224,6 +233,8 @@ def test_build_model_reads_the_setting(tiny_spec) -> None:
 
     assert no_path.gxe_note in unused_modality_warnings(no_path)  # the run's summary says it
     assert _build(_real_config(), tiny_spec).gxe_note is None
+    with pytest.raises(ValueError, match="interaction_groups names 'GENE99'"):
+        _build(_real_config(genes={"interaction_groups": ["GENE99"]}), tiny_spec)
     with pytest.raises(ValueError, match="'dosages' or 'embedding'"):
         _build(_real_config(gene_environment_input="snps"), tiny_spec)
 
