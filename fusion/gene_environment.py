@@ -42,22 +42,36 @@ GENE_INPUT_KEY = "genomics/interaction"
 
 
 class GeneEnvironment(nn.Module):
-    """``(u . g + c) * standardized(e)`` on the samples with both modalities, else 0.
+    """``m(g) * standardized(e)`` on the samples with both modalities, else 0.
+
+    The modifier ``m(g)`` is ``u . g + c``, plus, with ``hidden > 0``, a one-layer
+    ``v . tanh(W g + b)``: a carrier defined by a threshold on several markers is a step
+    in a direction of ``g``, which a linear read only approximates. ``u``, ``c`` and ``v``
+    start at zero (so does the term); ``W`` and ``b`` start at PyTorch's default, so the
+    first steps already move ``v`` along random features of ``g`` and then ``W``.
 
     The environment's mean and standard deviation are those of the training batch in
     training mode (over the samples where the term applies) and a running estimate of
     them otherwise, as batch normalization keeps them.
 
     Args:
-        gene_dim: width of the genotype embedding.
+        gene_dim: width of the genotype input.
+        hidden: width of the nonlinear read (0 = linear only).
         momentum: weight of the newest batch in the running estimate.
     """
 
-    def __init__(self, gene_dim: int, momentum: float = 0.05) -> None:
+    def __init__(self, gene_dim: int, hidden: int = 0, momentum: float = 0.05) -> None:
         super().__init__()
+        if hidden < 0:
+            raise ValueError(f"hidden must be >= 0, got {hidden}")
         self.modifier = nn.Linear(gene_dim, 1)
         nn.init.zeros_(self.modifier.weight)
         nn.init.zeros_(self.modifier.bias)
+        self.nonlinear: nn.Sequential | None = None
+        if hidden > 0 and gene_dim > 0:
+            out = nn.Linear(hidden, 1, bias=False)
+            nn.init.zeros_(out.weight)
+            self.nonlinear = nn.Sequential(nn.Linear(gene_dim, hidden), nn.Tanh(), out)
         self.momentum = momentum
         self.register_buffer("env_mean", torch.zeros(()))
         self.register_buffer("env_var", torch.ones(()))
@@ -89,4 +103,7 @@ class GeneEnvironment(nn.Module):
 
     def modifier_score(self, gene: Tensor) -> Tensor:
         """How much each sample's genes scale the environment's effect (B,)."""
-        return self.modifier(gene).squeeze(-1)
+        score = self.modifier(gene)
+        if self.nonlinear is not None:
+            score = score + self.nonlinear(gene)
+        return score.squeeze(-1)

@@ -82,6 +82,8 @@ class ModelConfig:
         gene_environment_lr: the term's learning rate as a multiple of ``optim.lr``. The
             term is linear in its few weights and its input is fixed, so it can move
             faster than the encoders, whose best epoch (early stopping) comes early.
+        gene_environment_hidden: width of the modifier's nonlinear read of its input,
+            added to the linear read (0 = linear only; ``fusion/gene_environment.py``).
     """
 
     encoders: dict[str, dict[str, Any]] = field(
@@ -98,6 +100,7 @@ class ModelConfig:
     gene_environment: str | None = None
     gene_environment_input: str = "dosages"
     gene_environment_lr: float = 1.0
+    gene_environment_hidden: int = 0
 
     def __post_init__(self) -> None:
         self.encoders = {k: v for k, v in self.encoders.items() if v is not None}
@@ -177,6 +180,7 @@ class FusionModel(nn.Module):
         gene_environment: str | None = None,
         gene_environment_input: str = "dosages",
         gene_environment_lr: float = 1.0,
+        gene_environment_hidden: int = 0,
     ) -> None:
         super().__init__()
         _check_encoders(encoders)
@@ -207,7 +211,12 @@ class FusionModel(nn.Module):
         self.gene_environment_lr = gene_environment_lr
         self.gene_environment_input = gene_environment_input
         self.gxe, self.gxe_note = _build_gene_environment(
-            gene_environment, gene_environment_input, encoders, aux_weight, self.eraser
+            gene_environment,
+            gene_environment_input,
+            encoders,
+            aux_weight,
+            self.eraser,
+            gene_environment_hidden,
         )
         self.aux_weight = aux_weight
         self.aux_heads = (
@@ -529,6 +538,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> FusionModel:
         cfg.gene_environment,
         cfg.gene_environment_input,
         cfg.gene_environment_lr,
+        cfg.gene_environment_hidden,
     )
 
 
@@ -601,6 +611,7 @@ def _build_gene_environment(
     encoders: dict[str, ModalityEncoder],
     aux_weight: float,
     eraser: ConceptEraser | None,
+    hidden: int = 0,
 ) -> tuple[GeneEnvironment | None, str | None]:
     """The gene x environment term and, when it is left out or reads no gene, why.
 
@@ -612,6 +623,8 @@ def _build_gene_environment(
     if env is None:
         return None, None
     where = f"model.gene_environment={env!r}"
+    if hidden < 0:
+        raise ValueError(f"model.gene_environment_hidden must be >= 0, got {hidden}")
     if source not in ("dosages", "embedding"):
         raise ValueError(
             f"model.gene_environment_input={source!r}; choose 'dosages' or 'embedding'"
@@ -633,7 +646,7 @@ def _build_gene_environment(
         )
     genes = encoders[GENE_MODALITY]
     if source == "embedding":
-        return GeneEnvironment(genes.embed_dim), None
+        return GeneEnvironment(genes.embed_dim, hidden), None
     if not hasattr(genes, "interaction_inputs"):
         return None, (
             f"{where}: the genotype encoder {type(genes).__name__} has no dosage read for "
@@ -647,7 +660,7 @@ def _build_gene_environment(
             f"interaction_groups is {genes.cfg.interaction_groups}; the genotype path with "
             f"path_interaction=timeseries chooses them), so the term reads no gene"
         )
-    return GeneEnvironment(k), note
+    return GeneEnvironment(k, hidden), note
 
 
 def confound_classes(spec: DataSpec) -> dict[str, int]:
