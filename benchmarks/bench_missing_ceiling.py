@@ -12,6 +12,12 @@ without charting events or rendering films (``sample_oracle``, ``sample_presence
 so the whole table takes seconds; ``bench_fusion``'s ``ceiling_observed`` row computes
 the same from the written cohorts.
 
+The last columns are the same ceiling allowed to read each subject's site and ancestry
+as well (``confounds``): what a model reading their proxies (the scanner in the film
+features, the ancestry in the genotypes) can add on each cohort, which a model made not
+to read them (``configs/demo.yaml``) gives up by design. ``--site-effect none`` draws
+the cohorts without the site's link to the outcome, as ``bench_fusion``'s option.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_missing_ceiling.py --subjects 5000
 """
 
@@ -30,14 +36,18 @@ from clinfuse.simulation.oracle import observed_ceiling_scores  # noqa: E402
 from clinfuse.simulation.simulator import SimConfig, sample_oracle, sample_presence  # noqa: E402
 
 
-def ceiling_row(cfg: SimConfig, n_bootstrap: int) -> dict[str, float]:
-    """Held-out AUROC of the observed-data ceiling of the cohort ``cfg`` describes."""
+def ceiling_row(
+    cfg: SimConfig, n_bootstrap: int, confounds: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Held-out AUROC of the observed-data ceiling of the cohort ``cfg`` describes
+    (reading ``confounds`` too, when given)."""
     oracle, presence = sample_oracle(cfg), sample_presence(cfg)
     present = {
         "image": presence["filmed"].to_numpy(),
         "genomics": presence["genotyped"].to_numpy(),
     }
-    scores = observed_ceiling_scores(oracle, presence.select("subject_id", "split"), present)
+    splits = presence.select("subject_id", "split")
+    scores = observed_ceiling_scores(oracle, splits, present, confounds=confounds)
     y = scores["outcome"].to_numpy().astype(int)
     p = scores["observed_interaction"].to_numpy()
     low, high = bootstrap_ci(auroc, y, p, n_bootstrap)
@@ -61,10 +71,19 @@ def main(argv: list[str] | None = None) -> int:
         default="informative",
         help="film missingness, as bench_fusion's --missing-mode",
     )
+    ap.add_argument(
+        "--site-effect",
+        choices=["normal", "none"],
+        default="normal",
+        help="link between site and outcome, as bench_fusion's --site-effect",
+    )
     ap.add_argument("--bootstrap", type=int, default=500)
     args = ap.parse_args(argv)
-    print("| missing | share | ceiling AUROC [95% CI] | ceiling drop | filmed | genotyped |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| missing | share | ceiling AUROC [95% CI] | ceiling drop | filmed | genotyped "
+        "| + site and ancestry [95% CI] | what they add |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     complete = None
     for modality, share in MISSING_GRID:
         cfg = SimConfig(
@@ -74,14 +93,17 @@ def main(argv: list[str] | None = None) -> int:
             image_missing=share if modality == "image" else 0.0,
             image_missing_mode=args.missing_mode,
             genotype_missing=share if modality == "genotypes" else 0.0,
+            site_effect=args.site_effect,
             progress=False,
         )
         row = ceiling_row(cfg, args.bootstrap)
+        told = ceiling_row(cfg, args.bootstrap, confounds=("site", "ancestry"))
         complete = row["auroc"] if complete is None else complete
         print(
             f"| {modality} | {share:g} | {row['auroc']:.3f} [{row['ci_low']:.3f}, "
             f"{row['ci_high']:.3f}] | {complete - row['auroc']:.3f} | {row['filmed']:.2f} | "
-            f"{row['genotyped']:.2f} |",
+            f"{row['genotyped']:.2f} | {told['auroc']:.3f} [{told['ci_low']:.3f}, "
+            f"{told['ci_high']:.3f}] | {told['auroc'] - row['auroc']:+.3f} |",
             flush=True,
         )
     return 0

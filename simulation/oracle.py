@@ -17,6 +17,8 @@ that is there.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import polars as pl
 
@@ -133,6 +135,9 @@ def split_ceiling_scores(
     return out
 
 
+# Confounds a ceiling may be allowed to read (``observed_ceiling_scores``).
+CONFOUND_COLUMNS = ("site", "ancestry")
+
 # The latent factors each missing-able modality's data carries.
 MODALITY_FACTORS = {
     "image": ("lung_disease",),
@@ -146,6 +151,7 @@ def observed_ceiling_scores(
     present: dict[str, np.ndarray],
     fit_split: str = "train",
     score_split: str = "held_out",
+    confounds: Collection[str] = (),
 ) -> pl.DataFrame:
     """Held-out scores of the interaction ceiling on the data each subject has.
 
@@ -162,6 +168,11 @@ def observed_ceiling_scores(
         present: modality (a key of ``MODALITY_FACTORS``) -> (N,) bool per oracle row;
             a modality not given is present for every subject.
         fit_split, score_split: split names.
+        confounds: oracle columns (``site``, ``ancestry``) the reader may also use, one
+            indicator per class: what a model that reads a proxy of them (the scanner
+            in the films, the ancestry in the genotypes or the record) can add. The
+            genetic mean of an ancestry group, the site's link to the outcome and its
+            ancestry mix are all in them; the default model is made not to read them.
 
     Returns:
         ``subject_id``, ``outcome``, ``true_risk`` and ``observed_interaction``, one row
@@ -189,8 +200,12 @@ def observed_ceiling_scores(
         for c in MODALITY_FACTORS[modality]:
             factors[c] = np.where(seen, factors[c], 0.0)
         indicators.append(seen.astype(float))
+    unknown = sorted(set(confounds) - set(CONFOUND_COLUMNS))
+    if unknown:
+        raise ValueError(f"confounds: unknown {unknown}; known: {list(CONFOUND_COLUMNS)}")
+    classes = [oracle[c].to_dummies().to_numpy().astype(float) for c in confounds]
     inter = factors["physio_severity"] * factors["modifier_carrier"]
-    x = np.column_stack([*factors.values(), inter, *indicators])  # (N, F)
+    x = np.column_stack([*factors.values(), inter, *indicators, *classes])  # (N, F)
     fit, score = _split_masks(oracle, splits, fit_split, score_split)
     y = oracle["outcome"].to_numpy().astype(int)
     model = LogisticRegression(max_iter=2000).fit(x[fit], y[fit])

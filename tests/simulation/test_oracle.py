@@ -118,3 +118,17 @@ def test_the_observed_ceiling_refuses_flags_of_the_wrong_length_or_modality():
         observed_ceiling_scores(oracle, splits, {"image": np.ones(3, dtype=bool)})
     with pytest.raises(ValueError, match="unknown modality"):
         observed_ceiling_scores(oracle, splits, {"vitals": np.ones(oracle.height, dtype=bool)})
+
+
+def test_the_observed_ceiling_may_read_a_confound_that_carries_the_outcome():
+    # The outcome is the site here (and no factor): only a ceiling told the site reads it.
+    oracle, splits = _oracle()
+    oracle = oracle.with_columns(outcome=pl.col("site") == "A")
+    everyone = {"image": np.ones(oracle.height, dtype=bool)}
+    blind = _auroc(observed_ceiling_scores(oracle, splits, everyone), "observed_interaction")
+    told = observed_ceiling_scores(oracle, splits, everyone, confounds=("site",))
+    se = np.sqrt((N_PER_SPLIT + 1) / (12 * (N_PER_SPLIT / 3) * (2 * N_PER_SPLIT / 3)))
+    assert abs(blind - 0.5) < 4 * se
+    assert _auroc(told, "observed_interaction") > 0.99
+    with pytest.raises(ValueError, match="unknown \\['scanner'\\]"):
+        observed_ceiling_scores(oracle, splits, everyone, confounds=("scanner",))
