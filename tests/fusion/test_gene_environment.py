@@ -237,6 +237,19 @@ def test_build_model_reads_the_setting(tiny_spec) -> None:
         _build(_real_config(genes={"interaction_groups": ["GENE99"]}), tiny_spec)
     with pytest.raises(ValueError, match="'dosages' or 'embedding'"):
         _build(_real_config(gene_environment_input="snps"), tiny_spec)
+    # the nonlinear read reads the same four dosages, and trains in the term's group
+    nonlinear = _build(_real_config(gene_environment_hidden=3), tiny_spec)
+    assert nonlinear.gxe.nonlinear[0].in_features == 4
+    assert nonlinear.gxe.nonlinear[0].out_features == 3
+    (group,) = [
+        g
+        for g in nonlinear.param_groups(1e-3, 1e-4)
+        if any(p is nonlinear.gxe.modifier.weight for p in g["params"])
+    ]
+    assert {id(p) for p in group["params"]} == {id(p) for p in nonlinear.gxe.parameters()}
+    assert _build(_real_config(), tiny_spec).gxe.nonlinear is None
+    with pytest.raises(ValueError, match="gene_environment_hidden"):
+        _build(_real_config(gene_environment_hidden=-1), tiny_spec)
 
 
 def test_the_term_has_its_own_learning_rate(tiny_spec, toy_encoders) -> None:
