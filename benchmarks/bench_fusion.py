@@ -1065,6 +1065,8 @@ def missing(
     seeds: tuple[int, ...],
     only: list[str] | None = None,
     site_effect: str = "normal",
+    candidates: dict[str, list[str]] | None = None,
+    cohorts: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every fusion strategy, the preset and ``gbdt_features`` with a modality missing.
 
@@ -1073,17 +1075,42 @@ def missing(
     same seed. Film missingness is ``mode`` (informative: sicker patients are filmed
     more often); genotype missingness is at random (most ICU patients are never typed).
     ``site_effect`` is the cohorts' link between site and outcome (as ``make_cohorts``).
+    ``candidates`` (name -> ``key=value`` edits of the user preset) add rows
+    ``candidate_<name>``, as in the strategies table; ``cohorts`` keeps only the grid
+    entries named ``modality:share`` (``none:0``, ``genotypes:0.9``, ...; None = all).
+    A row's drop needs its complete-data run (``none:0``) in the same invocation.
     """
     suffix = "" if adversary else "_no_adv"
     rows: list[dict[str, Any]] = []
     complete: dict[tuple[str, int], float] = {}
-    for modality, share in MISSING_GRID:
+    names = [r for r in MISSING_ROWS if only is None or r in only]
+    extra = {
+        f"candidate_{c}": e
+        for c, e in (candidates or {}).items()
+        if only is None or f"candidate_{c}" in only
+    }
+    grid = [
+        (m, share) for m, share in MISSING_GRID if cohorts is None or f"{m}:{share:g}" in cohorts
+    ]
+    unknown = sorted(set(cohorts or ()) - {f"{m}:{share:g}" for m, share in MISSING_GRID})
+    if unknown:
+        raise SystemExit(
+            f"--missing-cohorts: unknown {unknown}; known: "
+            + ", ".join(f"{m}:{share:g}" for m, share in MISSING_GRID)
+        )
+    for modality, share in grid:
         sub = _missing_context(ctx, subjects, modality, share, mode, site_effect)
         for seed in seeds:
-            for name in [r for r in MISSING_ROWS if only is None or r in only]:
-                v = _missing_variant(name, suffix, adversary, ctx.user_preset, seed)
+            variants = [
+                _missing_variant(n, suffix, adversary, ctx.user_preset, seed) for n in names
+            ]
+            variants += [
+                Variant(n, preset=str(ctx.user_preset), overrides=tuple(e), seed=seed)
+                for n, e in extra.items()
+            ]
+            for v in variants:
                 auc = sub.run(v)["metrics"]["auroc"]
-                rows.append(_missing_row(name, seed, modality, share, auc, complete))
+                rows.append(_missing_row(v.name, seed, modality, share, auc, complete))
             if only is not None and "gbdt_features" not in only:
                 continue
             base = gbdt_features(sub, seed, float("nan"))
@@ -1392,6 +1419,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "are filmed more often)",
     )
     ap.add_argument(
+        "--missing-cohorts",
+        nargs="+",
+        default=None,
+        help="cohorts of the missing experiment to run, as modality:share (none:0, "
+        "image:0.25, ..., genotypes:0.9; default: all)",
+    )
+    ap.add_argument(
         "--site-effect",
         choices=["normal", "none"],
         default="normal",
@@ -1459,8 +1493,8 @@ def _pair(text: str) -> tuple[str, str]:
 
 def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[dict[str, Any]]:
     seeds = tuple(args.seeds)
+    candidates = load_yaml(args.candidates) if args.candidates else None
     if name == "strategies":
-        candidates = load_yaml(args.candidates) if args.candidates else None
         stack = tuple(args.stack)
         return strategies(ctx, args.adversary == "on", args.only, seeds, candidates, stack)
     if name == "confound":
@@ -1471,7 +1505,15 @@ def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[d
         subjects = args.subjects
         adversary = args.adversary == "on"
         return missing(
-            ctx, subjects, args.missing_mode, adversary, seeds, args.only, args.site_effect
+            ctx,
+            subjects,
+            args.missing_mode,
+            adversary,
+            seeds,
+            args.only,
+            args.site_effect,
+            candidates,
+            args.missing_cohorts,
         )
     return transfer(ctx, args.fractions, args.adversary == "on", tuple(args.transfer_modes), seeds)
 
