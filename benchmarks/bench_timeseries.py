@@ -110,6 +110,8 @@ def run_peers(data: Path, out: Path, args: argparse.Namespace) -> list[dict[str,
         "--epochs", str(args.epochs), "--patience", str(args.patience),
         "--models", *args.peer_models, "--seeds", *map(str, args.seeds),
     ]  # fmt: skip
+    if args.peer_lrs:
+        cmd += ["--lrs", *map(str, args.peer_lrs)]
     if not out.is_file():
         subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
@@ -203,6 +205,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--bootstrap", type=int, default=500)
     ap.add_argument("--peer-models", nargs="+", default=["GRUD", "BRITS"])
+    ap.add_argument(
+        "--peer-lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Adam learning rates of the PyPOTS models, one row each (default: PyPOTS's 1e-3)",
+    )
     ap.add_argument("--config", default=str(bf.BASE_PRESET))
     ap.add_argument(
         "--candidates",
@@ -237,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             rows += ours(ctx, args.seeds, name, tuple(edits))
     seeds = "-".join(map(str, args.seeds))
     if not args.no_peers:
-        rows += run_peers(data, peers_dir / f"pypots_e{args.epochs}_s{seeds}.json", args)
+        models = "-".join(args.peer_models)
+        lrs = "" if not args.peer_lrs else "_lr" + "-".join(f"{lr:g}" for lr in args.peer_lrs)
+        cache = peers_dir / f"pypots_{models}_e{args.epochs}_s{seeds}{lrs}.json"
+        rows += run_peers(data, cache, args)
     rows.append(gbdt_row(ctx))
     summary = summarize(rows) + [ceiling_row(ctx)]
     note = (
