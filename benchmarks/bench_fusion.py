@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -1292,6 +1293,8 @@ def seed_summary(
 
     The s.d. is across training seeds (n - 1 in the denominator; 0 for one seed): how
     much a row moves when only the initialization, dropout and batch order change.
+    NaN values (a drop without its complete-data run) are left out; a value that is NaN
+    for every seed gives NaN statistics.
     """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
@@ -1301,7 +1304,11 @@ def seed_summary(
         summary: dict[str, Any] = dict(zip(keys, group, strict=True))
         summary["seeds"] = len(members)
         for v in values:
-            xs = [float(m[v]) for m in members]
+            xs = [x for x in (float(m[v]) for m in members) if not math.isnan(x)]
+            if not xs:
+                for stat in ("mean", "sd", "min", "max"):
+                    summary[f"{v}_{stat}"] = float("nan")
+                continue
             summary[f"{v}_mean"] = statistics.fmean(xs)
             summary[f"{v}_sd"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
             summary[f"{v}_min"] = min(xs)
