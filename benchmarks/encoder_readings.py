@@ -26,7 +26,7 @@ import torch
 from clinfuse.datasets.samples import load_samples
 from clinfuse.datasets.schema import ORACLE_FILE
 from clinfuse.evaluation.evaluate import _batches
-from clinfuse.fusion.gene_environment import GENE_INPUT_KEY
+from clinfuse.fusion.gene_environment import GENE_MODALITY
 from clinfuse.training.artifact import load_artifact
 
 FACTOR = {"image": "lung_disease", "timeseries": "physio_severity", "genomics": "genetic_score"}
@@ -51,8 +51,8 @@ def readings(run: Path, cohort: Path) -> dict[str, float]:
         aux.append(logits.numpy())
         present.append(here.numpy())
         if model.gxe is not None and model.gene_environment_input == "dosages":
-            _, tokens = model.encode(batch)
-            modifier.append(model.gxe.modifier_score(tokens[GENE_INPUT_KEY]).numpy())
+            genes = model.encoders[GENE_MODALITY].interaction_inputs(batch)  # the term's input
+            modifier.append(model.gxe.modifier_score(genes).numpy())
     logits, here = np.concatenate(aux), np.concatenate(present)
     truth = samples.select("subject_id").join(
         pl.read_parquet(cohort / ORACLE_FILE), on="subject_id", how="left"
