@@ -41,6 +41,15 @@ class OptimConfig:
             ``avg = decay * avg + (1 - decay) * current`` (``training.run.ParameterEMA``);
             0 turns it off. The average is less noisy than any one step's weights, so
             the checkpoint chosen on a small tuning split depends less on chance.
+        unimodal_epochs: two-stage training in one run. The first ``unimodal_epochs``
+            epochs train each encoder through its own auxiliary risk head only (the
+            fused logit, the fusion, the gene x environment term and the adversary get
+            no loss), as if each modality were trained alone; from then on the full
+            loss trains everything. Needs ``model.aux_weight > 0``. Model selection
+            starts at the first full-loss epoch (``training.run.selection_start``).
+        encoder_lr_after_unimodal: factor on the encoders' learning rates from the first
+            full-loss epoch on (1 = unchanged), so the fusion learns on encoders that
+            move slowly; only with ``unimodal_epochs > 0``.
         precision: Lightning precision flag ("32-true"; "16-mixed"/"bf16-mixed" on GPUs).
         accelerator: "auto", "cpu" or "gpu".
     """
@@ -55,6 +64,8 @@ class OptimConfig:
     monitor: str = "val_auroc"
     select_from_epoch: int = 0
     ema_decay: float = 0.0
+    unimodal_epochs: int = 0
+    encoder_lr_after_unimodal: float = 1.0
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
     precision: str = "32-true"
@@ -81,6 +92,20 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.optim.ema_decay}")
+        if self.optim.unimodal_epochs < 0:
+            raise ValueError(
+                f"optim.unimodal_epochs must be >= 0, got {self.optim.unimodal_epochs}"
+            )
+        if self.optim.unimodal_epochs > 0 and self.model.aux_weight <= 0:
+            raise ValueError(
+                f"optim.unimodal_epochs={self.optim.unimodal_epochs} trains the encoders "
+                "through their auxiliary heads; set model.aux_weight > 0"
+            )
+        if self.optim.encoder_lr_after_unimodal <= 0:
+            raise ValueError(
+                "optim.encoder_lr_after_unimodal must be > 0, got "
+                f"{self.optim.encoder_lr_after_unimodal}"
+            )
         if self.optim.monitor == STRATIFIED_MONITOR and not self.model.confound_offsets:
             raise ValueError(
                 f"optim.monitor={STRATIFIED_MONITOR} needs model.confound_offsets: it is the "

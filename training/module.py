@@ -90,7 +90,8 @@ class RiskModule(L.LightningModule):
         adversary, parts = self.model.adversary_loss(out, batch)
         reg = self.model.regularization_loss()
         aux = self.model.aux_loss(out, batch["label"], self._risk_loss, offset)
-        loss = risk + adversary + reg + aux
+        # In the unimodal stage each encoder learns through its own head only.
+        loss = reg + aux if self.unimodal_stage else risk + adversary + reg + aux
         logs = {
             "train_loss": loss,
             "train_risk_loss": risk,
@@ -128,6 +129,24 @@ class RiskModule(L.LightningModule):
                 self._head_optimizer.step()
         self._head_optimizer.zero_grad(set_to_none=True)
         return self.model.refresh_adversary(out)
+
+    @property
+    def unimodal_stage(self) -> bool:
+        """True in the first ``optim.unimodal_epochs`` epochs (auxiliary losses only)."""
+        return self._trainer is not None and self.current_epoch < self.optim.unimodal_epochs
+
+    def on_train_epoch_start(self) -> None:
+        # The switch to the full loss lowers the encoders' rates once, at the first
+        # full-loss epoch. A run resumed later restores the lowered rates with the
+        # optimizer; one resumed from the last unimodal epoch's checkpoint lowers them here.
+        factor = self.optim.encoder_lr_after_unimodal
+        start = self.optim.unimodal_epochs
+        if start > 0 and factor != 1.0 and self.current_epoch == start:
+            encoder_params = {id(p) for p in self.model.encoders.parameters()}
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    if group["params"] and all(id(p) in encoder_params for p in group["params"]):
+                        group["lr"] *= factor
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._head_optimizer is not None:

@@ -494,11 +494,12 @@ def selection_start(cfg: RunConfig) -> int:
     ``model.adversary.ramp_epochs`` epochs, to ``ceil(ramp_epochs)``: the first epoch
     trained entirely at full gradient-reversal (or confusion) strength. Otherwise
     validation AUROC, which the adversary lowers while it ramps up, picks weights
-    from before the adversary acted.
+    from before the adversary acted. With ``optim.unimodal_epochs``, at least the first
+    full-loss epoch: before it the fused logit is not trained.
     """
     adversary = cfg.model.adversary
     ramp = adversary.ramp_epochs if adversary.enabled else None
-    return first_selected_epoch(cfg.optim.select_from_epoch, ramp)
+    return max(first_selected_epoch(cfg.optim.select_from_epoch, ramp), cfg.optim.unimodal_epochs)
 
 
 def _check_selection_window(cfg: RunConfig) -> None:
@@ -512,7 +513,8 @@ def _check_selection_window(cfg: RunConfig) -> None:
         raise InputError(
             f"optim.max_epochs={cfg.optim.max_epochs} ends before model selection starts "
             f"at epoch {start} (optim.select_from_epoch={cfg.optim.select_from_epoch}, "
-            f"model.adversary.ramp_epochs={cfg.model.adversary.ramp_epochs}): no epoch "
+            f"model.adversary.ramp_epochs={cfg.model.adversary.ramp_epochs}, "
+            f"optim.unimodal_epochs={cfg.optim.unimodal_epochs}): no epoch "
             f"could become the best checkpoint; set optim.max_epochs above {start}"
         )
 

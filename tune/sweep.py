@@ -241,11 +241,14 @@ def asha_grace_period(requested: int, base: dict[str, Any], max_epochs: int) -> 
     lowered on purpose, and training keeps no checkpoint from those epochs
     (``optim.select_from_epoch``, ``training.run.selection_start``). ASHA must not
     compare trials there either: it would stop exactly the trials whose adversary acts.
+    Nor in the epochs of ``optim.unimodal_epochs``, where only the auxiliary heads train.
     A trial that enables the adversary in the search space counts, so the base
     config's ramp applies whether or not the base enables it.
     """
     ramp = (base.get("model", {}).get("adversary") or {}).get("ramp_epochs")
-    start = first_selected_epoch((base.get("optim") or {}).get("select_from_epoch") or 0, ramp)
+    optim = base.get("optim") or {}
+    start = first_selected_epoch(optim.get("select_from_epoch") or 0, ramp)
+    start = max(start, optim.get("unimodal_epochs") or 0)  # before it the fused logit is untrained
     return min(max(requested, start + 1), max(max_epochs, 1))
 
 

@@ -43,8 +43,11 @@ def _epoch_of(ckpt: Path) -> int | None:
         ["model.adversary.ramp_epochs=2"],
         ["model.adversary.head_steps=3"],
         ["optim.ema_decay=0.9"],  # the weight average must come back as well
+        # Killed after the unimodal epoch: the resumed run lowers the encoders' rates
+        # at the switch exactly once, as the uninterrupted one did.
+        ["optim.unimodal_epochs=1", "optim.encoder_lr_after_unimodal=0.1"],
     ],
-    ids=["plain", "ramp", "head_steps", "ema"],
+    ids=["plain", "ramp", "head_steps", "ema", "unimodal"],
 )
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_cohort, tmp_path, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
