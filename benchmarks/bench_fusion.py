@@ -10,7 +10,7 @@ scored by ``evaluation.evaluate``:
   adversary; AUROC on the training cohort's held-out split vs on a confound-flip
   cohort of the same world (site effect reversed, plus a new site), and a
   post-hoc linear and MLP probe of site and ancestry on the fused representation.
-* ``missing``: the preset, the four fusion strategies and ``gbdt_features`` on cohorts
+* ``missing``: the preset, the four fusion strategies and the boosting peers on cohorts
   where a share of subjects has no film (0.25 / 0.5 / 0.75, informative by default:
   sicker patients are filmed more often) or was never genotyped (0.5 / 0.9), missing
   in training and at test; each row's drop from its own complete-data run.
@@ -22,7 +22,8 @@ scored by ``evaluation.evaluate``:
 The strategies table also has the two rows a user compares us with: ``preset``
 (exactly ``configs/demo.yaml``, its confound treatment included, on the bench's
 cohort and schedule) and ``gbdt_features`` (the HAIM-style peer of
-``evaluation.baseline``: gradient boosting on fixed per-modality features), plus
+``evaluation.baseline``: gradient boosting on fixed per-modality features; and
+``gbdt_confound_matched``, the same peer with the default's confound treatment), plus
 ``--candidates FILE`` rows (named lists of ``key=value`` edits of the preset, the
 settings tried for it) and a paired-bootstrap table of preset vs peers.
 
@@ -426,8 +427,9 @@ def strategies(
     for seed in seeds:
         seeded = [replace(v, seed=seed) for v in variants]
         rows += [_strategy_row(v, ctx.run(v), ceilings) for v in seeded]
-        if only is None or "gbdt_features" in only:
-            rows.append(gbdt_features(ctx, seed, ceilings["fused_interaction"]))
+        for peer in ("gbdt_features", GBDT_MATCHED):
+            if only is None or peer in only:
+                rows.append(gbdt_features(ctx, seed, ceilings["fused_interaction"], peer))
         singles = [v.run_name for v in seeded if len(v.modalities) == 1]
         if len(singles) == len(ALL_MODALITIES):
             rows.append(stacked_singles(ctx, singles, ceilings["fused_additive"], seed))
@@ -440,30 +442,39 @@ def strategies(
     return rows + ceiling_rows(scores, ctx.n_bootstrap)
 
 
+# The boosting peer given the default model's confound treatment.
+GBDT_MATCHED = "gbdt_confound_matched"
 # Paired comparisons of the strategies table: (row a, row b), AUROC(a) - AUROC(b).
 PAIRS = (
     ("preset", "gbdt_features"),
+    ("preset", GBDT_MATCHED),
     ("preset", "fusion_early"),
     ("fusion_attention", "fusion_early"),
     ("fusion_attention", "gbdt_features"),
 )
 
 
-def gbdt_features(ctx: Context, seed: int, ceiling: float) -> dict[str, Any]:
+def gbdt_features(
+    ctx: Context, seed: int, ceiling: float, model: str = "gbdt_features"
+) -> dict[str, Any]:
     """The HAIM-style peer: gradient boosting on fixed per-modality features.
 
     ``evaluation.baseline`` on the bench cohort's train split (the same split and
     DataSpec settings as every other row), early stopped on tuning, scored on
     held_out. Its held-out logits are kept (``held_out_logits.npy``) for the
-    paired comparisons.
+    paired comparisons. ``model`` ``gbdt_confound_matched`` is the same peer with the
+    default model's confound treatment (``BaselineConfig.confounds = "matched"``: ComBat
+    on the film features, site and ancestry read in training, averaged out of every
+    score).
     """
     import numpy as np
 
-    from clinfuse.evaluation.baseline import fit_baseline
+    from clinfuse.evaluation.baseline import BaselineConfig, fit_baseline
     from clinfuse.evaluation.evaluate import _oracle
     from clinfuse.evaluation.metrics import auroc, bootstrap_ci
 
-    name = "gbdt_features" if seed == 0 else f"gbdt_features_seed{seed}"
+    confounds = {"gbdt_features": "none", GBDT_MATCHED: "matched"}[model]
+    name = model if seed == 0 else f"{model}_seed{seed}"
     run_dir = ctx.out / "runs" / name
     if (run_dir / RESULT_FILE).is_file():
         return json.loads((run_dir / RESULT_FILE).read_text())
@@ -472,7 +483,8 @@ def gbdt_features(ctx: Context, seed: int, ceiling: float) -> dict[str, Any]:
     image = _gbdt_image_source(ctx, spec, cfg)
     start = time.perf_counter()
     modalities = ("image", "timeseries", "genomics")
-    fitted = fit_baseline(cohort, samples, spec, modalities, image, seed=seed)
+    cfg_gbdt = BaselineConfig(confounds=confounds)
+    fitted = fit_baseline(cohort, samples, spec, modalities, image, cfg_gbdt, seed=seed)
     held = samples.filter(_split_filter("held_out"))
     logit = fitted.logit(cohort, held)  # (N,)
     seconds = time.perf_counter() - start
@@ -480,10 +492,10 @@ def gbdt_features(ctx: Context, seed: int, ceiling: float) -> dict[str, Any]:
     low, high = bootstrap_ci(auroc, y, logit, ctx.n_bootstrap)
     oracle = _oracle(cohort, held, y).get("oracle_auroc", float("nan"))
     row = {
-        "model": "gbdt_features",
+        "model": model,
         "seed": seed,
         "modalities": "+".join(ALL_MODALITIES),
-        "fusion": f"gradient boosting, {fitted.n_features} fixed features",
+        "fusion": f"gradient boosting, {fitted.n_features} fixed features, confounds {confounds}",
         "n_held_out": int(y.size),
         "auroc": auroc(y, logit),
         "ci_low": low,
@@ -1112,12 +1124,11 @@ def missing(
             for v in variants:
                 auc = sub.run(v)["metrics"]["auroc"]
                 rows.append(_missing_row(v.name, seed, modality, share, auc, complete))
-            if only is not None and "gbdt_features" not in only:
-                continue
-            base = gbdt_features(sub, seed, float("nan"))
-            rows.append(
-                _missing_row("gbdt_features", seed, modality, share, base["auroc"], complete)
-            )
+            for peer in ("gbdt_features", GBDT_MATCHED):
+                if only is not None and peer not in only:
+                    continue
+                base = gbdt_features(sub, seed, float("nan"), peer)
+                rows.append(_missing_row(peer, seed, modality, share, base["auroc"], complete))
         ceiling = observed_ceiling(sub.cohorts["train"])
         rows.append(_missing_row("ceiling_observed", 0, modality, share, ceiling, complete))
     return rows

@@ -12,7 +12,9 @@ tree model is fit on them. Here, per sample:
   before prediction_time (NaN when there is none).
 
 Missing values stay NaN, which scikit-learn's ``HistGradientBoostingClassifier``
-routes natively. The model is early stopped on the tuning split. Every evaluation
+routes natively. With ``BaselineConfig.confounds = "matched"`` the baseline gets the
+default model's confound treatment in tree form (``ConfoundTreatment``), so a model made
+not to read site and ancestry can be compared with a peer made the same way. The model is early stopped on the tuning split. Every evaluation
 fits this baseline on the run's own training split (``evaluate``), so a model
 that does not beat it says so in its report.
 """
@@ -55,6 +57,16 @@ class BaselineConfig:
         l2_regularization: L2 penalty on leaf values.
         n_iter_no_change: iterations without a better tuning loss before stopping.
         image_batch: films per backbone pass when computing image features.
+        confounds: ``"none"`` reads the features as they are (the HAIM recipe: the
+            frozen film features carry the scanner's imprint, the dosages the
+            ancestry). ``"matched"`` treats scanner site and genetic ancestry as
+            ``configs/demo.yaml`` does (``ConfoundTreatment``): ComBat on the film
+            features, as ``timm_image.harmonize: combat``; the site and the ancestry as
+            two columns in training, so the other features need not stand in for them,
+            as the confound offsets take their share of the training loss; and at
+            prediction the risk averaged over the training split's (site, ancestry)
+            pairs, so no patient's score depends on them, as the offsets are left out
+            of predictions.
     """
 
     learning_rate: float = 0.05
@@ -64,6 +76,10 @@ class BaselineConfig:
     l2_regularization: float = 1.0
     n_iter_no_change: int = 30
     image_batch: int = 64
+    confounds: str = "none"
+
+
+CONFOUND_TREATMENTS = ("none", "matched")
 
 
 @dataclass
@@ -208,6 +224,99 @@ def baseline_features(
     return np.hstack([p[0] for p in parts]), [n for p in parts for n in p[1]]
 
 
+@dataclass
+class ConfoundTreatment:
+    """The ``confounds: matched`` treatment, fitted on a training split.
+
+    Attributes:
+        image_columns: (F,) True for the frozen film features' columns.
+        scale, shift: (S + 1, F_image) ComBat's per-site affine map of the film features
+            (``encoders.harmonize.combat_affine``; the last row, the identity, for an
+            unknown site); None without film features.
+        sites, ancestries: the DataSpec's names; a name's index is its code.
+        pairs: (K, 2) the (site, ancestry) codes seen in training; weights: (K,) their
+            shares there, the distribution predictions are averaged over.
+    """
+
+    image_columns: np.ndarray
+    scale: np.ndarray | None
+    shift: np.ndarray | None
+    sites: list[str]
+    ancestries: list[str]
+    pairs: np.ndarray
+    weights: np.ndarray
+
+    @classmethod
+    def fit(
+        cls,
+        x: np.ndarray,
+        names: list[str],
+        samples: pl.DataFrame,
+        spec: DataSpec,
+        train: np.ndarray,
+        y: np.ndarray,
+    ) -> ConfoundTreatment:
+        """Fits ComBat and the (site, ancestry) distribution on the ``train`` rows."""
+        from clinfuse.encoders.harmonize import combat_affine
+
+        codes = confound_codes(samples, spec)  # (N, 2)
+        known = train & ~np.isnan(codes).any(axis=1)
+        if not known.any():
+            raise ValueError(
+                "baseline confounds='matched': no training sample has both a known site "
+                "and a known ancestry (columns 'site' and 'ancestry')"
+            )
+        pairs, counts = np.unique(codes[known], axis=0, return_counts=True)
+        image = np.array([n.startswith("image:") for n in names], dtype=bool)
+        scale = shift = None
+        if image.any():
+            filmed = train & ~np.isnan(x[:, image]).any(axis=1)
+            site = np.nan_to_num(codes[:, 0], nan=-1.0).astype(np.int64)
+            fit_rows = filmed & (site >= 0)
+            scale, shift, _ = combat_affine(
+                x[fit_rows][:, image], site[fit_rows], y[fit_rows], len(spec.sites)
+            )
+        return cls(image, scale, shift, list(spec.sites), list(spec.ancestries), pairs,
+                   counts / counts.sum())  # fmt: skip
+
+    def harmonized(self, x: np.ndarray, samples: pl.DataFrame) -> np.ndarray:
+        """``x`` with each film's features through its site's ComBat map (N, F)."""
+        if self.scale is None:
+            return x
+        site = np.nan_to_num(self._codes(samples)[:, 0], nan=-1.0).astype(np.int64)  # -1: identity
+        out = x.copy()
+        out[:, self.image_columns] = x[:, self.image_columns] * self.scale[site] + self.shift[site]
+        return out
+
+    def training_matrix(self, x: np.ndarray, samples: pl.DataFrame) -> np.ndarray:
+        """Harmonized features with the site and ancestry codes as two last columns."""
+        return np.column_stack([self.harmonized(x, samples), self._codes(samples)])
+
+    def marginal_logit(self, model: Any, x: np.ndarray, samples: pl.DataFrame) -> np.ndarray:
+        """Log-odds of the risk averaged over the training (site, ancestry) pairs (N,)."""
+        xh = np.column_stack([self.harmonized(x, samples), np.zeros((x.shape[0], 2))])
+        risk = np.zeros(x.shape[0])
+        for pair, weight in zip(self.pairs, self.weights, strict=True):
+            xh[:, -2:] = pair
+            risk += weight * model.predict_proba(xh)[:, 1]
+        risk = np.clip(risk, 1e-12, 1.0 - 1e-12)
+        return np.log(risk) - np.log1p(-risk)
+
+    def _codes(self, samples: pl.DataFrame) -> np.ndarray:
+        return confound_codes(samples, DataSpec(sites=self.sites, ancestries=self.ancestries))
+
+
+def confound_codes(samples: pl.DataFrame, spec: DataSpec) -> np.ndarray:
+    """Each sample's site and ancestry code in the DataSpec (N, 2); NaN when unknown."""
+    out = np.full((samples.height, 2), np.nan)
+    for j, (column, names) in enumerate((("site", spec.sites), ("ancestry", spec.ancestries))):
+        if column not in samples.columns:
+            raise ValueError(f"baseline confounds='matched': the samples have no {column!r} column")
+        index = {name: i for i, name in enumerate(names)}
+        out[:, j] = [index.get(v, np.nan) for v in samples[column].to_list()]
+    return out
+
+
 def fit_gbdt(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -248,6 +357,7 @@ class FittedBaseline:
         image: where its image features come from (None without images).
         n_iter: boosting iterations kept by early stopping.
         n_features: feature columns.
+        confounds: the fitted ``confounds: matched`` treatment, or None.
     """
 
     model: Any
@@ -256,10 +366,13 @@ class FittedBaseline:
     image: ImageFeatureSource | None
     n_iter: int
     n_features: int
+    confounds: ConfoundTreatment | None = None
 
     def logit(self, cohort_dir: str | Path, samples: pl.DataFrame) -> np.ndarray:
         """The baseline's log-odds for ``samples`` of ``cohort_dir``. Shapes: -> (N,)"""
         x, _ = baseline_features(cohort_dir, samples, self.spec, self.modalities, self.image)
+        if self.confounds is not None:
+            return self.confounds.marginal_logit(self.model, x, samples)
         return self.model.decision_function(x)
 
 
@@ -284,12 +397,22 @@ def fit_baseline(
             raise ValueError(
                 f"{cohort_dir}: the {split} split needs both outcomes to fit a baseline"
             )
+    cfg = cfg or BaselineConfig()
+    if cfg.confounds not in CONFOUND_TREATMENTS:
+        raise ValueError(
+            f"baseline confounds must be one of {CONFOUND_TREATMENTS}, got {cfg.confounds!r}"
+        )
     # One pass over both splits: the image backbone is built and run once.
-    x, _ = baseline_features(cohort_dir, rows, spec, modalities, image)  # (N, F)
+    x, names = baseline_features(cohort_dir, rows, spec, modalities, image)  # (N, F)
     y = rows["label"].cast(pl.Int64).to_numpy()
     train = (rows["split"] == "train").to_numpy()
+    treatment = None
+    if cfg.confounds == "matched":
+        treatment = ConfoundTreatment.fit(x, names, rows, spec, train, y)
+        x = treatment.training_matrix(x, rows)  # (N, F + 2)
     model = fit_gbdt(x[train], y[train], x[~train], y[~train], cfg, seed)
-    return FittedBaseline(model, spec, modalities, image, int(model.n_iter_), int(x.shape[1]))
+    n_iter, width = int(model.n_iter_), int(x.shape[1])
+    return FittedBaseline(model, spec, modalities, image, n_iter, width, treatment)
 
 
 def fit_run_baseline(

@@ -13,6 +13,8 @@ from clinfuse.datasets.samples import load_samples
 from clinfuse.datasets.spec import DataSpec
 from clinfuse.evaluation.baseline import (
     TS_STATS,
+    BaselineConfig,
+    ConfoundTreatment,
     fit_baseline,
     genotype_features,
     timeseries_features,
@@ -124,3 +126,64 @@ def test_fit_baseline_names_a_split_with_one_outcome(tmp_path) -> None:
     cohort = _write_cohort(tmp_path / "c", np.full(15, 80.0), label, split)
     with pytest.raises(ValueError, match="tuning split needs both outcomes"):
         fit_baseline(cohort, load_samples(cohort), _spec(), ("timeseries",))
+
+
+def _sites(cohort: Path, site: list[str], ancestry: list[str]) -> None:
+    ids = pl.Series("subject_id", range(len(site)), dtype=pl.Int64)
+    pl.DataFrame({"subject_id": ids, "site": site, "ancestry": ancestry}).write_parquet(
+        cohort / "subjects.parquet"
+    )
+
+
+def test_the_matched_baseline_reads_the_site_in_training_and_never_in_a_score(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    n = 400
+    site = rng.choice(["a", "b"], n)
+    label = (rng.random(n) < np.where(site == "b", 0.7, 0.3)).astype(int)  # the site's own share
+    hr = 70.0 + 15.0 * label + rng.normal(0.0, 5.0, n)
+    split = ["train"] * 260 + ["tuning"] * 70 + ["held_out"] * 70
+    cohort = _write_cohort(tmp_path / "c", hr, label, split)
+    _sites(cohort, list(site), list(rng.choice(["x", "y"], n)))
+    spec = DataSpec(
+        channels=["LAB//LACTATE", "VITAL//HR"], markers=["m0", "m1"], window_hours=72.0,
+        sites=["a", "b"], ancestries=["x", "y"],
+    )  # fmt: skip
+    samples = load_samples(cohort)
+    fitted = fit_baseline(
+        cohort, samples, spec, ("timeseries",), cfg=BaselineConfig(confounds="matched")
+    )
+    assert fitted.n_features == 2 * len(TS_STATS) + 2  # the site and ancestry columns
+    held = samples.filter(pl.col("split") == "held_out")
+    logit = fitted.logit(cohort, held)
+    assert auroc(held["label"].to_numpy(), logit) > 0.85  # the HR signal is read
+    # The same patients told another site, or an unknown one, and another ancestry:
+    # the same scores.
+    for column, value in (("site", "a"), ("site", "b"), ("site", "elsewhere"), ("ancestry", "y")):
+        moved = fitted.logit(cohort, held.with_columns(pl.lit(value).alias(column)))
+        np.testing.assert_allclose(moved, logit, rtol=1e-9, atol=1e-9, err_msg=f"{column}={value}")
+    with pytest.raises(ValueError, match="confounds must be one of"):
+        fit_baseline(cohort, samples, spec, ("timeseries",), cfg=BaselineConfig(confounds="erase"))
+
+
+def test_the_matched_baseline_harmonizes_film_features_across_sites() -> None:
+    rng = np.random.default_rng(2)
+    n = 600
+    site = rng.integers(0, 3, n)
+    y = rng.integers(0, 2, n)
+    film = rng.normal(0.0, 1.0, (n, 4)) * (1.0 + site[:, None]) + 3.0 * site[:, None]  # scanner
+    film[:, 0] += 1.5 * y  # the disease's own signal, which ComBat keeps
+    other = rng.normal(0.0, 1.0, (n, 1))
+    x = np.column_stack([other, film])
+    names = ["VITAL//HR:last", *(f"image:{i}" for i in range(4))]
+    samples = pl.DataFrame({"site": [f"s{k}" for k in site], "ancestry": ["x"] * n})
+    spec = DataSpec(sites=["s0", "s1", "s2"], ancestries=["x"])
+    treatment = ConfoundTreatment.fit(x, names, samples, spec, np.ones(n, dtype=bool), y)
+    out = treatment.harmonized(x, samples)
+    np.testing.assert_array_equal(out[:, 0], x[:, 0])  # not a film feature: untouched
+    for k in range(3):  # per site, the same mean and spread of each film feature after
+        rows = (site == k) & (y == 0)
+        np.testing.assert_allclose(out[rows, 2:].mean(0), out[(y == 0), 2:].mean(0), atol=0.35)
+        np.testing.assert_allclose(out[rows, 2:].std(0), out[(y == 0), 2:].std(0), rtol=0.25)
+    gap = out[y == 1, 1].mean() - out[y == 0, 1].mean()
+    assert gap > 1.0  # the outcome's difference survives harmonization
+    assert np.isnan(treatment.harmonized(np.full((1, 5), np.nan), samples[:1])).all()
