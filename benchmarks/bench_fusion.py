@@ -393,6 +393,7 @@ def strategies(
     seeds: tuple[int, ...] = (0,),
     candidates: dict[str, list[str]] | None = None,
     stack: tuple[str, ...] = (),
+    stack_gbdt: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """Every fusion strategy and every single-modality model on one cohort.
 
@@ -408,6 +409,9 @@ def strategies(
         stack: candidate names (single-modality edits of the preset) whose logits a
             logistic regression stacks into the row ``stacked_candidates``: the stack
             of singles trained with the preset's own encoder settings.
+        stack_gbdt: row names (the preset or candidates) each stacked with the
+            confound-matched boosting peer into a row ``stacked_gbdt_<name>``
+            (``stacked_with_gbdt``).
     """
     suffix = "" if adversary else "_no_adv"
     fusions = ("attention", "early", "late", "gated")
@@ -439,6 +443,8 @@ def strategies(
                 ctx, names, ceilings["fused_additive"], seed, name="stacked_candidates"
             )
             rows.append(row)
+        for name in stack_gbdt:
+            rows.append(stacked_with_gbdt(ctx, name, seed, ceilings["fused_interaction"]))
     return rows + ceiling_rows(scores, ctx.n_bootstrap)
 
 
@@ -642,6 +648,71 @@ def stacked_singles(
     run_dir.mkdir(parents=True, exist_ok=True)
     np.save(run_dir / "held_out_logits.npy", p)
     (run_dir / RESULT_FILE).write_text(json.dumps(row, indent=2))
+    return row
+
+
+def stacked_with_gbdt(ctx: Context, name: str, seed: int, ceiling: float) -> dict[str, Any]:
+    """A trained row (``name``: the preset or a candidate) stacked with the boosting peer
+    given the same confound treatment (``gbdt_confound_matched``).
+
+    ``logit = b + w_1 logit_model + w_2 logit_boosting``, the three fit by a logistic
+    regression on the tuning split (where both were early stopped), scored on held_out.
+    Both parts are site- and ancestry-blind at prediction (the model by its ComBat maps
+    and offsets, the peer by the same ComBat and its average over the training (site,
+    ancestry) pairs), so the stack is too. Row ``stacked_gbdt_<name>[_seedN]``, kept like
+    any other for the paired comparisons; the weights are in the row.
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from clinfuse.evaluation.baseline import BaselineConfig, fit_baseline
+    from clinfuse.evaluation.metrics import auroc, bootstrap_ci
+
+    run = replace(Variant(name), seed=seed).run_name
+    out_name = f"stacked_gbdt_{name}"
+    out_dir = ctx.out / "runs" / replace(Variant(out_name), seed=seed).run_name
+    if (out_dir / RESULT_FILE).is_file():
+        return json.loads((out_dir / RESULT_FILE).read_text())
+    if not (ctx.out / "runs" / run / RESULT_FILE).is_file():
+        raise SystemExit(f"--stack-gbdt {name}: no run {run} yet (add it to --only)")
+    samples, spec, cfg = samples_and_spec(ctx, Variant("fusion_early"))
+    image = _gbdt_image_source(ctx, spec, cfg)
+    cohort = ctx.cohorts["train"]
+    peer = fit_baseline(cohort, samples, spec, ("image", "timeseries", "genomics"), image,
+                        BaselineConfig(confounds="matched"), seed=seed)  # fmt: skip
+    parts = {}
+    for split in ("tuning", "held_out"):
+        model_logit, y = _logit_matrix(ctx, [run], split)
+        rows = samples.filter(_split_filter(split))
+        if not np.array_equal(y, rows["label"].cast(int).to_numpy()):
+            raise RuntimeError(f"{run}: {split} samples differ in order from the peer's")
+        parts[split] = (np.column_stack([model_logit[:, 0], peer.logit(cohort, rows)]), y)
+    stacker = LogisticRegression().fit(*parts["tuning"])
+    x_held, y_held = parts["held_out"]
+    p = stacker.decision_function(x_held)  # (N,)
+    low, high = bootstrap_ci(auroc, y_held, p, ctx.n_bootstrap)
+    oracle = _oracle_auroc(ctx.out / "runs" / run)
+    row = {
+        "model": out_name,
+        "seed": seed,
+        "modalities": "+".join(ALL_MODALITIES),
+        "fusion": f"logistic stack of {name} and {GBDT_MATCHED}",
+        "n_held_out": int(y_held.size),
+        "auroc": auroc(y_held, p),
+        "ci_low": low,
+        "ci_high": high,
+        "oracle_auroc": oracle,
+        "ratio": auroc(y_held, p) / oracle,
+        "ceiling_auroc": ceiling,
+        "epochs": 0,
+        "train_s": 0.0,
+        "weights": [float(w) for w in stacker.coef_[0]],
+        "peer_auroc": auroc(y_held, x_held[:, 1]),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "held_out_logits.npy", p)
+    (out_dir / RESULT_FILE).write_text(json.dumps(row, indent=2))
+    print(f"  {out_dir.name}: AUROC {row['auroc']:.3f}, weights {np.round(stacker.coef_[0], 2)}")
     return row
 
 
@@ -888,10 +959,16 @@ def shift(
             for link, test in tests.items():
                 scores = _shift_scores(linked, v.run_name, test, link, held)
                 rows.append(_shift_row(name, seed, link, held, scores, reference[link], ref_held))
-        if only is None or "gbdt_features" in only:
-            peer = _gbdt_shift(linked, seed, tests)
+        peers = {p: _gbdt_shift(linked, seed, tests, p) for p in ("gbdt_features", GBDT_MATCHED)
+                 if only is None or p in only}  # fmt: skip
+        if only is not None and "stacked_gbdt_preset" in only:  # the shipped model + the peer
+            preset = replace(Variant("preset"), seed=seed).run_name
+            peers["stacked_gbdt_preset"] = _stack_shift(linked, seed, tests, preset)
+        for name, peer in peers.items():
             for link, scores in peer["scores"].items():
-                rows.append(_gbdt_shift_row(seed, link, peer, scores, reference[link], ref_held))
+                rows.append(
+                    _gbdt_shift_row(seed, link, peer, scores, reference[link], ref_held, name)
+                )
     return rows
 
 
@@ -902,36 +979,99 @@ def _shift_rows(ctx: Context) -> dict[str, tuple[Path, tuple[str, ...]]]:
     return rows
 
 
-def _gbdt_shift(ctx: Context, seed: int, tests: dict[str, Path]) -> dict[str, Any]:
+def _gbdt_shift(
+    ctx: Context, seed: int, tests: dict[str, Path], peer: str = "gbdt_features"
+) -> dict[str, Any]:
     """The HAIM-style peer through the shift tests: gradient boosting on fixed features
-    fit on the linked cohort's train split (as ``gbdt_features``), scored on its held-out
-    split and on each test cohort like the trained rows (``_shift_scores``). Cached
-    beside the other runs as ``runs/gbdt_features[_seed<k>]/shift.json``."""
+    fit on the linked cohort's train split (as ``gbdt_features``; ``peer``
+    ``gbdt_confound_matched`` with the default's confound treatment), scored on its
+    held-out split and on each test cohort like the trained rows (``_shift_scores``).
+    Cached beside the other runs as ``runs/<peer>[_seed<k>]/shift.json``."""
+    from clinfuse.evaluation.baseline import BaselineConfig, fit_baseline
+
+    def fit(samples: Any, spec: Any, image: Any) -> tuple[Any, int]:
+        confounds = {"gbdt_features": "none", GBDT_MATCHED: "matched"}[peer]
+        fitted = fit_baseline(ctx.cohorts["train"], samples, spec, ("image", "timeseries", "genomics"),
+                              image, BaselineConfig(confounds=confounds), seed=seed)  # fmt: skip
+        return fitted.logit, fitted.n_iter
+
+    return _peer_shift(ctx, seed, tests, peer, fit)
+
+
+def _stack_shift(ctx: Context, seed: int, tests: dict[str, Path], run: str) -> dict[str, Any]:
+    """``stacked_with_gbdt`` through the shift tests: the trained run ``run`` and the
+    confound-matched peer, both fit on the linked cohort, stacked by a logistic regression
+    on its tuning split, scored like the peer (``_gbdt_shift``). Row
+    ``stacked_gbdt_<run without its seed suffix>``."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from clinfuse.evaluation.baseline import BaselineConfig, fit_baseline
+
+    base = run.split("_seed")[0]
+
+    def fit(samples: Any, spec: Any, image: Any) -> tuple[Any, int]:
+        train = ctx.cohorts["train"]
+        peer = fit_baseline(train, samples, spec, ("image", "timeseries", "genomics"), image,
+                            BaselineConfig(confounds="matched"), seed=seed)  # fmt: skip
+
+        def parts(cohort: Path, rows: Any) -> Any:
+            return np.column_stack([_run_logits(ctx, run, cohort, rows), peer.logit(cohort, rows)])
+
+        tuning = samples.filter(_split_filter("tuning"))
+        stacker = LogisticRegression().fit(parts(train, tuning), tuning["label"].cast(int))
+        return (lambda cohort, rows: stacker.decision_function(parts(cohort, rows))), peer.n_iter
+
+    return _peer_shift(ctx, seed, tests, f"stacked_gbdt_{base}", fit)
+
+
+def _run_logits(ctx: Context, run: str, cohort: Path, rows: Any) -> Any:
+    """A trained run's logits on ``rows`` of ``cohort``, in their order (N,)."""
+    import numpy as np
+    import torch
+
+    from clinfuse.datasets.datamodule import config_from_dict, make_loader
+    from clinfuse.training.predict import collect_predictions
+
+    art = load_artifact(ctx.out / "runs" / run / "model")
+    loader = make_loader(cohort, rows, art.spec, config_from_dict(art.data_config))
+    with torch.no_grad():
+        pred = collect_predictions(art.model, loader)
+    if not np.array_equal(
+        np.asarray(pred["label"]).astype(int), rows["label"].cast(int).to_numpy()
+    ):
+        raise RuntimeError(f"{run}: predictions on {cohort} are not in the samples' order")
+    return np.asarray(pred["logit"])
+
+
+def _peer_shift(
+    ctx: Context, seed: int, tests: dict[str, Path], name: str, fit: Any
+) -> dict[str, Any]:
+    """A model fit outside ``training.run`` through the shift tests. ``fit(samples, spec,
+    image)`` fits it on the linked cohort and returns ``(logit(cohort, rows), n_iter)``.
+    Cached as ``runs/<name>[_seed<k>]/shift.json``."""
     import numpy as np
     import polars as pl
 
     from clinfuse.datasets.samples import load_samples
-    from clinfuse.evaluation.baseline import fit_baseline
     from clinfuse.evaluation.metrics import auroc
 
-    name = "gbdt_features" if seed == 0 else f"gbdt_features_seed{seed}"
-    path = ctx.out / "runs" / name / "shift.json"
+    run_name = name if seed == 0 else f"{name}_seed{seed}"
+    path = ctx.out / "runs" / run_name / "shift.json"
     if path.is_file():
         return json.loads(path.read_text())
     train = ctx.cohorts["train"]
     samples, spec, cfg = samples_and_spec(ctx, Variant("fusion_early"))
     image = _gbdt_image_source(ctx, spec, cfg)
-    fitted = fit_baseline(
-        train, samples, spec, ("image", "timeseries", "genomics"), image, seed=seed
-    )
+    logit_of, n_iter = fit(samples, spec, image)
 
     def score(cohort: Path, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        return rows["label"].cast(int).to_numpy(), fitted.logit(cohort, rows)
+        return rows["label"].cast(int).to_numpy(), logit_of(cohort, rows)
 
     held = samples.filter(_split_filter("held_out"))
     y, logit = score(train, held)
     trained_sites = set(samples.filter(_split_filter("train"))["site"].unique().to_list())
-    result: dict[str, Any] = {"auroc": auroc(y, logit), "n_iter": fitted.n_iter, "scores": {}}
+    result: dict[str, Any] = {"auroc": auroc(y, logit), "n_iter": n_iter, "scores": {}}
     for link, cohort in tests.items():
         rows = load_samples(cohort)
         y_t, logit_t = score(cohort, rows)
@@ -953,11 +1093,13 @@ def _gbdt_shift_row(
     scores: dict[str, float],
     reference: dict[str, float],
     reference_held: dict,
+    name: str = "gbdt_features",
 ) -> dict[str, Any]:
-    """A ``_shift_row`` for the gradient-boosting peer (no representation to audit)."""
+    """A ``_shift_row`` for a model without a fused representation to audit (the boosting
+    peers, the stack)."""
     audit = {k: {"probe_accuracy": float("nan")} for k in ("site", "ancestry")}
     held = {"auroc": peer["auroc"], "audit": audit, "genetic_signal": {}}
-    return _shift_row("gbdt_features", seed, link, held, scores, reference, reference_held)
+    return _shift_row(name, seed, link, held, scores, reference, reference_held)
 
 
 # The shift experiment's unseen-site test (the world's held-back site added).
@@ -1129,6 +1271,11 @@ def missing(
                     continue
                 base = gbdt_features(sub, seed, float("nan"), peer)
                 rows.append(_missing_row(peer, seed, modality, share, base["auroc"], complete))
+            if only is not None and "stacked_gbdt_preset" in only:  # the preset + the peer
+                auc = stacked_with_gbdt(sub, "preset", seed, float("nan"))["auroc"]
+                rows.append(
+                    _missing_row("stacked_gbdt_preset", seed, modality, share, auc, complete)
+                )
         ceiling = observed_ceiling(sub.cohorts["train"])
         rows.append(_missing_row("ceiling_observed", 0, modality, share, ceiling, complete))
     return rows
@@ -1417,6 +1564,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "regression into the row stacked_candidates",
     )
     ap.add_argument(
+        "--stack-gbdt",
+        nargs="+",
+        default=(),
+        help="rows (preset, candidate_<name>) each stacked with gbdt_confound_matched by a "
+        "logistic regression on the tuning split into the row stacked_gbdt_<row>",
+    )
+    ap.add_argument(
         "--pairs",
         nargs="+",
         default=(),
@@ -1513,8 +1667,10 @@ def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[d
     seeds = tuple(args.seeds)
     candidates = load_yaml(args.candidates) if args.candidates else None
     if name == "strategies":
-        stack = tuple(args.stack)
-        return strategies(ctx, args.adversary == "on", args.only, seeds, candidates, stack)
+        stack, stack_gbdt = tuple(args.stack), tuple(args.stack_gbdt)
+        return strategies(
+            ctx, args.adversary == "on", args.only, seeds, candidates, stack, stack_gbdt
+        )
     if name == "confound":
         return confound(ctx, seeds)
     if name == "shift":
