@@ -295,7 +295,8 @@ def evaluate(
         out: output directory (default ``RUN/evaluation``).
         split: ``held_out`` (the default when present), ``tuning``, ``train`` or ``all``.
         bootstrap: bootstrap resamples for the confidence intervals.
-        baseline: also fit the gradient-boosting baseline on the run's training split.
+        baseline: also fit the gradient-boosting baselines (as it comes, and given the
+            default model's confound treatment) on the run's training split.
         shifted: a second cohort (e.g. the same world with the site or ancestry link to
             the outcome reversed) scored on every labelled sample;
             ``report.metrics["shift"]`` holds its AUROC and the drop.

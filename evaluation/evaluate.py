@@ -50,7 +50,11 @@ def evaluate(
     With ``baseline``, the gradient-boosting baseline on fixed features
     (``evaluation.baseline``) is fit on the run's own training split and scored on
     the same samples; ``metrics["baseline"]`` holds its AUROC and the model's
-    paired-bootstrap AUROC difference from it.
+    paired-bootstrap AUROC difference from it, and ``metrics["baseline_matched"]`` the
+    same for the baseline given the default model's confound treatment (ComBat on the
+    film features, site and ancestry read in training and averaged out of every score;
+    ``BaselineConfig.confounds``): the like-for-like peer of a model made not to lean
+    on site or ancestry.
 
     With ``shifted``, a second cohort (every labelled sample of it: e.g. the same world
     with the site or ancestry link to the outcome reversed, or an unseen site) is scored
@@ -68,12 +72,15 @@ def evaluate(
     metrics: dict[str, Any] = {"cohort": str(cohort_dir), "split": split, "model_id": art.model_id}
     metrics.update(binary_report(y, p, art.threshold, n_bootstrap=n_bootstrap, seed=seed))
     metrics.update(_oracle(cohort_dir, samples, y))
-    baseline_logit = None
+    baseline_logits: dict[str, np.ndarray] = {}
     if baseline:
-        metrics["baseline"], baseline_logit = _baseline(
-            run_dir, art, cohort_dir, samples, y, p, n_bootstrap, seed
-        )
-    _write_predictions(out / PREDICTIONS_FILE, samples, y, p, pred["logit"], baseline_logit)
+        for key, confounds in BASELINES.items():
+            metrics[key], logit = _baseline(
+                run_dir, art, cohort_dir, samples, y, p, n_bootstrap, seed, confounds
+            )
+            if logit is not None:
+                baseline_logits[f"{key}_logit"] = logit
+    _write_predictions(out / PREDICTIONS_FILE, samples, y, p, pred["logit"], baseline_logits)
     metrics["per_site"] = _subgroups(samples["site"], y, p)
     metrics["per_ancestry"] = _subgroups(samples["ancestry"], y, p)
     if shifted is not None:
@@ -199,20 +206,25 @@ def _write_predictions(
     y: np.ndarray,
     risk: np.ndarray,
     logit: np.ndarray,
-    baseline_logit: np.ndarray | None,
+    baseline_logits: dict[str, np.ndarray],
 ) -> None:
     """One row per evaluated sample: keys, split, label, calibrated risk and raw logit
-    (and the baseline's logit when it ran), for paired comparisons with other models."""
+    (and each baseline's logit that ran: ``baseline_logit``, ``baseline_matched_logit``),
+    for paired comparisons with other models."""
     from clinfuse.integrity.checksums import write_parquet
 
     frame = samples.select("subject_id", "prediction_time", "split").with_columns(
         pl.Series("label", y.astype(bool)),
         pl.Series("risk", np.asarray(risk, dtype=np.float64)),
         pl.Series("logit", np.asarray(logit, dtype=np.float64)),
+        *(pl.Series(k, v.astype(np.float64)) for k, v in baseline_logits.items()),
     )
-    if baseline_logit is not None:
-        frame = frame.with_columns(pl.Series("baseline_logit", baseline_logit.astype(np.float64)))
     write_parquet(frame, path)
+
+
+# metrics.json key -> the baseline's confound treatment (``BaselineConfig.confounds``).
+BASELINES = {"baseline": "none", "baseline_matched": "matched"}
+BASELINE_NAMES = {"none": "gbdt_features", "matched": "gbdt_confound_matched"}
 
 
 def _baseline(
@@ -224,19 +236,21 @@ def _baseline(
     p,
     n_bootstrap: int,
     seed: int,
+    confounds: str = "none",
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """The gradient-boosting baseline's AUROC on these samples and the model's margin over
     it, and the baseline's logits (None when it could not be fit)."""
-    from clinfuse.evaluation.baseline import fit_run_baseline
+    from clinfuse.evaluation.baseline import BaselineConfig, fit_run_baseline
 
     try:
-        fitted = fit_run_baseline(run_dir, art.model, seed=seed)
+        cfg = BaselineConfig(confounds=confounds)
+        fitted = fit_run_baseline(run_dir, art.model, cfg, seed=seed)
+        logit = fitted.logit(cohort_dir, samples)  # (N,)
     except (FileNotFoundError, ValueError) as err:  # e.g. the training cohort has moved
         return {"skipped": f"baseline not fit: {err}"}, None
-    logit = fitted.logit(cohort_dir, samples)  # (N,)
     delta = paired_auroc_delta(y, p, logit, n_bootstrap, seed=seed)
     return {
-        "model": "gbdt_features",
+        "model": BASELINE_NAMES[confounds],
         "modalities": list(fitted.modalities),
         "n_features": fitted.n_features,
         "n_iter": fitted.n_iter,

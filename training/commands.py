@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             option(
                 "--no-baseline",
                 action="store_true",
-                help="skip the gradient-boosting baseline fit on the run's training split",
+                help="skip the gradient-boosting baselines fit on the run's training split",
             ),
             option(
                 "--shifted",
@@ -151,6 +151,13 @@ def _summary_line(m: dict) -> str:
         parts.append(
             f"gradient-boosting baseline {base['auroc']:.3f} "
             f"(model {base['delta']:+.3f} [{low:+.3f}, {high:+.3f}])"
+        )
+    matched = m.get("baseline_matched", {})
+    if "delta" in matched:
+        low, high = matched["delta_ci"]
+        parts.append(
+            f"confound-matched baseline {matched['auroc']:.3f} "
+            f"(model {matched['delta']:+.3f} [{low:+.3f}, {high:+.3f}])"
         )
     shift = m.get("shift", {})
     if "drop" in shift:

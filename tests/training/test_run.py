@@ -93,10 +93,18 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
     lo, hi = base["delta_ci"]
     assert lo <= base["delta"] <= hi
     assert "Against a gradient-boosting baseline" in html
+    # The same baseline given the default's confound treatment: two more columns (site,
+    # ancestry), the same samples.
+    matched = m["baseline_matched"]
+    assert matched["model"] == "gbdt_confound_matched"
+    assert matched["n_features"] == base["n_features"] + 2
+    assert matched["delta"] == pytest.approx(m["auroc"] - matched["auroc"], abs=1e-12)
+    assert "confound treatment" in html
     # Per-sample predictions beside metrics.json, in the evaluated samples' order.
     preds = pl.read_parquet(out / "predictions.parquet")
     assert preds.columns == [
-        "subject_id", "prediction_time", "split", "label", "risk", "logit", "baseline_logit"
+        "subject_id", "prediction_time", "split", "label", "risk", "logit", "baseline_logit",
+        "baseline_matched_logit",
     ]  # fmt: skip
     assert preds.height == m["n"]
     from clinfuse.evaluation.metrics import auroc
@@ -104,6 +112,8 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
     assert auroc(preds["label"].to_numpy(), preds["risk"].to_numpy()) == pytest.approx(m["auroc"])
     bl = auroc(preds["label"].to_numpy(), preds["baseline_logit"].to_numpy())
     assert bl == pytest.approx(base["auroc"])
+    bl = auroc(preds["label"].to_numpy(), preds["baseline_matched_logit"].to_numpy())
+    assert bl == pytest.approx(matched["auroc"])
 
 
 def test_cli_train_applies_overrides_and_resolves_config(tiny_cohort, tmp_path, capsys):
