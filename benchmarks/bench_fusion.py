@@ -385,6 +385,14 @@ class Context:
 
 # ------------------------------------------------------------------ experiments
 
+# The boosting peer given the default model's confound treatment, and the same without
+# ComBat (site and ancestry columns in training, averaged out of every score).
+GBDT_MATCHED = "gbdt_confound_matched"
+GBDT_OFFSETS = "gbdt_confound_offsets"
+GBDT_CONFOUNDS = {"gbdt_features": "none", GBDT_MATCHED: "matched", GBDT_OFFSETS: "offsets"}
+# Row-name prefix of a trained row stacked with each site-blind peer.
+STACK_PREFIX = {GBDT_MATCHED: "stacked_gbdt_", GBDT_OFFSETS: "stacked_gbdt_offsets_"}
+
 
 def strategies(
     ctx: Context,
@@ -394,6 +402,7 @@ def strategies(
     candidates: dict[str, list[str]] | None = None,
     stack: tuple[str, ...] = (),
     stack_gbdt: tuple[str, ...] = (),
+    stack_peers: tuple[str, ...] = (GBDT_MATCHED,),
 ) -> list[dict[str, Any]]:
     """Every fusion strategy and every single-modality model on one cohort.
 
@@ -411,7 +420,7 @@ def strategies(
             of singles trained with the preset's own encoder settings.
         stack_gbdt: row names (the preset or candidates) each stacked with the
             confound-matched boosting peer into a row ``stacked_gbdt_<name>``
-            (``stacked_with_gbdt``).
+            (``stacked_with_gbdt``), and with each other peer of ``stack_peers``.
     """
     suffix = "" if adversary else "_no_adv"
     fusions = ("attention", "early", "late", "gated")
@@ -431,7 +440,7 @@ def strategies(
     for seed in seeds:
         seeded = [replace(v, seed=seed) for v in variants]
         rows += [_strategy_row(v, ctx.run(v), ceilings) for v in seeded]
-        for peer in ("gbdt_features", GBDT_MATCHED):
+        for peer in GBDT_CONFOUNDS:
             if only is None or peer in only:
                 rows.append(gbdt_features(ctx, seed, ceilings["fused_interaction"], peer))
         singles = [v.run_name for v in seeded if len(v.modalities) == 1]
@@ -444,12 +453,12 @@ def strategies(
             )
             rows.append(row)
         for name in stack_gbdt:
-            rows.append(stacked_with_gbdt(ctx, name, seed, ceilings["fused_interaction"]))
+            for peer_name in stack_peers:
+                row = stacked_with_gbdt(ctx, name, seed, ceilings["fused_interaction"], peer_name)
+                rows.append(row)
     return rows + ceiling_rows(scores, ctx.n_bootstrap)
 
 
-# The boosting peer given the default model's confound treatment.
-GBDT_MATCHED = "gbdt_confound_matched"
 # Paired comparisons of the strategies table: (row a, row b), AUROC(a) - AUROC(b).
 PAIRS = (
     ("preset", "gbdt_features"),
@@ -479,7 +488,7 @@ def gbdt_features(
     from clinfuse.evaluation.evaluate import _oracle
     from clinfuse.evaluation.metrics import auroc, bootstrap_ci
 
-    confounds = {"gbdt_features": "none", GBDT_MATCHED: "matched"}[model]
+    confounds = GBDT_CONFOUNDS[model]
     name = model if seed == 0 else f"{model}_seed{seed}"
     run_dir = ctx.out / "runs" / name
     if (run_dir / RESULT_FILE).is_file():
@@ -651,7 +660,9 @@ def stacked_singles(
     return row
 
 
-def stacked_with_gbdt(ctx: Context, name: str, seed: int, ceiling: float) -> dict[str, Any]:
+def stacked_with_gbdt(
+    ctx: Context, name: str, seed: int, ceiling: float, peer_name: str = GBDT_MATCHED
+) -> dict[str, Any]:
     """A trained row (``name``: the preset or a candidate) stacked with the boosting peer
     given the same confound treatment (``gbdt_confound_matched``).
 
@@ -659,8 +670,10 @@ def stacked_with_gbdt(ctx: Context, name: str, seed: int, ceiling: float) -> dic
     regression on the tuning split (where both were early stopped), scored on held_out.
     Both parts are site- and ancestry-blind at prediction (the model by its ComBat maps
     and offsets, the peer by the same ComBat and its average over the training (site,
-    ancestry) pairs), so the stack is too. Row ``stacked_gbdt_<name>[_seedN]``, kept like
-    any other for the paired comparisons; the weights are in the row.
+    ancestry) pairs), so the stack is too. Row ``stacked_gbdt_<name>[_seedN]``
+    (``peer_name`` ``gbdt_confound_offsets``, the peer without ComBat:
+    ``stacked_gbdt_offsets_<name>``), kept like any other for the paired comparisons;
+    the weights are in the row.
     """
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -669,7 +682,7 @@ def stacked_with_gbdt(ctx: Context, name: str, seed: int, ceiling: float) -> dic
     from clinfuse.evaluation.metrics import auroc, bootstrap_ci
 
     run = replace(Variant(name), seed=seed).run_name
-    out_name = f"stacked_gbdt_{name}"
+    out_name = f"{STACK_PREFIX[peer_name]}{name}"
     out_dir = ctx.out / "runs" / replace(Variant(out_name), seed=seed).run_name
     if (out_dir / RESULT_FILE).is_file():
         return json.loads((out_dir / RESULT_FILE).read_text())
@@ -679,7 +692,7 @@ def stacked_with_gbdt(ctx: Context, name: str, seed: int, ceiling: float) -> dic
     image = _gbdt_image_source(ctx, spec, cfg)
     cohort = ctx.cohorts["train"]
     peer = fit_baseline(cohort, samples, spec, ("image", "timeseries", "genomics"), image,
-                        BaselineConfig(confounds="matched"), seed=seed)  # fmt: skip
+                        BaselineConfig(confounds=GBDT_CONFOUNDS[peer_name]), seed=seed)  # fmt: skip
     parts = {}
     for split in ("tuning", "held_out"):
         model_logit, y = _logit_matrix(ctx, [run], split)
@@ -696,7 +709,7 @@ def stacked_with_gbdt(ctx: Context, name: str, seed: int, ceiling: float) -> dic
         "model": out_name,
         "seed": seed,
         "modalities": "+".join(ALL_MODALITIES),
-        "fusion": f"logistic stack of {name} and {GBDT_MATCHED}",
+        "fusion": f"logistic stack of {name} and {peer_name}",
         "n_held_out": int(y_held.size),
         "auroc": auroc(y_held, p),
         "ci_low": low,
@@ -959,11 +972,12 @@ def shift(
             for link, test in tests.items():
                 scores = _shift_scores(linked, v.run_name, test, link, held)
                 rows.append(_shift_row(name, seed, link, held, scores, reference[link], ref_held))
-        peers = {p: _gbdt_shift(linked, seed, tests, p) for p in ("gbdt_features", GBDT_MATCHED)
+        peers = {p: _gbdt_shift(linked, seed, tests, p) for p in GBDT_CONFOUNDS
                  if only is None or p in only}  # fmt: skip
-        if only is not None and "stacked_gbdt_preset" in only:  # the shipped model + the peer
-            preset = replace(Variant("preset"), seed=seed).run_name
-            peers["stacked_gbdt_preset"] = _stack_shift(linked, seed, tests, preset)
+        for peer_name, prefix in STACK_PREFIX.items():  # the shipped model + a site-blind peer
+            if only is not None and f"{prefix}preset" in only:
+                preset = replace(Variant("preset"), seed=seed).run_name
+                peers[f"{prefix}preset"] = _stack_shift(linked, seed, tests, preset, peer_name)
         for name, peer in peers.items():
             for link, scores in peer["scores"].items():
                 rows.append(
@@ -990,7 +1004,7 @@ def _gbdt_shift(
     from clinfuse.evaluation.baseline import BaselineConfig, fit_baseline
 
     def fit(samples: Any, spec: Any, image: Any) -> tuple[Any, int]:
-        confounds = {"gbdt_features": "none", GBDT_MATCHED: "matched"}[peer]
+        confounds = GBDT_CONFOUNDS[peer]
         fitted = fit_baseline(ctx.cohorts["train"], samples, spec, ("image", "timeseries", "genomics"),
                               image, BaselineConfig(confounds=confounds), seed=seed)  # fmt: skip
         return fitted.logit, fitted.n_iter
@@ -998,7 +1012,9 @@ def _gbdt_shift(
     return _peer_shift(ctx, seed, tests, peer, fit)
 
 
-def _stack_shift(ctx: Context, seed: int, tests: dict[str, Path], run: str) -> dict[str, Any]:
+def _stack_shift(
+    ctx: Context, seed: int, tests: dict[str, Path], run: str, peer_name: str = GBDT_MATCHED
+) -> dict[str, Any]:
     """``stacked_with_gbdt`` through the shift tests: the trained run ``run`` and the
     confound-matched peer, both fit on the linked cohort, stacked by a logistic regression
     on its tuning split, scored like the peer (``_gbdt_shift``). Row
@@ -1013,7 +1029,7 @@ def _stack_shift(ctx: Context, seed: int, tests: dict[str, Path], run: str) -> d
     def fit(samples: Any, spec: Any, image: Any) -> tuple[Any, int]:
         train = ctx.cohorts["train"]
         peer = fit_baseline(train, samples, spec, ("image", "timeseries", "genomics"), image,
-                            BaselineConfig(confounds="matched"), seed=seed)  # fmt: skip
+                            BaselineConfig(confounds=GBDT_CONFOUNDS[peer_name]), seed=seed)  # fmt: skip
 
         def parts(cohort: Path, rows: Any) -> Any:
             return np.column_stack([_run_logits(ctx, run, cohort, rows), peer.logit(cohort, rows)])
@@ -1022,7 +1038,7 @@ def _stack_shift(ctx: Context, seed: int, tests: dict[str, Path], run: str) -> d
         stacker = LogisticRegression().fit(parts(train, tuning), tuning["label"].cast(int))
         return (lambda cohort, rows: stacker.decision_function(parts(cohort, rows))), peer.n_iter
 
-    return _peer_shift(ctx, seed, tests, f"stacked_gbdt_{base}", fit)
+    return _peer_shift(ctx, seed, tests, f"{STACK_PREFIX[peer_name]}{base}", fit)
 
 
 def _run_logits(ctx: Context, run: str, cohort: Path, rows: Any) -> Any:
@@ -1266,16 +1282,17 @@ def missing(
             for v in variants:
                 auc = sub.run(v)["metrics"]["auroc"]
                 rows.append(_missing_row(v.name, seed, modality, share, auc, complete))
-            for peer in ("gbdt_features", GBDT_MATCHED):
+            for peer in GBDT_CONFOUNDS:
                 if only is not None and peer not in only:
                     continue
                 base = gbdt_features(sub, seed, float("nan"), peer)
                 rows.append(_missing_row(peer, seed, modality, share, base["auroc"], complete))
-            if only is not None and "stacked_gbdt_preset" in only:  # the preset + the peer
-                auc = stacked_with_gbdt(sub, "preset", seed, float("nan"))["auroc"]
-                rows.append(
-                    _missing_row("stacked_gbdt_preset", seed, modality, share, auc, complete)
-                )
+            for peer_name, prefix in STACK_PREFIX.items():  # the preset + a site-blind peer
+                if only is not None and f"{prefix}preset" in only:
+                    auc = stacked_with_gbdt(sub, "preset", seed, float("nan"), peer_name)["auroc"]
+                    rows.append(
+                        _missing_row(f"{prefix}preset", seed, modality, share, auc, complete)
+                    )
         ceiling = observed_ceiling(sub.cohorts["train"])
         rows.append(_missing_row("ceiling_observed", 0, modality, share, ceiling, complete))
     return rows
@@ -1571,6 +1588,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "logistic regression on the tuning split into the row stacked_gbdt_<row>",
     )
     ap.add_argument(
+        "--stack-peers",
+        nargs="+",
+        default=[GBDT_MATCHED],
+        choices=list(STACK_PREFIX),
+        help="the site-blind peers --stack-gbdt stacks each row with (rows stacked_gbdt_<row> "
+        "and stacked_gbdt_offsets_<row>)",
+    )
+    ap.add_argument(
         "--pairs",
         nargs="+",
         default=(),
@@ -1668,9 +1693,8 @@ def _run_experiment(name: str, ctx: Context, args: argparse.Namespace) -> list[d
     candidates = load_yaml(args.candidates) if args.candidates else None
     if name == "strategies":
         stack, stack_gbdt = tuple(args.stack), tuple(args.stack_gbdt)
-        return strategies(
-            ctx, args.adversary == "on", args.only, seeds, candidates, stack, stack_gbdt
-        )
+        return strategies(ctx, args.adversary == "on", args.only, seeds, candidates, stack,
+                          stack_gbdt, tuple(args.stack_peers))  # fmt: skip
     if name == "confound":
         return confound(ctx, seeds)
     if name == "shift":

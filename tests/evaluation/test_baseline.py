@@ -135,7 +135,10 @@ def _sites(cohort: Path, site: list[str], ancestry: list[str]) -> None:
     )
 
 
-def test_the_matched_baseline_reads_the_site_in_training_and_never_in_a_score(tmp_path) -> None:
+@pytest.mark.parametrize("confounds", ["matched", "offsets"])
+def test_the_matched_baseline_reads_the_site_in_training_and_never_in_a_score(
+    tmp_path, confounds
+) -> None:
     rng = np.random.default_rng(1)
     n = 400
     site = rng.choice(["a", "b"], n)
@@ -150,7 +153,7 @@ def test_the_matched_baseline_reads_the_site_in_training_and_never_in_a_score(tm
     )  # fmt: skip
     samples = load_samples(cohort)
     fitted = fit_baseline(
-        cohort, samples, spec, ("timeseries",), cfg=BaselineConfig(confounds="matched")
+        cohort, samples, spec, ("timeseries",), cfg=BaselineConfig(confounds=confounds)
     )
     assert fitted.n_features == 2 * len(TS_STATS) + 2  # the site and ancestry columns
     held = samples.filter(pl.col("split") == "held_out")
@@ -187,3 +190,6 @@ def test_the_matched_baseline_harmonizes_film_features_across_sites() -> None:
     gap = out[y == 1, 1].mean() - out[y == 0, 1].mean()
     assert gap > 1.0  # the outcome's difference survives harmonization
     assert np.isnan(treatment.harmonized(np.full((1, 5), np.nan), samples[:1])).all()
+    # "offsets": the columns and the average without ComBat; the features stay as read.
+    plain = ConfoundTreatment.fit(x, names, samples, spec, np.ones(n, dtype=bool), y, False)
+    np.testing.assert_array_equal(plain.harmonized(x, samples), x)
