@@ -50,12 +50,14 @@ def test_artifact_reloads_and_reproduces_predictions(tiny_run, tiny_cohort):
     assert np.isfinite(first["logit"]).all()
 
 
-def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path):
+def test_evaluate_writes_metrics_and_report(tiny_run, tiny_cohort, tmp_path, capsys):
     run_dir, _ = tiny_run
     out = tmp_path / "eval"
     code = cli_main(["evaluate", str(run_dir), "--cohort", str(tiny_cohort), "--out", str(out),
                      "--bootstrap", "50", "--split", "all"])  # fmt: skip
     assert code == 0
+    printed = capsys.readouterr().out  # the summary line names both baselines
+    assert "gradient-boosting baseline" in printed and "confound-matched baseline" in printed
     m = json.loads((out / "metrics.json").read_text())
     for key in ("auroc", "auprc", "accuracy", "precision", "recall", "specificity", "f1",
                 "g_mean", "brier", "ece", "oracle_auroc", "per_site"):  # fmt: skip
