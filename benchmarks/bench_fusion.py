@@ -484,11 +484,9 @@ def gbdt_features(
     """
     import numpy as np
 
-    from clinfuse.evaluation.baseline import BaselineConfig, fit_baseline
     from clinfuse.evaluation.evaluate import _oracle
     from clinfuse.evaluation.metrics import auroc, bootstrap_ci
 
-    confounds = GBDT_CONFOUNDS[model]
     name = model if seed == 0 else f"{model}_seed{seed}"
     run_dir = ctx.out / "runs" / name
     if (run_dir / RESULT_FILE).is_file():
@@ -497,9 +495,7 @@ def gbdt_features(
     samples, spec, cfg = samples_and_spec(ctx, Variant("fusion_early"))
     image = _gbdt_image_source(ctx, spec, cfg)
     start = time.perf_counter()
-    modalities = ("image", "timeseries", "genomics")
-    cfg_gbdt = BaselineConfig(confounds=confounds)
-    fitted = fit_baseline(cohort, samples, spec, modalities, image, cfg_gbdt, seed=seed)
+    fitted = _fit_peer(ctx, samples, spec, image, model, seed)
     held = samples.filter(_split_filter("held_out"))
     logit = fitted.logit(cohort, held)  # (N,)
     seconds = time.perf_counter() - start
@@ -510,7 +506,10 @@ def gbdt_features(
         "model": model,
         "seed": seed,
         "modalities": "+".join(ALL_MODALITIES),
-        "fusion": f"gradient boosting, {fitted.n_features} fixed features, confounds {confounds}",
+        "fusion": (
+            f"gradient boosting, {fitted.n_features} fixed features, "
+            f"confounds {GBDT_CONFOUNDS[model]}"
+        ),
         "n_held_out": int(y.size),
         "auroc": auroc(y, logit),
         "ci_low": low,
@@ -526,6 +525,16 @@ def gbdt_features(
     (run_dir / RESULT_FILE).write_text(json.dumps(row, indent=2))
     print(f"  {name}: AUROC {row['auroc']:.3f}, fit in {seconds:.0f} s")
     return row
+
+
+def _fit_peer(ctx: Context, samples: Any, spec: Any, image: Any, peer: str, seed: int) -> Any:
+    """The boosting peer ``peer`` (a key of ``GBDT_CONFOUNDS``) fit on the training
+    cohort's train split, early stopped on tuning (``evaluation.baseline.FittedBaseline``)."""
+    from clinfuse.evaluation.baseline import BaselineConfig, fit_baseline
+
+    cfg = BaselineConfig(confounds=GBDT_CONFOUNDS[peer])
+    modalities = ("image", "timeseries", "genomics")
+    return fit_baseline(ctx.cohorts["train"], samples, spec, modalities, image, cfg, seed=seed)
 
 
 def _gbdt_image_source(ctx: Context, spec: Any, cfg: RunConfig) -> Any:
@@ -628,34 +637,52 @@ def stacked_singles(
     held_out. The row and its held-out logits are kept in ``runs/<name>[_seedN]`` so
     the paired comparisons can read it like any other row.
     """
-    import numpy as np
     from sklearn.linear_model import LogisticRegression
-
-    from clinfuse.evaluation.metrics import auroc, bootstrap_ci
 
     x_tune, y_tune = _logit_matrix(ctx, names, "tuning")
     x_held, y_held = _logit_matrix(ctx, names, "held_out")
     p = LogisticRegression().fit(x_tune, y_tune).decision_function(x_held)  # (N,)
-    low, high = bootstrap_ci(auroc, y_held, p, ctx.n_bootstrap)
     oracle = _oracle_auroc(ctx.out / "runs" / names[0])
+    return _stack_row(ctx, name, seed, "logistic stack", y_held, p, oracle, ceiling)
+
+
+def _stack_row(
+    ctx: Context,
+    name: str,
+    seed: int,
+    fusion: str,
+    y: Any,
+    logit: Any,
+    oracle: float,
+    ceiling: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A stack's row from its held-out logits, written with them to ``runs/<name>[_seedN]``
+    so the paired comparisons read it like any trained row."""
+    import numpy as np
+
+    from clinfuse.evaluation.metrics import auroc, bootstrap_ci
+
+    low, high = bootstrap_ci(auroc, y, logit, ctx.n_bootstrap)
     row = {
         "model": name,
         "seed": seed,
         "modalities": "+".join(ALL_MODALITIES),
-        "fusion": "logistic stack",
-        "n_held_out": int(y_held.size),
-        "auroc": auroc(y_held, p),
+        "fusion": fusion,
+        "n_held_out": int(y.size),
+        "auroc": auroc(y, logit),
         "ci_low": low,
         "ci_high": high,
         "oracle_auroc": oracle,
-        "ratio": auroc(y_held, p) / oracle,
+        "ratio": auroc(y, logit) / oracle,
         "ceiling_auroc": ceiling,
         "epochs": 0,
         "train_s": 0.0,
+        **extra,
     }
     run_dir = ctx.out / "runs" / replace(Variant(name), seed=seed).run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    np.save(run_dir / "held_out_logits.npy", p)
+    np.save(run_dir / "held_out_logits.npy", logit)
     (run_dir / RESULT_FILE).write_text(json.dumps(row, indent=2))
     return row
 
@@ -668,9 +695,9 @@ def stacked_with_gbdt(
 
     ``logit = b + w_1 logit_model + w_2 logit_boosting``, the three fit by a logistic
     regression on the tuning split (where both were early stopped), scored on held_out.
-    Both parts are site- and ancestry-blind at prediction (the model by its ComBat maps
-    and offsets, the peer by the same ComBat and its average over the training (site,
-    ancestry) pairs), so the stack is too. Row ``stacked_gbdt_<name>[_seedN]``
+    Neither part reads a site or ancestry column at prediction (the model's offsets are
+    left out of it, the peer averages over the training (site, ancestry) pairs), so the
+    stack does not either; the shift tests measure whether it still leans on them. Row ``stacked_gbdt_<name>[_seedN]``
     (``peer_name`` ``gbdt_confound_offsets``, the peer without ComBat:
     ``stacked_gbdt_offsets_<name>``), kept like any other for the paired comparisons;
     the weights are in the row.
@@ -678,8 +705,7 @@ def stacked_with_gbdt(
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
-    from clinfuse.evaluation.baseline import BaselineConfig, fit_baseline
-    from clinfuse.evaluation.metrics import auroc, bootstrap_ci
+    from clinfuse.evaluation.metrics import auroc
 
     run = replace(Variant(name), seed=seed).run_name
     out_name = f"{STACK_PREFIX[peer_name]}{name}"
@@ -691,40 +717,20 @@ def stacked_with_gbdt(
     samples, spec, cfg = samples_and_spec(ctx, Variant("fusion_early"))
     image = _gbdt_image_source(ctx, spec, cfg)
     cohort = ctx.cohorts["train"]
-    peer = fit_baseline(cohort, samples, spec, ("image", "timeseries", "genomics"), image,
-                        BaselineConfig(confounds=GBDT_CONFOUNDS[peer_name]), seed=seed)  # fmt: skip
+    peer = _fit_peer(ctx, samples, spec, image, peer_name, seed)
     parts = {}
     for split in ("tuning", "held_out"):
-        model_logit, y = _logit_matrix(ctx, [run], split)
         rows = samples.filter(_split_filter(split))
-        if not np.array_equal(y, rows["label"].cast(int).to_numpy()):
-            raise RuntimeError(f"{run}: {split} samples differ in order from the peer's")
-        parts[split] = (np.column_stack([model_logit[:, 0], peer.logit(cohort, rows)]), y)
+        x = np.column_stack([_run_logits(ctx, run, cohort, rows), peer.logit(cohort, rows)])
+        parts[split] = (x, rows["label"].cast(int).to_numpy())
     stacker = LogisticRegression().fit(*parts["tuning"])
     x_held, y_held = parts["held_out"]
     p = stacker.decision_function(x_held)  # (N,)
-    low, high = bootstrap_ci(auroc, y_held, p, ctx.n_bootstrap)
     oracle = _oracle_auroc(ctx.out / "runs" / run)
-    row = {
-        "model": out_name,
-        "seed": seed,
-        "modalities": "+".join(ALL_MODALITIES),
-        "fusion": f"logistic stack of {name} and {peer_name}",
-        "n_held_out": int(y_held.size),
-        "auroc": auroc(y_held, p),
-        "ci_low": low,
-        "ci_high": high,
-        "oracle_auroc": oracle,
-        "ratio": auroc(y_held, p) / oracle,
-        "ceiling_auroc": ceiling,
-        "epochs": 0,
-        "train_s": 0.0,
-        "weights": [float(w) for w in stacker.coef_[0]],
-        "peer_auroc": auroc(y_held, x_held[:, 1]),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "held_out_logits.npy", p)
-    (out_dir / RESULT_FILE).write_text(json.dumps(row, indent=2))
+    fusion = f"logistic stack of {name} and {peer_name}"
+    row = _stack_row(ctx, out_name, seed, fusion, y_held, p, oracle, ceiling,
+                     weights=[float(w) for w in stacker.coef_[0]],
+                     peer_auroc=auroc(y_held, x_held[:, 1]))  # fmt: skip
     print(f"  {out_dir.name}: AUROC {row['auroc']:.3f}, weights {np.round(stacker.coef_[0], 2)}")
     return row
 
@@ -736,26 +742,13 @@ def _logit_matrix(ctx: Context, names: list[str], split: str) -> tuple[Any, Any]
         returns: x (N, len(names)), y (N,)
     """
     import numpy as np
-    import torch
 
-    from clinfuse.datasets.datamodule import config_from_dict, make_loader
     from clinfuse.datasets.samples import load_samples
-    from clinfuse.training.artifact import load_artifact
-    from clinfuse.training.predict import collect_predictions
 
     cohort = ctx.cohorts["train"]
     samples = load_samples(cohort).filter(_split_filter(split))
-    columns, label = [], None
-    for name in names:
-        art = load_artifact(ctx.out / "runs" / name / "model")
-        loader = make_loader(cohort, samples, art.spec, config_from_dict(art.data_config))
-        with torch.no_grad():
-            pred = collect_predictions(art.model, loader)
-        if label is not None and not np.array_equal(label, pred["label"]):
-            raise RuntimeError(f"{name}: {split} samples differ in order from {names[0]}")
-        columns.append(pred["logit"])
-        label = pred["label"]
-    return np.column_stack(columns), np.asarray(label).astype(int)
+    columns = [_run_logits(ctx, name, cohort, samples) for name in names]
+    return np.column_stack(columns), samples["label"].cast(int).to_numpy()
 
 
 def _split_filter(split: str) -> Any:
@@ -1001,12 +994,9 @@ def _gbdt_shift(
     ``gbdt_confound_matched`` with the default's confound treatment), scored on its
     held-out split and on each test cohort like the trained rows (``_shift_scores``).
     Cached beside the other runs as ``runs/<peer>[_seed<k>]/shift.json``."""
-    from clinfuse.evaluation.baseline import BaselineConfig, fit_baseline
 
     def fit(samples: Any, spec: Any, image: Any) -> tuple[Any, int]:
-        confounds = GBDT_CONFOUNDS[peer]
-        fitted = fit_baseline(ctx.cohorts["train"], samples, spec, ("image", "timeseries", "genomics"),
-                              image, BaselineConfig(confounds=confounds), seed=seed)  # fmt: skip
+        fitted = _fit_peer(ctx, samples, spec, image, peer, seed)
         return fitted.logit, fitted.n_iter
 
     return _peer_shift(ctx, seed, tests, peer, fit)
@@ -1022,14 +1012,11 @@ def _stack_shift(
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
-    from clinfuse.evaluation.baseline import BaselineConfig, fit_baseline
-
     base = run.split("_seed")[0]
 
     def fit(samples: Any, spec: Any, image: Any) -> tuple[Any, int]:
         train = ctx.cohorts["train"]
-        peer = fit_baseline(train, samples, spec, ("image", "timeseries", "genomics"), image,
-                            BaselineConfig(confounds=GBDT_CONFOUNDS[peer_name]), seed=seed)  # fmt: skip
+        peer = _fit_peer(ctx, samples, spec, image, peer_name, seed)
 
         def parts(cohort: Path, rows: Any) -> Any:
             return np.column_stack([_run_logits(ctx, run, cohort, rows), peer.logit(cohort, rows)])
