@@ -263,7 +263,7 @@ class ConfoundTreatment:
         the ``train`` rows."""
         from clinfuse.encoders.harmonize import combat_affine
 
-        codes = confound_codes(samples, spec)  # (N, 2)
+        codes = confound_codes(samples, spec.sites, spec.ancestries)  # (N, 2)
         known = train & ~np.isnan(codes).any(axis=1)
         if not known.any():
             raise ValueError(
@@ -307,13 +307,14 @@ class ConfoundTreatment:
         return np.log(risk) - np.log1p(-risk)
 
     def _codes(self, samples: pl.DataFrame) -> np.ndarray:
-        return confound_codes(samples, DataSpec(sites=self.sites, ancestries=self.ancestries))
+        return confound_codes(samples, self.sites, self.ancestries)
 
 
-def confound_codes(samples: pl.DataFrame, spec: DataSpec) -> np.ndarray:
-    """Each sample's site and ancestry code in the DataSpec (N, 2); NaN when unknown."""
+def confound_codes(samples: pl.DataFrame, sites: list[str], ancestries: list[str]) -> np.ndarray:
+    """Each sample's site and ancestry code, the index of its name in ``sites`` and
+    ``ancestries`` (the DataSpec's) (N, 2); NaN when unknown."""
     out = np.full((samples.height, 2), np.nan)
-    for j, (column, names) in enumerate((("site", spec.sites), ("ancestry", spec.ancestries))):
+    for j, (column, names) in enumerate((("site", sites), ("ancestry", ancestries))):
         if column not in samples.columns:
             raise ValueError(f"baseline confounds='matched': the samples have no {column!r} column")
         index = {name: i for i, name in enumerate(names)}

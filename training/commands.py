@@ -145,20 +145,14 @@ def _summary_line(m: dict) -> str:
     parts = [f"AUROC {m['auroc']:.3f}"]
     if "oracle_auroc" in m:
         parts.append(f"oracle AUROC {m['oracle_auroc']:.3f}")
-    base = m.get("baseline", {})
-    if "delta" in base:
-        low, high = base["delta_ci"]
-        parts.append(
-            f"gradient-boosting baseline {base['auroc']:.3f} "
-            f"(model {base['delta']:+.3f} [{low:+.3f}, {high:+.3f}])"
-        )
-    matched = m.get("baseline_matched", {})
-    if "delta" in matched:
-        low, high = matched["delta_ci"]
-        parts.append(
-            f"confound-matched baseline {matched['auroc']:.3f} "
-            f"(model {matched['delta']:+.3f} [{low:+.3f}, {high:+.3f}])"
-        )
+    for key, label in (("baseline", "gradient-boosting"), ("baseline_matched", "confound-matched")):
+        base = m.get(key, {})
+        if "delta" in base:
+            low, high = base["delta_ci"]
+            parts.append(
+                f"{label} baseline {base['auroc']:.3f} "
+                f"(model {base['delta']:+.3f} [{low:+.3f}, {high:+.3f}])"
+            )
     shift = m.get("shift", {})
     if "drop" in shift:
         low, high = shift["drop_ci"]
