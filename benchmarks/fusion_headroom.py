@@ -7,21 +7,24 @@ structure there is. The tuning and held-out samples go through each run's export
 model (``model/``, evaluation mode, no modality dropout), and its held-out AUROC is set
 beside heads refitted on what its encoders produce:
 
-* ``additive``: a logistic regression on the auxiliary heads' logits (each modality's
-  risk read alone; 0 where the modality is missing, with a presence indicator), plus
-  the gene x environment term when the model has one. No cross-modal structure.
-* ``boosting``: gradient boosting on the concatenated embeddings (and the term): any
-  cross-modal function of them, with early stopping.
+* ``aux``: a logistic regression on the auxiliary heads' logits (each modality's risk
+  read alone, one number per modality; 0 where the modality is missing, with a
+  presence indicator), plus the gene x environment term when the model has one.
+* ``linear``: a logistic regression on the concatenated embeddings (with the presence
+  indicators and the term). Linear in the concatenation is a sum of one linear
+  function per modality: additive across modalities, however many directions each
+  embedding carries.
 * ``mlp``: a one-hidden-layer network on the same inputs, weight decay chosen by
-  cross-validation.
+  cross-validation: any smooth cross-modal function of them.
+* ``boosting``: gradient boosting on the same inputs, with early stopping.
 
-Each head is fit twice, on the tuning split (which the encoders did not train on, but
-only 750 subjects at 5,000) and on the training split (the model's own head was fit
-there, on the same embeddings), strengths chosen by 5-fold cross-validation on the
-split it is fit on, and scored on the held-out split. If the
-additive head scores what the model scores, the model's fusion is, in effect, a sum of
-per-modality readings; if the flexible heads do not score more, the encoders'
-embeddings hold no cross-modal structure a better fusion could use.
+Each head is fit on the training split by default (the model's own head was fit there,
+on the same embeddings) or on the tuning split (``--fit-split tuning``: the encoders
+did not train on it, but it is a fifth of the size), strengths chosen by 5-fold
+cross-validation on that split, and scored on the held-out split. If ``linear``
+scores what the model scores and ``mlp`` and ``boosting`` no more, the encoders'
+embeddings hold no cross-modal structure that a different fusion head could turn into
+AUROC: a fusion can then only win by changing what the encoders learn.
 
     .venv/bin/python benchmarks/fusion_headroom.py --cohort COHORT_DIR RUN_DIR [RUN_DIR ...]
 """
@@ -71,18 +74,30 @@ def encoded(run: Path, cohort: Path, split: str) -> dict[str, np.ndarray]:
     return result
 
 
-def _additive(tune: dict, test: dict) -> np.ndarray:
+def _logistic(x_fit: np.ndarray, y: np.ndarray, x_test: np.ndarray) -> np.ndarray:
     from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
+    fit = make_pipeline(
+        StandardScaler(), LogisticRegressionCV(Cs=10, cv=5, scoring="roc_auc", max_iter=5000)
+    )
+    return fit.fit(x_fit, y).decision_function(x_test)
+
+
+def _aux(fit: dict, test: dict) -> np.ndarray:
     def x(d: dict) -> np.ndarray:
         return np.column_stack([d["aux"], d["here"], d["term"]])
 
-    fit = LogisticRegressionCV(Cs=10, cv=5, scoring="roc_auc", max_iter=5000)
-    return fit.fit(x(tune), tune["y"]).decision_function(x(test))
+    return _logistic(x(fit), fit["y"], x(test))
 
 
 def _inputs(d: dict) -> np.ndarray:
-    return np.column_stack([d["emb"], d["term"]])
+    return np.column_stack([d["emb"], d["here"], d["term"]])
+
+
+def _linear(fit: dict, test: dict) -> np.ndarray:
+    return _logistic(_inputs(fit), fit["y"], _inputs(test))
 
 
 def _boosting(tune: dict, test: dict, seed: int) -> np.ndarray:
@@ -107,25 +122,30 @@ def _mlp(tune: dict, test: dict, seed: int) -> np.ndarray:
     return fit.predict_proba(_inputs(test))[:, 1]
 
 
-HEADS = ("additive", "boosting", "mlp")
-FIT_SPLITS = ("tuning", "train")
+HEADS = {
+    "aux": "auxiliary logits, logistic",
+    "linear": "embeddings, logistic (additive)",
+    "mlp": "embeddings, MLP",
+    "boosting": "embeddings, boosting",
+}
 
 
-def headroom(run: Path, cohort: Path, seed: int = 0) -> dict[str, tuple[float, float, float]]:
-    """Held-out AUROC of the model and each refitted head ("<head>/<fit split>"), with
-    the paired 95% interval of head minus model."""
-    test = encoded(run, cohort, "held_out")
+def headroom(
+    run: Path, cohort: Path, fit_split: str = "train", seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
+    """Held-out AUROC of the model and of each head refitted on ``fit_split``, with the
+    paired 95% interval of head minus model."""
+    test, fit = encoded(run, cohort, "held_out"), encoded(run, cohort, fit_split)
     y = test["y"]
     rows = {"model": (auroc(y, test["logit"]), 0.0, 0.0)}
-    for split in FIT_SPLITS:
-        fit = encoded(run, cohort, split)
-        for name, score in (
-            ("additive", _additive(fit, test)),
-            ("boosting", _boosting(fit, test, seed)),
-            ("mlp", _mlp(fit, test, seed)),
-        ):
-            delta = paired_auroc_delta(y, score, test["logit"], n=500, seed=seed)
-            rows[f"{name}/{split}"] = (auroc(y, score), *delta["ci"])
+    for name, score in (
+        ("aux", _aux(fit, test)),
+        ("linear", _linear(fit, test)),
+        ("mlp", _mlp(fit, test, seed)),
+        ("boosting", _boosting(fit, test, seed)),
+    ):
+        delta = paired_auroc_delta(y, score, test["logit"], n=500, seed=seed)
+        rows[name] = (auroc(y, score), *delta["ci"])
     return rows
 
 
@@ -133,25 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cohort", required=True, type=Path, help="the cohort the runs trained on")
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (with model/)")
+    ap.add_argument("--fit-split", choices=["train", "tuning"], default="train")
     args = ap.parse_args(argv)
-    names = {
-        "additive": "additive head",
-        "boosting": "boosting on embeddings",
-        "mlp": "MLP on embeddings",
-    }
-    columns = [f"{h}/{s}" for s in FIT_SPLITS for h in HEADS]
-    print(
-        "| run | model | "
-        + " | ".join(f"{names[c.split('/')[0]]}, fit on {c.split('/')[1]}" for c in columns)
-        + " |"
-    )
-    print("|---|---|" + "---|" * len(columns))
+    print("| run | model | " + " | ".join(HEADS.values()) + " |")
+    print("|---|---|" + "---|" * len(HEADS))
     for run in args.runs:
-        r = headroom(run, args.cohort)
+        r = headroom(run, args.cohort, args.fit_split)
         base = r["model"][0]
-        cells = [f"{r['model'][0]:.3f}"] + [
-            f"{r[k][0]:.3f} ({r[k][0] - base:+.3f} [{r[k][1]:+.3f}, {r[k][2]:+.3f}])"
-            for k in columns
+        cells = [f"{base:.3f}"] + [
+            f"{r[k][0]:.3f} ({r[k][0] - base:+.3f} [{r[k][1]:+.3f}, {r[k][2]:+.3f}])" for k in HEADS
         ]
         print(f"| {run.name} | " + " | ".join(cells) + " |", flush=True)
     return 0
