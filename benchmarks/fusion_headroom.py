@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -50,13 +51,10 @@ from clinfuse.training.artifact import load_artifact
 
 
 @torch.no_grad()
-def encoded(run: Path, cohort: Path, split: str) -> dict[str, np.ndarray]:
-    """The model's logit, auxiliary logits, presence, embeddings and term on one split."""
-    art = load_artifact(run / "model")
+def encoded(art: Any, run: Path, cohort: Path, samples: pl.DataFrame) -> dict[str, np.ndarray]:
+    """The model's logit, auxiliary logits, presence, embeddings and term on ``samples``
+    (``art``: the run's loaded artifact)."""
     model = art.model.eval()
-    if model.aux_heads is None:
-        raise SystemExit(f"{run}: the model has no auxiliary heads (aux_weight 0)")
-    samples = load_samples(cohort).filter(pl.col("split") == split)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("logit", "aux", "here", "emb", "term")}
     for batch in _batches(cohort, samples, art, run / "image_cache"):
         embeddings, tokens = model.encode(batch)
@@ -118,23 +116,24 @@ def _linear_confounds(fit: dict, test: dict) -> np.ndarray:
     scoring: for a linear head, the logit averaged over the training split's sites and
     ancestries, as the model's confound offsets are left out of its predictions."""
     levels = {c: np.unique(fit[c]) for c in ("site", "ancestry")}
-    x_fit = np.column_stack([_inputs(fit), _onehot(fit, levels)])
-    means = _onehot(fit, levels).mean(axis=0)
+    onehot = _onehot(fit, levels)
+    x_fit = np.column_stack([_inputs(fit), onehot])
+    means = onehot.mean(axis=0)
     x_test = np.column_stack([_inputs(test), np.broadcast_to(means, (len(test["y"]), len(means)))])
     return _logistic(x_fit, fit["y"], x_test)
 
 
-def _boosting(tune: dict, test: dict, seed: int) -> np.ndarray:
+def _boosting(fit: dict, test: dict, seed: int) -> np.ndarray:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    fit = HistGradientBoostingClassifier(
+    model = HistGradientBoostingClassifier(
         learning_rate=0.05, max_leaf_nodes=15, early_stopping=True, validation_fraction=0.2,
         n_iter_no_change=20, random_state=seed,
     )  # fmt: skip
-    return fit.fit(_inputs(tune), tune["y"]).predict_proba(_inputs(test))[:, 1]
+    return model.fit(_inputs(fit), fit["y"]).predict_proba(_inputs(test))[:, 1]
 
 
-def _mlp(tune: dict, test: dict, seed: int) -> np.ndarray:
+def _mlp(fit: dict, test: dict, seed: int) -> np.ndarray:
     from sklearn.model_selection import GridSearchCV
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
@@ -142,8 +141,8 @@ def _mlp(tune: dict, test: dict, seed: int) -> np.ndarray:
 
     net = make_pipeline(StandardScaler(), MLPClassifier((32,), max_iter=2000, random_state=seed))
     grid = {"mlpclassifier__alpha": [0.1, 1.0, 10.0, 30.0]}
-    fit = GridSearchCV(net, grid, cv=5, scoring="roc_auc").fit(_inputs(tune), tune["y"])
-    return fit.predict_proba(_inputs(test))[:, 1]
+    search = GridSearchCV(net, grid, cv=5, scoring="roc_auc").fit(_inputs(fit), fit["y"])
+    return search.predict_proba(_inputs(test))[:, 1]
 
 
 HEADS = {
@@ -160,7 +159,14 @@ def headroom(
 ) -> dict[str, tuple[float, float, float]]:
     """Held-out AUROC of the model and of each head refitted on ``fit_split``, with the
     paired 95% interval of head minus model."""
-    test, fit = encoded(run, cohort, "held_out"), encoded(run, cohort, fit_split)
+    art = load_artifact(run / "model")  # loaded once, run over both splits
+    if art.model.aux_heads is None:
+        raise SystemExit(f"{run}: the model has no auxiliary heads (aux_weight 0)")
+    samples = load_samples(cohort)
+    test, fit = (
+        encoded(art, run, cohort, samples.filter(pl.col("split") == split))
+        for split in ("held_out", fit_split)
+    )
     y = test["y"]
     rows = {"model": (auroc(y, test["logit"]), 0.0, 0.0)}
     for name, score in (
