@@ -697,10 +697,10 @@ def stacked_with_gbdt(
     regression on the tuning split (where both were early stopped), scored on held_out.
     Neither part reads a site or ancestry column at prediction (the model's offsets are
     left out of it, the peer averages over the training (site, ancestry) pairs), so the
-    stack does not either; the shift tests measure whether it still leans on them. Row ``stacked_gbdt_<name>[_seedN]``
-    (``peer_name`` ``gbdt_confound_offsets``, the peer without ComBat:
-    ``stacked_gbdt_offsets_<name>``), kept like any other for the paired comparisons;
-    the weights are in the row.
+    stack does not either; the shift tests measure whether it still leans on them.
+    Row ``stacked_gbdt_<name>[_seedN]`` (``peer_name`` ``gbdt_confound_offsets``, the
+    peer without ComBat: ``stacked_gbdt_offsets_<name>``), kept like any other for the
+    paired comparisons; the weights are in the row.
     """
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -1006,9 +1006,9 @@ def _stack_shift(
     ctx: Context, seed: int, tests: dict[str, Path], run: str, peer_name: str = GBDT_MATCHED
 ) -> dict[str, Any]:
     """``stacked_with_gbdt`` through the shift tests: the trained run ``run`` and the
-    confound-matched peer, both fit on the linked cohort, stacked by a logistic regression
-    on its tuning split, scored like the peer (``_gbdt_shift``). Row
-    ``stacked_gbdt_<run without its seed suffix>``."""
+    site-blind peer ``peer_name``, both fit on the linked cohort, stacked by a logistic
+    regression on its tuning split, scored like the peer (``_gbdt_shift``). Row
+    ``<STACK_PREFIX[peer_name]><run without its seed suffix>``."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
