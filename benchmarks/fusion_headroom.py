@@ -66,7 +66,7 @@ def encoded(art: Any, run: Path, cohort: Path, samples: pl.DataFrame) -> dict[st
         parts["here"].append(here.float().numpy())
         parts["emb"].append(torch.cat([embeddings[m][0] for m in model.modalities], 1).numpy())
         term = (
-            model._gxe_term(embeddings, tokens.get(GENE_INPUT_KEY))
+            model.gene_environment_term(embeddings, tokens.get(GENE_INPUT_KEY))
             if model.gxe is not None
             else torch.zeros(len(logits))
         )

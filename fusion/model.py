@@ -268,7 +268,7 @@ class FusionModel(nn.Module):
         fused = self._erase(fused)  # (B, D)
         logit = fused[:, 0] if self.head is None else self.head(fused).squeeze(-1)  # (B,)
         if self.gxe is not None:
-            logit = logit + self._gxe_term(embeddings, genes)
+            logit = logit + self.gene_environment_term(embeddings, genes)
         return {
             "logit": logit,
             "fused": fused,
@@ -307,15 +307,23 @@ class FusionModel(nn.Module):
         fused = self._erase(self.fusion.forward_variants(kept, toks, variants))  # (B, V, D)
         logit = fused[..., 0] if self.head is None else self.head(fused).squeeze(-1)  # (B, V)
         if self.gxe is not None:
-            term = self._gxe_term(kept, tokens.get(GENE_INPUT_KEY))  # (B,), 0 if either absent
+            term = self.gene_environment_term(
+                kept, tokens.get(GENE_INPUT_KEY)
+            )  # (B,), 0 if either absent
             pair = (GENE_MODALITY, self.gene_environment)
             on = torch.tensor([not set(pair) & set(gone) for gone in variants], device=term.device)
             logit = logit + term.unsqueeze(1) * on  # (B, V)
         return {"logit": logit, "fused": fused, "embeddings": kept}
 
-    def _gxe_term(self, embeddings: Embeddings, genes: Tensor | None = None) -> Tensor:
-        """The gene x environment term on the kept embeddings (B,); ``genes`` the
-        interaction genes' dosages when the modifier reads them."""
+    def gene_environment_term(self, embeddings: Embeddings, genes: Tensor | None = None) -> Tensor:
+        """The gene x environment term (``model.gene_environment``) that ``fuse`` adds to
+        the risk logit, on its own: (B,), 0 where either modality is absent.
+
+        Args:
+            embeddings: ``encode``'s embeddings (what ``fuse`` kept, for a variant).
+            genes: the interaction genes' dosages (``encode``'s tokens under
+                ``GENE_INPUT_KEY``), needed when the modifier reads dosages.
+        """
         gene, gene_here = embeddings[GENE_MODALITY]
         if self.gene_environment_input == "dosages":
             if genes is None:

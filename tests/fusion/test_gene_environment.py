@@ -71,7 +71,7 @@ def test_the_term_is_the_modifier_times_the_standardized_environment(
     out = model.fuse(emb, tokens)
     want = _expected_term(model, emb["genomics"][0], emb)  # embedding input
     torch.testing.assert_close(out["logit"] - _logit_without_term(model, emb, tokens), want)
-    torch.testing.assert_close(model._gxe_term(out["embeddings"]), want)
+    torch.testing.assert_close(model.gene_environment_term(out["embeddings"]), want)
     here = emb["genomics"][1] & emb["timeseries"][1]
     assert (want != 0).sum() == int(here.sum())  # some samples carry a term
 
@@ -84,7 +84,7 @@ def test_a_missing_modality_leaves_no_term(
     _perturb(model)
     batch = mask_modality(tiny_batch, gone)
     out = model(batch)
-    torch.testing.assert_close(model._gxe_term(out["embeddings"]), torch.zeros(4))
+    torch.testing.assert_close(model.gene_environment_term(out["embeddings"]), torch.zeros(4))
     # and leaving the modality out by argument is the same as its absence in the data
     full = model(tiny_batch, absent=[gone])
     torch.testing.assert_close(full["logit"], out["logit"])
@@ -107,7 +107,7 @@ def test_gradients_reach_the_modifier_and_the_genotype_encoder_not_the_environme
     model = _model(toy_encoders, tiny_spec).train()
     _perturb(model)
     out = model(tiny_batch)
-    term = model._gxe_term(out["embeddings"])
+    term = model.gene_environment_term(out["embeddings"])
     # a weighted sum: the plain sum's bias gradient is the sum of the batch-standardized
     # environment, zero by construction
     (term * torch.arange(1.0, 5.0)).sum().backward()
@@ -207,7 +207,7 @@ def test_the_modifier_reads_the_interaction_genes_dosages(tiny_spec, tiny_batch)
     out = model.fuse(emb, tokens)
     want = _expected_term(model, x, emb)
     torch.testing.assert_close(out["logit"] - _logit_without_term(model, emb, tokens), want)
-    torch.testing.assert_close(model._gxe_term(out["embeddings"], x), want)
+    torch.testing.assert_close(model.gene_environment_term(out["embeddings"], x), want)
     # a dosage outside g1 does not reach the term
     other = dict(tiny_batch, genotype=tiny_batch["genotype"].clone())
     other["genotype"][:, 0] = 2 - other["genotype"][:, 0]
