@@ -25,7 +25,7 @@ import torch
 
 from clinfuse.datasets.samples import load_samples
 from clinfuse.datasets.schema import ORACLE_FILE
-from clinfuse.evaluation.evaluate import _batches
+from clinfuse.evaluation.evaluate import artifact_batches
 from clinfuse.fusion.gene_environment import GENE_MODALITY
 from clinfuse.training.artifact import load_artifact
 
@@ -45,7 +45,7 @@ def readings(run: Path, cohort: Path) -> dict[str, float]:
         raise SystemExit(f"{run}: the model has no auxiliary heads (aux_weight 0)")
     samples = load_samples(cohort).filter(pl.col("split") == "held_out")
     aux, present, modifier = [], [], []
-    for batch in _batches(cohort, samples, art, run / "image_cache"):
+    for batch in artifact_batches(cohort, samples, art, run / "image_cache"):
         out = model(batch)
         logits, here = model.aux_logits(out)
         aux.append(logits.numpy())

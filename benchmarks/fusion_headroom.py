@@ -44,7 +44,7 @@ import polars as pl
 import torch
 
 from clinfuse.datasets.samples import load_samples
-from clinfuse.evaluation.evaluate import _batches
+from clinfuse.evaluation.evaluate import artifact_batches
 from clinfuse.evaluation.metrics import auroc, paired_auroc_delta
 from clinfuse.fusion.gene_environment import GENE_INPUT_KEY
 from clinfuse.training.artifact import load_artifact
@@ -56,7 +56,7 @@ def encoded(art: Any, run: Path, cohort: Path, samples: pl.DataFrame) -> dict[st
     (``art``: the run's loaded artifact)."""
     model = art.model.eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("logit", "aux", "here", "emb", "term")}
-    for batch in _batches(cohort, samples, art, run / "image_cache"):
+    for batch in artifact_batches(cohort, samples, art, run / "image_cache"):
         embeddings, tokens = model.encode(batch)
         out = model.fuse(embeddings, tokens)
         out["encoded"] = embeddings

@@ -65,7 +65,7 @@ def evaluate(
     out = Path(out_dir) if out_dir else Path(run_dir) / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     samples, split = _select_samples(cohort_dir, art, split)
-    batches = _batches(cohort_dir, samples, art, Path(run_dir) / "image_cache")
+    batches = artifact_batches(cohort_dir, samples, art, Path(run_dir) / "image_cache")
     pred = collect_predictions(art.model, batches)
     p = art.risk(pred["logit"])
     y = pred["label"].astype(int)
@@ -154,7 +154,7 @@ def discrimination(
         the metrics, the labels (N,) and the risks (N,).
     """
     samples, _ = _select_samples(cohort_dir, art, split)
-    pred = collect_predictions(art.model, _batches(cohort_dir, samples, art, cache_dir))
+    pred = collect_predictions(art.model, artifact_batches(cohort_dir, samples, art, cache_dir))
     y, p = pred["label"].astype(int), art.risk(pred["logit"])
     out = {
         "cohort": str(cohort_dir),
@@ -168,9 +168,12 @@ def discrimination(
     return out, y, p
 
 
-def _batches(
+def artifact_batches(
     cohort_dir, samples: pl.DataFrame, art: ModelArtifact, cache_dir
 ) -> list[dict[str, Any]]:
+    """The batches an exported model reads for ``samples`` of a cohort: built with the
+    data settings and DataSpec the artifact was trained with (films read only when the
+    model has an image encoder; ``cache_dir`` the decoded-film cache, or None)."""
     from clinfuse.datasets.datamodule import config_from_dict, make_loader
 
     cfg = config_from_dict(art.data_config)
@@ -349,7 +352,7 @@ def run_genetic_signal(
     """``audit.genetic_signal`` of a model on a cohort split, without the rest of the
     evaluation (benchmarks that compare it across confound treatments)."""
     samples, _ = _select_samples(cohort_dir, art, split)
-    pred = collect_predictions(art.model, _batches(cohort_dir, samples, art, cache_dir))
+    pred = collect_predictions(art.model, artifact_batches(cohort_dir, samples, art, cache_dir))
     y = pred["label"].astype(int)
     return _genetic_signal(pred, y, _risk_factors(cohort_dir, samples), seed)
 

@@ -72,11 +72,11 @@ def test_offsets_are_profiled_in_training_and_left_out_of_predictions(
     site = offsets.offset_site.numpy()
     assert np.abs(site[:, :-1]).max() > 1e-3  # profiled from the training batches
     assert np.all(site[:, -1] == 0.0)  # unknown sites keep no offset
-    from clinfuse.evaluation.evaluate import _batches, _select_samples
+    from clinfuse.evaluation.evaluate import _select_samples, artifact_batches
     from clinfuse.training.predict import collect_predictions
 
     samples, _ = _select_samples(tiny_cohort, art, "all")
-    batches = _batches(tiny_cohort, samples, art, None)
+    batches = artifact_batches(tiny_cohort, samples, art, None)
     with_offsets = collect_predictions(art.model, batches)["logit"]
     art.model.confound_offsets = None
     without = collect_predictions(art.model, batches)["logit"]
