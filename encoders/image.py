@@ -102,6 +102,13 @@ class ImageEncoderConfig:
             and scale them to unit variance with the training films' statistics
             (folded into the same per-site maps), so the projection starts from
             comparable inputs whatever each feature's raw range.
+        principal_axes: with ``harmonize: combat``, project the harmonized features onto
+            the top ``k`` principal axes of the training films (centred on their mean)
+            before dropout and the projection (0 = keep every feature). The projection
+            then fits ``k x embed_dim`` weights instead of ``F x embed_dim`` from a few
+            thousand labelled films; a feature that never varies in training gets no
+            weight on any axis, so a value it takes only at test cannot move the
+            embedding.
     """
 
     model_name: str = "efficientnet_lite0"
@@ -124,6 +131,7 @@ class ImageEncoderConfig:
     cache_tokens: bool = False
     harmonize: str = "none"
     standardize: bool = False
+    principal_axes: int = 0
 
 
 HARMONIZE_MODES = ("none", "combat")
@@ -187,9 +195,11 @@ class TimmImageEncoder(ModalityEncoder):
         self._register_norm_buffers()
         self.num_features = _pooled_width(self.backbone, cfg.features)
         self._register_harmonization_buffers(spec)
-        self.embed_dim = cfg.embed_dim or self.num_features
+        # What the projection reads: the pooled features, or their principal axes.
+        self.input_width = cfg.principal_axes or self.num_features
+        self.embed_dim = cfg.embed_dim or self.input_width
         self.dropout = nn.Dropout(cfg.drop_rate)
-        self.proj = nn.Linear(self.num_features, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
+        self.proj = nn.Linear(self.input_width, cfg.embed_dim) if cfg.embed_dim else nn.Identity()
         self.augment = ImageAugment(cfg.augment_config) if cfg.augment else None
         self.depth_groups = _depth_groups(self.backbone)
         self.trainable_stages = cfg.trainable_stages
@@ -237,6 +247,9 @@ class TimmImageEncoder(ModalityEncoder):
             images: (B, 1, H, W) -> (B, D)
         """
         pooled, _ = self._backbone_features(images, want_tokens=False, use_cache=use_cache)
+        if self.config.harmonize != "none":  # no site given: the unknown-site map
+            site = torch.full((images.shape[0],), -1, dtype=torch.long)
+            pooled, _ = self._harmonized({"confounds": {"site": site}}, pooled, None)
         return self.proj(self.dropout(pooled))
 
     def preprocess(self, images: Tensor) -> Tensor:
@@ -301,6 +314,10 @@ class TimmImageEncoder(ModalityEncoder):
         self.register_buffer("harm_scale", torch.ones(rows, self.num_features))
         self.register_buffer("harm_shift", torch.zeros(rows, self.num_features))
         self.register_buffer("harm_fitted", torch.tensor(False))
+        if self.config.principal_axes:
+            self.register_buffer(
+                "harm_axes", torch.zeros(self.config.principal_axes, self.num_features)
+            )
 
     @torch.no_grad()
     def fit_harmonization(
@@ -314,7 +331,11 @@ class TimmImageEncoder(ModalityEncoder):
                 labels: (N,) outcome.
 
         Returns:
-            The fit's summary (sites, samples, features left unchanged).
+            The fit's summary (sites, samples, features left unchanged; with
+            ``principal_axes``, the share of the harmonized training variance the axes keep).
+
+        Raises:
+            ValueError: fewer training films (or features) than ``principal_axes``.
         """
         if self.config.harmonize != "combat":
             raise ValueError("fit_harmonization needs harmonize='combat'")
@@ -326,20 +347,29 @@ class TimmImageEncoder(ModalityEncoder):
         if self.config.standardize:
             scale, shift = _standardized_maps(x, sites[known], scale, shift)
             info = {**info, "standardized": True}
-        self.set_harmonization(
-            {"harm_scale": torch.as_tensor(scale), "harm_shift": torch.as_tensor(shift)}
-        )
+        maps = {"harm_scale": torch.as_tensor(scale), "harm_shift": torch.as_tensor(shift)}
+        if self.config.principal_axes:
+            axes, shift, kept = _principal_axes(
+                x, sites[known], scale, shift, self.config.principal_axes
+            )
+            maps.update(harm_shift=torch.as_tensor(shift), harm_axes=torch.as_tensor(axes))
+            info = {**info, "principal_axes": self.config.principal_axes, "variance_kept": kept}
+        self.set_harmonization(maps)
         return info
 
+    def _map_names(self) -> tuple[str, ...]:
+        return HARMONIZATION_MAPS + (("harm_axes",) if self.config.principal_axes else ())
+
     def harmonization_maps(self) -> dict[str, Tensor]:
-        """The per-site ComBat maps (copies): ``harm_scale`` and ``harm_shift``, (S + 1, F)."""
-        return {k: getattr(self, k).detach().clone() for k in HARMONIZATION_MAPS}
+        """The per-site ComBat maps (copies): ``harm_scale`` and ``harm_shift``, (S + 1, F),
+        and with ``principal_axes`` the axes ``harm_axes``, (k, F)."""
+        return {k: getattr(self, k).detach().clone() for k in self._map_names()}
 
     @torch.no_grad()
     def set_harmonization(self, maps: dict[str, Tensor]) -> None:
         """Takes fitted ComBat maps (``harmonization_maps`` of a fitted encoder, or
         ``fit_harmonization``'s); the caller checks them against this encoder's shapes."""
-        for key in HARMONIZATION_MAPS:
+        for key in self._map_names():
             target = getattr(self, key)
             target.copy_(torch.as_tensor(maps[key], dtype=target.dtype))
         self.harm_fitted.fill_(True)
@@ -347,9 +377,10 @@ class TimmImageEncoder(ModalityEncoder):
     def _harmonized(
         self, batch: dict[str, Any], pooled: Tensor, tokens: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
-        """Pooled features (B, F) and tokens (B, N, F) with the site's ComBat map applied.
+        """Pooled features (B, F) and tokens (B, N, F) with the site's ComBat map applied,
+        then projected onto the principal axes when asked: (B, k) and (B, N, k).
 
-        Rows without a film stay zero (their features are zero and are masked after).
+        Rows without a film are masked after (their values here are the map's shift).
         """
         if self.config.harmonize == "none":
             return pooled, tokens
@@ -368,6 +399,10 @@ class TimmImageEncoder(ModalityEncoder):
         pooled = pooled * scale + shift  # (B, F)
         if tokens is not None:
             tokens = tokens * scale.unsqueeze(1) + shift.unsqueeze(1)  # (B, N, F)
+        if self.config.principal_axes:
+            axes = self.harm_axes.to(pooled)  # (k, F)
+            pooled = pooled @ axes.T  # (B, k)
+            tokens = None if tokens is None else tokens @ axes.T  # (B, N, k)
         return pooled, tokens
 
     @torch.no_grad()
@@ -613,6 +648,13 @@ def _validate(cfg: ImageEncoderConfig) -> None:
         raise ValueError(
             "timm_image: standardize folds into the ComBat maps; it needs harmonize='combat'"
         )
+    if cfg.principal_axes < 0:
+        raise ValueError(f"timm_image: principal_axes must be >= 0, got {cfg.principal_axes}")
+    if cfg.principal_axes and cfg.harmonize != "combat":
+        raise ValueError(
+            "timm_image: principal_axes are fitted with the ComBat maps; it needs "
+            "harmonize='combat'"
+        )
     if cfg.unfreeze_every and cfg.transfer != "partial":
         raise ValueError("timm_image: unfreeze_every needs transfer='partial'")
     if isinstance(cfg.augment_config, dict):
@@ -636,6 +678,38 @@ def _standardized_maps(
     sd = harmonized.std(axis=0)
     sd = np.where(sd > 1e-8, sd, 1.0)  # a constant feature stays centred, unscaled
     return scale / sd, (shift - mean) / sd
+
+
+def _principal_axes(
+    features: np.ndarray, sites: np.ndarray, scale: np.ndarray, shift: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The top ``k`` principal axes of the harmonized training features.
+
+    The training mean moves into every row of the shift, so ``(x * scale[s] + shift[s])
+    @ axes.T`` are the centred features' coordinates on the axes. Each axis is signed so
+    that its largest loading is positive (the same axes from the same films, whatever
+    the SVD routine returns).
+
+    Shapes:
+        features: (N, F); sites: (N,) codes into the maps' rows; scale, shift: (S + 1, F)
+        -> axes (k, F), shift (S + 1, F), the share of the training variance kept
+    """
+    x = np.asarray(features, dtype=np.float64)
+    n, f = x.shape
+    if k > min(n, f):
+        raise ValueError(
+            f"principal_axes={k} needs at least {k} training films and features; "
+            f"there are {n} films with {f} features"
+        )
+    harmonized = x * scale[sites] + shift[sites]  # (N, F)
+    mean = harmonized.mean(axis=0)
+    _, s, vt = np.linalg.svd(harmonized - mean, full_matrices=False)  # vt: (min(N, F), F)
+    axes = vt[:k]
+    top = np.abs(axes).argmax(axis=1)
+    axes = axes * np.sign(axes[np.arange(k), top])[:, None]
+    total = float((s**2).sum())
+    kept = float((s[:k] ** 2).sum() / total) if total > 0 else 1.0
+    return axes, shift - mean, kept
 
 
 def _pooled_width(backbone: nn.Module, features: str) -> int:

@@ -155,3 +155,68 @@ def test_standardize_centres_and_scales_the_harmonized_training_features():
 def test_standardize_needs_combat():
     with pytest.raises(ValueError, match="standardize folds into the ComBat maps"):
         TimmImageEncoder(ImageEncoderConfig(weights="none", standardize=True), spec=_spec())
+
+
+def test_principal_axes_project_the_harmonized_films_onto_their_top_axes():
+    torch.manual_seed(0)
+    k = 3
+    cfg = ImageEncoderConfig(weights="none", harmonize="combat", principal_axes=k, embed_dim=8,
+                             drop_rate=0.0)  # fmt: skip
+    enc = TimmImageEncoder(cfg, spec=_spec()).eval()
+    plain = TimmImageEncoder(ImageEncoderConfig(weights="none", harmonize="combat", embed_dim=8),
+                             spec=_spec()).eval()  # fmt: skip
+    assert enc.proj.in_features == k  # the projection reads the axes, not every feature
+    rng = np.random.default_rng(5)
+    f = enc.num_features
+    site = np.repeat([0, 1, 2], 50)
+    # Two directions carry most of the variance, one a little, the rest is noise.
+    basis = np.linalg.qr(rng.normal(size=(f, 3)))[0].T  # (3, F), orthonormal rows
+    scores = rng.normal(size=(150, 3)) * np.array([10.0, 5.0, 2.0])
+    feats = scores @ basis + 0.01 * rng.normal(size=(150, f)) + 3.0 + 0.5 * site[:, None]
+    feats[:, 11] = 0.0  # a unit that never fires in training
+    labels = rng.integers(0, 2, 150)
+    info = enc.fit_harmonization(feats, site, labels)
+    plain.fit_harmonization(feats, site, labels)
+    assert info["principal_axes"] == k and info["variance_kept"] > 0.99
+    # The same ComBat maps; the shift also takes the training mean out.
+    torch.testing.assert_close(enc.harm_scale, plain.harm_scale)
+    rows = torch.as_tensor(site)
+    x = torch.as_tensor(feats, dtype=torch.float32)
+    harmonized = x * plain.harm_scale[rows] + plain.harm_shift[rows]
+    centred = harmonized - harmonized.mean(0)
+    coords = (x * enc.harm_scale[rows] + enc.harm_shift[rows]) @ enc.harm_axes.T
+    torch.testing.assert_close(coords, centred @ enc.harm_axes.T, atol=1e-3, rtol=1e-4)
+    # Orthonormal axes spanning the planted directions, each signed by its largest loading.
+    axes = enc.harm_axes.double().numpy()
+    np.testing.assert_allclose(axes @ axes.T, np.eye(k), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.svd(axes @ basis.T)[1], 1.0, atol=1e-3)
+    assert np.all(axes[np.arange(k), np.abs(axes).argmax(1)] > 0)
+    # The never-firing unit has no weight: a value it takes only at test changes nothing.
+    np.testing.assert_allclose(axes[:, 11], 0.0, atol=1e-6)
+    batch = {
+        "image_pooled": torch.as_tensor(feats[:4], dtype=torch.float32),
+        "image_present": torch.tensor([True, True, True, False]),
+        "confounds": {"site": torch.tensor([0, 1, -1, 2])},
+    }
+    emb, present = enc(batch)
+    assert emb.shape == (4, 8) and torch.all(emb[3] == 0)
+    fired = {**batch, "image_pooled": batch["image_pooled"].clone()}
+    fired["image_pooled"][:, 11] = 5.0
+    torch.testing.assert_close(enc(fired)[0], emb, atol=1e-4, rtol=1e-4)
+    # A saved model keeps the axes.
+    again = TimmImageEncoder(cfg, spec=_spec()).eval()
+    again.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(again(batch)[0], emb)
+    assert set(enc.harmonization_maps()) == {"harm_scale", "harm_shift", "harm_axes"}
+
+
+def test_principal_axes_need_combat_and_enough_films():
+    with pytest.raises(ValueError, match="principal_axes .* needs harmonize='combat'"):
+        TimmImageEncoder(ImageEncoderConfig(weights="none", principal_axes=4), spec=_spec())
+    enc = TimmImageEncoder(
+        ImageEncoderConfig(weights="none", harmonize="combat", principal_axes=40), spec=_spec()
+    )
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="principal_axes=40 needs at least 40 training films"):
+        enc.fit_harmonization(rng.normal(size=(30, enc.num_features)), np.repeat([0, 1, 2], 10),
+                              rng.integers(0, 2, 30))  # fmt: skip
