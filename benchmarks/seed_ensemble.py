@@ -1,0 +1,91 @@
+"""What averaging independently trained seeds of one model adds, beside a peer.
+
+A deep ensemble (the same model trained from different seeds, its logits averaged) is
+the standard way to buy AUROC and calibration with compute alone. This script takes
+runs of one configuration that ``bench_fusion.py`` already trained (each run's
+``evaluation/predictions.parquet``) and, on their held-out split:
+
+* each member's AUROC, their mean and standard deviation;
+* the ensemble of the first k members for every k (the mean of their logits), and its
+  gain over the members' mean AUROC;
+* with ``--peer DIR`` (a ``bench_fusion.py`` peer row's run directory holding
+  ``held_out_logits.npy``, e.g. ``gbdt_features``), the paired difference of the full
+  ensemble and of each member against the peer, with a paired bootstrap 95% interval.
+
+Predictions are matched to the cohort's held-out samples by subject and prediction time
+(a run whose held-out samples differ from the cohort's is refused, naming its file).
+
+    .venv/bin/python benchmarks/seed_ensemble.py --cohort COHORT_DIR \\
+        --peer OUT/runs/gbdt_features OUT/runs/NAME OUT/runs/NAME_seed1 OUT/runs/NAME_seed2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from clinfuse.datasets.samples import load_samples
+from clinfuse.evaluation.metrics import auroc, paired_auroc_delta
+
+KEYS = ["subject_id", "prediction_time"]
+
+
+def held_out_logits(run: Path, held: pl.DataFrame) -> np.ndarray:
+    """A run's held-out logits (N,) in the order of ``held`` (the cohort's held-out rows)."""
+    path = run / "evaluation" / "predictions.parquet"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no predictions (train and evaluate the run first)")
+    preds = pl.read_parquet(path).filter(pl.col("split") == "held_out").select(*KEYS, "logit")
+    joined = held.select(KEYS).join(preds, on=KEYS, how="left", maintain_order="left")
+    if preds.height != held.height or joined["logit"].null_count():
+        raise SystemExit(
+            f"{path}: {preds.height} held-out predictions, {joined['logit'].null_count()} of "
+            f"the cohort's {held.height} held-out samples without one (another cohort?)"
+        )
+    return joined["logit"].to_numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories of one configuration")
+    ap.add_argument("--cohort", type=Path, required=True, help="the runs' cohort directory")
+    ap.add_argument("--peer", type=Path, default=None, help="a peer row's run directory")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
+    args = ap.parse_args(argv)
+
+    held = load_samples(args.cohort).filter(pl.col("split") == "held_out")
+    y = held["label"].cast(int).to_numpy()
+    logits = np.stack([held_out_logits(run, held) for run in args.runs])  # (K, N)
+    members = np.array([auroc(y, row) for row in logits])
+    print(f"held-out samples: {y.size}, prevalence {y.mean():.3f}")
+    print("| member | AUROC |\n|---|---|")
+    for run, value in zip(args.runs, members, strict=True):
+        print(f"| {run.name} | {value:.3f} |")
+    spread = members.std(ddof=1) if len(members) > 1 else float("nan")
+    print(f"| mean (s.d.) | {members.mean():.3f} ({spread:.3f}) |\n")
+    print("| ensemble of the first k | AUROC | - members' mean |\n|---|---|---|")
+    for k in range(2, len(members) + 1):
+        value = auroc(y, logits[:k].mean(axis=0))
+        print(f"| {k} | {value:.3f} | {value - members[:k].mean():+.3f} |")
+    if args.peer is not None:
+        path = args.peer / "held_out_logits.npy"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no held-out logits of the peer")
+        peer = np.load(path)
+        if peer.shape != y.shape:
+            raise SystemExit(f"{path}: {peer.shape[0]} logits for {y.size} held-out samples")
+        print(f"\npeer {args.peer.name}: AUROC {auroc(y, peer):.3f}")
+        print("| against the peer | paired difference [95% CI] |\n|---|---|")
+        rows = [(f"ensemble of {len(members)}", logits.mean(axis=0))]
+        rows += [(run.name, row) for run, row in zip(args.runs, logits, strict=True)]
+        for name, row in rows:
+            d = paired_auroc_delta(y, row, peer, n=args.bootstrap)
+            print(f"| {name} | {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
