@@ -143,3 +143,38 @@ def test_a_single_scanner_cohort_trains_the_default_with_its_films_as_they_are(
     enc = load_artifact(tmp_path / "run" / "model").model.encoders["image"]
     torch.testing.assert_close(enc.harm_scale, torch.ones_like(enc.harm_scale))
     torch.testing.assert_close(enc.harm_shift, torch.zeros_like(enc.harm_shift))
+
+
+def test_principal_axes_are_fitted_with_the_maps_kept_in_the_artifact_and_sent_to_workers(
+    tiny_cohort, tiny_config, tmp_path
+):
+    from clinfuse.datasets.datamodule import CohortDataModule
+    from clinfuse.training.distributed import _fit_harmonization_on_driver, load_harmonization
+    from clinfuse.training.module import RiskModule
+    from clinfuse.training.run import prepare_run, train
+
+    overrides = ("model.encoders.timm_image.harmonize=combat",
+                 "model.encoders.timm_image.principal_axes=4")  # fmt: skip
+    cfg = tiny_config(tiny_cohort, *overrides)
+    summary = train(cfg, tmp_path / "run")
+    assert summary["harmonization"]["principal_axes"] == 4
+    assert 0.0 < summary["harmonization"]["variance_kept"] <= 1.0
+    enc = load_artifact(tmp_path / "run" / "model").model.encoders["image"]
+    assert enc.proj.in_features == 4 and bool(enc.harm_fitted)
+    torch.testing.assert_close(enc.harm_axes @ enc.harm_axes.T, torch.eye(4), atol=1e-5, rtol=0)
+
+    # The Ray path: the worker gets the driver's axes with its maps.
+    run = tmp_path / "ray"
+    cfg = tiny_config(tiny_cohort, *overrides)
+    prepare_run(cfg, run)
+    dm = CohortDataModule(cfg.cohort, cfg.data, run_dir=run)
+    dm.setup("fit")
+    driver = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
+    _fit_harmonization_on_driver(run, driver, lambda: dm, resume=False)
+    worker = RiskModule.create(cfg.model, dm.spec, cfg.optim, cfg.seed)
+    load_harmonization(worker, run)
+    for key in ("harm_scale", "harm_shift", "harm_axes"):
+        torch.testing.assert_close(
+            getattr(worker.model.encoders["image"], key),
+            getattr(driver.model.encoders["image"], key),
+        )
