@@ -3,7 +3,9 @@
 A deep ensemble (the same model trained from different seeds, its logits averaged) is
 the standard way to buy AUROC and calibration with compute alone. This script takes
 runs of one configuration that ``bench_fusion.py`` already trained (each run's
-``evaluation/predictions.parquet``) and, on their held-out split:
+``evaluation/predictions.parquet``, or an evaluation directory of ``clinfuse evaluate
+--out``, e.g. of the runs scored on a shifted cohort) and, on one split of the cohort
+(``--split``: held_out by default, or ``all``):
 
 * each member's AUROC, their mean and standard deviation;
 * the ensemble of the first k members for every k (the mean of their logits), and its
@@ -12,8 +14,9 @@ runs of one configuration that ``bench_fusion.py`` already trained (each run's
   ``held_out_logits.npy``, e.g. ``gbdt_features``), the paired difference of the full
   ensemble and of each member against the peer, with a paired bootstrap 95% interval.
 
-Predictions are matched to the cohort's held-out samples by subject and prediction time
-(a run whose held-out samples differ from the cohort's is refused, naming its file).
+Predictions are matched to the cohort's samples of the split by subject and prediction
+time (predictions that do not cover them are refused, naming their file). The peer's
+logits (``held_out_logits.npy``) are the held-out split's, so ``--peer`` needs it.
 
     .venv/bin/python benchmarks/seed_ensemble.py --cohort COHORT_DIR \\
         --peer OUT/runs/gbdt_features OUT/runs/NAME OUT/runs/NAME_seed1 OUT/runs/NAME_seed2
@@ -33,34 +36,48 @@ from clinfuse.evaluation.metrics import auroc, paired_auroc_delta
 KEYS = ["subject_id", "prediction_time"]
 
 
-def held_out_logits(run: Path, held: pl.DataFrame) -> np.ndarray:
-    """A run's held-out logits (N,) in the order of ``held`` (the cohort's held-out rows)."""
-    path = run / "evaluation" / "predictions.parquet"
+def held_out_logits(run: Path, held: pl.DataFrame, split: str = "held_out") -> np.ndarray:
+    """A run's logits (N,) in the order of ``held`` (the cohort's rows of ``split``):
+    ``run`` a run directory (its ``evaluation/``) or an evaluation directory."""
+    path = run / "predictions.parquet"
+    if not path.is_file():
+        path = run / "evaluation" / "predictions.parquet"
     if not path.is_file():
         raise SystemExit(f"{path}: no predictions (train and evaluate the run first)")
-    preds = pl.read_parquet(path).filter(pl.col("split") == "held_out").select(*KEYS, "logit")
+    preds = pl.read_parquet(path)
+    if split != "all":
+        preds = preds.filter(pl.col("split") == split)
+    preds = preds.select(*KEYS, "logit")
     joined = held.select(KEYS).join(preds, on=KEYS, how="left", maintain_order="left")
     if preds.height != held.height or joined["logit"].null_count():
         raise SystemExit(
-            f"{path}: {preds.height} held-out predictions, {joined['logit'].null_count()} of "
-            f"the cohort's {held.height} held-out samples without one (another cohort?)"
+            f"{path}: {preds.height} predictions of split {split}, "
+            f"{joined['logit'].null_count()} of the cohort's {held.height} samples without "
+            f"one (another cohort or split?)"
         )
     return joined["logit"].to_numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="run directories of one configuration")
+    ap.add_argument(
+        "runs", nargs="+", type=Path, help="run (or evaluation) directories of one configuration"
+    )
     ap.add_argument("--cohort", type=Path, required=True, help="the runs' cohort directory")
     ap.add_argument("--peer", type=Path, default=None, help="a peer row's run directory")
     ap.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
+    ap.add_argument("--split", default="held_out", help="held_out (default), tuning, train or all")
     args = ap.parse_args(argv)
+    if args.peer is not None and args.split != "held_out":
+        raise SystemExit("--peer: the peer's logits are the held-out split's (--split held_out)")
 
-    held = load_samples(args.cohort).filter(pl.col("split") == "held_out")
+    held = load_samples(args.cohort)
+    if args.split != "all":
+        held = held.filter(pl.col("split") == args.split)
     y = held["label"].cast(int).to_numpy()
-    logits = np.stack([held_out_logits(run, held) for run in args.runs])  # (K, N)
+    logits = np.stack([held_out_logits(run, held, args.split) for run in args.runs])  # (K, N)
     members = np.array([auroc(y, row) for row in logits])
-    print(f"held-out samples: {y.size}, prevalence {y.mean():.3f}")
+    print(f"{args.split} samples: {y.size}, prevalence {y.mean():.3f}")
     print("| member | AUROC |\n|---|---|")
     for run, value in zip(args.runs, members, strict=True):
         print(f"| {run.name} | {value:.3f} |")
