@@ -203,6 +203,11 @@ def test_principal_axes_project_the_harmonized_films_onto_their_top_axes():
     fired = {**batch, "image_pooled": batch["image_pooled"].clone()}
     fired["image_pooled"][:, 11] = 5.0
     torch.testing.assert_close(enc(fired)[0], emb, atol=1e-4, rtol=1e-4)
+    # Tokens (attention fusion's patch tokens) go through the same map and axes.
+    cells = torch.as_tensor(feats[:4], dtype=torch.float32).unsqueeze(1).repeat(1, 3, 1)
+    _, _, (tokens, mask, _) = enc.forward_with_tokens({**batch, "image_tokens": cells})
+    assert tokens.shape == (4, 3, 8) and not bool(mask[3].any())
+    torch.testing.assert_close(tokens[:3, 1], emb[:3])
     # A saved model keeps the axes.
     again = TimmImageEncoder(cfg, spec=_spec()).eval()
     again.load_state_dict(enc.state_dict())
