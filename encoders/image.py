@@ -102,6 +102,9 @@ class ImageEncoderConfig:
             and scale them to unit variance with the training films' statistics
             (folded into the same per-site maps), so the projection starts from
             comparable inputs whatever each feature's raw range.
+        clip: with ``standardize``, clamp every standardized feature to ``[-clip, clip]``
+            (0 = no clamp): a unit nearly silent in training (a tiny training standard
+            deviation) can otherwise put a held-out film thousands of deviations out.
         principal_axes: with ``harmonize: combat``, project the harmonized features onto
             the top ``k`` principal axes of the training films (centred on their mean)
             before dropout and the projection (0 = keep every feature). The projection
@@ -131,6 +134,7 @@ class ImageEncoderConfig:
     cache_tokens: bool = False
     harmonize: str = "none"
     standardize: bool = False
+    clip: float = 0.0
     principal_axes: int = 0
 
 
@@ -399,6 +403,9 @@ class TimmImageEncoder(ModalityEncoder):
         pooled = pooled * scale + shift  # (B, F)
         if tokens is not None:
             tokens = tokens * scale.unsqueeze(1) + shift.unsqueeze(1)  # (B, N, F)
+        if self.config.clip:
+            pooled = pooled.clamp(-self.config.clip, self.config.clip)
+            tokens = None if tokens is None else tokens.clamp(-self.config.clip, self.config.clip)
         if self.config.principal_axes:
             axes = self.harm_axes.to(pooled)  # (k, F)
             pooled = pooled @ axes.T  # (B, k)
@@ -648,6 +655,13 @@ def _validate(cfg: ImageEncoderConfig) -> None:
         raise ValueError(
             "timm_image: standardize folds into the ComBat maps; it needs harmonize='combat'"
         )
+    if cfg.clip < 0 or (cfg.clip and not cfg.standardize):
+        raise ValueError(
+            f"timm_image: clip bounds standardized features; it needs standardize=true and "
+            f"clip >= 0, got clip={cfg.clip}"
+        )
+    if cfg.clip and cfg.principal_axes:
+        raise ValueError("timm_image: clip and principal_axes cannot be combined; choose one")
     if cfg.principal_axes < 0:
         raise ValueError(f"timm_image: principal_axes must be >= 0, got {cfg.principal_axes}")
     if cfg.principal_axes and cfg.harmonize != "combat":

@@ -225,3 +225,28 @@ def test_principal_axes_need_combat_and_enough_films():
     with pytest.raises(ValueError, match="principal_axes=40 needs at least 40 training films"):
         enc.fit_harmonization(rng.normal(size=(30, enc.num_features)), np.repeat([0, 1, 2], 10),
                               rng.integers(0, 2, 30))  # fmt: skip
+
+
+def test_clip_bounds_the_standardized_features_of_a_unit_silent_in_training():
+    torch.manual_seed(0)
+    cfg = ImageEncoderConfig(weights="none", harmonize="combat", standardize=True, clip=5.0,
+                             embed_dim=8, drop_rate=0.0)  # fmt: skip
+    enc = TimmImageEncoder(cfg, spec=_spec()).eval()
+    rng = np.random.default_rng(2)
+    site = np.repeat([0, 1, 2], 40)
+    feats = rng.normal(size=(120, enc.num_features)) + 0.5 * site[:, None]
+    feats[:, 9] = 0.0
+    feats[0, 9] = 1e-3  # fires once, faintly: a training standard deviation near 1e-4
+    enc.fit_harmonization(feats, site, rng.integers(0, 2, 120))
+    held = feats[:2].copy()
+    held[1, 9] = 0.5  # a held-out film that fires the unit: thousands of deviations out
+    rows = torch.tensor([0, 0])
+    x = torch.as_tensor(held, dtype=torch.float32)
+    z = x * enc.harm_scale[rows] + enc.harm_shift[rows]
+    assert z[1, 9] > 1000  # what the projection would read unclamped
+    emb, _ = enc({"image_pooled": x, "image_present": torch.tensor([True, True]),
+                  "confounds": {"site": rows}})  # fmt: skip
+    torch.testing.assert_close(emb, enc.proj(z.clamp(-5.0, 5.0)))
+    with pytest.raises(ValueError, match="clip bounds standardized features"):
+        TimmImageEncoder(ImageEncoderConfig(weights="none", harmonize="combat", clip=5.0),
+                         spec=_spec())  # fmt: skip
