@@ -307,9 +307,8 @@ class FusionModel(nn.Module):
         fused = self._erase(self.fusion.forward_variants(kept, toks, variants))  # (B, V, D)
         logit = fused[..., 0] if self.head is None else self.head(fused).squeeze(-1)  # (B, V)
         if self.gxe is not None:
-            term = self.gene_environment_term(
-                kept, tokens.get(GENE_INPUT_KEY)
-            )  # (B,), 0 if either absent
+            # (B,), 0 where either modality is absent
+            term = self.gene_environment_term(kept, tokens.get(GENE_INPUT_KEY))
             pair = (GENE_MODALITY, self.gene_environment)
             on = torch.tensor([not set(pair) & set(gone) for gone in variants], device=term.device)
             logit = logit + term.unsqueeze(1) * on  # (B, V)
