@@ -36,8 +36,8 @@ from clinfuse.evaluation.metrics import auroc, paired_auroc_delta
 KEYS = ["subject_id", "prediction_time"]
 
 
-def held_out_logits(run: Path, held: pl.DataFrame, split: str = "held_out") -> np.ndarray:
-    """A run's logits (N,) in the order of ``held`` (the cohort's rows of ``split``):
+def split_logits(run: Path, rows: pl.DataFrame, split: str = "held_out") -> np.ndarray:
+    """A run's logits (N,) in the order of ``rows`` (the cohort's samples of ``split``):
     ``run`` a run directory (its ``evaluation/``) or an evaluation directory."""
     path = run / "predictions.parquet"
     if not path.is_file():
@@ -48,11 +48,11 @@ def held_out_logits(run: Path, held: pl.DataFrame, split: str = "held_out") -> n
     if split != "all":
         preds = preds.filter(pl.col("split") == split)
     preds = preds.select(*KEYS, "logit")
-    joined = held.select(KEYS).join(preds, on=KEYS, how="left", maintain_order="left")
-    if preds.height != held.height or joined["logit"].null_count():
+    joined = rows.select(KEYS).join(preds, on=KEYS, how="left", maintain_order="left")
+    if preds.height != rows.height or joined["logit"].null_count():
         raise SystemExit(
             f"{path}: {preds.height} predictions of split {split}, "
-            f"{joined['logit'].null_count()} of the cohort's {held.height} samples without "
+            f"{joined['logit'].null_count()} of the cohort's {rows.height} samples without "
             f"one (another cohort or split?)"
         )
     return joined["logit"].to_numpy()
@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer is not None and args.split != "held_out":
         raise SystemExit("--peer: the peer's logits are the held-out split's (--split held_out)")
 
-    held = load_samples(args.cohort)
+    rows = load_samples(args.cohort)
     if args.split != "all":
-        held = held.filter(pl.col("split") == args.split)
-    y = held["label"].cast(int).to_numpy()
-    logits = np.stack([held_out_logits(run, held, args.split) for run in args.runs])  # (K, N)
+        rows = rows.filter(pl.col("split") == args.split)
+    y = rows["label"].cast(int).to_numpy()
+    logits = np.stack([split_logits(run, rows, args.split) for run in args.runs])  # (K, N)
     members = np.array([auroc(y, row) for row in logits])
     print(f"{args.split} samples: {y.size}, prevalence {y.mean():.3f}")
     print("| member | AUROC |\n|---|---|")
