@@ -10,13 +10,16 @@ runs of one configuration that ``bench_fusion.py`` already trained (each run's
 * each member's AUROC, their mean and standard deviation;
 * the ensemble of the first k members for every k (the mean of their logits), and its
   gain over the members' mean AUROC;
-* with ``--peer DIR`` (a ``bench_fusion.py`` peer row's run directory holding
-  ``held_out_logits.npy``, e.g. ``gbdt_features``), the paired difference of the full
-  ensemble and of each member against the peer, with a paired bootstrap 95% interval.
+* with ``--peer DIR``, the paired difference of the full ensemble and of each member
+  against the peer, with a paired bootstrap 95% interval. The peer is a
+  ``bench_fusion.py`` peer row's run directory holding ``held_out_logits.npy`` (e.g.
+  ``gbdt_features``), or any run or evaluation directory the members could be (e.g.
+  the default's run of the same seed, to pair one edit with it).
 
 Predictions are matched to the cohort's samples of the split by subject and prediction
-time (predictions that do not cover them are refused, naming their file). The peer's
-logits (``held_out_logits.npy``) are the held-out split's, so ``--peer`` needs it.
+time (predictions that do not cover them are refused, naming their file). A peer row's
+logits (``held_out_logits.npy``) are the held-out split's, so ``--peer`` needs the
+held-out split.
 
     .venv/bin/python benchmarks/seed_ensemble.py --cohort COHORT_DIR \\
         --peer OUT/runs/gbdt_features OUT/runs/NAME OUT/runs/NAME_seed1 OUT/runs/NAME_seed2
@@ -58,6 +61,18 @@ def split_logits(run: Path, rows: pl.DataFrame, split: str = "held_out") -> np.n
     return joined["logit"].to_numpy()
 
 
+def peer_logits(peer: Path, rows: pl.DataFrame) -> np.ndarray:
+    """The peer's held-out logits (N,) in the order of ``rows``: a peer row's
+    ``held_out_logits.npy``, else a run's (or evaluation directory's) predictions."""
+    path = peer / "held_out_logits.npy"
+    if not path.is_file():
+        return split_logits(peer, rows)
+    logits = np.load(path)
+    if logits.shape != (rows.height,):
+        raise SystemExit(f"{path}: {logits.shape[0]} logits for {rows.height} held-out samples")
+    return logits
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -88,12 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         value = auroc(y, logits[:k].mean(axis=0))
         print(f"| {k} | {value:.3f} | {value - members[:k].mean():+.3f} |")
     if args.peer is not None:
-        path = args.peer / "held_out_logits.npy"
-        if not path.is_file():
-            raise SystemExit(f"{path}: no held-out logits of the peer")
-        peer = np.load(path)
-        if peer.shape != y.shape:
-            raise SystemExit(f"{path}: {peer.shape[0]} logits for {y.size} held-out samples")
+        peer = peer_logits(args.peer, rows)
         print(f"\npeer {args.peer.name}: AUROC {auroc(y, peer):.3f}")
         print("| against the peer | paired difference [95% CI] |\n|---|---|")
         rows = [(f"ensemble of {len(members)}", logits.mean(axis=0))]
