@@ -372,6 +372,7 @@ class Context:
     n_bootstrap: int
     user_preset: Path = USER_PRESET
     cache: Path | None = None  # feature and film caches (default: out / "cache")
+    film_size: int = 0  # side of the simulated films (0 = the models' image size)
 
     @property
     def caches(self) -> Path:
@@ -924,7 +925,7 @@ def shift(
     the sites it trained on (a site's own offset cannot help inside one site, so the
     two are comparable).
     """
-    size = int(ctx.base["data"]["image_size"])
+    size = ctx.film_size or int(ctx.base["data"]["image_size"])
     flip = max(subjects // 2, 200)
 
     def cohort(name: str, n: int, seed: int, **kwargs: Any) -> Path:
@@ -941,9 +942,9 @@ def shift(
     free = cohort("none", subjects, 0, site_effect="none", ancestry_effect="none")
     out = ctx.out / "shift"
     linked = Context(ctx.base, {"train": train}, out / "linked", ctx.n_bootstrap,
-                     ctx.user_preset, ctx.caches)  # fmt: skip
+                     ctx.user_preset, ctx.caches, ctx.film_size)  # fmt: skip
     reference_ctx = Context(ctx.base, {"train": free}, out / "reference", ctx.n_bootstrap,
-                            ctx.user_preset, ctx.caches)  # fmt: skip
+                            ctx.user_preset, ctx.caches, ctx.film_size)  # fmt: skip
     rows = []
     for seed in seeds:
         ref = Variant("preset", preset=str(SHIFT_BASE), seed=seed)
@@ -1340,7 +1341,7 @@ def _missing_context(
     ) + _site_suffix(site_effect)
     cfg = SimConfig(
         n_subjects=subjects,
-        image_size=int(ctx.base["data"]["image_size"]),
+        image_size=ctx.film_size or int(ctx.base["data"]["image_size"]),
         seed=0,
         image_missing=image,
         image_missing_mode=mode,
@@ -1350,7 +1351,15 @@ def _missing_context(
     )
     cohort = _simulate_once(ctx.out / "cohorts" / f"missing_n{subjects}_{name}", cfg)
     out = ctx.out / "missing" / name
-    return Context(ctx.base, {"train": cohort}, out, ctx.n_bootstrap, ctx.user_preset, ctx.caches)
+    return Context(
+        ctx.base,
+        {"train": cohort},
+        out,
+        ctx.n_bootstrap,
+        ctx.user_preset,
+        ctx.caches,
+        ctx.film_size,
+    )
 
 
 def _missing_variant(name: str, suffix: str, adversary: bool, preset: Path, seed: int) -> Variant:
@@ -1536,7 +1545,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--transfer-subjects", type=int, default=0, help="0 = --subjects")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=64, help="side of the simulated films")
+    ap.add_argument(
+        "--input-size",
+        type=int,
+        default=0,
+        help="side every model and the boosting peer resize the films to (0 = --image-size; "
+        "runs are named as at any size, so give another --out)",
+    )
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--patience", type=int, default=4)
     ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for CIs")
@@ -1628,7 +1644,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _base_preset(args: argparse.Namespace) -> dict[str, Any]:
     base = load_yaml(args.config)
-    base.setdefault("data", {})["image_size"] = args.image_size
+    base.setdefault("data", {})["image_size"] = args.input_size or args.image_size
     base.setdefault("optim", {}).update(max_epochs=args.epochs, patience=args.patience)
     return base
 
@@ -1636,7 +1652,14 @@ def _base_preset(args: argparse.Namespace) -> dict[str, Any]:
 def _context(args: argparse.Namespace, subjects: int, out: Path) -> Context:
     flip = args.flip_subjects or max(subjects // 2, 200)
     cohorts = make_cohorts(out / "cohorts", subjects, flip, args.image_size, args.site_effect)
-    return Context(_base_preset(args), cohorts, out, args.bootstrap, Path(args.preset))
+    return Context(
+        _base_preset(args),
+        cohorts,
+        out,
+        args.bootstrap,
+        Path(args.preset),
+        film_size=args.image_size,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
