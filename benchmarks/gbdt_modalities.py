@@ -10,7 +10,8 @@ peer's side of a comparison with a model that reads the same subset.
         --site-effect none --out /work/bench/nosite_strat
 
 Takes the options of ``bench_fusion.py`` that choose the cohort (``--subjects``,
-``--site-effect``, ``--image-size``, ``--out``: the cohort is simulated there if absent).
+``--site-effect``, ``--image-size``, ``--out``: the cohort is simulated there if absent),
+and ``--input-size`` (the side the films are resized to before the frozen backbone).
 """
 
 from __future__ import annotations
