@@ -378,6 +378,15 @@ class Context:
     def caches(self) -> Path:
         return self.cache or self.out / "cache"
 
+    @property
+    def film_side(self) -> int:
+        """Side of the films simulated for the experiment's own cohorts."""
+        return self.film_size or int(self.base["data"]["image_size"])
+
+    def within(self, cohorts: dict[str, Path], out: Path) -> Context:
+        """This context on other cohorts and another output folder, sharing its caches."""
+        return replace(self, cohorts=cohorts, out=out, cache=self.caches)
+
     def run(self, variant: Variant, cohort: str = "train") -> dict[str, Any]:
         """Trains and evaluates ``variant`` on one of the cohorts."""
         cfg = build_config(variant, self.base, self.cohorts[cohort], self.caches)
@@ -925,7 +934,7 @@ def shift(
     the sites it trained on (a site's own offset cannot help inside one site, so the
     two are comparable).
     """
-    size = ctx.film_size or int(ctx.base["data"]["image_size"])
+    size = ctx.film_side
     flip = max(subjects // 2, 200)
 
     def cohort(name: str, n: int, seed: int, **kwargs: Any) -> Path:
@@ -941,10 +950,8 @@ def shift(
     }
     free = cohort("none", subjects, 0, site_effect="none", ancestry_effect="none")
     out = ctx.out / "shift"
-    linked = Context(ctx.base, {"train": train}, out / "linked", ctx.n_bootstrap,
-                     ctx.user_preset, ctx.caches, ctx.film_size)  # fmt: skip
-    reference_ctx = Context(ctx.base, {"train": free}, out / "reference", ctx.n_bootstrap,
-                            ctx.user_preset, ctx.caches, ctx.film_size)  # fmt: skip
+    linked = ctx.within({"train": train}, out / "linked")
+    reference_ctx = ctx.within({"train": free}, out / "reference")
     rows = []
     for seed in seeds:
         ref = Variant("preset", preset=str(SHIFT_BASE), seed=seed)
@@ -1341,7 +1348,7 @@ def _missing_context(
     ) + _site_suffix(site_effect)
     cfg = SimConfig(
         n_subjects=subjects,
-        image_size=ctx.film_size or int(ctx.base["data"]["image_size"]),
+        image_size=ctx.film_side,
         seed=0,
         image_missing=image,
         image_missing_mode=mode,
@@ -1351,15 +1358,7 @@ def _missing_context(
     )
     cohort = _simulate_once(ctx.out / "cohorts" / f"missing_n{subjects}_{name}", cfg)
     out = ctx.out / "missing" / name
-    return Context(
-        ctx.base,
-        {"train": cohort},
-        out,
-        ctx.n_bootstrap,
-        ctx.user_preset,
-        ctx.caches,
-        ctx.film_size,
-    )
+    return ctx.within({"train": cohort}, out)
 
 
 def _missing_variant(name: str, suffix: str, adversary: bool, preset: Path, seed: int) -> Variant:

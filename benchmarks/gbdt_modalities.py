@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     y = held["label"].cast(int).to_numpy()
     if extra.settings:
         fits = [
-            (f"{', '.join(SUBSETS[-1])}; learning rate {rate:g}, {leaves} leaves", SUBSETS[-1],
+            (f"{' + '.join(SUBSETS[-1])}; learning rate {rate:g}, {leaves} leaves", SUBSETS[-1],
              BaselineConfig(learning_rate=rate, max_leaf_nodes=leaves))
             for rate, leaves in extra.settings
         ]  # fmt: skip

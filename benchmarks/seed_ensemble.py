@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         peer = peer_logits(args.peer, rows)
         print(f"\npeer {args.peer.name}: AUROC {auroc(y, peer):.3f}")
         print("| against the peer | paired difference [95% CI] |\n|---|---|")
-        rows = [(f"ensemble of {len(members)}", logits.mean(axis=0))]
-        rows += [(run.name, row) for run, row in zip(args.runs, logits, strict=True)]
-        for name, row in rows:
+        compared = [(f"ensemble of {len(members)}", logits.mean(axis=0))]
+        compared += [(run.name, row) for run, row in zip(args.runs, logits, strict=True)]
+        for name, row in compared:
             d = paired_auroc_delta(y, row, peer, n=args.bootstrap)
             print(f"| {name} | {d['delta']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
     return 0
