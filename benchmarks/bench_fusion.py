@@ -204,34 +204,51 @@ class Variant:
 
 
 def make_cohorts(
-    root: Path, subjects: int, flip_subjects: int, image_size: int, site_effect: str = "normal"
+    root: Path,
+    subjects: int,
+    flip_subjects: int,
+    image_size: int,
+    site_effect: str = "normal",
+    cohort_seed: int = 0,
 ) -> dict[str, Path]:
     """The training cohort and a confound-flip cohort of the same world (simulated once).
 
     ``site_effect`` is the training cohort's link between site and outcome (the
     simulator's default ``normal``; ``none`` leaves no site shortcut to read). The flip
-    cohort always reverses it.
+    cohort always reverses it. ``cohort_seed`` draws the training cohort's subjects
+    (the simulator's ``seed``; the world, ``world_seed`` 0, stays), the flip cohort's
+    with ``cohort_seed + 1``; 0 is the cohort every table was measured on.
 
     Returns:
         ``{"train": dir, "flip": dir}``.
     """
     train_cfg = SimConfig(
-        n_subjects=subjects, image_size=image_size, seed=0, site_effect=site_effect, progress=False
+        n_subjects=subjects,
+        image_size=image_size,
+        seed=cohort_seed,
+        site_effect=site_effect,
+        progress=False,
     )
     flip_cfg = SimConfig(
         n_subjects=flip_subjects,
         image_size=image_size,
-        seed=1,
+        seed=cohort_seed + 1,
         site_effect="reversed",
         new_site=True,
         progress=False,
     )
+    draw = _draw_suffix(cohort_seed)
     return {
         "train": _simulate_once(
-            root / f"cohort_n{subjects}_s{image_size}{_site_suffix(site_effect)}", train_cfg
+            root / f"cohort_n{subjects}_s{image_size}{draw}{_site_suffix(site_effect)}", train_cfg
         ),
-        "flip": _simulate_once(root / f"flip_n{flip_subjects}_s{image_size}", flip_cfg),
+        "flip": _simulate_once(root / f"flip_n{flip_subjects}_s{image_size}{draw}", flip_cfg),
     }
+
+
+def _draw_suffix(cohort_seed: int) -> str:
+    """Cohort folder suffix: none for the subjects every table used, else ``_c<seed>``."""
+    return "" if cohort_seed == 0 else f"_c{cohort_seed}"
 
 
 def _site_suffix(site_effect: str) -> str:
@@ -373,6 +390,7 @@ class Context:
     user_preset: Path = USER_PRESET
     cache: Path | None = None  # feature and film caches (default: out / "cache")
     film_size: int = 0  # side of the simulated films (0 = the models' image size)
+    cohort_seed: int = 0  # the simulator seed that drew the cohorts' subjects
 
     @property
     def caches(self) -> Path:
@@ -1341,15 +1359,16 @@ def _missing_context(
     """A context whose training cohort misses ``modality`` for a share of subjects."""
     image = share if modality == "image" else 0.0
     geno = share if modality == "genotypes" else 0.0
-    name = (
+    kind = (
         "complete"
         if modality == "none"
         else f"{modality}_{mode if modality == 'image' else 'random'}_{share:g}"
-    ) + _site_suffix(site_effect)
+    )
+    name = kind + _draw_suffix(ctx.cohort_seed) + _site_suffix(site_effect)
     cfg = SimConfig(
         n_subjects=subjects,
         image_size=ctx.film_side,
-        seed=0,
+        seed=ctx.cohort_seed,
         image_missing=image,
         image_missing_mode=mode,
         genotype_missing=geno,
@@ -1552,6 +1571,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="side every model and the boosting peer resize the films to (0 = --image-size; "
         "runs are named as at any size, so give another --out)",
     )
+    ap.add_argument(
+        "--cohort-seed",
+        type=int,
+        default=0,
+        help="simulator seed that draws the subjects of the strategies, confound, transfer and "
+        "missing cohorts from the same world (0 = the cohort every table uses; the flip cohort "
+        "takes it + 1); runs are named as for any cohort, so give another --out",
+    )
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--patience", type=int, default=4)
     ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for CIs")
@@ -1650,7 +1677,9 @@ def _base_preset(args: argparse.Namespace) -> dict[str, Any]:
 
 def _context(args: argparse.Namespace, subjects: int, out: Path) -> Context:
     flip = args.flip_subjects or max(subjects // 2, 200)
-    cohorts = make_cohorts(out / "cohorts", subjects, flip, args.image_size, args.site_effect)
+    cohorts = make_cohorts(
+        out / "cohorts", subjects, flip, args.image_size, args.site_effect, args.cohort_seed
+    )
     return Context(
         _base_preset(args),
         cohorts,
@@ -1658,6 +1687,7 @@ def _context(args: argparse.Namespace, subjects: int, out: Path) -> Context:
         args.bootstrap,
         Path(args.preset),
         film_size=args.image_size,
+        cohort_seed=args.cohort_seed,
     )
 
 

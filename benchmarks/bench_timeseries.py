@@ -101,8 +101,15 @@ def export_grid(ctx: bf.Context, path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def run_peers(data: Path, out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The PyPOTS classifiers, in their own environment; rows as ``ours`` gives them."""
+def run_peers(
+    data: Path, out: Path, args: argparse.Namespace, runs: Path | None = None
+) -> list[dict[str, Any]]:
+    """The PyPOTS classifiers, in their own environment; rows as ``ours`` gives them.
+
+    With ``runs``, each row's held-out logits (from its probabilities, in the held-out
+    samples' order) go to ``runs/<model>[_seed<k>]/held_out_logits.npy``, as a
+    ``bench_fusion.py`` peer row keeps them, for paired comparisons
+    (``seed_ensemble.py --peer``, ``cohort_draws.py``)."""
     if not PEER_PYTHON.is_file():
         raise SystemExit(f"{PEER_PYTHON} is missing: run `make bench-peers` to build it")
     cmd = [
@@ -114,7 +121,16 @@ def run_peers(data: Path, out: Path, args: argparse.Namespace) -> list[dict[str,
         cmd += ["--lrs", *map(str, args.peer_lrs)]
     if not out.is_file():
         subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
+    rows = json.loads(out.read_text())
+    for row in rows:
+        proba = row.pop("held_out_proba", None)  # absent in results of earlier versions
+        if runs is None or proba is None:
+            continue
+        run_dir = runs / (row["model"] if row["seed"] == 0 else f"{row['model']}_seed{row['seed']}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        p = np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0 - 1e-12)
+        np.save(run_dir / "held_out_logits.npy", np.log(p) - np.log1p(-p))
+    return rows
 
 
 def ours(
@@ -203,6 +219,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--patience", type=int, default=4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--cohort-seed",
+        type=int,
+        default=0,
+        help="simulator seed that draws the cohort's subjects (bench_fusion.py's; 0 = the "
+        "cohort every table uses; give another --out)",
+    )
     ap.add_argument("--bootstrap", type=int, default=500)
     ap.add_argument("--peer-models", nargs="+", default=["GRUD", "BRITS"])
     ap.add_argument(
@@ -230,13 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     fusion_args = bf.parse_args(["--subjects", str(args.subjects), "--image-size",
                                  str(args.image_size), "--epochs", str(args.epochs),
                                  "--patience", str(args.patience), "--config", args.config,
-                                 "--bootstrap", str(args.bootstrap), "--out", args.out])  # fmt: skip
+                                 "--bootstrap", str(args.bootstrap), "--out", args.out,
+                                 "--cohort-seed", str(args.cohort_seed)])  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = bf._context(fusion_args, args.subjects, out)
     peers_dir = out / "timeseries_peers"
     peers_dir.mkdir(exist_ok=True)
-    data = peers_dir / f"grid_n{args.subjects}.npz"
+    draw = bf._draw_suffix(args.cohort_seed)
+    data = peers_dir / f"grid_n{args.subjects}{draw}.npz"
     if not data.is_file():
         export_grid(ctx, data)
     rows = [] if args.no_base else ours(ctx, args.seeds)
@@ -248,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peers:
         models = "-".join(args.peer_models)
         lrs = "" if not args.peer_lrs else "_lr" + "-".join(f"{lr:g}" for lr in args.peer_lrs)
-        cache = peers_dir / f"pypots_{models}_e{args.epochs}_s{seeds}{lrs}.json"
-        rows += run_peers(data, cache, args)
+        cache = peers_dir / f"pypots_{models}_e{args.epochs}_s{seeds}{lrs}{draw}.json"
+        rows += run_peers(data, cache, args, out / "runs")
     rows.append(gbdt_row(ctx))
     summary = summarize(rows) + [ceiling_row(ctx)]
     note = (

@@ -4,7 +4,9 @@ Runs in ``.venv-peers`` (PyPOTS pins versions that conflict with ours), reads th
 npz written by ``bench_timeseries.export_grid`` (``X_<split>`` (N, T, C) float32
 with NaN for missing, ``y_<split>`` (N,)), trains each model once per seed with
 early stopping on the tuning split, and writes one JSON row per (model, seed):
-``model``, ``seed``, ``auroc`` (held-out), ``epochs``, ``s_per_epoch``.
+``model``, ``seed``, ``auroc`` (held-out), ``epochs``, ``s_per_epoch`` and
+``held_out_proba`` (the held-out probabilities in the grid's order, for paired
+comparisons).
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def run(name: str, data: dict, seed: int, epochs: int, patience: int,
     tag = "" if lr is None else f"_lr{lr:g}"
     return {"model": f"pypots_{name.lower()}{tag}", "seed": seed,
             "auroc": auroc(data["y_held_out"], proba), "epochs": ran,
-            "s_per_epoch": seconds / max(ran, 1)}  # fmt: skip
+            "s_per_epoch": seconds / max(ran, 1),
+            "held_out_proba": [float(p) for p in proba]}  # fmt: skip
 
 
 def _epochs_run(model, epochs: int, patience: int) -> int:
