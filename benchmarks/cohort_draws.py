@@ -36,10 +36,12 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_fusion import _ceiling_scores  # noqa: E402
 from seed_ensemble import peer_logits, split_logits  # noqa: E402
 
 from clinfuse.datasets.samples import load_samples  # noqa: E402
 from clinfuse.evaluation.metrics import auroc  # noqa: E402
+from clinfuse.simulation.oracle import FEATURE_SETS  # noqa: E402
 
 RESULT_FILE = "bench_result.json"
 
@@ -53,20 +55,25 @@ class Draw:
         y: (N,) 0/1 labels of the held-out samples.
         model: (S, N) the model's logits, one row per training seed.
         peers: peer name -> (S', N) logits, one row per seed found (S' <= S).
+        ceiling: held-out AUROC of the latent-factor ceiling asked for, if any.
     """
 
     name: str
     y: np.ndarray
     model: np.ndarray
     peers: dict[str, np.ndarray]
+    ceiling: float | None = None
 
 
 def _run_name(name: str, seed: int) -> str:
     return name if seed == 0 else f"{name}_seed{seed}"
 
 
-def load_draw(out: Path, model: str, seeds: list[int], peers: list[str]) -> Draw:
-    """The held-out logits of ``model`` (each seed) and of each peer in one output folder."""
+def load_draw(
+    out: Path, model: str, seeds: list[int], peers: list[str], ceiling: str | None = None
+) -> Draw:
+    """The held-out logits of ``model`` (each seed) and of each peer in one output folder,
+    and the held-out AUROC of the ``ceiling`` feature set (``simulation.oracle``)."""
     runs = out / "runs"
     result = runs / model / RESULT_FILE
     if not result.is_file():
@@ -81,7 +88,11 @@ def load_draw(out: Path, model: str, seeds: list[int], peers: list[str]) -> Draw
             raise SystemExit(f"{runs / peer}: missing (run the peer's row in {out} first)")
         found = [runs / _run_name(peer, s) for s in seeds if (runs / _run_name(peer, s)).is_dir()]
         peer_rows[peer] = np.stack([peer_logits(run, rows) for run in found])
-    return Draw(out.name, y, logits, peer_rows)
+    value = None
+    if ceiling is not None:
+        scores = _ceiling_scores(cohort)
+        value = auroc(scores["outcome"].to_numpy().astype(int), scores[ceiling].to_numpy())
+    return Draw(out.name, y, logits, peer_rows, value)
 
 
 def mean_auroc(y: np.ndarray, logits: np.ndarray) -> float:
@@ -115,14 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--peers", nargs="+", default=["gbdt_features"])
     ap.add_argument("--bootstrap", type=int, default=1000, help="resamples per draw")
+    ap.add_argument(
+        "--ceiling",
+        choices=list(FEATURE_SETS),
+        default=None,
+        help="also the model's mean AUROC over this latent-factor ceiling's, per draw "
+        "(fused_interaction: the site-free ceiling of a fused row; timeseries: vitals/labs)",
+    )
     args = ap.parse_args(argv)
-    draws = [load_draw(out, args.model, args.seeds, args.peers) for out in args.outs]
+    draws = [load_draw(out, args.model, args.seeds, args.peers, args.ceiling) for out in args.outs]
 
     seeds = " / ".join(map(str, args.seeds))
     head = f"| draw | n held-out | {args.model}, seeds {seeds} | mean |"
     head += "".join(f" {p} | - {p} [95% CI] |" for p in args.peers)
+    head += f" {args.ceiling} ceiling | x ceiling |" if args.ceiling else ""
     print(head)
-    print("|---" * (4 + 2 * len(args.peers)) + "|")
+    print("|---" * (4 + 2 * len(args.peers) + 2 * bool(args.ceiling)) + "|")
     samples = {p: bootstrap(draws, p, args.bootstrap) for p in args.peers}  # p -> (n, D)
     for d, draw in enumerate(draws):
         per_seed = " / ".join(f"{auroc(draw.y, row):.3f}" for row in draw.model)
@@ -133,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             low, high = np.percentile(samples[p][:, d], [2.5, 97.5])
             line += f" {mean_auroc(draw.y, draw.peers[p]):.3f} |"
             line += f" {margin(draw, p):+.3f} [{low:+.3f}, {high:+.3f}] |"
+        if draw.ceiling is not None:
+            ratio = mean_auroc(draw.y, draw.model) / draw.ceiling
+            line += f" {draw.ceiling:.3f} | {ratio:.3f} |"
         print(line)
+    if args.ceiling:
+        ratios = [mean_auroc(draw.y, draw.model) / draw.ceiling for draw in draws]
+        print(f"\nx {args.ceiling} ceiling: mean {np.mean(ratios):.3f}, range "
+              f"{min(ratios):.3f} - {max(ratios):.3f}")  # fmt: skip
     print(f"\nOver {len(draws)} draws (margin: the model's mean over seeds minus the peer):")
     print("| peer | mean margin | s.d. across draws | min - max | 95% CI of the mean |")
     print("|---|---|---|---|---|")
