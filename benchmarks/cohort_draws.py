@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -133,18 +133,27 @@ def main(argv: list[str] | None = None) -> int:
         help="also the model's mean AUROC over this latent-factor ceiling's, per draw "
         "(fused_interaction: the site-free ceiling of a fused row; timeseries: vitals/labs)",
     )
+    ap.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="compare the seeds' ensemble (the mean of their logits), not their mean AUROC",
+    )
     args = ap.parse_args(argv)
     draws = [load_draw(out, args.model, args.seeds, args.peers, args.ceiling) for out in args.outs]
+    members = [" / ".join(f"{auroc(d.y, row):.3f}" for row in d.model) for d in draws]
+    if args.ensemble:
+        draws = [replace(d, model=d.model.mean(axis=0, keepdims=True)) for d in draws]
 
     seeds = " / ".join(map(str, args.seeds))
-    head = f"| draw | n held-out | {args.model}, seeds {seeds} | mean |"
+    which = "ensemble" if args.ensemble else "mean"
+    head = f"| draw | n held-out | {args.model}, seeds {seeds} | {which} |"
     head += "".join(f" {p} | - {p} [95% CI] |" for p in args.peers)
     head += f" {args.ceiling} ceiling | x ceiling |" if args.ceiling else ""
     print(head)
     print("|---" * (4 + 2 * len(args.peers) + 2 * bool(args.ceiling)) + "|")
     samples = {p: bootstrap(draws, p, args.bootstrap) for p in args.peers}  # p -> (n, D)
     for d, draw in enumerate(draws):
-        per_seed = " / ".join(f"{auroc(draw.y, row):.3f}" for row in draw.model)
+        per_seed = members[d]
         line = (
             f"| {draw.name} | {draw.y.size} | {per_seed} | {mean_auroc(draw.y, draw.model):.3f} |"
         )
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [mean_auroc(draw.y, draw.model) / draw.ceiling for draw in draws]
         print(f"\nx {args.ceiling} ceiling: mean {np.mean(ratios):.3f}, range "
               f"{min(ratios):.3f} - {max(ratios):.3f}")  # fmt: skip
-    print(f"\nOver {len(draws)} draws (margin: the model's mean over seeds minus the peer):")
+    print(f"\nOver {len(draws)} draws (margin: the model's {which} over seeds minus the peer):")
     print("| peer | mean margin | s.d. across draws | min - max | 95% CI of the mean |")
     print("|---|---|---|---|---|")
     for p in args.peers:
