@@ -126,7 +126,7 @@ def run_peers(
         proba = row.pop("held_out_proba", None)  # absent in results of earlier versions
         if runs is None or proba is None:
             continue
-        run_dir = runs / (row["model"] if row["seed"] == 0 else f"{row['model']}_seed{row['seed']}")
+        run_dir = runs / replace(bf.Variant(row["model"]), seed=row["seed"]).run_name
         run_dir.mkdir(parents=True, exist_ok=True)
         p = np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0 - 1e-12)
         np.save(run_dir / "held_out_logits.npy", np.log(p) - np.log1p(-p))

@@ -36,14 +36,12 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fusion import _ceiling_scores  # noqa: E402
+from bench_fusion import RESULT_FILE, Variant, _ceiling_scores, _ceilings  # noqa: E402
 from seed_ensemble import peer_logits, split_logits  # noqa: E402
 
 from clinfuse.datasets.samples import load_samples  # noqa: E402
 from clinfuse.evaluation.metrics import auroc  # noqa: E402
 from clinfuse.simulation.oracle import FEATURE_SETS  # noqa: E402
-
-RESULT_FILE = "bench_result.json"
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,7 @@ class Draw:
 
 
 def _run_name(name: str, seed: int) -> str:
-    return name if seed == 0 else f"{name}_seed{seed}"
+    return replace(Variant(name), seed=seed).run_name
 
 
 def load_draw(
@@ -88,10 +86,7 @@ def load_draw(
             raise SystemExit(f"{runs / peer}: missing (run the peer's row in {out} first)")
         found = [runs / _run_name(peer, s) for s in seeds if (runs / _run_name(peer, s)).is_dir()]
         peer_rows[peer] = np.stack([peer_logits(run, rows) for run in found])
-    value = None
-    if ceiling is not None:
-        scores = _ceiling_scores(cohort)
-        value = auroc(scores["outcome"].to_numpy().astype(int), scores[ceiling].to_numpy())
+    value = None if ceiling is None else _ceilings(_ceiling_scores(cohort))[ceiling]
     return Draw(out.name, y, logits, peer_rows, value)
 
 
