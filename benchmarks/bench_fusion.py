@@ -671,7 +671,11 @@ def stacked_singles(
     x_held, y_held = _logit_matrix(ctx, names, "held_out")
     p = LogisticRegression().fit(x_tune, y_tune).decision_function(x_held)  # (N,)
     oracle = _oracle_auroc(ctx.out / "runs" / names[0])
-    return _stack_row(ctx, name, seed, "logistic stack", y_held, p, oracle, ceiling)
+    # The rows stacked are kept in the row: ``stacked_candidates`` is rewritten by every
+    # invocation with ``--stack``, whatever it names.
+    return _stack_row(
+        ctx, name, seed, "logistic stack", y_held, p, oracle, ceiling, stacked=list(names)
+    )
 
 
 def _stack_row(
