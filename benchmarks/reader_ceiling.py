@@ -77,7 +77,7 @@ def read(
     extrapolates on a sample whose features lie far outside the training cloud (two
     held-out films of draw 12 read the lung disease at +18 and -4, on a factor of s.d. 1,
     and took its held-out correlation from 0.90 to 0.71); the truth it was told never
-    leaves that range.
+    leaves that range. The outcome-trained readers (target 0/1) are clipped the same way.
     """
     from sklearn.linear_model import RidgeCV
     from sklearn.model_selection import KFold
